@@ -1,0 +1,34 @@
+"""capsule_actors: background tasks, schedules and live task UI without a broker.
+
+    import capsule_actors as cpsl
+    app = cpsl.App("reports")
+
+    @app.task(retries=3)
+    async def build_report(report_id: int) -> str: ...
+
+    with app.start():
+        print(build_report.submit(7).result())
+"""
+
+from .app import App, Backoff, Task, default_app, task
+from .errors import (AlreadyRunning, CapsuleError, CapsuleInternalError, ConfigError, LockConflict,
+                     NotRunning, ProtocolError, SerializationError, StateDirError, TaskCancelled,
+                     TaskError, TaskFailed, TaskTimeout, UnknownTask, WorkerCrashed)
+from .handle import TaskEvent, TaskHandle, TaskInfo, TaskState
+from .runtime import Runtime
+from .session import Session, current_session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # declaring and running
+    "App", "Task", "Backoff", "Runtime", "default_app", "task",
+    # handles and records
+    "TaskHandle", "TaskInfo", "TaskState", "TaskEvent",
+    # sessions
+    "Session", "current_session",
+    # errors
+    "CapsuleError", "ConfigError", "SerializationError", "NotRunning", "AlreadyRunning",
+    "StateDirError", "UnknownTask", "LockConflict", "ProtocolError", "TaskError", "TaskFailed",
+    "TaskCancelled", "WorkerCrashed", "TaskTimeout", "CapsuleInternalError",
+]

@@ -1,0 +1,202 @@
+"""The actor program: connect to the supervisor, receive the registry, run attempts, report.
+
+A worker actor runs up to ``concurrency`` attempts at once on its asyncio loop (plain ``def``
+tasks in its thread pool). A process-isolated actor is the same program with concurrency 1: the
+supervisor kills and replaces it to cancel or time out its task, so a crash costs one task only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextvars
+import ctypes
+import functools
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import zmq
+import zmq.asyncio
+
+from .. import app as app_module
+from .. import messages
+from ..errors import SerializationError, TaskCancelled
+from ..session import Session, bind_session
+from ..supervisor.children import EXIT_INJECTED_CRASH, EXIT_PARENT_GONE
+
+log = logging.getLogger("capsule_actors.actor")
+
+HEARTBEAT_INTERVAL = 1.0
+WELCOME_TIMEOUT = 30.0
+THREAD_POOL_SIZE = 32
+PR_SET_PDEATHSIG = 1
+
+
+class WorkerActor:
+    """Runs the attempts the supervisor sends and reports each one's outcome."""
+
+    def __init__(self, app: app_module.App, sock: zmq.asyncio.Socket, parent: int, max_payload: int) -> None:
+        self.app = app
+        self.sock = sock
+        self.parent = parent
+        self.max_payload = max_payload
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.cancelled: set[str] = set()
+        self.stopping = False
+        self.idle = asyncio.Event()
+        self.pool = concurrent.futures.ThreadPoolExecutor(THREAD_POOL_SIZE, thread_name_prefix="capsule-task")
+
+    async def serve(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        receiver = asyncio.create_task(self._receive())
+        await self.idle.wait()
+        receiver.cancel()
+        heartbeat.cancel()
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            msg = messages.decode(frames[0])
+            if isinstance(msg, messages.Run):
+                task = asyncio.create_task(self._execute(msg, frames[1] if len(frames) > 1 else b""))
+                self.running[msg.task_id] = task
+            elif isinstance(msg, messages.CancelRun):
+                task = self.running.get(msg.task_id)
+                if task is not None:
+                    self.cancelled.add(msg.task_id)
+                    task.cancel()
+            elif isinstance(msg, messages.Stop):
+                self.stopping = True
+                if not self.running:
+                    self.idle.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.sock.send_multipart([messages.Heartbeat(len(self.running)).encode()])
+            if os.getppid() != self.parent:
+                os._exit(EXIT_PARENT_GONE)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _execute(self, run: messages.Run, payload: bytes) -> None:
+        if run.crash:
+            os._exit(EXIT_INJECTED_CRASH)  # testing.crash_on_attempt asked for this attempt to die
+        try:
+            done, frame = await self._attempt(run, payload)
+        finally:
+            self.running.pop(run.task_id, None)
+            self.cancelled.discard(run.task_id)
+        await self.sock.send_multipart([done.encode(), frame])
+        if self.stopping and not self.running:
+            self.idle.set()
+
+    async def _attempt(self, run: messages.Run, payload: bytes) -> tuple[messages.Done, bytes]:
+        task = self.app.get_task(run.name)
+        session = Session(run.session_id, run.session_owner) if run.session_id else None
+        bind_session(session)
+        timer = asyncio.timeout(run.timeout)
+        try:
+            args, kwargs = cloudpickle.loads(payload)
+            if task.accepts_session and "session" not in kwargs:
+                kwargs["session"] = session
+            async with timer:
+                if task.is_async:
+                    value = await task.fn(*args, **kwargs)
+                else:
+                    call = functools.partial(contextvars.copy_context().run, task.fn, *args, **kwargs)
+                    value = await asyncio.get_running_loop().run_in_executor(self.pool, call)
+            return self._done(run, "ok"), self._dumps(value)
+        except asyncio.CancelledError:
+            if run.task_id not in self.cancelled:
+                raise
+            return self._done(run, "cancelled", "TaskCancelled", "cancelled by request"), b""
+        except TimeoutError as exc:
+            if timer.expired():
+                return self._done(run, "timeout", "TaskTimeout",
+                                  f"attempt {run.attempt} ran past timeout={run.timeout} s", retryable=True), b""
+            return self._failure(run, task, exc)
+        except TaskCancelled as exc:
+            return self._done(run, "cancelled", "TaskCancelled", str(exc)), b""
+        except BaseException as exc:  # the task's own error, whatever it is, is its outcome
+            return self._failure(run, task, exc)
+
+    def _failure(self, run: messages.Run, task: app_module.Task[Any, Any],
+                 exc: BaseException) -> tuple[messages.Done, bytes]:
+        tb = "".join(traceback.format_exception(exc))
+        try:
+            frame = cloudpickle.dumps(exc, protocol=5)
+            cloudpickle.loads(frame)  # an exception that cannot come back is sent as text only
+        except Exception:
+            frame = b""
+        if len(frame) > self.max_payload:
+            frame = b""
+        done = self._done(run, "error", type(exc).__qualname__, str(exc), tb, task.retryable(type(exc)))
+        return done, frame
+
+    def _dumps(self, value: Any) -> bytes:
+        try:
+            frame = cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            raise SerializationError(f"the task's result cannot be pickled: {exc!r}") from exc
+        if len(frame) > self.max_payload:
+            raise SerializationError(f"the task's result is {len(frame)} bytes pickled, over max_payload_bytes")
+        return frame
+
+    @staticmethod
+    def _done(run: messages.Run, outcome: str, etype: str = "", emsg: str = "", tb: str = "",
+              retryable: bool = False) -> messages.Done:
+        return messages.Done(run.task_id, run.attempt, outcome, etype, emsg, tb, retryable)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.identity = f"{args.slot}.{args.gen}".encode()
+    sock.linger = 2000  # the last results reach the supervisor before we exit
+    sock.sndhwm = 0
+    sock.rcvhwm = 0
+    from ..transport import connect
+
+    connect(sock, args.endpoint, os.environ.get("CAPSULE_SERVER_KEY"))
+    await sock.send_multipart([messages.Hello(args.slot, args.gen, os.getpid(), args.role).encode()])
+    frames = await asyncio.wait_for(sock.recv_multipart(), WELCOME_TIMEOUT)
+    welcome = messages.decode(frames[0])
+    if not isinstance(welcome, messages.Welcome):
+        raise SystemExit(f"expected Welcome from the supervisor, got {type(welcome).__name__}")
+    app = cloudpickle.loads(frames[1])
+    app_module.PROCESS_STATE_DIR = Path(welcome.config["state_dir"])
+    actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes)
+    try:
+        await actor.serve()
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capsule_actors.actors")
+    parser.add_argument("--slot", required=True)
+    parser.add_argument("--gen", type=int, required=True)
+    parser.add_argument("--role", required=True)
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
+                        format=f"%(asctime)s capsule-actors[%(process)d] {args.slot} %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != args.parent:
+        return EXIT_PARENT_GONE
+    asyncio.run(_serve(args))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # do not wait for thread-pool calls that ignore the stop

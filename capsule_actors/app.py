@@ -1,0 +1,352 @@
+"""App and the task decorator: the registry of task specs that travels to every process."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import inspect
+import os
+import random
+import re
+import string
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overload
+
+import cloudpickle
+
+from . import messages
+from .errors import ConfigError, SerializationError
+from .handle import TaskHandle
+from .session import DEFAULT_OWNER_ID, Session
+from .transport import resolve_state_dir
+
+if TYPE_CHECKING:
+    from .client import Connection
+    from .runtime import Runtime
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ON_CONFLICT = ("join", "queue", "reject")
+# Set in actor processes: every App there talks to the supervisor that spawned the actor.
+PROCESS_STATE_DIR: Path | None = None
+DEFAULT_MAX_PAYLOAD = 16 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Delay before retry n (1-based): min(max, initial * factor**(n-1)); with ``jitter`` the
+    delay is drawn uniformly from [delay/2, delay] ("equal jitter") so retries spread out."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    max: float = 60.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.initial < 0 or self.factor < 1 or self.max < 0:
+            raise ConfigError(
+                f"Backoff(initial={self.initial}, factor={self.factor}, max={self.max}): "
+                "initial and max must be >= 0 and factor >= 1"
+            )
+
+    def delay(self, retry: int) -> float:
+        base = min(self.max, self.initial * self.factor ** max(0, retry - 1))
+        return random.uniform(base / 2, base) if self.jitter else base
+
+
+def new_task_id() -> str:
+    """32 hex characters, time-ordered (ms timestamp first) and random after."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def _lock_fields(template: str) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"lock template {template!r} is not a valid str.format template: {exc}") from None
+    roots = []
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        root = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if not root or root.isdigit():
+            raise ConfigError(f"lock template {template!r}: use parameter names in braces, not {{{field}}}")
+        roots.append(root)
+    return roots
+
+
+class Task(Generic[P, R]):
+    """A function registered with an App; call it directly or send it with submit()."""
+
+    def __init__(self, app: App, fn: Callable[P, R], *, name: str | None, lock: str | None,
+                 on_conflict: str, retries: int, backoff: Backoff | None,
+                 retry_on: tuple[type[BaseException], ...] | None, timeout: float | None,
+                 process: bool) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.signature = inspect.signature(fn)
+        self.accepts_session = "session" in self.signature.parameters
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.lock = lock
+        self.on_conflict = on_conflict
+        self.retries = retries
+        self.backoff = backoff or Backoff()
+        self.retry_on = retry_on
+        self.timeout = timeout
+        self.process = process
+        self._validate()
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def _validate(self) -> None:
+        where = f"task {self.name!r}"
+        if self.on_conflict not in ON_CONFLICT:
+            raise ConfigError(f"{where}: on_conflict={self.on_conflict!r}, expected one of {ON_CONFLICT}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ConfigError(f"{where}: retries={self.retries!r}, expected an int >= 0")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ConfigError(f"{where}: timeout={self.timeout!r}, expected seconds > 0 or None")
+        if self.retry_on is not None and not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on
+        ):
+            raise ConfigError(f"{where}: retry_on={self.retry_on!r}, expected a tuple of exception types")
+        if self.lock is not None:
+            if not isinstance(self.lock, str) or not self.lock:
+                raise ConfigError(f"{where}: lock={self.lock!r}, expected a non-empty string template")
+            params = self.signature.parameters
+            for field in _lock_fields(self.lock):
+                if field not in params or field == "session":
+                    raise ConfigError(
+                        f"{where}: lock template {self.lock!r} names {{{field}}}, which is not a "
+                        f"parameter of {self.fn.__name__}{self.signature}"
+                    )
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def retryable(self, exc_type: type[BaseException]) -> bool:
+        from .errors import TaskCancelled
+
+        if issubclass(exc_type, TaskCancelled):
+            return False
+        return self.retry_on is None or issubclass(exc_type, self.retry_on)
+
+    # ---- preparing a submit ------------------------------------------------------------------
+    def lock_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        if self.lock is None:
+            return None
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"task {self.name!r}: arguments do not fit {self.signature}: {exc}") from None
+        bound.apply_defaults()
+        try:
+            return self.lock.format(**bound.arguments)
+        except (KeyError, IndexError, AttributeError) as exc:
+            raise ConfigError(f"task {self.name!r}: lock template {self.lock!r} needs {exc}") from None
+
+    def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any], session: Session | None,
+                run_at: float | None) -> tuple[list[Any], bytes]:
+        """Validate and serialize one submit: (header item, payload). Raises before anything is sent."""
+        if session is not None and not isinstance(session, Session):
+            raise ConfigError(f"session={session!r}: expected a capsule_actors.Session or None")
+        lock_key = self.lock_key(args, kwargs)
+        try:
+            payload = cloudpickle.dumps((args, kwargs), protocol=5)
+        except Exception as exc:
+            raise SerializationError(
+                f"task {self.name!r}: its arguments cannot be pickled with cloudpickle: {exc!r}"
+            ) from exc
+        limit = self.app.max_payload_bytes
+        if len(payload) > limit:
+            raise SerializationError(
+                f"task {self.name!r}: arguments are {len(payload)} bytes pickled, over "
+                f"max_payload_bytes={limit}; pass a reference (path, key) instead of the data"
+            )
+        item = [new_task_id(), self.name, lock_key, session.id if session else None,
+                session.owner if session else None, run_at]
+        return item, payload
+
+    def _handles(self, items: list[list[Any]], body: list[Any]) -> list[TaskHandle]:
+        return [TaskHandle(self.app, tid, self.name, item[2], bool(dedup))
+                for item, (tid, dedup) in zip(items, body)]
+
+    # ---- submitting --------------------------------------------------------------------------
+    def submit(self, *args: P.args, session: Session | None = None, **kwargs: P.kwargs) -> TaskHandle:
+        """Record the task durably and return its handle (after the supervisor's commit)."""
+        return self._send([self.prepare(args, kwargs, session, None)])[0]
+
+    async def asubmit(self, *args: Any, session: Session | None = None, **kwargs: Any) -> TaskHandle:
+        """submit() without blocking the event loop."""
+        return (await self._asend([self.prepare(args, kwargs, session, None)]))[0]
+
+    def schedule(self, *args: Any, delay: float | None = None, at: _dt.datetime | None = None,
+                 session: Session | None = None, **kwargs: Any) -> TaskHandle:
+        """Submit to run after ``delay`` seconds or at ``at``; the handle starts SCHEDULED."""
+        return self._send([self.prepare(args, kwargs, session, _run_at(delay, at))])[0]
+
+    async def aschedule(self, *args: Any, delay: float | None = None, at: _dt.datetime | None = None,
+                        session: Session | None = None, **kwargs: Any) -> TaskHandle:
+        return (await self._asend([self.prepare(args, kwargs, session, _run_at(delay, at))]))[0]
+
+    def map(self, arg_list: Iterable[Any], session: Session | None = None) -> list[TaskHandle]:
+        """Submit many in one durable batch. Each item is a tuple of positional arguments, a
+        dict of keyword arguments, or a single argument."""
+        prepared = [self.prepare(*_split(item), session, None) for item in arg_list]
+        return self._send(prepared) if prepared else []
+
+    async def amap(self, arg_list: Iterable[Any], session: Session | None = None) -> list[TaskHandle]:
+        prepared = [self.prepare(*_split(item), session, None) for item in arg_list]
+        return await self._asend(prepared) if prepared else []
+
+    def _send(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
+        items = [p[0] for p in prepared]
+        body, _ = self.app.connection().call(
+            lambda req: messages.Submit(req, items), [p[1] for p in prepared], must_run=True
+        )
+        return self._handles(items, body)
+
+    async def _asend(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
+        items = [p[0] for p in prepared]
+        body, _ = await self.app.connection().acall(
+            lambda req: messages.Submit(req, items), [p[1] for p in prepared]
+        )
+        return self._handles(items, body)
+
+
+def _split(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(item, tuple):
+        return item, {}
+    if isinstance(item, dict):
+        return (), item
+    return (item,), {}
+
+
+def _run_at(delay: float | None, at: _dt.datetime | None) -> float:
+    if (delay is None) == (at is None):
+        raise ConfigError(f"schedule() needs exactly one of delay= or at= (got delay={delay!r}, at={at!r})")
+    if delay is not None:
+        if not isinstance(delay, (int, float)) or delay < 0:
+            raise ConfigError(f"delay={delay!r}: expected seconds >= 0")
+        return time.time() + delay
+    assert at is not None
+    if not isinstance(at, _dt.datetime):
+        raise ConfigError(f"at={at!r}: expected a datetime")
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=_dt.timezone.utc)
+    return at.timestamp()
+
+
+def _positive_int(name: str, value: int | None) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{name}={value!r}: expected an int >= 1 or None")
+    return value
+
+
+class App:
+    """A named set of tasks and the settings of the runtime that runs them."""
+
+    def __init__(self, name: str, state_dir: str | os.PathLike[str] | None = None,
+                 workers: int | None = None, process_workers: int | None = None,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, grace: float = 10.0,
+                 owner: str | None = None, max_restarts: int = 10, restart_window: float = 60.0,
+                 max_tasks_per_process: int | None = None,
+                 max_process_memory_mb: float | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"App name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.state_dir = state_dir
+        self.workers = _positive_int("workers", workers)
+        self.process_workers = _positive_int("process_workers", process_workers)
+        self.max_payload_bytes = _positive_int("max_payload_bytes", max_payload_bytes) or DEFAULT_MAX_PAYLOAD
+        if not isinstance(grace, (int, float)) or grace < 0:
+            raise ConfigError(f"grace={grace!r}: expected seconds >= 0")
+        self.grace = float(grace)
+        self.owner = Session(owner or DEFAULT_OWNER_ID)
+        self.max_restarts = _positive_int("max_restarts", max_restarts) or 10
+        if restart_window <= 0:
+            raise ConfigError(f"restart_window={restart_window!r}: expected seconds > 0")
+        self.restart_window = float(restart_window)
+        self.max_tasks_per_process = _positive_int("max_tasks_per_process", max_tasks_per_process)
+        if max_process_memory_mb is not None and max_process_memory_mb <= 0:
+            raise ConfigError(f"max_process_memory_mb={max_process_memory_mb!r}: expected MB > 0 or None")
+        self.max_process_memory_mb = max_process_memory_mb
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._state_dir_override: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"<App {self.name} tasks={list(self.tasks)}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_state_dir_override"] = None
+        return state
+
+    # ---- declaring ---------------------------------------------------------------------------
+    @overload
+    def task(self, fn: Callable[P, R]) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: None = None, *, lock: str | None = None, on_conflict: str = "join",
+             retries: int = 0, backoff: Backoff | None = None,
+             retry_on: tuple[type[BaseException], ...] | None = None, timeout: float | None = None,
+             process: bool = False, name: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[P, R] | None = None, *, lock: str | None = None,
+             on_conflict: str = "join", retries: int = 0, backoff: Backoff | None = None,
+             retry_on: tuple[type[BaseException], ...] | None = None, timeout: float | None = None,
+             process: bool = False, name: str | None = None) -> Any:
+        """Register a task: ``@app.task`` or ``@app.task(lock=..., retries=..., ...)``."""
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            if not callable(func):
+                raise ConfigError(f"@task needs a function, got {func!r}")
+            task = Task(self, func, name=name, lock=lock, on_conflict=on_conflict, retries=retries,
+                        backoff=backoff, retry_on=tuple(retry_on) if retry_on else None,
+                        timeout=timeout, process=process)
+            if task.name in self.tasks and self.tasks[task.name].fn is not func:
+                raise ConfigError(f"app {self.name!r} already has a task named {task.name!r}; pass name=")
+            self.tasks[task.name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        from .errors import UnknownTask
+
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise UnknownTask(f"app {self.name!r} has no task {name!r}; it has {sorted(self.tasks)}") from None
+
+    # ---- running -----------------------------------------------------------------------------
+    def resolved_state_dir(self) -> Path:
+        return self._state_dir_override or PROCESS_STATE_DIR or resolve_state_dir(self.state_dir)
+
+    def connection(self) -> Connection:
+        """This process's connection to the app's running supervisor (NotRunning if none)."""
+        from .client import Connection
+
+        return Connection.for_state_dir(self.resolved_state_dir())
+
+    def start(self, **overrides: Any) -> Runtime:
+        """Start a supervisor as a child process: ``with app.start() as runtime: ...``."""
+        from .runtime import Runtime
+
+        return Runtime(self, **overrides)
+
+    def handle(self, task_id: str) -> TaskHandle:
+        return TaskHandle.from_id(self, task_id)
+
+
+default_app = App("default")
+
+
+def task(fn: Any = None, **options: Any) -> Any:
+    """``@cpsl.task`` on :data:`default_app`."""
+    return default_app.task(fn, **options)
+

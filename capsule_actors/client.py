@@ -1,0 +1,266 @@
+"""One connection per client process: a DEALER socket owned by an I/O thread.
+
+Callers in any thread (or asyncio loop) hand requests to the I/O thread through a deque and an
+eventfd, and get a ``concurrent.futures.Future`` back, so the sync API blocks only its caller and
+the async API never blocks the event loop. Every request stays outstanding until its reply
+arrives; when the supervisor restarts, the socket reconnects and every outstanding request is
+sent again. The protocol makes that safe: task ids are made here, so a resent submit is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import messages
+from .errors import NotRunning, ProtocolError
+from .handle import raise_reply_error
+from .transport import RuntimeFile, connect, read_runtime_file
+
+log = logging.getLogger("capsule_actors.client")
+
+Reply = tuple[Any, list[bytes]]
+_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
+_START_HINT = (
+    "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
+)
+
+
+def not_running(state_dir: Path) -> NotRunning:
+    return NotRunning(f"no capsule_actors supervisor is running for state directory {str(state_dir)!r}; {_START_HINT}")
+
+
+class Connection:
+    """The process's link to one supervisor; use :meth:`for_state_dir` to share it."""
+
+    _shared: dict[tuple[int, Path], Connection] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, state_dir: Path) -> None:
+        info = read_runtime_file(state_dir)
+        if info is None:
+            raise not_running(state_dir)
+        self.state_dir = state_dir
+        self._info: RuntimeFile = info
+        self._pid = os.getpid()
+        self._ids = itertools.count(1)
+        self._outstanding: dict[int, tuple[list[bytes], concurrent.futures.Future[Reply]]] = {}
+        self._outbox: collections.deque[list[bytes]] = collections.deque()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closed = False
+        self.connected = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capsule-client-io", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @classmethod
+    def for_state_dir(cls, state_dir: Path) -> Connection:
+        key = (os.getpid(), state_dir)
+        conn = cls._shared.get(key)
+        if conn is not None and not conn._closed:
+            return conn
+        with cls._shared_lock:
+            conn = cls._shared.get(key)
+            if conn is None or conn._closed:
+                conn = cls._shared[key] = Connection(state_dir)
+        return conn
+
+    @classmethod
+    def close_all(cls) -> None:
+        with cls._shared_lock:
+            conns = list(cls._shared.values())
+            cls._shared.clear()
+        for conn in conns:
+            if conn._pid == os.getpid():
+                conn.close()
+
+    # ---- requests ----------------------------------------------------------------------------
+    def request(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None
+                ) -> concurrent.futures.Future[Reply]:
+        """Send ``make(req_id)`` (plus payload frames); the future resolves with (body, frames)."""
+        if self._closed:
+            raise not_running(self.state_dir)
+        req = next(self._ids)
+        msg = [make(req).encode(), *(frames or ())]
+        fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
+        fut.req = req  # type: ignore[attr-defined]
+        self._outstanding[req] = (msg, fut)
+        self._outbox.append(msg)
+        os.eventfd_write(self._wake, 1)
+        return fut
+
+    def wait_reply(self, fut: concurrent.futures.Future[Reply], timeout: float | None,
+                   must_run: bool = False) -> Reply:
+        """Wait for a reply. With ``must_run``, give up with NotRunning once no supervisor is
+        left to answer (used by submits); otherwise wait through supervisor restarts."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gone_since: float | None = None
+        while True:
+            step = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            try:
+                return self._check(fut.result(step))
+            except concurrent.futures.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            if must_run and not self.connected and read_runtime_file(self.state_dir) is None:
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > 5.0:
+                    self.forget(fut)
+                    raise not_running(self.state_dir)
+            else:
+                gone_since = None
+
+    def call(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None,
+             timeout: float | None = None, must_run: bool = False) -> Reply:
+        """request() and wait; raise the supervisor's error reply as our exception."""
+        return self.wait_reply(self.request(make, frames), timeout, must_run)
+
+    async def acall(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None
+                    ) -> Reply:
+        fut = self.request(make, frames)
+        try:
+            return self._check(await asyncio.wrap_future(fut))
+        except asyncio.CancelledError:
+            self.forget(fut)
+            raise
+
+    @staticmethod
+    def _check(reply: Reply) -> Reply:
+        ok, body, frames = reply[0][0], reply[0][1], reply[1]
+        if not ok:
+            raise_reply_error(body)
+        return body, frames
+
+    def forget(self, fut: concurrent.futures.Future[Reply]) -> None:
+        """Stop waiting for a request's reply and tell the supervisor to drop its waiter."""
+        req = fut.req  # type: ignore[attr-defined]
+        if self._outstanding.pop(req, None) is not None and not self._closed:
+            self._outbox.append([messages.Forget(req).encode()])
+            os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.eventfd_write(self._wake, 1)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        for _, fut in list(self._outstanding.values()):
+            if not fut.done():
+                fut.set_exception(not_running(self.state_dir))
+        self._outstanding.clear()
+
+    # ---- the I/O thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        poller = zmq.Poller()
+        poller.register(self._wake, zmq.POLLIN)
+        sock, monitor = self._open(ctx, poller)
+        self._ready.set()
+        try:
+            while not self._closed:
+                if self._outbox:
+                    timeout: float | None = 10
+                else:
+                    timeout = None if self.connected else _REFRESH_INTERVAL * 1000
+                ready = dict(poller.poll(timeout))
+                if self._wake in ready:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                self._flush(sock)
+                if sock in ready:
+                    self._receive(sock)
+                if monitor in ready:
+                    self._on_monitor(sock, monitor)
+                if not self.connected and self._endpoint_moved():
+                    self._close_socket(sock, monitor, poller)
+                    sock, monitor = self._open(ctx, poller)
+        finally:
+            self._close_socket(sock, monitor, poller)
+            ctx.term()
+            os.close(self._wake)
+
+    def _flush(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+        while self._outbox:
+            try:
+                sock.send_multipart(self._outbox[0], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return  # no peer pipe yet: try again on the next turn
+            self._outbox.popleft()
+
+    def _open(self, ctx: zmq.Context, poller: zmq.Poller) -> tuple[zmq.Socket, zmq.Socket]:  # type: ignore[type-arg]
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 0  # never drop or block a request; memory is bounded by the callers
+        sock.rcvhwm = 0
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        connect(sock, self._info.client, self._info.server_public)
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        return sock, monitor
+
+    @staticmethod
+    def _close_socket(sock: zmq.Socket, monitor: zmq.Socket, poller: zmq.Poller) -> None:  # type: ignore[type-arg]
+        poller.unregister(sock)
+        poller.unregister(monitor)
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+
+    def _receive(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = messages.decode(frames[0])
+            except ProtocolError as exc:
+                log.error("dropped a malformed reply: %s", exc)
+                continue
+            if not isinstance(reply, messages.Reply):
+                continue
+            entry = self._outstanding.pop(reply.req, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(((reply.ok, reply.body), frames[1:]))
+
+    _ever_connected = False
+
+    def _on_monitor(self, sock: zmq.Socket, monitor: zmq.Socket) -> None:  # type: ignore[type-arg]
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_CONNECTED:
+                was_lost = self._ever_connected and not self.connected
+                self.connected = self._ever_connected = True
+                if was_lost:  # a restarted supervisor: send everything still unanswered again
+                    self._outbox.extend(msg for msg, _ in list(self._outstanding.values()))
+                    self._flush(sock)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+
+    def _endpoint_moved(self) -> bool:
+        """While disconnected, follow the supervisor to a new endpoint (tcp fallback ports)."""
+        info = read_runtime_file(self.state_dir)
+        if info is None or (info.client, info.server_public) == (self._info.client, self._info.server_public):
+            return False
+        self._info = info
+        self._ever_connected = True  # the new socket's first connect must resend
+        return True

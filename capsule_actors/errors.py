@@ -1,0 +1,82 @@
+"""One exception family: everything the runtime raises derives from CapsuleError."""
+
+from __future__ import annotations
+
+
+class CapsuleError(Exception):
+    """Root of every error raised by capsule_actors."""
+
+
+class ConfigError(CapsuleError, ValueError):
+    """A declaration or argument is invalid (bad lock template, cron, option value...)."""
+
+
+class SerializationError(CapsuleError):
+    """A payload cannot be pickled/unpickled or exceeds max_payload_bytes."""
+
+
+class NotRunning(CapsuleError):
+    """No supervisor is running for the state directory."""
+
+
+class AlreadyRunning(CapsuleError):
+    """Another supervisor already holds the state directory's pid lock."""
+
+
+class StateDirError(CapsuleError):
+    """The state directory cannot be created, locked or written safely."""
+
+
+class UnknownTask(CapsuleError, KeyError):
+    """A task name or task id that the runtime does not know."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LockConflict(CapsuleError):
+    """A submit with on_conflict="reject" found a live task holding the lock key."""
+
+
+class ProtocolError(CapsuleError):
+    """A message header failed validation; its payload was never unpickled."""
+
+
+class TaskError(CapsuleError):
+    """Base of the ways a task attempt can end other than with its own exception."""
+
+
+class TaskFailed(TaskError):
+    """The task raised an exception that could not be transported back as itself."""
+
+    def __init__(self, message: str, error_type: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.remote_traceback = remote_traceback
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled before or while it ran."""
+
+
+class WorkerCrashed(TaskError):
+    """The actor process running the task died and no retry remained."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """An attempt ran past the task's timeout."""
+
+
+class CapsuleInternalError(CapsuleError):
+    """A bug in capsule_actors itself: please report it."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of a task's exception, attached as its __cause__."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.text

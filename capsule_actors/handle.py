@@ -1,0 +1,248 @@
+"""What app code holds after a submit: TaskHandle, and the records it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import enum
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Iterator
+
+import cloudpickle
+
+from . import errors, messages
+from .errors import RemoteTraceback, SerializationError, TaskCancelled, TaskFailed
+
+if TYPE_CHECKING:
+    from .app import App
+    from .client import Connection
+
+
+class TaskState(str, enum.Enum):
+    """Where a task is in its life; the last three are terminal."""
+
+    QUEUED = "QUEUED"
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """A snapshot of one task's record in the store."""
+
+    id: str
+    name: str
+    state: TaskState
+    attempts: int
+    lock_key: str | None
+    session_id: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: tuple[str, str] | None
+    progress: float | None
+    slot: str | None = None
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> TaskInfo:
+        error = (rec["error_type"], rec["error_message"] or "") if rec.get("error_type") else None
+        return cls(
+            id=rec["id"], name=rec["name"], state=TaskState(rec["state"]), attempts=rec["attempts"],
+            lock_key=rec["lock_key"], session_id=rec["session_id"], created_at=rec["created_at"],
+            started_at=rec["started_at"], finished_at=rec["finished_at"], error=error,
+            progress=rec["progress"], slot=rec.get("slot"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskEvent:
+    """One thing that happened to a task: a state change, or (with a session) a reply, notify..."""
+
+    seq: int
+    task_id: str
+    kind: str
+    data: dict[str, Any]
+    ts: float
+    session_id: str | None = None
+
+
+_ERRORS_BY_NAME = {
+    "TaskCancelled": errors.TaskCancelled,
+    "WorkerCrashed": errors.WorkerCrashed,
+    "TaskTimeout": errors.TaskTimeout,
+}
+
+
+def raise_reply_error(body: Any) -> None:
+    """Turn a supervisor error reply ``[type_name, message]`` into our exception."""
+    name, message = body[0], body[1]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.CapsuleError)):
+        cls = errors.CapsuleInternalError
+    raise cls(message)
+
+
+def outcome_value(body: list[Any], frames: list[bytes]) -> Any:
+    """The value of a terminal task, or raise what its result() promises."""
+    state, etype, emsg, tb = body
+    frame = frames[0] if frames else b""
+    if state == "SUCCEEDED":
+        try:
+            return cloudpickle.loads(frame)
+        except Exception as exc:
+            raise SerializationError(f"cannot unpickle the task's result: {exc!r}") from exc
+    if state == "CANCELLED":
+        raise TaskCancelled(emsg or "task was cancelled")
+    if etype in _ERRORS_BY_NAME and not frame:
+        raise _ERRORS_BY_NAME[etype](emsg or etype)
+    exc: BaseException | None = None
+    if frame:
+        try:
+            loaded = cloudpickle.loads(frame)
+            exc = loaded if isinstance(loaded, BaseException) else None
+        except Exception:
+            exc = None
+    if exc is None:
+        raise TaskFailed(f"{etype}: {emsg}", etype or "", tb or "")
+    exc.remote_traceback = tb  # type: ignore[attr-defined]
+    raise exc from RemoteTraceback(tb or "")
+
+
+class TaskHandle:
+    """A reference to one submitted task; safe to pass between threads and processes."""
+
+    __slots__ = ("id", "name", "lock_key", "deduplicated", "_app", "_final")
+
+    def __init__(
+        self, app: App, task_id: str, name: str, lock_key: str | None = None, deduplicated: bool = False
+    ) -> None:
+        self.id = task_id
+        self.name = name
+        self.lock_key = lock_key
+        self.deduplicated = deduplicated
+        self._app = app
+        self._final: tuple[list[Any], list[bytes]] | None = None
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.name} {self.id}>"
+
+    def __reduce__(self) -> Any:
+        return (TaskHandle, (self._app, self.id, self.name, self.lock_key, self.deduplicated))
+
+    @classmethod
+    def from_id(cls, app: App, task_id: str) -> TaskHandle:
+        """Re-attach to a task by id, from any process that can reach the runtime."""
+        info = cls(app, task_id, "").info()
+        return cls(app, task_id, info.name, info.lock_key)
+
+    @property
+    def _conn(self) -> Connection:
+        return self._app.connection()
+
+    # ---- state -------------------------------------------------------------------------------
+    def info(self) -> TaskInfo:
+        body, _ = self._conn.call(lambda req: messages.Info(req, [self.id]))
+        if not body or body[0] is None:
+            raise errors.UnknownTask(f"no task with id {self.id!r} in this runtime")
+        return TaskInfo.from_record(body[0])
+
+    def status(self) -> TaskState:
+        return self.info().state
+
+    def done(self) -> bool:
+        return self._final is not None or self.status().terminal
+
+    def cancel(self) -> bool:
+        """Cancel the task; False when it had already finished."""
+        body, _ = self._conn.call(lambda req: messages.Cancel(req, self.id))
+        return bool(body)
+
+    async def acancel(self) -> bool:
+        body, _ = await self._conn.acall(lambda req: messages.Cancel(req, self.id))
+        return bool(body)
+
+    # ---- results -----------------------------------------------------------------------------
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until the task ends; return its value or raise its error.
+
+        Raises the builtin TimeoutError when ``timeout`` passes first (the task goes on).
+        """
+        if self._final is None:
+            fut = self._conn.request(lambda req: messages.Wait(req, self.id))
+            try:
+                self._final = self._conn.wait_reply(fut, timeout)
+            except concurrent.futures.TimeoutError:
+                self._conn.forget(fut)
+                raise TimeoutError(f"task {self.id} did not finish within {timeout} s") from None
+        return outcome_value(*self._final)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._await_result().__await__()
+
+    async def _await_result(self) -> Any:
+        if self._final is None:
+            self._final = await self._conn.acall(lambda req: messages.Wait(req, self.id))
+        return outcome_value(*self._final)
+
+    # ---- events ------------------------------------------------------------------------------
+    def events(self, after: int = 0) -> TaskEventStream:
+        """Events of this task from seq ``after`` on, until it ends (sync or async iteration)."""
+        return TaskEventStream(self, after)
+
+
+class TaskEventStream:
+    """Iterates a task's events (long-polling the supervisor) and stops after its terminal state."""
+
+    def __init__(self, handle: TaskHandle, after: int) -> None:
+        self._handle = handle
+        self.cursor = after
+
+    def _batch(self, body: dict[str, Any]) -> tuple[list[TaskEvent], bool]:
+        events = [TaskEvent(**e) for e in body["events"]]
+        if events:
+            self.cursor = events[-1].seq
+        return events, bool(body["terminal"]) and not body["more"]
+
+    def __iter__(self) -> Iterator[TaskEvent]:
+        conn = self._handle._conn
+        while True:
+            body, _ = conn.call(lambda req: messages.Events(req, self._handle.id, self.cursor))
+            events, last = self._batch(body)
+            yield from events
+            if last:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TaskEvent]:
+        conn = self._handle._conn
+        while True:
+            body, _ = await conn.acall(lambda req: messages.Events(req, self._handle.id, self.cursor))
+            events, last = self._batch(body)
+            for event in events:
+                yield event
+            if last:
+                return
+
+
+def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[Any]:
+    """Results of many handles in order (a convenience for scripts and tests)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = []
+    for h in handles:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        out.append(h.result(timeout=left))
+    return out
+
+
+async def await_all(handles: list[TaskHandle]) -> list[Any]:
+    return list(await asyncio.gather(*handles))

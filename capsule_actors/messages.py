@@ -1,0 +1,290 @@
+"""The header schema: small typed records, msgpack-encoded, validated before any payload is touched.
+
+Every ZeroMQ message is ``[header, *payload_frames]``. The header is a msgpack array whose first
+item is the operation code; :func:`decode` checks the op, the arity and every field's type and
+raises :class:`ProtocolError` otherwise. Payload frames (cloudpickle bytes) are opaque here: the
+supervisor never unpickles them, and the processes that do only do so after the header passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from .errors import ProtocolError
+
+_NONE = type(None)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "bytes": (bytes,),
+    "list": (list,),
+    "dict": (dict,),
+    "Any": (object,),
+    "str | None": (str, _NONE),
+    "float | None": (int, float, _NONE),
+    "int | None": (int, _NONE),
+}
+
+M = TypeVar("M", bound="Message")
+_BY_OP: dict[int, type[Message]] = {}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all headers; subclasses are registered with :func:`_message`."""
+
+    OP: ClassVar[int] = -1
+    _CHECKS: ClassVar[tuple[tuple[str, tuple[type, ...]], ...]] = ()
+
+    def encode(self) -> bytes:
+        return msgpack.packb([self.OP, *dataclasses.astuple(self)], use_bin_type=True)
+
+    def check(self) -> None:
+        """Deeper validation of container fields; the default has nothing more to check."""
+
+
+def _message(op: int):  # type: ignore[no-untyped-def]
+    def register(cls: type[M]) -> type[M]:
+        cls.OP = op
+        cls._CHECKS = tuple((f.name, _TYPES[str(f.type)]) for f in dataclasses.fields(cls))
+        if op in _BY_OP:
+            raise RuntimeError(f"op {op} registered twice")
+        _BY_OP[op] = cls
+        return cls
+
+    return register
+
+
+def decode(raw: bytes, max_len: int = 1 << 20) -> Message:
+    """Decode and validate one header; raise ProtocolError naming what is wrong."""
+    if len(raw) > max_len:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {max_len}")
+    try:
+        items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(items, list) or not items or type(items[0]) is not int:
+        raise ProtocolError("header must be a msgpack array starting with an int op code")
+    cls = _BY_OP.get(items[0])
+    if cls is None:
+        raise ProtocolError(f"unknown op code {items[0]!r}")
+    values = items[1:]
+    if len(values) != len(cls._CHECKS):
+        raise ProtocolError(f"{cls.__name__} needs {len(cls._CHECKS)} fields, got {len(values)}")
+    for (name, types), value in zip(cls._CHECKS, values):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(f"{cls.__name__}.{name}: bad type {type(value).__name__}")
+    msg = cls(*values)
+    msg.check()
+    return msg
+
+
+def _check_str_list(owner: str, values: list[Any]) -> None:
+    if not all(isinstance(v, str) for v in values):
+        raise ProtocolError(f"{owner}: every item must be a string")
+
+
+# ---- client -> supervisor -------------------------------------------------------------------
+
+SUBMIT_ITEM_TYPES: tuple[tuple[type, ...], ...] = (
+    (str,),  # task id (client-made, so a resent submit is idempotent)
+    (str,),  # task name
+    (str, _NONE),  # lock key
+    (str, _NONE),  # session id
+    (str, _NONE),  # session owner
+    (int, float, _NONE),  # run_at (epoch seconds) or None for now
+)
+
+
+@_message(1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Submit(Message):
+    """Record these tasks durably, then acknowledge; one payload frame per item follows."""
+
+    req: int
+    items: list
+
+    def check(self) -> None:
+        if not self.items:
+            raise ProtocolError("Submit.items is empty")
+        for item in self.items:
+            if not isinstance(item, list) or len(item) != len(SUBMIT_ITEM_TYPES):
+                raise ProtocolError("Submit item must be a 6-item array")
+            for value, types in zip(item, SUBMIT_ITEM_TYPES):
+                if not isinstance(value, types) or isinstance(value, bool):
+                    raise ProtocolError(f"Submit item field has bad type {type(value).__name__}")
+            if not (0 < len(item[0]) <= 64):
+                raise ProtocolError("Submit task id must be 1..64 characters")
+
+
+@_message(2)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wait(Message):
+    """Reply once the task is terminal, with its outcome and result frame."""
+
+    req: int
+    task_id: str
+
+
+@_message(3)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Forget(Message):
+    """Drop a pending Wait/Events request of this client (its waiter gave up)."""
+
+    req: int
+
+
+@_message(4)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Info(Message):
+    """Reply with the TaskInfo records of these task ids."""
+
+    req: int
+    task_ids: list
+
+    def check(self) -> None:
+        _check_str_list("Info.task_ids", self.task_ids)
+
+
+@_message(5)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Cancel one task; reply True if it was live and is now cancelled."""
+
+    req: int
+    task_id: str
+
+
+@_message(6)
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListTasks(Message):
+    """Reply with task records, newest first, optionally of one state."""
+
+    req: int
+    state: str | None
+    limit: int
+
+
+@_message(7)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Status(Message):
+    """Reply with the supervisor's and every actor's status."""
+
+    req: int
+
+
+@_message(8)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Events(Message):
+    """Reply with the task's events after seq ``after``; held until one exists (long poll)."""
+
+    req: int
+    task_id: str
+    after: int
+
+
+@_message(9)
+@dataclasses.dataclass(frozen=True, slots=True)
+class InjectCrash(Message):
+    """Testing aid: make attempt ``attempt`` of task ``name`` kill its actor process."""
+
+    req: int
+    name: str
+    attempt: int
+
+
+@_message(20)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """Supervisor -> client answer to request ``req``; frames may follow."""
+
+    req: int
+    ok: bool
+    body: Any
+
+
+# ---- actor <-> supervisor -------------------------------------------------------------------
+
+
+@_message(40)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """A freshly started actor announces itself."""
+
+    slot: str
+    gen: int
+    pid: int
+    role: str
+
+
+@_message(41)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """The supervisor's answer to Hello; the registry frame (cloudpickled App) follows."""
+
+    config: dict
+
+
+@_message(42)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run(Message):
+    """Run one attempt of a task; its argument payload frame follows."""
+
+    task_id: str
+    attempt: int
+    name: str
+    session_id: str | None
+    session_owner: str | None
+    timeout: float | None
+    crash: bool
+
+
+@_message(43)
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelRun(Message):
+    """Cancel the running attempt of a task."""
+
+    task_id: str
+    attempt: int
+
+
+@_message(44)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Done(Message):
+    """An attempt ended; a result or pickled-exception frame follows (may be empty)."""
+
+    task_id: str
+    attempt: int
+    outcome: str  # one of OUTCOMES
+    error_type: str
+    error_message: str
+    traceback: str
+    retryable: bool
+
+    def check(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ProtocolError(f"Done.outcome {self.outcome!r} not one of {OUTCOMES}")
+
+
+OUTCOMES = ("ok", "error", "cancelled", "timeout")
+
+
+@_message(45)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Actor liveness, with the number of attempts it is running."""
+
+    running: int
+
+
+@_message(46)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stop(Message):
+    """Finish running attempts within ``grace`` seconds, then exit."""
+
+    grace: float

@@ -1,0 +1,132 @@
+"""Embedded mode: ``with app.start():`` runs a supervisor as a child process for this scope."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import cloudpickle
+
+from . import errors
+from .app import App
+from .client import Connection
+from .transport import ensure_state_dir, resolve_state_dir
+
+START_TIMEOUT = 60.0
+
+
+class Runtime:
+    """A supervisor child process owned by this process; stop() (or leaving ``with``) ends it."""
+
+    def __init__(self, app: App, state_dir: str | os.PathLike[str] | None = None,
+                 workers: int | None = None, process_workers: int | None = None,
+                 grace: float | None = None, start_timeout: float = START_TIMEOUT) -> None:
+        self.app = app
+        self.state_dir: Path = resolve_state_dir(state_dir if state_dir is not None else app.state_dir)
+        self.workers = workers
+        self.process_workers = process_workers
+        self.grace = app.grace if grace is None else grace
+        self.start_timeout = start_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> Runtime:
+        """Spawn the supervisor and wait until its actors are up; raise what stopped it."""
+        ensure_state_dir(self.state_dir)
+        try:
+            registry = cloudpickle.dumps(self.app, protocol=5)
+        except Exception as exc:
+            raise errors.SerializationError(f"the app's tasks cannot be pickled: {exc!r}") from exc
+        ready_r, ready_w = os.pipe()
+        cmd = [sys.executable, "-m", "capsule_actors.supervisor", "--state-dir", str(self.state_dir),
+               "--ready-fd", str(ready_w), "--parent", str(os.getpid()), "--grace", str(self.grace)]
+        if self.workers:
+            cmd += ["--workers", str(self.workers)]
+        if self.process_workers:
+            cmd += ["--process-workers", str(self.process_workers)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        try:
+            self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(ready_w,), env=env,
+                                            start_new_session=True)
+        finally:
+            os.close(ready_w)
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(registry)
+            self.process.stdin.close()
+            line = self._read_ready(ready_r)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            os.close(ready_r)
+        if line != "ready":
+            self.stop()
+            name, _, message = line.partition(": ")
+            cls = getattr(errors, name.removeprefix("error "), errors.CapsuleError)
+            raise cls(message or f"the supervisor exited before it was ready (code {self.process.returncode})")
+        self.app._state_dir_override = self.state_dir
+        return self
+
+    def _read_ready(self, fd: int) -> str:
+        deadline = time.monotonic() + self.start_timeout
+        data = b""
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.CapsuleError(f"the supervisor was not ready within {self.start_timeout} s")
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+        return data.decode(errors="replace").strip()
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Graceful stop (SIGTERM, running tasks get ``grace`` seconds), SIGKILL as a last resort."""
+        proc = self.process
+        if proc is None:
+            return None
+        Connection.close_all()
+        if self.app._state_dir_override == self.state_dir:
+            self.app._state_dir_override = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout if timeout is not None else self.grace + 10.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def status(self) -> dict[str, Any]:
+        """The supervisor's and every actor's status (the data of ``capsule-actors status``)."""
+        from . import messages
+
+        body, _ = self.app.connection().call(lambda req: messages.Status(req))
+        return dict(body)
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Runtime:
+        return await asyncio.get_running_loop().run_in_executor(None, self.start)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)

@@ -1,0 +1,222 @@
+"""The durable task store: one SQLite file (WAL) in the state directory, written by the supervisor.
+
+The supervisor is the only writer. Its loop opens one transaction per turn and commits it before
+sending any reply, so every acknowledgement follows a commit and concurrent submits share one
+commit (group commit). ``synchronous=NORMAL`` in WAL mode: a process crash (supervisor, actor,
+client) loses nothing committed; a power loss or kernel crash can lose the last commits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import StateDirError
+
+SCHEMA_VERSION = 1
+LIVE_STATES = ("QUEUED", "SCHEDULED", "RUNNING")
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    lock_key TEXT,
+    session_id TEXT,
+    session_owner TEXT,
+    args BLOB,
+    result BLOB,
+    error_type TEXT,
+    error_message TEXT,
+    traceback TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    run_at REAL,
+    progress REAL,
+    slot TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state IN ('QUEUED','SCHEDULED','RUNNING');
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    session_id TEXT,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_task ON events(task_id, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+INFO_COLUMNS = (
+    "id, name, state, attempts, lock_key, session_id, created_at, started_at, finished_at, "
+    "error_type, error_message, progress, slot"
+)
+
+
+class Store:
+    """Typed access to capsule.db for the supervisor thread."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.executescript(_SCHEMA)
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        except sqlite3.Error as exc:
+            raise StateDirError(f"cannot open task store {str(path)!r}: {exc}") from None
+        self.db.row_factory = sqlite3.Row
+        self._in_tx = False
+        self._touched: set[str] = set()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- transactions ------------------------------------------------------------------------
+    def begin(self) -> None:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self.db.execute("COMMIT")
+            self._in_tx = False
+
+    # ---- writes ------------------------------------------------------------------------------
+    def insert_tasks(self, rows: Iterable[tuple[Any, ...]]) -> list[str]:
+        """Insert (id, name, state, lock_key, session_id, session_owner, args, created_at, run_at)
+        rows; return the ids that were new (a resent submit is ignored)."""
+        new = []
+        for row in rows:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO tasks(id, name, state, lock_key, session_id, session_owner, "
+                "args, created_at, run_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            if cur.rowcount:
+                new.append(row[0])
+                self.add_event(row[0], row[4], "state", {"state": row[2], "attempt": 0})
+        return new
+
+    def mark_running(self, task_id: str, attempt: int, slot: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=?",
+            (attempt, slot, now, task_id),
+        )
+        self.add_event(task_id, None, "state", {"state": "RUNNING", "attempt": attempt, "slot": slot})
+
+    def finish(
+        self,
+        task_id: str,
+        state: str,
+        result: bytes | None,
+        error: tuple[str, str, str] | None,
+        now: float,
+    ) -> None:
+        """Record a terminal state with its result or (type, message, traceback) error."""
+        etype, emsg, tb = error or (None, None, None)
+        self.db.execute(
+            "UPDATE tasks SET state=?, result=?, error_type=?, error_message=?, traceback=?, "
+            "finished_at=?, run_at=NULL WHERE id=?",
+            (state, result, etype, emsg, tb, now, task_id),
+        )
+        data: dict[str, Any] = {"state": state}
+        if etype:
+            data["error"] = f"{etype}: {emsg}"
+        self.add_event(task_id, None, "state", data)
+
+    def requeue(self, task_id: str, run_at: float | None, error: tuple[str, str, str] | None,
+                attempts: int | None = None) -> None:
+        """Put a task back in the queue (a retry, or a re-run after a shutdown or crash)."""
+        state = "QUEUED"
+        if attempts is not None:
+            self.db.execute("UPDATE tasks SET attempts=? WHERE id=?", (attempts, task_id))
+        if error:
+            self.db.execute(
+                "UPDATE tasks SET state=?, run_at=?, error_type=?, error_message=?, traceback=? WHERE id=?",
+                (state, run_at, *error, task_id),
+            )
+        else:
+            self.db.execute("UPDATE tasks SET state=?, run_at=? WHERE id=?", (state, run_at, task_id))
+        data: dict[str, Any] = {"state": state, "retry_at": run_at}
+        if error:
+            data["error"] = f"{error[0]}: {error[1]}"
+        self.add_event(task_id, None, "state", data)
+
+    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
+        cur = self.db.execute(
+            "INSERT INTO events(task_id, session_id, kind, data, ts) VALUES (?,?,?,?,?)",
+            (task_id, session_id, kind, json.dumps(data), time.time()),
+        )
+        self._touched.add(task_id)
+        return int(cur.lastrowid or 0)
+
+    def take_touched(self) -> set[str]:
+        """Task ids that got events since the last call (to wake long-polling readers)."""
+        touched, self._touched = self._touched, set()
+        return touched
+
+    # ---- reads -------------------------------------------------------------------------------
+    def info(self, task_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(f"SELECT {INFO_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return dict(row) if row else None
+
+    def outcome(self, task_id: str) -> tuple[str, bytes | None, list[str | None]] | None:
+        """(state, result bytes, [error_type, error_message, traceback]) of one task."""
+        row = self.db.execute(
+            "SELECT state, result, error_type, error_message, traceback FROM tasks WHERE id=?", (task_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return row[0], row[1], [row[2], row[3], row[4]]
+
+    def list_tasks(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        if state:
+            rows = self.db.execute(
+                f"SELECT {INFO_COLUMNS} FROM tasks WHERE state=? ORDER BY created_at DESC, id DESC LIMIT ?",
+                (state, limit),
+            )
+        else:
+            rows = self.db.execute(
+                f"SELECT {INFO_COLUMNS} FROM tasks ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)
+            )
+        return [dict(r) for r in rows]
+
+    def live_tasks(self) -> Iterator[sqlite3.Row]:
+        """Every queued, scheduled or running task, oldest first (for recovery at start)."""
+        return iter(
+            self.db.execute(
+                "SELECT id, name, state, lock_key, session_id, session_owner, attempts, run_at "
+                "FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') ORDER BY created_at, id"
+            ).fetchall()
+        )
+
+    def args(self, task_id: str) -> bytes:
+        row = self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else b""
+
+    def events_after(self, task_id: str, after: int, limit: int = 500) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE task_id=? AND seq>? "
+            "ORDER BY seq LIMIT ?",
+            (task_id, after, limit),
+        )
+        return [
+            {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
+            for r in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state")}

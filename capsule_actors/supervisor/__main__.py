@@ -1,0 +1,54 @@
+"""Entry of an embedded supervisor started by ``app.start()``: the App arrives pickled on stdin."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import cloudpickle
+
+from ..errors import CapsuleError
+from .core import Supervisor
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to signal us when the process that started us dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capsule_actors.supervisor")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--process-workers", type=int)
+    parser.add_argument("--grace", type=float)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s")
+    die_with_parent(args.parent)
+    registry = sys.stdin.buffer.read()
+    app = cloudpickle.loads(registry)
+    sup = Supervisor(app, registry, Path(args.state_dir), workers=args.workers,
+                     process_workers=args.process_workers, grace=args.grace, ready_fd=args.ready_fd)
+    try:
+        return sup.run()
+    except CapsuleError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,678 @@
+"""The supervisor loop: one thread, one transaction per turn, replies only after the commit.
+
+Each turn: poll the client socket, the actor socket and the signal fd; handle every message that
+is waiting (submits, waits, results, heartbeats, child exits); run due timers; dispatch queued
+tasks to actors with room; COMMIT; then send the acks, dispatches and results of that turn.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import heapq
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from .. import messages
+from ..app import App
+from ..errors import AlreadyRunning, CapsuleError, ProtocolError, StateDirError, WorkerCrashed
+from ..store import Store
+from ..transport import (DB_FILE, LOCK_FILE, RuntimeFile, bind, ensure_state_dir, local_endpoint,
+                         private_umask, read_runtime_file, remove_runtime_file, write_runtime_file)
+from .children import (ROLE_PROCESS, ROLE_WORKER, ActorProcess, ChildSpec, RestartIntensity,
+                       actor_status, exit_cause, kill, spawn_actor)
+
+log = logging.getLogger("capsule_actors.supervisor")
+
+WORKER_CONCURRENCY = 100  # attempts one worker actor runs at once on its event loop
+HEARTBEAT_TIMEOUT = 15.0  # an actor silent this long is hung: kill and restart it
+HEARTBEAT_CHECK = 1.0
+DRAIN_LIMIT = 2000  # messages per socket per turn, so one flood cannot starve the rest
+KILL_GRACE = 1.0  # SIGTERM -> SIGKILL for a process actor that is cancelled or timed out
+STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+
+Frames = list[bytes]
+
+
+class LiveTask:
+    """A task that is queued, scheduled or running: held in memory until it ends."""
+
+    __slots__ = ("id", "name", "state", "attempts", "lock_key", "session_id", "session_owner",
+                 "payload", "actor", "waiters", "kill_timer")
+
+    def __init__(self, task_id: str, name: str, state: str, attempts: int, lock_key: str | None,
+                 session_id: str | None, session_owner: str | None, payload: bytes | None) -> None:
+        self.id = task_id
+        self.name = name
+        self.state = state
+        self.attempts = attempts
+        self.lock_key = lock_key
+        self.session_id = session_id
+        self.session_owner = session_owner
+        self.payload = payload
+        self.actor: ActorProcess | None = None
+        self.waiters: list[tuple[bytes, int]] = []
+        self.kill_timer = False
+
+
+class Supervisor:
+    """Owns the state directory, the store, the sockets and every actor process."""
+
+    def __init__(self, app: App, registry: bytes, state_dir: Path, *, workers: int | None = None,
+                 process_workers: int | None = None, grace: float | None = None,
+                 ready_fd: int | None = None) -> None:
+        cpus = os.cpu_count() or 1
+        self.app = app
+        self.registry = registry
+        self.state_dir = state_dir
+        self.grace = app.grace if grace is None else grace
+        self.ready_fd = ready_fd
+        n_workers = workers or app.workers or cpus
+        n_process = process_workers or app.process_workers or cpus
+        self.specs = [ChildSpec(f"w{i}", ROLE_WORKER, WORKER_CONCURRENCY, self.grace) for i in range(n_workers)]
+        self.specs += [ChildSpec(f"p{i}", ROLE_PROCESS, 1, self.grace) for i in range(n_process)]
+        self.procs: dict[str, ActorProcess] = {}  # slot -> live incarnation
+        self.by_identity: dict[bytes, ActorProcess] = {}
+        self.intensity = {s.slot: RestartIntensity(app.max_restarts, app.restart_window) for s in self.specs}
+        self.restarts = dict.fromkeys((s.slot for s in self.specs), 0)
+        self.last_exit: dict[str, str | None] = dict.fromkeys((s.slot for s in self.specs))
+        self.backoff_until: dict[str, float | None] = dict.fromkeys((s.slot for s in self.specs))
+        self.gens = itertools.count(1)
+        self.live: dict[str, LiveTask] = {}
+        self.ready = {ROLE_WORKER: collections.deque[str](), ROLE_PROCESS: collections.deque[str]()}
+        self.waiter_index: dict[tuple[bytes, int], str] = {}
+        self.event_waiters: dict[str, list[tuple[bytes, int, int]]] = {}
+        self.crash_plan: dict[str, set[int]] = {}
+        self.timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self.timer_seq = itertools.count()
+        self.outbox: list[tuple[zmq.Socket, Frames]] = []  # type: ignore[type-arg]
+        self.stopping = False
+        self.started_at = time.time()
+        self.announced_ready = False
+        self.dropped = 0
+
+    # ---- life cycle --------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT and a graceful stop; return the process exit code."""
+        try:
+            self._setup()
+        except CapsuleError as exc:
+            self._announce(f"error {type(exc).__name__}: {exc}")
+            raise
+        try:
+            self.store.begin()
+            self._recover()
+            self.store.commit()
+            for spec in self.specs:
+                self._start_actor(spec)
+            self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
+            self._add_timer(30.0, self._announce_ready)  # ready even if an actor never says hello
+            while not (self.stopping and not self.procs):
+                self._turn()
+        finally:
+            self._teardown()
+        log.info("supervisor stopped")
+        return 0
+
+    def _setup(self) -> None:
+        ensure_state_dir(self.state_dir)
+        self._lock_fd = self._take_lock()
+        self.store = Store(self.state_dir / DB_FILE)
+        self.ctx = zmq.Context()
+        self.client_sock = self._router()
+        self.actor_sock = self._router()
+        client_ep = local_endpoint(self.state_dir, "client")
+        actor_ep = local_endpoint(self.state_dir, "actor")
+        self.client_addr = bind(self.client_sock, client_ep)
+        self.actor_addr = bind(self.actor_sock, actor_ep)
+        self.server_public = client_ep.server_public
+        if actor_ep.server_secret:  # one key pair for both sockets keeps supervisor.json small
+            self.actor_sock.curve_secretkey = (client_ep.server_secret or "").encode()
+            self.actor_sock.curve_publickey = (client_ep.server_public or "").encode()
+        self.sig_r, self.sig_w = socket.socketpair()
+        self.sig_r.setblocking(False)
+        self.sig_w.setblocking(False)
+        signal.set_wakeup_fd(self.sig_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
+        self.poller = zmq.Poller()
+        self.poller.register(self.client_sock, zmq.POLLIN)
+        self.poller.register(self.actor_sock, zmq.POLLIN)
+        self.poller.register(self.sig_r.fileno(), zmq.POLLIN)
+        write_runtime_file(self.state_dir, RuntimeFile(
+            pid=os.getpid(), client=self.client_addr, actor=self.actor_addr,
+            server_public=self.server_public, started_at=self.started_at, state_dir=str(self.state_dir)))
+        log.info("supervisor pid %d serving %s on %s", os.getpid(), self.state_dir, self.client_addr)
+
+    def _take_lock(self) -> int:
+        path = self.state_dir / LOCK_FILE
+        try:
+            with private_umask():
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateDirError(f"cannot create pid lock {str(path)!r}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = read_runtime_file(self.state_dir)
+            who = f"pid {other.pid}" if other else "another process"
+            raise AlreadyRunning(
+                f"a supervisor ({who}) is already running on {str(self.state_dir)!r}; stop it first "
+                "or use another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _router(self) -> zmq.Socket:  # type: ignore[type-arg]
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.sndhwm = 0
+        sock.rcvhwm = 0
+        sock.maxmsgsize = self.app.max_payload_bytes + (1 << 16)  # oversized frames are dropped
+        return sock
+
+    def _teardown(self) -> None:
+        for proc in list(self.procs.values()):
+            kill(proc)
+            proc.popen.wait()
+        if hasattr(self, "store"):
+            try:
+                self.store.commit()
+            finally:
+                self.store.close()
+        if hasattr(self, "ctx"):
+            self._flush()
+            self.client_sock.close(linger=200)
+            self.actor_sock.close(0)
+            self.ctx.term()
+            for addr in (self.client_addr, self.actor_addr):
+                if addr.startswith("ipc://"):
+                    Path(addr[len("ipc://"):]).unlink(missing_ok=True)
+            signal.set_wakeup_fd(-1)
+            remove_runtime_file(self.state_dir, os.getpid())
+        if hasattr(self, "_lock_fd"):
+            os.close(self._lock_fd)
+
+    def _announce(self, line: str) -> None:
+        """Tell the process that started us (embedded mode) that we are ready or failed."""
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, (line + "\n").encode())
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def _announce_ready(self) -> None:
+        if not self.announced_ready:
+            self.announced_ready = True
+            self._announce("ready")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _turn(self) -> None:
+        timeout = None
+        if self.timers:
+            timeout = max(0.0, (self.timers[0][0] - time.monotonic()) * 1000)
+        ready = dict(self.poller.poll(timeout))
+        self.store.begin()
+        if self.sig_r.fileno() in ready:
+            self._on_signals()
+        if self.actor_sock in ready:
+            self._drain(self.actor_sock, self._on_actor)
+        if self.client_sock in ready:
+            self._drain(self.client_sock, self._on_client)
+        self._run_timers()
+        self._dispatch()
+        self.store.commit()
+        self._answer_event_waiters()
+        self._flush()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[Frames], None]) -> None:  # type: ignore[type-arg]
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except ProtocolError as exc:
+                self.dropped += 1
+                if self.dropped <= 10 or self.dropped % 1000 == 0:
+                    log.warning("dropped a malformed message (%d so far): %s", self.dropped, exc)
+
+    def _flush(self) -> None:
+        for sock, frames in self.outbox:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:  # a peer that vanished: its waits are resent on reconnect
+                log.debug("send failed: %s", exc)
+        self.outbox.clear()
+
+    def _add_timer(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_seq), fn, args))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn, args = heapq.heappop(self.timers)
+            fn(*args)
+
+    def _reply(self, ident: bytes, req: int, ok: bool, body: Any, frames: Frames = ()) -> None:  # type: ignore[assignment]
+        self.outbox.append((self.client_sock, [ident, messages.Reply(req, ok, body).encode(), *frames]))
+
+    def _error(self, ident: bytes, req: int, exc: CapsuleError) -> None:
+        self._reply(ident, req, False, [type(exc).__name__, str(exc)])
+
+    # ---- signals and children ----------------------------------------------------------------
+    def _on_signals(self) -> None:
+        try:
+            data = self.sig_r.recv(4096)
+        except BlockingIOError:
+            return
+        sigs = set(data)
+        if signal.SIGCHLD in sigs:
+            self._reap()
+        if sigs & {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}:
+            self._begin_stop()
+
+    def _reap(self) -> None:
+        for proc in list(self.procs.values()):
+            code = proc.popen.poll()
+            if code is not None:
+                self._on_exit(proc, code)
+
+    def _start_actor(self, spec: ChildSpec) -> None:
+        if self.stopping:
+            return
+        self.backoff_until[spec.slot] = None
+        proc = spawn_actor(spec, next(self.gens), self.actor_addr, self.server_public,
+                           str(self.state_dir), sys.path)
+        self.procs[spec.slot] = proc
+        self.by_identity[proc.identity] = proc
+
+    def _on_exit(self, proc: ActorProcess, code: int) -> None:
+        slot = proc.spec.slot
+        del self.procs[slot]
+        self.by_identity.pop(proc.identity, None)
+        cause = exit_cause(code)
+        self.last_exit[slot] = cause
+        for task_id, attempt in proc.running.items():
+            task = self.live.get(task_id)
+            if task is None or task.attempts != attempt or task.state != "RUNNING":
+                continue
+            if self.stopping:
+                self._requeue_unfinished(task)
+                continue
+            error = ("WorkerCrashed", f"actor {slot} (pid {proc.pid}) died with {cause} while running "
+                     f"attempt {attempt}", "")
+            self._end_attempt(task, "error", error, b"", self.app.tasks[task.name].retryable(WorkerCrashed))
+        if self.stopping:
+            return
+        deliberate = proc.stopping  # recycled by us (hard cancel, timeout): not a crash
+        if not deliberate:
+            self.restarts[slot] += 1
+            log.warning("actor %s (pid %d) exited with %s; restarting", slot, proc.pid, cause)
+        delay = 0.0 if deliberate else self.intensity[slot].next_delay(time.monotonic())
+        if delay:
+            log.error("actor %s restarted more than %d times in %.0f s; next restart in %.1f s",
+                      slot, self.app.max_restarts, self.app.restart_window, delay)
+            self.backoff_until[slot] = time.time() + delay
+            self._add_timer(delay, self._start_actor, proc.spec)
+        else:
+            self._start_actor(proc.spec)
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for proc in self.procs.values():
+            if proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
+                log.error("actor %s (pid %d) sent no heartbeat for %.0f s; killing it",
+                          proc.spec.slot, proc.pid, now - proc.last_seen)
+                kill(proc)
+        self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
+
+    def _begin_stop(self) -> None:
+        if self.stopping:
+            log.warning("second stop signal: killing the actors now")
+            self._kill_all()
+            return
+        log.info("stopping: running tasks get %.1f s to finish", self.grace)
+        self.stopping = True
+        for proc in self.procs.values():
+            proc.stopping = True
+            if proc.ready:
+                self.outbox.append((self.actor_sock, [proc.identity, messages.Stop(self.grace).encode()]))
+            else:
+                kill(proc)
+        self._add_timer(self.grace, self._kill_all)
+
+    def _kill_all(self) -> None:
+        for proc in self.procs.values():
+            kill(proc)
+
+    def _requeue_unfinished(self, task: LiveTask) -> None:
+        """A graceful stop ran out of time: the attempt does not count; run it at next start."""
+        task.attempts -= 1
+        task.state = "QUEUED"
+        task.actor = None
+        self.store.requeue(task.id, None, None, attempts=task.attempts)
+
+    # ---- recovery ----------------------------------------------------------------------------
+    def _recover(self) -> None:
+        now = time.time()
+        for row in self.store.live_tasks():
+            task = LiveTask(row["id"], row["name"], row["state"], row["attempts"], row["lock_key"],
+                            row["session_id"], row["session_owner"], None)
+            spec = self.app.tasks.get(task.name)
+            if spec is None:
+                self.store.finish(task.id, "FAILED", None,
+                                  ("UnknownTask", f"the app has no task {task.name!r} any more", ""), now)
+                continue
+            self.live[task.id] = task
+            if task.state == "RUNNING":
+                if task.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed):
+                    task.state = "QUEUED"
+                    self.store.requeue(task.id, None, ("WorkerCrashed", "the supervisor died while the "
+                                                       "task was running; re-running it", ""))
+                else:
+                    self._finish(task, "FAILED", b"", ("WorkerCrashed", "the supervisor died while the "
+                                                       "task was running and no retry remained", ""))
+                    continue
+            self._queue(task, row["run_at"])
+        if self.live:
+            log.info("recovered %d live tasks from the store", len(self.live))
+
+    def _queue(self, task: LiveTask, run_at: float | None) -> None:
+        delay = (run_at - time.time()) if run_at else 0.0
+        if delay > 0:
+            self._add_timer(delay, self._due, task.id)
+        else:
+            if task.state == "SCHEDULED":
+                task.state = "QUEUED"
+            self.ready[self._role(task)].append(task.id)
+
+    def _due(self, task_id: str) -> None:
+        task = self.live.get(task_id)
+        if task is not None and task.state in ("QUEUED", "SCHEDULED"):
+            task.state = "QUEUED"
+            self.ready[self._role(task)].append(task_id)
+
+    def _role(self, task: LiveTask) -> str:
+        return ROLE_PROCESS if self.app.tasks[task.name].process else ROLE_WORKER
+
+    # ---- client requests ---------------------------------------------------------------------
+    def _on_client(self, frames: Frames) -> None:
+        if len(frames) < 2:
+            raise ProtocolError("client message without a header frame")
+        ident, msg, payload = frames[0], messages.decode(frames[1]), frames[2:]
+        handler = self._client_handlers.get(type(msg))
+        if handler is None:
+            raise ProtocolError(f"{type(msg).__name__} is not a client request")
+        try:
+            handler(self, ident, msg, payload)
+        except CapsuleError as exc:
+            self._error(ident, msg.req, exc)  # type: ignore[attr-defined]
+
+    def _on_submit(self, ident: bytes, msg: messages.Submit, payload: Frames) -> None:
+        from ..errors import SerializationError
+
+        if len(payload) != len(msg.items):
+            raise ProtocolError(f"Submit has {len(msg.items)} items but {len(payload)} payload frames")
+        for item, frame in zip(msg.items, payload):
+            self.app.get_task(item[1])
+            if len(frame) > self.app.max_payload_bytes:
+                raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
+        now = time.time()
+        rows = []
+        for (task_id, name, lock_key, sid, owner, run_at), frame in zip(msg.items, payload):
+            state = "SCHEDULED" if run_at and run_at > now else "QUEUED"
+            rows.append((task_id, name, state, lock_key, sid, owner, frame, now, run_at))
+        by_id = {r[0]: r for r in rows}
+        for task_id in self.store.insert_tasks(rows):
+            row = by_id[task_id]
+            task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5], row[6])
+            self.live[task_id] = task
+            self._queue(task, row[8])
+        self._reply(ident, msg.req, True, [[item[0], False] for item in msg.items])
+
+    def _on_wait(self, ident: bytes, msg: messages.Wait, payload: Frames) -> None:
+        task = self.live.get(msg.task_id)
+        if task is not None:
+            task.waiters.append((ident, msg.req))
+            self.waiter_index[(ident, msg.req)] = task.id
+            return
+        outcome = self.store.outcome(msg.task_id)
+        if outcome is None:
+            raise self._unknown(msg.task_id)
+        state, result, error = outcome
+        self._reply(ident, msg.req, True, [state, *error], [result or b""])
+
+    def _on_forget(self, ident: bytes, msg: messages.Forget, payload: Frames) -> None:
+        task_id = self.waiter_index.pop((ident, msg.req), None)
+        task = self.live.get(task_id) if task_id else None
+        if task is not None:
+            task.waiters = [w for w in task.waiters if w != (ident, msg.req)]
+        for waiters in self.event_waiters.values():
+            waiters[:] = [w for w in waiters if (w[0], w[1]) != (ident, msg.req)]
+
+    def _on_info(self, ident: bytes, msg: messages.Info, payload: Frames) -> None:
+        self._reply(ident, msg.req, True, [self.store.info(tid) for tid in msg.task_ids[:1000]])
+
+    def _on_cancel(self, ident: bytes, msg: messages.Cancel, payload: Frames) -> None:
+        task = self.live.get(msg.task_id)
+        if task is None:
+            if self.store.info(msg.task_id) is None:
+                raise self._unknown(msg.task_id)
+            self._reply(ident, msg.req, True, False)
+            return
+        if task.state == "RUNNING" and task.actor is not None:
+            self._abandon(task, "cancel")
+        self._finish(task, "CANCELLED", b"", ("TaskCancelled", "cancelled by request", ""))
+        self._reply(ident, msg.req, True, True)
+
+    def _on_list(self, ident: bytes, msg: messages.ListTasks, payload: Frames) -> None:
+        from ..errors import ConfigError
+
+        if msg.state is not None and msg.state not in STATES:
+            raise ConfigError(f"unknown state {msg.state!r}; expected one of {', '.join(STATES)}")
+        if not 1 <= msg.limit <= 100_000:
+            raise ConfigError(f"limit={msg.limit}: expected 1..100000")
+        self._reply(ident, msg.req, True, self.store.list_tasks(msg.state, msg.limit))
+
+    def _on_status(self, ident: bytes, msg: messages.Status, payload: Frames) -> None:
+        import psutil
+
+        actors = [actor_status(self.procs.get(s.slot), s, self.restarts[s.slot], self.last_exit[s.slot],
+                               self.backoff_until[s.slot]) for s in self.specs]
+        body = {
+            "supervisor": {"pid": os.getpid(), "state": "stopping" if self.stopping else "running",
+                           "started_at": self.started_at, "state_dir": str(self.state_dir),
+                           "rss": psutil.Process().memory_info().rss, "endpoint": self.client_addr,
+                           "live_tasks": len(self.live)},
+            "actors": actors,
+            "tasks": self.store.counts(),
+        }
+        self._reply(ident, msg.req, True, body)
+
+    def _on_events(self, ident: bytes, msg: messages.Events, payload: Frames) -> None:
+        if msg.task_id not in self.live and self.store.info(msg.task_id) is None:
+            raise self._unknown(msg.task_id)
+        if not self._send_events(ident, msg.req, msg.task_id, msg.after):
+            self.event_waiters.setdefault(msg.task_id, []).append((ident, msg.req, msg.after))
+            self.waiter_index[(ident, msg.req)] = msg.task_id
+
+    def _send_events(self, ident: bytes, req: int, task_id: str, after: int) -> bool:
+        limit = 500
+        events = self.store.events_after(task_id, after, limit)
+        terminal = task_id not in self.live
+        if not events and not terminal:
+            return False
+        self._reply(ident, req, True, {"events": events, "terminal": terminal, "more": len(events) == limit})
+        return True
+
+    def _answer_event_waiters(self) -> None:
+        touched = self.store.take_touched()
+        for task_id in touched & self.event_waiters.keys():
+            waiting = self.event_waiters.pop(task_id)
+            for ident, req, after in waiting:
+                self.waiter_index.pop((ident, req), None)
+                if not self._send_events(ident, req, task_id, after):
+                    self.event_waiters.setdefault(task_id, []).append((ident, req, after))
+
+    def _on_inject_crash(self, ident: bytes, msg: messages.InjectCrash, payload: Frames) -> None:
+        self.app.get_task(msg.name)
+        self.crash_plan.setdefault(msg.name, set()).add(msg.attempt)
+        self._reply(ident, msg.req, True, True)
+
+    @staticmethod
+    def _unknown(task_id: str) -> CapsuleError:
+        from ..errors import UnknownTask
+
+        return UnknownTask(f"no task with id {task_id!r} in this runtime")
+
+    _client_handlers: dict[type, Callable[..., None]] = {
+        messages.Submit: _on_submit, messages.Wait: _on_wait, messages.Forget: _on_forget,
+        messages.Info: _on_info, messages.Cancel: _on_cancel, messages.ListTasks: _on_list,
+        messages.Status: _on_status, messages.Events: _on_events, messages.InjectCrash: _on_inject_crash,
+    }
+
+    # ---- actor messages ----------------------------------------------------------------------
+    def _on_actor(self, frames: Frames) -> None:
+        if len(frames) < 2:
+            raise ProtocolError("actor message without a header frame")
+        proc = self.by_identity.get(frames[0])
+        if proc is None:
+            return  # an incarnation we already buried
+        msg = messages.decode(frames[1])
+        proc.last_seen = time.monotonic()
+        if isinstance(msg, messages.Done):
+            self._on_done(proc, msg, frames[2] if len(frames) > 2 else b"")
+        elif isinstance(msg, messages.Hello):
+            proc.ready = True
+            config = {"state_dir": str(self.state_dir), "client": self.client_addr,
+                      "concurrency": proc.spec.concurrency}
+            self.outbox.append((self.actor_sock, [proc.identity, messages.Welcome(config).encode(), self.registry]))
+            if all(p.ready for p in self.procs.values()) and len(self.procs) == len(self.specs):
+                self._announce_ready()
+        elif not isinstance(msg, messages.Heartbeat):
+            raise ProtocolError(f"{type(msg).__name__} is not an actor message")
+
+    def _on_done(self, proc: ActorProcess, msg: messages.Done, frame: bytes) -> None:
+        proc.tasks_done += 1
+        if msg.task_id in proc.abandoned:
+            proc.abandoned.discard(msg.task_id)
+            return
+        if proc.running.get(msg.task_id) != msg.attempt:
+            return
+        del proc.running[msg.task_id]
+        task = self.live.get(msg.task_id)
+        if task is None or task.attempts != msg.attempt or task.state != "RUNNING":
+            return
+        error = (msg.error_type, msg.error_message, msg.traceback) if msg.outcome != "ok" else None
+        self._end_attempt(task, msg.outcome, error, frame, msg.retryable)
+
+    # ---- dispatch and outcomes ---------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if self.stopping:
+            return
+        for role, queue in self.ready.items():
+            while queue:
+                task = self.live.get(queue[0])
+                if task is None or task.state != "QUEUED":
+                    queue.popleft()
+                    continue
+                proc = self._pick(role)
+                if proc is None:
+                    break
+                queue.popleft()
+                self._start_attempt(task, proc)
+
+    def _pick(self, role: str) -> ActorProcess | None:
+        best = None
+        for proc in self.procs.values():
+            if proc.spec.role == role and proc.has_room() and (best is None or proc.load < best.load):
+                best = proc
+        return best
+
+    def _start_attempt(self, task: LiveTask, proc: ActorProcess) -> None:
+        spec = self.app.tasks[task.name]
+        task.attempts += 1
+        task.state = "RUNNING"
+        task.actor = proc
+        proc.running[task.id] = task.attempts
+        self.store.mark_running(task.id, task.attempts, proc.spec.slot, time.time())
+        payload = task.payload if task.payload is not None else self.store.args(task.id)
+        task.payload = None  # the store has it; keep RAM flat while it runs
+        crash = task.attempts in self.crash_plan.get(task.name, ())
+        actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
+        run = messages.Run(task.id, task.attempts, task.name, task.session_id, task.session_owner,
+                           actor_timeout, crash)
+        self.outbox.append((self.actor_sock, [proc.identity, run.encode(), payload]))
+        if spec.timeout and proc.spec.role == ROLE_PROCESS:
+            self._add_timer(spec.timeout, self._process_timeout, task.id, task.attempts)
+
+    def _process_timeout(self, task_id: str, attempt: int) -> None:
+        task = self.live.get(task_id)
+        if task is None or task.attempts != attempt or task.state != "RUNNING":
+            return
+        timeout = self.app.tasks[task.name].timeout
+        self._abandon(task, "timeout")
+        self._end_attempt(task, "timeout", ("TaskTimeout", f"attempt {attempt} ran past timeout={timeout} s", ""),
+                          b"", True)
+
+    def _abandon(self, task: LiveTask, why: str) -> None:
+        """Stop caring about a running attempt; a process actor is killed and replaced."""
+        proc = task.actor
+        assert proc is not None
+        attempt = proc.running.pop(task.id, None)
+        if attempt is None:
+            return
+        proc.abandoned.add(task.id)
+        if proc.spec.role == ROLE_PROCESS:
+            proc.stopping = True
+            kill(proc, signal.SIGTERM)
+            self._add_timer(KILL_GRACE, self._kill_if_alive, proc)
+        else:
+            self.outbox.append((self.actor_sock, [proc.identity, messages.CancelRun(task.id, attempt).encode()]))
+
+    def _kill_if_alive(self, proc: ActorProcess) -> None:
+        if self.procs.get(proc.spec.slot) is proc:
+            kill(proc)
+
+    def _end_attempt(self, task: LiveTask, outcome: str, error: tuple[str, str, str] | None,
+                     frame: bytes, retryable: bool) -> None:
+        task.actor = None
+        if outcome == "ok":
+            self._finish(task, "SUCCEEDED", frame, None)
+            return
+        if outcome == "cancelled":
+            self._finish(task, "CANCELLED", b"", error)
+            return
+        spec = self.app.tasks[task.name]
+        if retryable and task.attempts < 1 + spec.retries:
+            delay = spec.backoff.delay(task.attempts)
+            task.state = "QUEUED"
+            self.store.requeue(task.id, time.time() + delay if delay else None, error)
+            self._queue(task, time.time() + delay if delay else None)
+            return
+        self._finish(task, "FAILED", frame, error)
+
+    def _finish(self, task: LiveTask, state: str, result: bytes, error: tuple[str, str, str] | None) -> None:
+        self.store.finish(task.id, state, result or None, error, time.time())
+        self.live.pop(task.id, None)
+        task.state = state
+        body = [state, *(error or (None, None, None))]
+        for ident, req in task.waiters:
+            self.waiter_index.pop((ident, req), None)
+            self._reply(ident, req, True, body, [result or b""])
+        task.waiters.clear()

@@ -1,0 +1,177 @@
+"""Where the runtime lives on disk and how its ZeroMQ sockets are made.
+
+The state directory is private to the user (0700); its sockets are ``ipc://`` files inside it.
+Where the socket path is too long for ``sun_path`` the endpoint falls back to loopback TCP, and
+then CURVE encryption is switched on, with the server key kept in ``supervisor.json`` (0600), so
+the same rule holds: only the user who can read the state directory can talk to the runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import zmq
+
+from .errors import StateDirError
+
+STATE_DIR_ENV = "CAPSULE_STATE_DIR"
+DEFAULT_STATE_DIR = ".capsule"
+RUNTIME_FILE = "supervisor.json"
+LOCK_FILE = "supervisor.lock"
+DB_FILE = "capsule.db"
+_MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
+
+
+def resolve_state_dir(state_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Explicit value, else $CAPSULE_STATE_DIR, else ./.capsule -- made absolute."""
+    chosen = state_dir if state_dir is not None else os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return Path(chosen).expanduser().absolute()
+
+
+def ensure_state_dir(path: Path) -> Path:
+    """Create the state directory 0700 (or tighten it), refusing one owned by another user."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        raise StateDirError(f"cannot create state directory {str(path)!r}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateDirError(f"state directory {str(path)!r} is not a directory")
+    if info.st_uid != os.getuid():
+        raise StateDirError(
+            f"state directory {str(path)!r} belongs to uid {info.st_uid}, not to you "
+            f"(uid {os.getuid()}); use a directory of your own"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StateDirError(f"state directory {str(path)!r} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and sockets created inside are readable by the owner only."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """A bindable/connectable address; ``curve`` holds the server key pair for tcp endpoints."""
+
+    address: str
+    server_public: str | None = None
+    server_secret: str | None = None
+
+
+def local_endpoint(state_dir: Path, name: str) -> Endpoint:
+    """``ipc://<state>/<name>.sock``, or loopback TCP with CURVE when the path is too long."""
+    path = state_dir / f"{name}.sock"
+    if len(os.fsencode(str(path))) <= _MAX_IPC_PATH:
+        return Endpoint(f"ipc://{path}")
+    public, secret = zmq.curve_keypair()
+    return Endpoint("tcp://127.0.0.1:*", public.decode(), secret.decode())
+
+
+def bind(sock: zmq.Socket, endpoint: Endpoint) -> str:  # type: ignore[type-arg]
+    """Bind ``sock`` and return the concrete address (the real port for ``tcp://...:*``)."""
+    if endpoint.server_secret:
+        sock.curve_server = True
+        sock.curve_secretkey = endpoint.server_secret.encode()
+        sock.curve_publickey = (endpoint.server_public or "").encode()
+    if endpoint.address.startswith("ipc://"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(endpoint.address[len("ipc://"):])  # stale socket; we hold the pid lock
+        with private_umask():
+            sock.bind(endpoint.address)
+        return endpoint.address
+    sock.bind(endpoint.address)
+    return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+
+def connect(sock: zmq.Socket, address: str, server_public: str | None) -> None:  # type: ignore[type-arg]
+    """Connect ``sock``, as a CURVE client with a fresh key pair when the server needs one."""
+    if server_public:
+        public, secret = zmq.curve_keypair()
+        sock.curve_serverkey = server_public.encode()
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+    sock.connect(address)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeFile:
+    """The contents of ``supervisor.json``: how clients and actors find a running supervisor."""
+
+    pid: int
+    client: str
+    actor: str
+    server_public: str | None
+    started_at: float
+    state_dir: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def write_runtime_file(state_dir: Path, info: RuntimeFile) -> None:
+    """Atomically replace supervisor.json (mode 0600)."""
+    tmp = state_dir / f".{RUNTIME_FILE}.{os.getpid()}"
+    with private_umask():
+        tmp.write_text(info.to_json())
+    os.replace(tmp, state_dir / RUNTIME_FILE)
+
+
+def read_runtime_file(state_dir: Path) -> RuntimeFile | None:
+    """The running supervisor's file, or None when absent, unreadable or its pid is gone."""
+    try:
+        data: dict[str, Any] = json.loads((state_dir / RUNTIME_FILE).read_text())
+        info = RuntimeFile(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    return info if pid_alive(info.pid) else None
+
+
+def remove_runtime_file(state_dir: Path, pid: int) -> None:
+    """Remove supervisor.json if it is still ours."""
+    path = state_dir / RUNTIME_FILE
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
