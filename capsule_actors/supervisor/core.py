@@ -126,7 +126,8 @@ class Supervisor:
     def _setup(self) -> None:
         ensure_state_dir(self.state_dir)
         self._lock_fd = self._take_lock()
-        self.store = Store(self.state_dir / DB_FILE)
+        with private_umask():
+            self.store = Store(self.state_dir / DB_FILE)
         self.ctx = zmq.Context()
         self.client_sock = self._router()
         self.actor_sock = self._router()

@@ -1,0 +1,100 @@
+"""Fixtures that start real runtimes and always stop them (by pid), with deadlines everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psutil
+import pytest
+
+import capsule_actors as cpsl
+from capsule_actors import testing
+from capsule_actors.client import Connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A short private state directory (ipc socket paths must stay under ~100 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="cpsl-") as d:
+        yield Path(d) / "state"
+
+
+@pytest.fixture
+def start(state_dir: Path) -> Iterator[Callable[..., cpsl.Runtime]]:
+    """start(app, **kw) -> a running Runtime on this test's state dir, stopped at teardown."""
+    stack = contextlib.ExitStack()
+
+    def _start(app: cpsl.App, **kw: Any) -> cpsl.Runtime:
+        kw.setdefault("timeout", 110.0)
+        return stack.enter_context(testing.start_runtime(app, kw.pop("state_dir", state_dir), **kw))
+
+    with stack:
+        yield _start
+    Connection.close_all()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts by hand; all are killed (with their children) at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        kill_tree(proc.pid)
+        with contextlib.suppress(Exception):
+            proc.wait(10)
+
+
+def kill_tree(pid: int) -> None:
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
+    """Poll until predicate() is truthy; fail the test (not hang) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def cli(*args: str, state_dir: Path | None = None, cwd: Path | None = None, timeout: float = 60.0,
+        check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m capsule_actors ARGS`` to completion (bounded)."""
+    cmd = [sys.executable, "-m", "capsule_actors", *args]
+    if state_dir is not None:
+        cmd += ["--state-dir", str(state_dir)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd or ROOT), str(ROOT)]))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env, check=check)
+
+
+def spawn_cli(procs: list[subprocess.Popen[bytes]], *args: str, state_dir: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m capsule_actors ARGS --state-dir`` in the background (killed at teardown)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd), str(ROOT)]))
+    proc = subprocess.Popen([sys.executable, "-m", "capsule_actors", *args, "--state-dir", str(state_dir)],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(proc)
+    return proc
+
+
+def wait_running(state_dir: Path, timeout: float = 30.0) -> Any:
+    from capsule_actors.transport import read_runtime_file
+
+    return wait_until(lambda: read_runtime_file(state_dir), timeout)
