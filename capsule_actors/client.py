@@ -79,10 +79,11 @@ class Connection:
         return conn
 
     @classmethod
-    def close_all(cls) -> None:
+    def close_all(cls, state_dir: Path | None = None) -> None:
+        """Close this process's connections (to one state directory, or all)."""
         with cls._shared_lock:
-            conns = list(cls._shared.values())
-            cls._shared.clear()
+            keys = [k for k in cls._shared if state_dir is None or k[1] == state_dir]
+            conns = [cls._shared.pop(k) for k in keys]
         for conn in conns:
             if conn._pid == os.getpid():
                 conn.close()

@@ -98,7 +98,7 @@ class Runtime:
         proc = self.process
         if proc is None:
             return None
-        Connection.close_all()
+        Connection.close_all(self.state_dir)
         if self.app._state_dir_override == self.state_dir:
             self.app._state_dir_override = None
         if proc.poll() is None:
