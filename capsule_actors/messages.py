@@ -77,7 +77,7 @@ def decode(raw: bytes, max_len: int = 1 << 20) -> Message:
     if len(values) != len(cls._CHECKS):
         raise ProtocolError(f"{cls.__name__} needs {len(cls._CHECKS)} fields, got {len(values)}")
     for (name, types), value in zip(cls._CHECKS, values):
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        if not isinstance(value, types) or (type(value) is bool and int in types and bool not in types):
             raise ProtocolError(f"{cls.__name__}.{name}: bad type {type(value).__name__}")
     msg = cls(*values)
     msg.check()
