@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args, app)
     registry = cloudpickle.dumps(app, protocol=5)
     return Supervisor(app, registry, state_dir, workers=args.workers,
-                      process_workers=args.process_workers).run()
+                      process_workers=args.process_workers, grace=args.grace).run()
 
 
 def _parse_args_json(text: str | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -89,8 +89,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection(args: argparse.Namespace) -> Connection:
-    return Connection.for_state_dir(_state_dir(args))
+def _ask(args: argparse.Namespace, make: Any) -> Any:
+    """One request to the running supervisor, bounded by --timeout (a hung one is an error)."""
+    try:
+        body, _ = Connection.for_state_dir(_state_dir(args)).call(make, timeout=args.timeout)
+    except TimeoutError:
+        raise CapsuleError(f"the supervisor did not answer within {args.timeout} s") from None
+    return body
 
 
 def _when(ts: float | None) -> str:
@@ -105,7 +110,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     state = args.status.upper() if args.status else None
-    body, _ = _connection(args).call(lambda req: messages.ListTasks(req, state, args.limit))
+    body = _ask(args, lambda req: messages.ListTasks(req, state, args.limit))
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
@@ -116,14 +121,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    body, _ = _connection(args).call(lambda req: messages.Status(req))
+    body = _ask(args, lambda req: messages.Status(req))
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
     sup = body["supervisor"]
     print(f"supervisor pid {sup['pid']} {sup['state']} since {_when(sup['started_at'])}  "
           f"rss {sup['rss'] // 2**20} MiB  state dir {sup['state_dir']}")
-    print("tasks: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(body["tasks"].items())) or "tasks: none")
+    print("tasks: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(body["tasks"].items())) or "none"))
     rows = [[a["slot"], a["role"], str(a["pid"] or "-"), a["state"], str(a["restarts"]),
              f"{a['rss'] // 2**20} MiB" if a["rss"] else "-", str(a["running"]), a["last_exit"] or "-"]
             for a in body["actors"]]
@@ -132,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    body, _ = _connection(args).call(lambda req: messages.Cancel(req, args.id))
+    body = _ask(args, lambda req: messages.Cancel(req, args.id))
     print("cancelled" if body else "already finished")
     return 0 if body else 1
 
@@ -144,12 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--state-dir", help="state directory (default: $CAPSULE_STATE_DIR or ./.capsule)")
+        if name in ("tasks", "status", "cancel"):
+            p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the supervisor")
         return p
 
     p = add("run", "run the supervisor in the foreground (SIGINT/SIGTERM: graceful stop)")
     p.add_argument("app", metavar="MODULE:APP")
     p.add_argument("--workers", type=int, help="worker actors (default: the App's, else CPU count)")
     p.add_argument("--process-workers", type=int, help="process-isolated actors (default: CPU count)")
+    p.add_argument("--grace", type=float, help="seconds running tasks get at a graceful stop (default: the App's)")
     p.set_defaults(func=cmd_run)
     p = add("submit", "submit a task; prints its id, or with --wait its result as JSON")
     p.add_argument("app", metavar="MODULE:APP")

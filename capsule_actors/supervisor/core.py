@@ -24,7 +24,8 @@ import zmq
 
 from .. import messages
 from ..app import App
-from ..errors import AlreadyRunning, CapsuleError, ProtocolError, StateDirError, WorkerCrashed
+from ..errors import (AlreadyRunning, CapsuleError, CapsuleInternalError, ProtocolError, StateDirError,
+                      WorkerCrashed)
 from ..store import Store
 from ..transport import (DB_FILE, LOCK_FILE, RuntimeFile, bind, ensure_state_dir, local_endpoint,
                          private_umask, read_runtime_file, remove_runtime_file, write_runtime_file)
@@ -251,6 +252,8 @@ class Supervisor:
                 self.dropped += 1
                 if self.dropped <= 10 or self.dropped % 1000 == 0:
                     log.warning("dropped a malformed message (%d so far): %s", self.dropped, exc)
+            except Exception:  # our bug: log it and keep serving everyone else
+                log.exception("internal error while handling a message; the supervisor goes on")
 
     def _flush(self) -> None:
         for sock, frames in self.outbox:
@@ -423,6 +426,9 @@ class Supervisor:
             handler(self, ident, msg, payload)
         except CapsuleError as exc:
             self._error(ident, msg.req, exc)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._error(ident, msg.req, CapsuleInternalError(f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
+            raise
 
     def _on_submit(self, ident: bytes, msg: messages.Submit, payload: Frames) -> None:
         from ..errors import SerializationError
