@@ -66,6 +66,7 @@ class WorkerActor:
             msg = messages.decode(frames[0])
             if isinstance(msg, messages.Run):
                 task = asyncio.create_task(self._execute(msg, frames[1] if len(frames) > 1 else b""))
+                task.add_done_callback(functools.partial(self._cancelled_before_start, msg))
                 self.running[msg.task_id] = task
             elif isinstance(msg, messages.CancelRun):
                 task = self.running.get(msg.task_id)
@@ -76,6 +77,16 @@ class WorkerActor:
                 self.stopping = True
                 if not self.running:
                     self.idle.set()
+
+    def _cancelled_before_start(self, run: messages.Run, task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never runs _execute's cleanup: report it here."""
+        if task.cancelled() and self.running.get(run.task_id) is task:
+            del self.running[run.task_id]
+            self.cancelled.discard(run.task_id)
+            done = self._done(run, "cancelled", "TaskCancelled", "cancelled before it started")
+            asyncio.ensure_future(self.sock.send_multipart([done.encode(), b""]))
+            if self.stopping and not self.running:
+                self.idle.set()
 
     async def _heartbeat(self) -> None:
         while True:
