@@ -8,6 +8,7 @@ tasks to actors with room; COMMIT; then send the acks, dispatches and results of
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
 import heapq
 import itertools
@@ -134,12 +135,12 @@ class Supervisor:
         self.actor_sock = self._router()
         client_ep = local_endpoint(self.state_dir, "client")
         actor_ep = local_endpoint(self.state_dir, "actor")
+        if actor_ep.server_secret:  # one key pair for both sockets keeps supervisor.json small
+            actor_ep = dataclasses.replace(actor_ep, server_public=client_ep.server_public,
+                                           server_secret=client_ep.server_secret)
         self.client_addr = bind(self.client_sock, client_ep)
         self.actor_addr = bind(self.actor_sock, actor_ep)
         self.server_public = client_ep.server_public
-        if actor_ep.server_secret:  # one key pair for both sockets keeps supervisor.json small
-            self.actor_sock.curve_secretkey = (client_ep.server_secret or "").encode()
-            self.actor_sock.curve_publickey = (client_ep.server_public or "").encode()
         self.sig_r, self.sig_w = socket.socketpair()
         self.sig_r.setblocking(False)
         self.sig_w.setblocking(False)

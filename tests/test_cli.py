@@ -1,0 +1,270 @@
+"""The ``capsule-actors`` command with real processes and real signals: run, submit, tasks,
+status, cancel, the pid lock, and the errors a shell user sees."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import pytest
+
+from capsule_actors.client import Connection
+from capsule_actors.transport import RUNTIME_FILE, pid_alive, read_runtime_file
+
+from conftest import cli, kill_tree, spawn_cli, wait_running, wait_until
+
+MODULE = textwrap.dedent('''
+    import asyncio
+
+    import capsule_actors as cpsl
+
+    app = cpsl.App("cli-test", workers=1, process_workers=1, grace=5.0)
+
+
+    @app.task
+    async def add(x, y):
+        return x + y
+
+
+    @app.task
+    async def slow(seconds=60.0):
+        await asyncio.sleep(seconds)
+        return "slept"
+
+
+    @app.task
+    async def boom():
+        raise ValueError("boom on purpose")
+''')
+
+HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@pytest.fixture(autouse=True)
+def _close_connections() -> Iterator[None]:
+    yield
+    Connection.close_all()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A directory holding ``mod.py`` (MODULE:APP is ``mod:app``), used as the cwd."""
+    (tmp_path / "mod.py").write_text(MODULE)
+    return tmp_path
+
+
+@pytest.fixture
+def services(procs: list[subprocess.Popen[bytes]]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Like ``procs``, and the pipes of every process are drained and closed at teardown."""
+    yield procs
+    for proc in procs:
+        kill_tree(proc.pid)
+        try:
+            proc.communicate(timeout=10)
+        except Exception:
+            pass
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 30.0) -> tuple[int, str]:
+    """Send ``sig`` and wait (bounded) for the exit; return (exit code, stderr)."""
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err.decode(errors="replace")
+
+
+def actor_pids(pid: int) -> set[int]:
+    return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+
+
+def bounded_cli(*args: str, state_dir: Path, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """cli() that fails the test with what the command printed when it does not finish in time."""
+    try:
+        return cli(*args, state_dir=state_dir, cwd=cwd, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        pytest.fail(f"`capsule-actors {' '.join(args)}` did not finish within {timeout} s; stderr: {err!r}")
+
+
+def tasks_json(state_dir: Path, project: Path, *extra: str) -> list[dict[str, Any]]:
+    r = cli("tasks", "--json", *extra, state_dir=state_dir, cwd=project)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(services, project, state_dir):
+    # Given `capsule-actors run mod:app` in the background
+    run = spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
+    info = wait_running(state_dir)
+    assert info.pid == run.pid
+
+    # When a task is submitted with --wait, then its result is printed as JSON
+    r = cli("submit", "mod:app", "add", "[1, 2]", "--wait", state_dir=state_dir, cwd=project)
+    assert (r.returncode, r.stdout.strip()) == (0, "3"), r.stderr
+
+    # ... and a task that raises makes submit --wait fail, naming the error
+    r = cli("submit", "mod:app", "boom", "--wait", state_dir=state_dir, cwd=project)
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "boom on purpose" in r.stderr
+
+    # When submitted without --wait, then the 32-hex task id is printed
+    r = cli("submit", "mod:app", "add", '{"x": 5, "y": 6}', state_dir=state_dir, cwd=project)
+    assert r.returncode == 0, r.stderr
+    add_id = r.stdout.strip()
+    assert HEX_ID.fullmatch(add_id), r.stdout
+    r = cli("submit", "mod:app", "slow", "[60]", state_dir=state_dir, cwd=project)
+    assert r.returncode == 0, r.stderr
+    slow_id = r.stdout.strip()
+    assert HEX_ID.fullmatch(slow_id) and slow_id != add_id
+
+    # Then `tasks --json` lists them newest first, each with its state
+    def settled() -> list[dict[str, Any]] | None:
+        rows = tasks_json(state_dir, project)
+        by_id = {t["id"]: t for t in rows}
+        ok = by_id.get(slow_id, {}).get("state") == "RUNNING" and by_id.get(add_id, {}).get("state") == "SUCCEEDED"
+        return rows if ok else None
+
+    rows = wait_until(settled, timeout=30)
+    assert len(rows) == 4
+    assert [t["id"] for t in rows[:2]] == [slow_id, add_id]
+    assert [t["name"] for t in rows] == ["slow", "add", "boom", "add"]
+    assert [t["state"] for t in rows] == ["RUNNING", "SUCCEEDED", "FAILED", "SUCCEEDED"]
+    created = [t["created_at"] for t in rows]
+    assert created == sorted(created, reverse=True)
+    failed = rows[2]
+    assert failed["error_type"] == "ValueError" and "boom on purpose" in failed["error_message"]
+
+    # ... and `tasks --status succeeded` keeps only the succeeded ones
+    ok_rows = tasks_json(state_dir, project, "--status", "succeeded")
+    assert {t["state"] for t in ok_rows} == {"SUCCEEDED"}
+    assert len(ok_rows) == 2 and ok_rows[0]["id"] == add_id
+    table = cli("tasks", "--status", "running", state_dir=state_dir, cwd=project)
+    assert table.returncode == 0 and slow_id in table.stdout and add_id not in table.stdout
+
+    # Then `status --json` shows the supervisor and every actor
+    r = cli("status", "--json", state_dir=state_dir, cwd=project)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["supervisor"]["pid"] == run.pid
+    actors = {a["slot"]: a for a in status["actors"]}
+    assert {slot: a["role"] for slot, a in actors.items()} == {"w0": "worker", "p0": "process"}
+    children = actor_pids(run.pid)
+    for a in actors.values():
+        assert a["pid"] in children and a["pid"] != run.pid
+        assert a["state"] == "ready"
+        assert a["restarts"] == 0
+        assert isinstance(a["rss"], int) and a["rss"] > 1 << 20
+    assert actors["w0"]["running"] == 1  # the slow task
+    assert actors["p0"]["running"] == 0
+    text = cli("status", state_dir=state_dir, cwd=project)
+    assert text.returncode == 0 and str(run.pid) in text.stdout and "w0" in text.stdout
+
+    # When SIGTERM reaches `run`, then it stops gracefully with exit code 0 and cleans up
+    code, err = stop(run, signal.SIGTERM)
+    assert code == 0, err
+    assert not (state_dir / RUNTIME_FILE).exists()
+    wait_until(lambda: not any(pid_alive(p) for p in children), timeout=10)
+
+
+def test_cancel_of_a_running_task_prints_cancelled(services, project, state_dir):
+    # Given a long task running under `capsule-actors run`
+    spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
+    wait_running(state_dir)
+    r = cli("submit", "mod:app", "slow", "[60]", state_dir=state_dir, cwd=project)
+    assert r.returncode == 0, r.stderr
+    slow_id = r.stdout.strip()
+    wait_until(lambda: {t["id"]: t["state"] for t in tasks_json(state_dir, project)}.get(slow_id) == "RUNNING",
+               timeout=30)
+
+    # When it is cancelled from the shell, then "cancelled" is printed and the task is CANCELLED
+    r = bounded_cli("cancel", slow_id, state_dir=state_dir, cwd=project, timeout=20)
+    assert (r.returncode, r.stdout.strip()) == (0, "cancelled"), r.stderr
+    assert {t["id"]: t["state"] for t in tasks_json(state_dir, project)}[slow_id] == "CANCELLED"
+
+    # ... and cancelling it again does not claim to cancel it twice
+    again = bounded_cli("cancel", slow_id, state_dir=state_dir, cwd=project, timeout=20)
+    assert again.stdout.strip() != "cancelled"
+
+
+def test_second_run_refuses_while_the_first_serves_and_sigint_stops_it(services, project, state_dir):
+    # Given a running supervisor
+    first = spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
+    wait_running(state_dir)
+    children = wait_until(lambda: len(actor_pids(first.pid)) == 2 and actor_pids(first.pid))
+
+    # When a second `run` starts on the same state directory, then it refuses with a clear error
+    second = cli("run", "mod:app", state_dir=state_dir, cwd=project, timeout=60)
+    assert second.returncode != 0
+    assert "already running" in second.stderr.lower()
+    assert "Traceback" not in second.stderr
+
+    # ... and the first keeps serving, its runtime file untouched
+    info = read_runtime_file(state_dir)
+    assert info is not None and info.pid == first.pid
+    r = cli("submit", "mod:app", "add", "[2, 3]", "--wait", state_dir=state_dir, cwd=project)
+    assert (r.returncode, r.stdout.strip()) == (0, "5"), r.stderr
+
+    # When SIGINT reaches it, then it stops with exit code 0 and removes supervisor.json
+    code, err = stop(first, signal.SIGINT)
+    assert code == 0, err
+    assert not (state_dir / RUNTIME_FILE).exists()
+    wait_until(lambda: not any(pid_alive(p) for p in children), timeout=10)
+
+
+def _run_all(calls: list[tuple[str, ...]], state_dir: Path, cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(cli, *args, state_dir=state_dir, cwd=cwd) for args in calls]
+        return [f.result(timeout=90) for f in futures]
+
+
+def test_commands_without_a_supervisor_say_how_to_start_one(project, state_dir):
+    calls = [("tasks",), ("status",), ("status", "--json"), ("cancel", "0" * 32),
+             ("submit", "mod:app", "add", "[1, 2]")]
+    for args, r in zip(calls, _run_all(calls, state_dir, project)):
+        assert r.returncode != 0, args
+        assert "capsule-actors run" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (state_dir / RUNTIME_FILE).exists()
+
+
+def test_bad_input_gets_a_clear_error_and_a_nonzero_exit(project, state_dir):
+    cases: list[tuple[tuple[str, ...], list[str]]] = [
+        (("submit", "no_such_module_xyz:app", "add", "[1, 2]"), ["no_such_module_xyz"]),
+        (("run", "no_such_module_xyz:app"), ["no_such_module_xyz"]),
+        (("submit", "mod", "add", "[1, 2]"), ["MODULE:APP"]),
+        (("submit", "mod:no_such_app", "add", "[1, 2]"), ["no_such_app"]),
+        (("submit", "mod:asyncio", "add", "[1, 2]"), ["asyncio", "App"]),
+        (("submit", "mod:app", "add", "[1, 2"), ["[1, 2", "JSON"]),
+        (("submit", "mod:app", "no_such_task", "[1]"), ["no_such_task", "add", "slow", "boom"]),
+    ]
+    results = _run_all([args for args, _ in cases], state_dir, project)
+    for (args, needles), r in zip(cases, results):
+        assert r.returncode != 0, args
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+        for needle in needles:
+            assert needle in r.stderr, (args, needle, r.stderr)
+    # bad input never reached (or started) a runtime
+    assert not (state_dir / RUNTIME_FILE).exists()
+
+
+def test_help_works_as_module_and_console_script(project):
+    r = cli("--help", cwd=project)
+    assert r.returncode == 0, r.stderr
+    for command in ("run", "submit", "tasks", "status", "cancel"):
+        assert command in r.stdout
+    script = Path(sys.executable).parent / "capsule-actors"
+    assert script.is_file() and os.access(script, os.X_OK), script
+    r2 = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=project)
+    assert r2.returncode == 0, r2.stderr
+    assert "capsule-actors" in r2.stdout
+    assert all(command in r2.stdout for command in ("run", "submit", "tasks", "status", "cancel"))
+    r3 = subprocess.run([str(script), "submit", "--help"], capture_output=True, text=True, timeout=60, cwd=project)
+    assert r3.returncode == 0 and "--wait" in r3.stdout
