@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, ParamSpec, T
 import cloudpickle
 
 from . import messages
-from .errors import ConfigError, SerializationError
+from .errors import ConfigError, LockConflict, SerializationError
 from .handle import TaskHandle
 from .session import DEFAULT_OWNER_ID, Session
 from .transport import resolve_state_dir
@@ -174,8 +174,19 @@ class Task(Generic[P, R]):
         return item, payload
 
     def _handles(self, items: list[list[Any]], body: list[Any]) -> list[TaskHandle]:
-        return [TaskHandle(self.app, tid, self.name, item[2], bool(dedup))
-                for item, (tid, dedup) in zip(items, body)]
+        """Handles from the supervisor's ``[id, deduplicated, conflict]`` answers; a conflict
+        (on_conflict="reject" and the key is held) raises LockConflict."""
+        handles = [TaskHandle(self.app, tid, self.name, item[2], bool(dedup))
+                   for item, (tid, dedup, _) in zip(items, body)]
+        conflicts = [(item[2], tid) for item, (tid, _, conflict) in zip(items, body) if conflict]
+        if conflicts:
+            key, holder = conflicts[0]
+            exc = LockConflict(f"task {self.name!r}: lock key {key!r} is held by live task {holder} "
+                               f"(on_conflict='reject')")
+            exc.handles = [h for h, (_, _, c) in zip(handles, body) if not c]  # type: ignore[attr-defined]
+            exc.holder_id = holder  # type: ignore[attr-defined]
+            raise exc
+        return handles
 
     # ---- submitting --------------------------------------------------------------------------
     def submit(self, *args: P.args, session: Session | None = None, **kwargs: P.kwargs) -> TaskHandle:

@@ -288,3 +288,51 @@ class Stop(Message):
     """Finish running attempts within ``grace`` seconds, then exit."""
 
     grace: float
+
+
+@_message(47)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admit(Message):
+    """Supervisor -> owner actor: decide these submits of locked tasks, ``[task_id, key, policy]``."""
+
+    items: list
+
+    def check(self) -> None:
+        for item in self.items:
+            if not (isinstance(item, list) and len(item) == 3 and all(isinstance(v, str) for v in item)):
+                raise ProtocolError("Admit item must be [task_id, key, policy] strings")
+
+
+@_message(48)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admitted(Message):
+    """Owner actor -> supervisor: ``[task_id, verdict, holder_id]`` per Admit item."""
+
+    decisions: list
+
+    def check(self) -> None:
+        for item in self.decisions:
+            if not (isinstance(item, list) and len(item) == 3 and all(isinstance(v, str) for v in item)):
+                raise ProtocolError("Admitted item must be [task_id, verdict, holder] strings")
+            if item[1] not in ("run", "queue", "join", "reject"):
+                raise ProtocolError(f"unknown verdict {item[1]!r}")
+
+
+@_message(49)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Release(Message):
+    """Supervisor -> owner actor: this task ended; free its key (or drop it from the queue)."""
+
+    task_id: str
+    key: str
+
+
+@_message(50)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Promote(Message):
+    """Owner actor -> supervisor: these tasks now hold their keys and may run."""
+
+    task_ids: list
+
+    def check(self) -> None:
+        _check_str_list("Promote.task_ids", self.task_ids)

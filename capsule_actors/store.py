@@ -195,13 +195,22 @@ class Store:
         return [dict(r) for r in rows]
 
     def live_tasks(self) -> Iterator[sqlite3.Row]:
-        """Every queued, scheduled or running task, oldest first (for recovery at start)."""
+        """Every queued, scheduled or running task in submit order (for recovery at start)."""
         return iter(
             self.db.execute(
                 "SELECT id, name, state, lock_key, session_id, session_owner, attempts, run_at "
-                "FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') ORDER BY created_at, id"
+                "FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') ORDER BY rowid"
             ).fetchall()
         )
+
+    def live_locked(self) -> list[tuple[str, str, str]]:
+        """(id, name, lock_key) of every live locked task, in submit order (rowid)."""
+        return [tuple(r) for r in self.db.execute(
+            "SELECT id, name, lock_key FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') "
+            "AND lock_key IS NOT NULL ORDER BY rowid")]
+
+    def exists(self, task_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone() is not None
 
     def args(self, task_id: str) -> bytes:
         row = self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()

@@ -30,6 +30,7 @@ from .. import messages
 from ..errors import SerializationError, TaskCancelled
 from ..session import Session, bind_session
 from ..supervisor.children import EXIT_INJECTED_CRASH, EXIT_PARENT_GONE
+from .keys import KeyTable
 
 log = logging.getLogger("capsule_actors.actor")
 
@@ -51,9 +52,13 @@ class WorkerActor:
         self.cancelled: set[str] = set()
         self.stopping = False
         self.idle = asyncio.Event()
+        self.keys = KeyTable()
         self.pool = concurrent.futures.ThreadPoolExecutor(THREAD_POOL_SIZE, thread_name_prefix="capsule-task")
 
-    async def serve(self) -> None:
+    async def serve(self, key_rows: list[tuple[str, list[str]]]) -> None:
+        holders = self.keys.rebuild(key_rows)  # before admitting anything new
+        if holders:
+            await self.sock.send_multipart([messages.Promote(holders).encode()])
         heartbeat = asyncio.create_task(self._heartbeat())
         receiver = asyncio.create_task(self._receive())
         await self.idle.wait()
@@ -68,6 +73,13 @@ class WorkerActor:
                 task = asyncio.create_task(self._execute(msg, frames[1] if len(frames) > 1 else b""))
                 task.add_done_callback(functools.partial(self._cancelled_before_start, msg))
                 self.running[msg.task_id] = task
+            elif isinstance(msg, messages.Admit):
+                decisions = [[tid, *self.keys.admit(tid, key, policy)] for tid, key, policy in msg.items]
+                await self.sock.send_multipart([messages.Admitted(decisions).encode()])
+            elif isinstance(msg, messages.Release):
+                promoted = self.keys.release(msg.task_id, msg.key)
+                if promoted is not None:
+                    await self.sock.send_multipart([messages.Promote([promoted]).encode()])
             elif isinstance(msg, messages.CancelRun):
                 task = self.running.get(msg.task_id)
                 if task is not None:
@@ -184,7 +196,7 @@ async def _serve(args: argparse.Namespace) -> None:
     app_module.PROCESS_STATE_DIR = Path(welcome.config["state_dir"])
     actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes)
     try:
-        await actor.serve()
+        await actor.serve([(k, ids) for k, ids in welcome.config.get("keys", [])])
     finally:
         sock.close()
         ctx.term()

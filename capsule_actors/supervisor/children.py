@@ -87,6 +87,7 @@ class ActorProcess:
     stopping: bool = False
     running: dict[str, int] = dataclasses.field(default_factory=dict)  # task id -> attempt
     abandoned: set[str] = dataclasses.field(default_factory=set)  # cancelled, awaiting its Done
+    admitting: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # Admit sent, no answer yet
     tasks_done: int = 0
 
     @property
@@ -125,7 +126,7 @@ def kill(proc: ActorProcess, sig: int = signal.SIGKILL) -> None:
 
 
 def actor_status(proc: ActorProcess | None, spec: ChildSpec, restarts: int, last_exit: str | None,
-                 backoff_until: float | None) -> dict[str, Any]:
+                 backoff_until: float | None, keys: int = 0) -> dict[str, Any]:
     """One row of ``capsule-actors status``."""
     rss = None
     state = "restarting" if backoff_until else "down"
@@ -140,5 +141,5 @@ def actor_status(proc: ActorProcess | None, spec: ChildSpec, restarts: int, last
     return {
         "slot": spec.slot, "role": spec.role, "pid": proc.pid if proc else None, "state": state,
         "restarts": restarts, "rss": rss, "running": proc.load if proc else 0,
-        "tasks_done": proc.tasks_done if proc else 0, "last_exit": last_exit,
+        "tasks_done": proc.tasks_done if proc else 0, "last_exit": last_exit, "keys": keys,
     }

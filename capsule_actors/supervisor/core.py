@@ -32,6 +32,7 @@ from ..transport import (DB_FILE, LOCK_FILE, RuntimeFile, bind, ensure_state_dir
                          private_umask, read_runtime_file, remove_runtime_file, write_runtime_file)
 from .children import (ROLE_PROCESS, ROLE_WORKER, ActorProcess, ChildSpec, RestartIntensity,
                        actor_status, exit_cause, kill, spawn_actor)
+from .router import owner
 
 log = logging.getLogger("capsule_actors.supervisor")
 
@@ -49,10 +50,11 @@ class LiveTask:
     """A task that is queued, scheduled or running: held in memory until it ends."""
 
     __slots__ = ("id", "name", "state", "attempts", "lock_key", "session_id", "session_owner",
-                 "payload", "actor", "waiters", "kill_timer")
+                 "payload", "actor", "waiters", "owner", "blocked", "run_at")
 
     def __init__(self, task_id: str, name: str, state: str, attempts: int, lock_key: str | None,
-                 session_id: str | None, session_owner: str | None, payload: bytes | None) -> None:
+                 session_id: str | None, session_owner: str | None, payload: bytes | None,
+                 owner: str | None = None, blocked: bool = False, run_at: float | None = None) -> None:
         self.id = task_id
         self.name = name
         self.state = state
@@ -63,7 +65,21 @@ class LiveTask:
         self.payload = payload
         self.actor: ActorProcess | None = None
         self.waiters: list[tuple[bytes, int]] = []
-        self.kill_timer = False
+        self.owner = owner  # the slot that owns the lock key (and runs the task)
+        self.blocked = blocked  # queued behind the key's holder (on_conflict="queue")
+        self.run_at = run_at
+
+
+class PendingSubmit:
+    """A Submit whose locked items wait for their owner actors' admission decisions."""
+
+    __slots__ = ("ident", "req", "results", "remaining")
+
+    def __init__(self, ident: bytes, req: int, size: int) -> None:
+        self.ident = ident
+        self.req = req
+        self.results: list[list[Any] | None] = [None] * size
+        self.remaining = 0
 
 
 class Supervisor:
@@ -91,6 +107,11 @@ class Supervisor:
         self.gens = itertools.count(1)
         self.live: dict[str, LiveTask] = {}
         self.ready = {ROLE_WORKER: collections.deque[str](), ROLE_PROCESS: collections.deque[str]()}
+        self.pools = {role: [s.slot for s in self.specs if s.role == role] for role in self.ready}
+        self.slot_ready = {s.slot: collections.deque[str]() for s in self.specs}  # locked tasks
+        self.pending_admits: dict[str, list[list[str]]] = {s.slot: [] for s in self.specs}
+        self.admissions: dict[str, tuple[PendingSubmit, int, tuple[Any, ...]]] = {}
+        self.abandoned_keys: dict[str, LiveTask] = {}  # cancelled/timed-out locked tasks still unwinding
         self.waiter_index: dict[tuple[bytes, int], str] = {}
         self.event_waiters: dict[str, list[tuple[bytes, int, int]]] = {}
         self.crash_plan: dict[str, set[int]] = {}
@@ -312,6 +333,9 @@ class Supervisor:
         self.by_identity.pop(proc.identity, None)
         cause = exit_cause(code)
         self.last_exit[slot] = cause
+        self.pending_admits[slot][:0] = proc.admitting.values()  # resent to the next incarnation
+        for task_id in proc.abandoned:
+            self.abandoned_keys.pop(task_id, None)  # the next incarnation rebuilds its keys
         for task_id, attempt in proc.running.items():
             task = self.live.get(task_id)
             if task is None or task.attempts != attempt or task.state != "RUNNING":
@@ -375,15 +399,20 @@ class Supervisor:
     # ---- recovery ----------------------------------------------------------------------------
     def _recover(self) -> None:
         now = time.time()
+        held: set[str] = set()
         for row in self.store.live_tasks():
             task = LiveTask(row["id"], row["name"], row["state"], row["attempts"], row["lock_key"],
-                            row["session_id"], row["session_owner"], None)
+                            row["session_id"], row["session_owner"], None, run_at=row["run_at"])
             spec = self.app.tasks.get(task.name)
             if spec is None:
                 self.store.finish(task.id, "FAILED", None,
                                   ("UnknownTask", f"the app has no task {task.name!r} any more", ""), now)
                 continue
             self.live[task.id] = task
+            if task.lock_key is not None:
+                task.owner = self._owner(task.name, task.lock_key)
+                task.blocked = task.lock_key in held  # submit order: the first live one holds it
+                held.add(task.lock_key)
             if task.state == "RUNNING":
                 if task.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed):
                     task.state = "QUEUED"
@@ -393,7 +422,8 @@ class Supervisor:
                     self._finish(task, "FAILED", b"", ("WorkerCrashed", "the supervisor died while the "
                                                        "task was running and no retry remained", ""))
                     continue
-            self._queue(task, row["run_at"])
+            if not task.blocked:
+                self._queue(task, row["run_at"])
         if self.live:
             log.info("recovered %d live tasks from the store", len(self.live))
 
@@ -402,15 +432,17 @@ class Supervisor:
         if delay > 0:
             self._add_timer(delay, self._due, task.id)
         else:
-            if task.state == "SCHEDULED":
-                task.state = "QUEUED"
-            self.ready[self._role(task)].append(task.id)
+            self._due(task.id)
 
     def _due(self, task_id: str) -> None:
         task = self.live.get(task_id)
-        if task is not None and task.state in ("QUEUED", "SCHEDULED"):
+        if task is not None and task.state in ("QUEUED", "SCHEDULED") and not task.blocked:
             task.state = "QUEUED"
-            self.ready[self._role(task)].append(task_id)
+            queue = self.slot_ready[task.owner] if task.owner else self.ready[self._role(task)]
+            queue.append(task_id)
+
+    def _owner(self, name: str, key: str) -> str:
+        return owner(key, self.pools[ROLE_PROCESS if self.app.tasks[name].process else ROLE_WORKER])
 
     def _role(self, task: LiveTask) -> str:
         return ROLE_PROCESS if self.app.tasks[task.name].process else ROLE_WORKER
@@ -441,17 +473,79 @@ class Supervisor:
             if len(frame) > self.app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
         now = time.time()
+        pending = PendingSubmit(ident, msg.req, len(msg.items))
         rows = []
-        for (task_id, name, lock_key, sid, owner, run_at), frame in zip(msg.items, payload):
+        for i, ((task_id, name, lock_key, sid, sowner, run_at), frame) in enumerate(zip(msg.items, payload)):
             state = "SCHEDULED" if run_at and run_at > now else "QUEUED"
-            rows.append((task_id, name, state, lock_key, sid, owner, frame, now, run_at))
+            row = (task_id, name, state, lock_key, sid, sowner, frame, now, run_at)
+            pending.results[i] = [task_id, False, False]
+            if lock_key is None or task_id in self.live or self.store.exists(task_id):
+                rows.append(row)  # unlocked, or a resent submit that is already recorded
+                continue
+            slot = self._owner(name, lock_key)
+            pending.remaining += 1
+            self.admissions[task_id] = (pending, i, row)
+            self._admit(slot, [task_id, lock_key, self.app.tasks[name].on_conflict])
+        self._record(rows, None, False)
+        if not pending.remaining:
+            self._reply(ident, msg.req, True, pending.results)
+
+    def _record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
         by_id = {r[0]: r for r in rows}
         for task_id in self.store.insert_tasks(rows):
             row = by_id[task_id]
-            task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5], row[6])
+            task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5], row[6],
+                            owner=slot, blocked=blocked, run_at=row[8])
             self.live[task_id] = task
-            self._queue(task, row[8])
-        self._reply(ident, msg.req, True, [[item[0], False] for item in msg.items])
+            if not blocked:
+                self._queue(task, row[8])
+
+    def _admit(self, slot: str, item: list[str]) -> None:
+        """Ask the key's owner actor to decide; hold the request while that actor is down."""
+        proc = self.procs.get(slot)
+        if proc is None or not proc.ready:
+            self.pending_admits[slot].append(item)
+            return
+        proc.admitting[item[0]] = item
+        self.outbox.append((self.actor_sock, [proc.identity, messages.Admit([item]).encode()]))
+
+    def _on_admitted(self, proc: ActorProcess, msg: messages.Admitted) -> None:
+        for task_id, verdict, holder in msg.decisions:
+            if proc.admitting.pop(task_id, None) is None:
+                continue
+            entry = self.admissions.pop(task_id, None)
+            if entry is None:
+                continue
+            pending, i, row = entry
+            if verdict in ("run", "queue"):
+                self._record([row], proc.spec.slot, verdict == "queue")
+            else:
+                pending.results[i] = [holder, verdict == "join", verdict == "reject"]
+            pending.remaining -= 1
+            if not pending.remaining:
+                self._reply(pending.ident, pending.req, True, pending.results)
+
+    def _on_promote(self, msg: messages.Promote) -> None:
+        for task_id in msg.task_ids:
+            task = self.live.get(task_id)
+            if task is not None and task.blocked:
+                task.blocked = False
+                self._queue(task, task.run_at)
+
+    def _release(self, task: LiveTask) -> None:
+        """Tell the key's owner that ``task`` is over (a restarting owner rebuilds from the store)."""
+        proc = self.procs.get(task.owner or "")
+        if task.lock_key is not None and proc is not None and proc.ready:
+            release = messages.Release(task.id, task.lock_key)
+            self.outbox.append((self.actor_sock, [proc.identity, release.encode()]))
+
+    def _key_rows(self, slot: str) -> list[list[Any]]:
+        """The live keys ``slot`` owns, from the store: ``[key, [holder, *queued]]``."""
+        keys: dict[str, list[str]] = {}
+        for task_id, name, key in self.store.live_locked():
+            if name in self.app.tasks and self._owner(name, key) == slot:
+                keys.setdefault(key, []).append(task_id)
+        return [[k, ids] for k, ids in keys.items()]
 
     def _on_wait(self, ident: bytes, msg: messages.Wait, payload: Frames) -> None:
         task = self.live.get(msg.task_id)
@@ -495,13 +589,18 @@ class Supervisor:
             raise ConfigError(f"unknown state {msg.state!r}; expected one of {', '.join(STATES)}")
         if not 1 <= msg.limit <= 100_000:
             raise ConfigError(f"limit={msg.limit}: expected 1..100000")
-        self._reply(ident, msg.req, True, self.store.list_tasks(msg.state, msg.limit))
+        rows = self.store.list_tasks(msg.state, msg.limit)
+        for row in rows:
+            key, name = row["lock_key"], row["name"]
+            row["owner"] = self._owner(name, key) if key is not None and name in self.app.tasks else None
+        self._reply(ident, msg.req, True, rows)
 
     def _on_status(self, ident: bytes, msg: messages.Status, payload: Frames) -> None:
         import psutil
 
+        keys = collections.Counter(t.owner for t in self.live.values() if t.owner and not t.blocked)
         actors = [actor_status(self.procs.get(s.slot), s, self.restarts[s.slot], self.last_exit[s.slot],
-                               self.backoff_until[s.slot]) for s in self.specs]
+                               self.backoff_until[s.slot], keys[s.slot]) for s in self.specs]
         body = {
             "supervisor": {"pid": os.getpid(), "state": "stopping" if self.stopping else "running",
                            "started_at": self.started_at, "state_dir": str(self.state_dir),
@@ -565,20 +664,36 @@ class Supervisor:
         proc.last_seen = time.monotonic()
         if isinstance(msg, messages.Done):
             self._on_done(proc, msg, frames[2] if len(frames) > 2 else b"")
+        elif isinstance(msg, messages.Admitted):
+            self._on_admitted(proc, msg)
+        elif isinstance(msg, messages.Promote):
+            self._on_promote(msg)
         elif isinstance(msg, messages.Hello):
-            proc.ready = True
-            config = {"state_dir": str(self.state_dir), "client": self.client_addr,
-                      "concurrency": proc.spec.concurrency}
-            self.outbox.append((self.actor_sock, [proc.identity, messages.Welcome(config).encode(), self.registry]))
-            if all(p.ready for p in self.procs.values()) and len(self.procs) == len(self.specs):
-                self._announce_ready()
+            self._on_hello(proc)
         elif not isinstance(msg, messages.Heartbeat):
             raise ProtocolError(f"{type(msg).__name__} is not an actor message")
 
+    def _on_hello(self, proc: ActorProcess) -> None:
+        """Welcome the actor with the registry and the live keys of its slot (read from the
+        store), then the admission requests that waited for it."""
+        proc.ready = True
+        slot = proc.spec.slot
+        config = {"state_dir": str(self.state_dir), "concurrency": proc.spec.concurrency,
+                  "keys": self._key_rows(slot)}
+        self.outbox.append((self.actor_sock, [proc.identity, messages.Welcome(config).encode(), self.registry]))
+        waiting, self.pending_admits[slot] = self.pending_admits[slot], []
+        for item in waiting:
+            self._admit(slot, item)
+        if all(p.ready for p in self.procs.values()) and len(self.procs) == len(self.specs):
+            self._announce_ready()
+
     def _on_done(self, proc: ActorProcess, msg: messages.Done, frame: bytes) -> None:
         proc.tasks_done += 1
-        if msg.task_id in proc.abandoned:
+        if msg.task_id in proc.abandoned:  # its key was kept until the body really stopped
             proc.abandoned.discard(msg.task_id)
+            task_key = self.abandoned_keys.pop(msg.task_id, None)
+            if task_key is not None:
+                self._release(task_key)
             return
         if proc.running.get(msg.task_id) != msg.attempt:
             return
@@ -593,6 +708,12 @@ class Supervisor:
     def _dispatch(self) -> None:
         if self.stopping:
             return
+        for slot, queue in self.slot_ready.items():
+            proc = self.procs.get(slot)
+            while queue and proc is not None and proc.has_room():
+                task = self.live.get(queue.popleft())
+                if task is not None and task.state == "QUEUED" and not task.blocked:
+                    self._start_attempt(task, proc)
         for role, queue in self.ready.items():
             while queue:
                 task = self.live.get(queue[0])
@@ -646,6 +767,8 @@ class Supervisor:
         if attempt is None:
             return
         proc.abandoned.add(task.id)
+        if task.lock_key is not None and proc.spec.role == ROLE_WORKER:
+            self.abandoned_keys[task.id] = task
         if proc.spec.role == ROLE_PROCESS:
             proc.stopping = True
             kill(proc, signal.SIGTERM)
@@ -679,6 +802,8 @@ class Supervisor:
         self.store.finish(task.id, state, result or None, error, time.time())
         self.live.pop(task.id, None)
         task.state = state
+        if task.lock_key is not None and task.id not in self.abandoned_keys:
+            self._release(task)  # else: when its abandoned attempt reports, or its actor is replaced
         body = [state, *(error or (None, None, None))]
         for ident, req in task.waiters:
             self.waiter_index.pop((ident, req), None)
