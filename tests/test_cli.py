@@ -82,6 +82,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 30.0) -> tupl
 
 
 def actor_pids(pid: int) -> set[int]:
+    """The supervisor's descendants: the actor template and the actors it forked."""
     return {p.pid for p in psutil.Process(pid).children(recursive=True)}
 
 
@@ -198,7 +199,7 @@ def test_second_run_refuses_while_the_first_serves_and_sigint_stops_it(services,
     # Given a running supervisor
     first = spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
     wait_running(state_dir)
-    children = wait_until(lambda: len(actor_pids(first.pid)) == 2 and actor_pids(first.pid))
+    children = wait_until(lambda: len(actor_pids(first.pid)) == 3 and actor_pids(first.pid))
 
     # When a second `run` starts on the same state directory, then it refuses with a clear error
     second = cli("run", "mod:app", state_dir=state_dir, cwd=project, timeout=60)

@@ -7,15 +7,13 @@ supervisor kills and replaces it to cancel or time out its task, so a crash cost
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import contextvars
-import ctypes
+import dataclasses
 import functools
 import logging
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -29,7 +27,8 @@ from .. import app as app_module
 from .. import messages
 from ..errors import SerializationError, TaskCancelled
 from ..session import Session, bind_session
-from ..supervisor.children import EXIT_INJECTED_CRASH, EXIT_PARENT_GONE
+from ..lifecycle import EXIT_ERROR, EXIT_INJECTED_CRASH, EXIT_OK, EXIT_PARENT_GONE, die_with_parent
+from ..transport import connect
 from .keys import KeyTable
 
 log = logging.getLogger("capsule_actors.actor")
@@ -37,7 +36,6 @@ log = logging.getLogger("capsule_actors.actor")
 HEARTBEAT_INTERVAL = 1.0
 WELCOME_TIMEOUT = 30.0
 THREAD_POOL_SIZE = 32
-PR_SET_PDEATHSIG = 1
 
 
 class WorkerActor:
@@ -177,23 +175,32 @@ class WorkerActor:
         return messages.Done(run.task_id, run.attempt, outcome, etype, emsg, tb, retryable)
 
 
-async def _serve(args: argparse.Namespace) -> None:
+@dataclasses.dataclass(frozen=True)
+class ActorArgs:
+    """Who a new actor is and where its supervisor listens (sent by the supervisor to the template)."""
+
+    slot: str
+    gen: int
+    role: str
+    endpoint: str
+    server_key: str | None
+    state_dir: str
+    parent: int  # the template that forked it
+
+
+async def _serve(args: ActorArgs, app: app_module.App) -> None:
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.identity = f"{args.slot}.{args.gen}".encode()
     sock.linger = 2000  # the last results reach the supervisor before we exit
     sock.sndhwm = 0
     sock.rcvhwm = 0
-    from ..transport import connect
-
-    connect(sock, args.endpoint, os.environ.get("CAPSULE_SERVER_KEY"))
+    connect(sock, args.endpoint, args.server_key)
     await sock.send_multipart([messages.Hello(args.slot, args.gen, os.getpid(), args.role).encode()])
     frames = await asyncio.wait_for(sock.recv_multipart(), WELCOME_TIMEOUT)
     welcome = messages.decode(frames[0])
     if not isinstance(welcome, messages.Welcome):
         raise SystemExit(f"expected Welcome from the supervisor, got {type(welcome).__name__}")
-    app = cloudpickle.loads(frames[1])
-    app_module.PROCESS_STATE_DIR = Path(welcome.config["state_dir"])
     actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes)
     try:
         await actor.serve([(k, ids) for k, ids in welcome.config.get("keys", [])])
@@ -202,24 +209,18 @@ async def _serve(args: argparse.Namespace) -> None:
         ctx.term()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capsule_actors.actors")
-    parser.add_argument("--slot", required=True)
-    parser.add_argument("--gen", type=int, required=True)
-    parser.add_argument("--role", required=True)
-    parser.add_argument("--endpoint", required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
+def run_actor(args: ActorArgs, app: app_module.App) -> None:
+    """The life of an actor process, right after the template forked it; never returns."""
+    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"), force=True,
                         format=f"%(asctime)s capsule-actors[%(process)d] {args.slot} %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    die_with_parent(args.parent)
+    app_module.PROCESS_STATE_DIR = Path(args.state_dir)
+    code = EXIT_OK
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != args.parent:
-        return EXIT_PARENT_GONE
-    asyncio.run(_serve(args))
+        asyncio.run(_serve(args, app))
+    except BaseException:
+        log.exception("actor %s failed", args.slot)
+        code = EXIT_ERROR
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # do not wait for thread-pool calls that ignore the stop
+    os._exit(code)  # do not wait for thread-pool calls that ignore the stop

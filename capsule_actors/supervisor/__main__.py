@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -13,19 +12,8 @@ from pathlib import Path
 import cloudpickle
 
 from ..errors import CapsuleError
+from ..lifecycle import die_with_parent
 from .core import Supervisor
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to signal us when the process that started us dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before prctl took effect
-        os.kill(os.getpid(), sig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s")
-    die_with_parent(args.parent)
+    die_with_parent(args.parent, signal.SIGTERM)  # embedded: stop gracefully with the app
     registry = sys.stdin.buffer.read()
     app = cloudpickle.loads(registry)
     sup = Supervisor(app, registry, Path(args.state_dir), workers=args.workers,

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
+import select
 import signal
+import struct
 import subprocess
 import sys
 import time
 from typing import Any
 
 log = logging.getLogger("capsule_actors.supervisor")
-
-# Exit codes an actor uses on purpose; anything else is a crash.
-EXIT_OK = 0
-EXIT_PARENT_GONE = 3
-EXIT_INJECTED_CRASH = 70
 
 ROLE_WORKER = "worker"
 ROLE_PROCESS = "process"
@@ -79,20 +77,16 @@ class ActorProcess:
 
     spec: ChildSpec
     gen: int
-    popen: subprocess.Popen[bytes]
+    pid: int
     started: float
     identity: bytes
     ready: bool = False
     last_seen: float = 0.0
-    stopping: bool = False
+    stopping: bool = False  # recycled or being replaced on purpose: its exit is not a crash
     running: dict[str, int] = dataclasses.field(default_factory=dict)  # task id -> attempt
     abandoned: set[str] = dataclasses.field(default_factory=set)  # cancelled, awaiting its Done
     admitting: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # Admit sent, no answer yet
     tasks_done: int = 0
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
 
     @property
     def load(self) -> int:
@@ -102,23 +96,94 @@ class ActorProcess:
         return self.ready and not self.stopping and self.load < self.spec.concurrency
 
 
-def spawn_actor(spec: ChildSpec, gen: int, endpoint: str, server_public: str | None,
-                state_dir: str, env_path: list[str]) -> ActorProcess:
-    """Start the actor program for ``spec`` as a child process of the supervisor."""
-    identity = f"{spec.slot}.{gen}"
-    cmd = [sys.executable, "-m", "capsule_actors.actors", "--slot", spec.slot, "--gen", str(gen),
-           "--role", spec.role, "--endpoint", endpoint, "--parent", str(os.getpid())]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in env_path if p)
-    env["CAPSULE_STATE_DIR"] = state_dir
-    if server_public:
-        env["CAPSULE_SERVER_KEY"] = server_public
-    popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True)
-    now = time.monotonic()
-    return ActorProcess(spec, gen, popen, now, identity.encode(), last_seen=now)
+class ActorTemplate:
+    """The supervisor's handle on the warm template process that forks every actor."""
+
+    def __init__(self, registry: bytes, env_path: list[str], spawn_timeout: float = 30.0) -> None:
+        out_r, out_w = os.pipe()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in env_path if p))
+        cmd = [sys.executable, "-m", "capsule_actors.actors.template", "--parent", str(os.getpid()),
+               "--out-fd", str(out_w)]
+        try:
+            self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(out_w,), env=env)
+        finally:
+            os.close(out_w)
+        self.fd = out_r
+        os.set_blocking(out_r, False)
+        self.spawn_timeout = spawn_timeout
+        self._buffer = b""
+        self._events: list[dict[str, Any]] = []
+        self._write(struct.pack("!Q", len(registry)) + registry)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def _write(self, data: bytes) -> bool:
+        assert self.popen.stdin is not None
+        try:
+            self.popen.stdin.write(data)
+            self.popen.stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError):
+            return False
+
+    def spawn(self, spec: ChildSpec, gen: int, endpoint: str, server_key: str | None,
+              state_dir: str) -> ActorProcess | None:
+        """Fork an actor for ``spec``; None when the template is gone (it will be replaced)."""
+        actor = {"slot": spec.slot, "gen": gen, "role": spec.role, "endpoint": endpoint,
+                 "server_key": server_key, "state_dir": state_dir}
+        if not self._write((json.dumps({"op": "spawn", "actor": actor}) + "\n").encode()):
+            return None
+        deadline = time.monotonic() + self.spawn_timeout
+        while time.monotonic() < deadline:
+            for event in self._read(deadline - time.monotonic()):
+                if event.get("op") == "spawned" and event["slot"] == spec.slot and event["gen"] == gen:
+                    now = time.monotonic()
+                    return ActorProcess(spec, gen, event["pid"], now, f"{spec.slot}.{gen}".encode(), last_seen=now)
+                self._events.append(event)
+            if not self.alive():
+                return None
+        log.error("the actor template did not fork %s within %.0f s", spec.slot, self.spawn_timeout)
+        return None
+
+    def events(self) -> list[dict[str, Any]]:
+        """Everything the template reported since the last call (``exit`` events matter)."""
+        events, self._events = self._events + self._read(0.0), []
+        return events
+
+    def _read(self, timeout: float) -> list[dict[str, Any]]:
+        if not select.select([self.fd], [], [], max(0.0, timeout))[0]:
+            return []
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        self._buffer += data
+        lines = self._buffer.split(b"\n")
+        self._buffer = lines.pop()
+        return [json.loads(line) for line in lines if line]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close its stdin (it stops its children and exits); kill it if it does not."""
+        if self.popen.stdin is not None:
+            try:
+                self.popen.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        os.close(self.fd)
 
 
 def kill(proc: ActorProcess, sig: int = signal.SIGKILL) -> None:
+    """Signal an actor by pid (it is the template's child, not ours)."""
     try:
         os.kill(proc.pid, sig)
     except ProcessLookupError:

@@ -30,8 +30,8 @@ from ..errors import (AlreadyRunning, CapsuleError, CapsuleInternalError, Protoc
 from ..store import Store
 from ..transport import (DB_FILE, LOCK_FILE, RuntimeFile, bind, ensure_state_dir, local_endpoint,
                          private_umask, read_runtime_file, remove_runtime_file, write_runtime_file)
-from .children import (ROLE_PROCESS, ROLE_WORKER, ActorProcess, ChildSpec, RestartIntensity,
-                       actor_status, exit_cause, kill, spawn_actor)
+from .children import (ROLE_PROCESS, ROLE_WORKER, ActorProcess, ActorTemplate, ChildSpec, RestartIntensity,
+                       actor_status, exit_cause, kill)
 from .router import owner
 
 log = logging.getLogger("capsule_actors.supervisor")
@@ -101,6 +101,8 @@ class Supervisor:
         self.procs: dict[str, ActorProcess] = {}  # slot -> live incarnation
         self.by_identity: dict[bytes, ActorProcess] = {}
         self.intensity = {s.slot: RestartIntensity(app.max_restarts, app.restart_window) for s in self.specs}
+        self.template_intensity = RestartIntensity(app.max_restarts, app.restart_window)
+        self.template: ActorTemplate | None = None
         self.restarts = dict.fromkeys((s.slot for s in self.specs), 0)
         self.last_exit: dict[str, str | None] = dict.fromkeys((s.slot for s in self.specs))
         self.backoff_until: dict[str, float | None] = dict.fromkeys((s.slot for s in self.specs))
@@ -135,6 +137,7 @@ class Supervisor:
             self.store.begin()
             self._recover()
             self.store.commit()
+            self._start_template()
             for spec in self.specs:
                 self._start_actor(spec)
             self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
@@ -209,7 +212,8 @@ class Supervisor:
     def _teardown(self) -> None:
         for proc in list(self.procs.values()):
             kill(proc)
-            proc.popen.wait()
+        if self.template is not None:
+            self.template.close()
         if hasattr(self, "store"):
             try:
                 self.store.commit()
@@ -252,6 +256,8 @@ class Supervisor:
         self.store.begin()
         if self.sig_r.fileno() in ready:
             self._on_signals()
+        if self.template is not None and self.template.fd in ready:
+            self._on_template_events()
         if self.actor_sock in ready:
             self._drain(self.actor_sock, self._on_actor)
         if self.client_sock in ready:
@@ -313,17 +319,46 @@ class Supervisor:
             self._begin_stop()
 
     def _reap(self) -> None:
+        """SIGCHLD: our only child is the template (actors are its children; it reports them)."""
+        template = self.template
+        if template is None or template.alive():
+            return
+        log.error("the actor template (pid %d) died with %s; its actors die with it",
+                  template.pid, exit_cause(template.popen.returncode))
+        self._on_template_events()
+        self.poller.unregister(template.fd)
+        template.close(0)
+        self.template = None
         for proc in list(self.procs.values()):
-            code = proc.popen.poll()
-            if code is not None:
-                self._on_exit(proc, code)
+            self._on_exit(proc, -signal.SIGKILL)
+        if not self.stopping:
+            delay = self.template_intensity.next_delay(time.monotonic())
+            self._add_timer(delay, self._start_template)
+
+    def _start_template(self) -> None:
+        if self.template is None and not self.stopping:
+            self.template = ActorTemplate(self.registry, sys.path)
+            self.poller.register(self.template.fd, zmq.POLLIN)
+
+    def _on_template_events(self) -> None:
+        assert self.template is not None
+        by_pid = {proc.pid: proc for proc in self.procs.values()}
+        for event in self.template.events():
+            proc = by_pid.get(event.get("pid", -1))
+            if event.get("op") == "exit" and proc is not None:
+                self._on_exit(proc, event["code"])
 
     def _start_actor(self, spec: ChildSpec) -> None:
-        if self.stopping:
+        if self.stopping or spec.slot in self.procs:
             return
         self.backoff_until[spec.slot] = None
-        proc = spawn_actor(spec, next(self.gens), self.actor_addr, self.server_public,
-                           str(self.state_dir), sys.path)
+        proc = None
+        if self.template is not None:
+            proc = self.template.spawn(spec, next(self.gens), self.actor_addr, self.server_public,
+                                       str(self.state_dir))
+        if proc is None:  # no template right now: try again once it is back
+            self._add_timer(0.2, self._start_actor, spec)
+            return
         self.procs[spec.slot] = proc
         self.by_identity[proc.identity] = proc
 
@@ -680,7 +715,7 @@ class Supervisor:
         slot = proc.spec.slot
         config = {"state_dir": str(self.state_dir), "concurrency": proc.spec.concurrency,
                   "keys": self._key_rows(slot)}
-        self.outbox.append((self.actor_sock, [proc.identity, messages.Welcome(config).encode(), self.registry]))
+        self.outbox.append((self.actor_sock, [proc.identity, messages.Welcome(config).encode()]))
         waiting, self.pending_admits[slot] = self.pending_admits[slot], []
         for item in waiting:
             self._admit(slot, item)
