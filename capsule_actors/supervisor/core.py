@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import zmq
 
 from .. import messages
@@ -41,6 +42,7 @@ HEARTBEAT_TIMEOUT = 15.0  # an actor silent this long is hung: kill and restart 
 HEARTBEAT_CHECK = 1.0
 DRAIN_LIMIT = 2000  # messages per socket per turn, so one flood cannot starve the rest
 KILL_GRACE = 1.0  # SIGTERM -> SIGKILL for a process actor that is cancelled or timed out
+MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with max_process_memory_mb
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 Frames = list[bytes]
@@ -141,6 +143,8 @@ class Supervisor:
             for spec in self.specs:
                 self._start_actor(spec)
             self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
+            if self.app.max_process_memory_mb:
+                self._add_timer(MEMORY_CHECK, self._check_memory)
             self._add_timer(30.0, self._announce_ready)  # ready even if an actor never says hello
             while not (self.stopping and not self.procs):
                 self._turn()
@@ -405,6 +409,33 @@ class Supervisor:
                 kill(proc)
         self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
 
+    def _check_memory(self) -> None:
+        for proc in list(self.procs.values()):
+            if proc.running:
+                self._maybe_recycle(proc)
+        self._add_timer(MEMORY_CHECK, self._check_memory)
+
+    def _maybe_recycle(self, proc: ActorProcess) -> None:
+        """Replace a process actor after max_tasks_per_process tasks or past max_process_memory_mb.
+        The recycle is graceful: the attempt it is running finishes first, nothing is lost."""
+        if proc.spec.role != ROLE_PROCESS or proc.stopping or not proc.ready:
+            return
+        reason = None
+        max_tasks, max_mb = self.app.max_tasks_per_process, self.app.max_process_memory_mb
+        if max_tasks and proc.tasks_done >= max_tasks:
+            reason = f"it ran {proc.tasks_done} tasks (max_tasks_per_process={max_tasks})"
+        elif max_mb:
+            try:
+                rss = psutil.Process(proc.pid).memory_info().rss
+            except psutil.Error:
+                return
+            if rss > max_mb * 2**20:
+                reason = f"its RSS is {rss / 2**20:.0f} MB (max_process_memory_mb={max_mb})"
+        if reason:
+            log.info("recycling actor %s (pid %d): %s", proc.spec.slot, proc.pid, reason)
+            proc.stopping = True
+            self.outbox.append((self.actor_sock, [proc.identity, messages.Stop(self.grace).encode()]))
+
     def _begin_stop(self) -> None:
         if self.stopping:
             log.warning("second stop signal: killing the actors now")
@@ -631,8 +662,6 @@ class Supervisor:
         self._reply(ident, msg.req, True, rows)
 
     def _on_status(self, ident: bytes, msg: messages.Status, payload: Frames) -> None:
-        import psutil
-
         keys = collections.Counter(t.owner for t in self.live.values() if t.owner and not t.blocked)
         actors = [actor_status(self.procs.get(s.slot), s, self.restarts[s.slot], self.last_exit[s.slot],
                                self.backoff_until[s.slot], keys[s.slot]) for s in self.specs]
@@ -733,6 +762,7 @@ class Supervisor:
         if proc.running.get(msg.task_id) != msg.attempt:
             return
         del proc.running[msg.task_id]
+        self._maybe_recycle(proc)
         task = self.live.get(msg.task_id)
         if task is None or task.attempts != msg.attempt or task.state != "RUNNING":
             return
