@@ -18,8 +18,8 @@ import cloudpickle
 
 from . import messages
 from .errors import ConfigError, LockConflict, SerializationError
-from .handle import TaskHandle
-from .session import DEFAULT_OWNER_ID, Session
+from .handle import SessionSubscription, TaskHandle
+from .session import DEFAULT_OWNER_ID, Session, bound_session
 from .transport import resolve_state_dir
 
 if TYPE_CHECKING:
@@ -352,6 +352,17 @@ class App:
 
     def handle(self, task_id: str) -> TaskHandle:
         return TaskHandle.from_id(self, task_id)
+
+    def session(self, session_id: str) -> Session:
+        """A session as app code sees it: ``app.session("chat-1").db`` reads and writes its store."""
+        return bound_session(session_id, None, None, self.resolved_state_dir())
+
+    def subscribe(self, session_id: str, after: int = 0) -> SessionSubscription:
+        """``async for event in app.subscribe(sid, after=cursor)``: every event of the session's
+        tasks from seq ``after`` on, as they happen; keep ``event.seq`` to resume after a restart."""
+        if not isinstance(session_id, str) or not session_id:
+            raise ConfigError(f"subscribe() needs a session id, got {session_id!r}")
+        return SessionSubscription(self, session_id, after)
 
 
 default_app = App("default")

@@ -234,6 +234,38 @@ class TaskEventStream:
                 return
 
 
+class SessionSubscription:
+    """Every event of one session, as it happens (long-polling); ``cursor`` is the last seq seen.
+
+    Iterates forever: a chat loop breaks out when it is done and resumes later with
+    ``app.subscribe(session_id, after=cursor)``, missing nothing that is still retained.
+    """
+
+    def __init__(self, app: App, session_id: str, after: int) -> None:
+        self._app = app
+        self.session_id = session_id
+        self.cursor = after
+
+    def _take(self, body: dict[str, Any]) -> list[TaskEvent]:
+        events = [TaskEvent(**e) for e in body["events"]]
+        if events:
+            self.cursor = events[-1].seq
+        return events
+
+    async def __aiter__(self) -> AsyncIterator[TaskEvent]:
+        while True:
+            body, _ = await self._app.connection().acall(
+                lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
+            for event in self._take(body):
+                yield event
+
+    def __iter__(self) -> Iterator[TaskEvent]:
+        while True:
+            body, _ = self._app.connection().call(
+                lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
+            yield from self._take(body)
+
+
 def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[Any]:
     """Results of many handles in order (a convenience for scripts and tests)."""
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -198,6 +198,16 @@ class InjectCrash(Message):
     attempt: int
 
 
+@_message(10)
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionEvents(Message):
+    """Reply with the session's events after seq ``after``; held until one exists (long poll)."""
+
+    req: int
+    session_id: str
+    after: int
+
+
 @_message(20)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply(Message):
@@ -336,3 +346,20 @@ class Promote(Message):
 
     def check(self) -> None:
         _check_str_list("Promote.task_ids", self.task_ids)
+
+
+@_message(51)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Emit(Message):
+    """Actor -> supervisor: a running attempt's session event (reply, notify, stream, progress, card)."""
+
+    task_id: str
+    attempt: int
+    kind: str
+    data: dict
+
+    def check(self) -> None:
+        from .session import EVENT_KINDS
+
+        if self.kind not in EVENT_KINDS:
+            raise ProtocolError(f"Emit.kind {self.kind!r} not one of {EVENT_KINDS}")

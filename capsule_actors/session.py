@@ -1,13 +1,49 @@
-"""Sessions: who a task works for, reachable anywhere inside the task as current_session()."""
+"""Sessions: who a task works for, and how it talks back (reply, notify, stream, progress, db).
+
+Inside a task with a bound session every call becomes a TaskEvent, delivered in order to
+``h.events()`` and to ``app.subscribe(session_id)``. The calls work from async tasks, plain
+``def`` tasks (thread pool) and ``process=True`` tasks alike: each sends at once and returns an
+awaitable that is already complete, so ``await session.reply(x)`` and ``session.reply(x)`` both
+work. ``session.db`` is a small JSON key-value store in the runtime's SQLite file.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import itertools
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterator, Protocol
+
+from .errors import ConfigError, SerializationError
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("capsule_session", default=None)
 
 DEFAULT_OWNER_ID = "owner"
+NOTIFY_LEVELS = ("debug", "info", "success", "warning", "error")
+EVENT_KINDS = ("reply", "notify", "stream", "progress", "card")
+
+
+class EventChannel(Protocol):
+    """How a bound session reaches the supervisor (implemented by the actor running the task)."""
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None: ...
+
+
+class _Sent:
+    """An awaitable that is already complete: the event was sent when the method was called."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return iter(())
+
+
+_SENT = _Sent()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +55,206 @@ class Session:
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
-            from .errors import ConfigError
-
             raise ConfigError(f"Session id must be a non-empty string, got {self.id!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Session, (self.id, self.owner))  # the binding to a task never travels
+
+    # ---- talking back (inside a task) --------------------------------------------------------
+    def _emit(self, kind: str, data: dict[str, Any]) -> _Sent:
+        channel: EventChannel | None = self.__dict__.get("_channel")
+        if channel is None:
+            raise ConfigError(
+                f"session {self.id!r} is not bound to a running task: reply/notify/stream/progress "
+                "work inside a task submitted with session=..."
+            )
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"session {kind} data must be JSON-serializable: {exc}") from None
+        channel.emit(kind, data)
+        return _SENT
+
+    def reply(self, text: str) -> _Sent:
+        """Send a chat reply to the session's user."""
+        return self._emit("reply", {"text": _text(text)})
+
+    def notify(self, text: str, level: str = "info") -> _Sent:
+        """Send a notification; ``level`` is one of debug, info, success, warning, error."""
+        if level not in NOTIFY_LEVELS:
+            raise ConfigError(f"notify level={level!r}: expected one of {NOTIFY_LEVELS}")
+        return self._emit("notify", {"text": _text(text), "level": level})
+
+    def report_progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the task is, 0.0 to 1.0 (shown by TaskInfo.progress and task cards)."""
+        if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"progress fraction={fraction!r}: expected a number from 0.0 to 1.0")
+        self._emit("progress", {"fraction": float(fraction), "message": message})
+
+    def stream(self) -> SessionStream:
+        """``async with session.stream() as s: await s.write(chunk)`` (or plain ``with``)."""
+        return SessionStream(self)
+
+    def show_task(self, handle: Any) -> _Sent:
+        """Emit a task card for ``handle``; later state changes update the same card id."""
+        return self._emit("card", {"card": handle.id, "task_id": handle.id, "name": handle.name})
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def db(self) -> SessionDB:
+        """This session's persistent key-value store (JSON values), shared by all its tasks."""
+        state_dir = self.__dict__.get("_state_dir")
+        if state_dir is None:
+            raise ConfigError(f"session {self.id!r} has no runtime: use app.session({self.id!r}).db")
+        return SessionDB(Path(state_dir), self.id)
+
+
+def bound_session(session_id: str, owner: str | None, channel: EventChannel | None,
+                  state_dir: Path | None) -> Session:
+    """A Session wired to a task's event channel and the runtime's store."""
+    session = Session(session_id, owner)
+    object.__setattr__(session, "_channel", channel)
+    object.__setattr__(session, "_state_dir", state_dir)
+    return session
+
+
+def _text(text: str) -> str:
+    if not isinstance(text, str):
+        raise ConfigError(f"expected text (str), got {type(text).__name__}: {text!r}")
+    return text
+
+
+_stream_ids = itertools.count(1)
+
+
+class SessionStream:
+    """A streamed message: chunks in order, then a final marker."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.id = f"{time.time_ns():x}-{next(_stream_ids)}"
+        self.closed = False
+
+    def write(self, chunk: str) -> _Sent:
+        if self.closed:
+            raise ConfigError("write() on a finished stream")
+        return self.session._emit("stream", {"stream": self.id, "chunk": _text(chunk), "final": False})
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.session._emit("stream", {"stream": self.id, "chunk": "", "final": True})
+
+    async def __aenter__(self) -> SessionStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __enter__(self) -> SessionStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SessionDB:
+    """Dict-like JSON store of one session, in the runtime's capsule.db (any process may use it).
+
+    Each write is its own transaction. ``update(key, fn)`` reads, applies ``fn`` and writes under
+    one write lock (BEGIN IMMEDIATE), so concurrent updates from several actors lose nothing.
+    """
+
+    _local = threading.local()
+    _MISSING = object()
+
+    def __init__(self, state_dir: Path, session_id: str) -> None:
+        self.path = state_dir / "capsule.db"
+        self.session_id = session_id
+
+    def _db(self) -> sqlite3.Connection:
+        conns: dict[Path, sqlite3.Connection] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get(self.path)
+        if conn is None:
+            if not self.path.exists():
+                raise ConfigError(f"no task store at {str(self.path)!r}: start the runtime once first")
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA busy_timeout=30000")
+            conns[self.path] = conn
+        return conn
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, self._MISSING)
+        if value is self._MISSING:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self._db().execute("SELECT value FROM session_kv WHERE session_id=? AND key=?",
+                                 (self.session_id, _key(key))).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._db().execute(
+            "INSERT INTO session_kv(session_id, key, value, updated_at) VALUES (?,?,?,?) "
+            "ON CONFLICT(session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            (self.session_id, _key(key), _json(value), time.time()))
+
+    def __delitem__(self, key: str) -> None:
+        cur = self._db().execute("DELETE FROM session_kv WHERE session_id=? AND key=?", (self.session_id, _key(key)))
+        if not cur.rowcount:
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, self._MISSING) is not self._MISSING
+
+    def __iter__(self) -> Iterator[str]:
+        rows = self._db().execute("SELECT key FROM session_kv WHERE session_id=? ORDER BY key", (self.session_id,))
+        return iter([r[0] for r in rows])
+
+    def __len__(self) -> int:
+        return int(self._db().execute("SELECT count(*) FROM session_kv WHERE session_id=?",
+                                      (self.session_id,)).fetchone()[0])
+
+    def keys(self) -> list[str]:
+        return list(self)
+
+    def items(self) -> list[tuple[str, Any]]:
+        rows = self._db().execute("SELECT key, value FROM session_kv WHERE session_id=? ORDER BY key",
+                                  (self.session_id,))
+        return [(k, json.loads(v)) for k, v in rows]
+
+    def update(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
+        """Atomically replace the value with ``fn(old)`` (``old`` is ``default`` when absent)."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT value FROM session_kv WHERE session_id=? AND key=?",
+                             (self.session_id, _key(key))).fetchone()
+            new = fn(json.loads(row[0]) if row else default)
+            self[key] = new
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new
+
+    def increment(self, key: str, by: int | float = 1) -> int | float:
+        """Atomically add ``by`` to a number (0 when absent) and return the new value."""
+        return self.update(key, lambda old: (old or 0) + by)  # type: ignore[no-any-return]
+
+
+def _key(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"session.db keys are non-empty strings, got {key!r}")
+    return key
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"session.db values must be JSON-serializable: {exc}") from None
 
 
 def current_session() -> Session | None:

@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS events (
     ts REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_task ON events(task_id, seq);
+CREATE INDEX IF NOT EXISTS events_session ON events(session_id, seq) WHERE session_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE TABLE IF NOT EXISTS session_kv (
+    session_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (session_id, key)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -79,6 +88,7 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self._in_tx = False
         self._touched: set[str] = set()
+        self._touched_sessions: set[str] = set()
 
     def close(self) -> None:
         self.db.close()
@@ -107,19 +117,20 @@ class Store:
             )
             if cur.rowcount:
                 new.append(row[0])
-                self.add_event(row[0], row[4], "state", {"state": row[2], "attempt": 0})
+                self.add_event(row[0], row[4], "state", {"state": row[2], "attempt": 0, "name": row[1]})
         return new
 
-    def mark_running(self, task_id: str, attempt: int, slot: str, now: float) -> None:
+    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> None:
         self.db.execute(
             "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=?",
             (attempt, slot, now, task_id),
         )
-        self.add_event(task_id, None, "state", {"state": "RUNNING", "attempt": attempt, "slot": slot})
+        self.add_event(task_id, session_id, "state", {"state": "RUNNING", "attempt": attempt, "slot": slot})
 
     def finish(
         self,
         task_id: str,
+        session_id: str | None,
         state: str,
         result: bytes | None,
         error: tuple[str, str, str] | None,
@@ -135,10 +146,10 @@ class Store:
         data: dict[str, Any] = {"state": state}
         if etype:
             data["error"] = f"{etype}: {emsg}"
-        self.add_event(task_id, None, "state", data)
+        self.add_event(task_id, session_id, "state", data)
 
-    def requeue(self, task_id: str, run_at: float | None, error: tuple[str, str, str] | None,
-                attempts: int | None = None) -> None:
+    def requeue(self, task_id: str, session_id: str | None, run_at: float | None,
+                error: tuple[str, str, str] | None, attempts: int | None = None) -> None:
         """Put a task back in the queue (a retry, or a re-run after a shutdown or crash)."""
         state = "QUEUED"
         if attempts is not None:
@@ -153,7 +164,7 @@ class Store:
         data: dict[str, Any] = {"state": state, "retry_at": run_at}
         if error:
             data["error"] = f"{error[0]}: {error[1]}"
-        self.add_event(task_id, None, "state", data)
+        self.add_event(task_id, session_id, "state", data)
 
     def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
         cur = self.db.execute(
@@ -161,12 +172,27 @@ class Store:
             (task_id, session_id, kind, json.dumps(data), time.time()),
         )
         self._touched.add(task_id)
+        if session_id is not None:
+            self._touched_sessions.add(session_id)
         return int(cur.lastrowid or 0)
 
-    def take_touched(self) -> set[str]:
-        """Task ids that got events since the last call (to wake long-polling readers)."""
+    def take_touched(self) -> tuple[set[str], set[str]]:
+        """Task ids and session ids that got events since the last call (to wake long polls)."""
         touched, self._touched = self._touched, set()
-        return touched
+        sessions, self._touched_sessions = self._touched_sessions, set()
+        return touched, sessions
+
+    def set_progress(self, task_id: str, fraction: float) -> None:
+        self.db.execute("UPDATE tasks SET progress=? WHERE id=?", (fraction, task_id))
+
+    def prune_events(self, before: float, keep_max: int) -> int:
+        """Retention: drop events older than ``before`` (epoch s), then all but the newest
+        ``keep_max``. Tasks keep their final record; only the event log is trimmed."""
+        n = self.db.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
+        row = self.db.execute("SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?", (keep_max,)).fetchone()
+        if row is not None:
+            n += self.db.execute("DELETE FROM events WHERE seq <= ?", (row[0],)).rowcount
+        return n
 
     # ---- reads -------------------------------------------------------------------------------
     def info(self, task_id: str) -> dict[str, Any] | None:
@@ -221,6 +247,17 @@ class Store:
             "SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE task_id=? AND seq>? "
             "ORDER BY seq LIMIT ?",
             (task_id, after, limit),
+        )
+        return [
+            {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
+            for r in rows
+        ]
+
+    def session_events_after(self, session_id: str, after: int, limit: int = 500) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE session_id=? AND seq>? "
+            "ORDER BY seq LIMIT ?",
+            (session_id, after, limit),
         )
         return [
             {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import zmq.asyncio
 from .. import app as app_module
 from .. import messages
 from ..errors import SerializationError, TaskCancelled
-from ..session import Session, bind_session
+from ..session import bind_session, bound_session
 from ..lifecycle import EXIT_ERROR, EXIT_INJECTED_CRASH, EXIT_OK, EXIT_PARENT_GONE, die_with_parent
 from ..transport import connect
 from .keys import KeyTable
@@ -88,6 +89,10 @@ class WorkerActor:
                 if not self.running:
                     self.idle.set()
 
+    def send(self, frames: list[bytes]) -> None:
+        """Queue a message without waiting; the socket keeps the order of calls."""
+        self.sock.send_multipart(frames)
+
     def _cancelled_before_start(self, run: messages.Run, task: asyncio.Task[None]) -> None:
         """A task cancelled before its first step never runs _execute's cleanup: report it here."""
         if task.cancelled() and self.running.get(run.task_id) is task:
@@ -119,7 +124,10 @@ class WorkerActor:
 
     async def _attempt(self, run: messages.Run, payload: bytes) -> tuple[messages.Done, bytes]:
         task = self.app.get_task(run.name)
-        session = Session(run.session_id, run.session_owner) if run.session_id else None
+        session = None
+        if run.session_id:
+            session = bound_session(run.session_id, run.session_owner, _AttemptChannel(self, run),
+                                    app_module.PROCESS_STATE_DIR)
         bind_session(session)
         timer = asyncio.timeout(run.timeout)
         try:
@@ -173,6 +181,26 @@ class WorkerActor:
     def _done(run: messages.Run, outcome: str, etype: str = "", emsg: str = "", tb: str = "",
               retryable: bool = False) -> messages.Done:
         return messages.Done(run.task_id, run.attempt, outcome, etype, emsg, tb, retryable)
+
+
+class _AttemptChannel:
+    """Sends one attempt's session events over the actor's socket, from the loop or a pool thread,
+    in the order they were made (and before the attempt's Done)."""
+
+    __slots__ = ("actor", "run", "loop", "loop_thread")
+
+    def __init__(self, actor: WorkerActor, run: messages.Run) -> None:
+        self.actor = actor
+        self.run = run
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        frames = [messages.Emit(self.run.task_id, self.run.attempt, kind, data).encode()]
+        if threading.get_ident() == self.loop_thread:
+            self.actor.send(frames)
+        else:
+            self.loop.call_soon_threadsafe(self.actor.send, frames)
 
 
 @dataclasses.dataclass(frozen=True)

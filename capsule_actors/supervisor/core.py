@@ -42,6 +42,9 @@ HEARTBEAT_TIMEOUT = 15.0  # an actor silent this long is hung: kill and restart 
 HEARTBEAT_CHECK = 1.0
 DRAIN_LIMIT = 2000  # messages per socket per turn, so one flood cannot starve the rest
 KILL_GRACE = 1.0  # SIGTERM -> SIGKILL for a process actor that is cancelled or timed out
+EVENT_RETENTION = 7 * 24 * 3600.0  # events older than this are pruned (task records are kept)
+EVENT_MAX_ROWS = 1_000_000  # and at most this many events are kept
+EVENT_PRUNE_INTERVAL = 60.0
 MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with max_process_memory_mb
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -117,7 +120,8 @@ class Supervisor:
         self.admissions: dict[str, tuple[PendingSubmit, int, tuple[Any, ...]]] = {}
         self.abandoned_keys: dict[str, LiveTask] = {}  # cancelled/timed-out locked tasks still unwinding
         self.waiter_index: dict[tuple[bytes, int], str] = {}
-        self.event_waiters: dict[str, list[tuple[bytes, int, int]]] = {}
+        # long polls of h.events() ("t", task id) and app.subscribe() ("s", session id)
+        self.event_waiters: dict[tuple[str, str], list[tuple[bytes, int, int]]] = {}
         self.crash_plan: dict[str, set[int]] = {}
         self.timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self.timer_seq = itertools.count()
@@ -143,6 +147,7 @@ class Supervisor:
             for spec in self.specs:
                 self._start_actor(spec)
             self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
+            self._add_timer(1.0, self._prune_events)
             if self.app.max_process_memory_mb:
                 self._add_timer(MEMORY_CHECK, self._check_memory)
             self._add_timer(30.0, self._announce_ready)  # ready even if an actor never says hello
@@ -460,7 +465,7 @@ class Supervisor:
         task.attempts -= 1
         task.state = "QUEUED"
         task.actor = None
-        self.store.requeue(task.id, None, None, attempts=task.attempts)
+        self.store.requeue(task.id, task.session_id, None, None, attempts=task.attempts)
 
     # ---- recovery ----------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -471,7 +476,7 @@ class Supervisor:
                             row["session_id"], row["session_owner"], None, run_at=row["run_at"])
             spec = self.app.tasks.get(task.name)
             if spec is None:
-                self.store.finish(task.id, "FAILED", None,
+                self.store.finish(task.id, task.session_id, "FAILED", None,
                                   ("UnknownTask", f"the app has no task {task.name!r} any more", ""), now)
                 continue
             self.live[task.id] = task
@@ -482,7 +487,7 @@ class Supervisor:
             if task.state == "RUNNING":
                 if task.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed):
                     task.state = "QUEUED"
-                    self.store.requeue(task.id, None, ("WorkerCrashed", "the supervisor died while the "
+                    self.store.requeue(task.id, task.session_id, None, ("WorkerCrashed", "the supervisor died while the "
                                                        "task was running; re-running it", ""))
                 else:
                     self._finish(task, "FAILED", b"", ("WorkerCrashed", "the supervisor died while the "
@@ -678,27 +683,43 @@ class Supervisor:
     def _on_events(self, ident: bytes, msg: messages.Events, payload: Frames) -> None:
         if msg.task_id not in self.live and self.store.info(msg.task_id) is None:
             raise self._unknown(msg.task_id)
-        if not self._send_events(ident, msg.req, msg.task_id, msg.after):
-            self.event_waiters.setdefault(msg.task_id, []).append((ident, msg.req, msg.after))
-            self.waiter_index[(ident, msg.req)] = msg.task_id
+        self._poll_events(ident, msg.req, ("t", msg.task_id), msg.after)
 
-    def _send_events(self, ident: bytes, req: int, task_id: str, after: int) -> bool:
+    def _on_session_events(self, ident: bytes, msg: messages.SessionEvents, payload: Frames) -> None:
+        self._poll_events(ident, msg.req, ("s", msg.session_id), msg.after)
+
+    def _poll_events(self, ident: bytes, req: int, key: tuple[str, str], after: int) -> None:
+        if not self._send_events(ident, req, key, after):
+            self.event_waiters.setdefault(key, []).append((ident, req, after))
+            self.waiter_index[(ident, req)] = key[1]
+
+    def _send_events(self, ident: bytes, req: int, key: tuple[str, str], after: int) -> bool:
+        """Reply with events after ``after`` if there are any (or the task has ended)."""
         limit = 500
-        events = self.store.events_after(task_id, after, limit)
-        terminal = task_id not in self.live
+        if key[0] == "t":
+            events = self.store.events_after(key[1], after, limit)
+            terminal = key[1] not in self.live
+        else:
+            events, terminal = self.store.session_events_after(key[1], after, limit), False
         if not events and not terminal:
             return False
         self._reply(ident, req, True, {"events": events, "terminal": terminal, "more": len(events) == limit})
         return True
 
     def _answer_event_waiters(self) -> None:
-        touched = self.store.take_touched()
-        for task_id in touched & self.event_waiters.keys():
-            waiting = self.event_waiters.pop(task_id)
-            for ident, req, after in waiting:
+        tasks, sessions = self.store.take_touched()
+        touched = {("t", t) for t in tasks} | {("s", s) for s in sessions}
+        for key in touched & self.event_waiters.keys():
+            for ident, req, after in self.event_waiters.pop(key):
                 self.waiter_index.pop((ident, req), None)
-                if not self._send_events(ident, req, task_id, after):
-                    self.event_waiters.setdefault(task_id, []).append((ident, req, after))
+                if not self._send_events(ident, req, key, after):
+                    self._poll_events(ident, req, key, after)
+
+    def _prune_events(self) -> None:
+        removed = self.store.prune_events(time.time() - EVENT_RETENTION, EVENT_MAX_ROWS)
+        if removed:
+            log.info("event retention: removed %d old events", removed)
+        self._add_timer(EVENT_PRUNE_INTERVAL, self._prune_events)
 
     def _on_inject_crash(self, ident: bytes, msg: messages.InjectCrash, payload: Frames) -> None:
         self.app.get_task(msg.name)
@@ -715,6 +736,7 @@ class Supervisor:
         messages.Submit: _on_submit, messages.Wait: _on_wait, messages.Forget: _on_forget,
         messages.Info: _on_info, messages.Cancel: _on_cancel, messages.ListTasks: _on_list,
         messages.Status: _on_status, messages.Events: _on_events, messages.InjectCrash: _on_inject_crash,
+        messages.SessionEvents: _on_session_events,
     }
 
     # ---- actor messages ----------------------------------------------------------------------
@@ -728,6 +750,8 @@ class Supervisor:
         proc.last_seen = time.monotonic()
         if isinstance(msg, messages.Done):
             self._on_done(proc, msg, frames[2] if len(frames) > 2 else b"")
+        elif isinstance(msg, messages.Emit):
+            self._on_emit(proc, msg)
         elif isinstance(msg, messages.Admitted):
             self._on_admitted(proc, msg)
         elif isinstance(msg, messages.Promote):
@@ -736,6 +760,18 @@ class Supervisor:
             self._on_hello(proc)
         elif not isinstance(msg, messages.Heartbeat):
             raise ProtocolError(f"{type(msg).__name__} is not an actor message")
+
+    def _on_emit(self, proc: ActorProcess, msg: messages.Emit) -> None:
+        """A running attempt's session event: record it (in order) unless the attempt is over."""
+        task = self.live.get(msg.task_id)
+        if task is None or proc.running.get(msg.task_id) != msg.attempt:
+            return
+        try:
+            self.store.add_event(task.id, task.session_id, msg.kind, msg.data)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"Emit data is not JSON: {exc}") from None
+        if msg.kind == "progress" and isinstance(msg.data.get("fraction"), (int, float)):
+            self.store.set_progress(task.id, float(msg.data["fraction"]))
 
     def _on_hello(self, proc: ActorProcess) -> None:
         """Welcome the actor with the registry and the live keys of its slot (read from the
@@ -804,7 +840,7 @@ class Supervisor:
         task.state = "RUNNING"
         task.actor = proc
         proc.running[task.id] = task.attempts
-        self.store.mark_running(task.id, task.attempts, proc.spec.slot, time.time())
+        self.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
         payload = task.payload if task.payload is not None else self.store.args(task.id)
         task.payload = None  # the store has it; keep RAM flat while it runs
         crash = task.attempts in self.crash_plan.get(task.name, ())
@@ -858,13 +894,13 @@ class Supervisor:
         if retryable and task.attempts < 1 + spec.retries:
             delay = spec.backoff.delay(task.attempts)
             task.state = "QUEUED"
-            self.store.requeue(task.id, time.time() + delay if delay else None, error)
+            self.store.requeue(task.id, task.session_id, time.time() + delay if delay else None, error)
             self._queue(task, time.time() + delay if delay else None)
             return
         self._finish(task, "FAILED", frame, error)
 
     def _finish(self, task: LiveTask, state: str, result: bytes, error: tuple[str, str, str] | None) -> None:
-        self.store.finish(task.id, state, result or None, error, time.time())
+        self.store.finish(task.id, task.session_id, state, result or None, error, time.time())
         self.live.pop(task.id, None)
         task.state = state
         if task.lock_key is not None and task.id not in self.abandoned_keys:
