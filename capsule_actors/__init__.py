@@ -10,7 +10,7 @@
         print(build_report.submit(7).result())
 """
 
-from .app import App, Backoff, Task, default_app, task
+from .app import App, Backoff, Task, default_app, schedule, task
 from .errors import (AlreadyRunning, CapsuleError, CapsuleInternalError, ConfigError, LockConflict,
                      NotRunning, ProtocolError, SerializationError, StateDirError, TaskCancelled,
                      TaskError, TaskFailed, TaskTimeout, UnknownTask, WorkerCrashed)
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # declaring and running
-    "App", "Task", "Backoff", "Runtime", "default_app", "task",
+    "App", "Task", "Backoff", "Runtime", "default_app", "task", "schedule",
     # handles and records
     "TaskHandle", "TaskInfo", "TaskState", "TaskEvent",
     # sessions

@@ -19,6 +19,7 @@ import cloudpickle
 from . import messages
 from .errors import ConfigError, LockConflict, SerializationError
 from .handle import SessionSubscription, TaskHandle
+from .schedules import ScheduleSpec
 from .session import DEFAULT_OWNER_ID, Session, bound_session
 from .transport import resolve_state_dir
 
@@ -98,6 +99,7 @@ class Task(Generic[P, R]):
         self.retry_on = retry_on
         self.timeout = timeout
         self.process = process
+        self._lock_fields = _lock_fields(lock) if isinstance(lock, str) else []
         self._validate()
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
@@ -117,7 +119,7 @@ class Task(Generic[P, R]):
             if not isinstance(self.lock, str) or not self.lock:
                 raise ConfigError(f"{where}: lock={self.lock!r}, expected a non-empty string template")
             params = self.signature.parameters
-            for field in _lock_fields(self.lock):
+            for field in self._lock_fields:
                 if field not in params or field == "session":
                     raise ConfigError(
                         f"{where}: lock template {self.lock!r} names {{{field}}}, which is not a "
@@ -141,6 +143,8 @@ class Task(Generic[P, R]):
     def lock_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if self.lock is None:
             return None
+        if not self._lock_fields:
+            return self.lock  # a constant key
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -289,6 +293,7 @@ class App:
             raise ConfigError(f"max_process_memory_mb={max_process_memory_mb!r}: expected MB > 0 or None")
         self.max_process_memory_mb = max_process_memory_mb
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.schedules: dict[str, ScheduleSpec] = {}
         self._state_dir_override: Path | None = None
 
     def __repr__(self) -> str:
@@ -325,6 +330,31 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def schedule(self, cron: str, *, tz: str = "UTC", misfire: str = "skip", lock: str | None = None,
+                 process: bool = False, name: str | None = None, retries: int = 0,
+                 timeout: float | None = None) -> Callable[[Callable[[], R]], Task[[], R]]:
+        """Run the decorated function on a cron schedule (5 fields, or 6 with seconds), in ``tz``.
+
+        Each firing submits one task bound to the app's owner session. Its lock defaults to the
+        schedule's own name with on_conflict="join", so a slow run is never stacked by the next.
+        A bad cron, time zone or misfire policy raises ConfigError here, at decoration time.
+        """
+        def register(func: Callable[[], R]) -> Task[[], R]:
+            task_name = name or getattr(func, "__name__", "")
+            spec = ScheduleSpec(task_name, cron, tz, misfire)
+            params = [p for p in inspect.signature(func).parameters.values()
+                      if p.name != "session" and p.default is inspect.Parameter.empty
+                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if params:
+                raise ConfigError(f"schedule {task_name!r}: a scheduled function takes no arguments "
+                                  f"(besides session), but it needs {[p.name for p in params]}")
+            task = self.task(func, lock=lock or task_name, on_conflict="join", process=process,
+                             name=task_name, retries=retries, timeout=timeout)
+            self.schedules[task_name] = spec
+            return task
+
+        return register
 
     def get_task(self, name: str) -> Task[Any, Any]:
         from .errors import UnknownTask
@@ -371,4 +401,9 @@ default_app = App("default")
 def task(fn: Any = None, **options: Any) -> Any:
     """``@cpsl.task`` on :data:`default_app`."""
     return default_app.task(fn, **options)
+
+
+def schedule(cron: str, **options: Any) -> Any:
+    """``@cpsl.schedule(cron)`` on :data:`default_app`."""
+    return default_app.schedule(cron, **options)
 

@@ -363,3 +363,31 @@ class Emit(Message):
 
         if self.kind not in EVENT_KINDS:
             raise ProtocolError(f"Emit.kind {self.kind!r} not one of {EVENT_KINDS}")
+
+
+@_message(52)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fire(Message):
+    """Clock -> supervisor: schedule ``name`` reached its slot (epoch seconds); submit one task."""
+
+    name: str
+    slot: float
+
+
+@_message(53)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Due(Message):
+    """Clock -> supervisor: these scheduled tasks (``.schedule(delay=/at=)``) are due now."""
+
+    task_ids: list
+
+    def check(self) -> None:
+        _check_str_list("Due.task_ids", self.task_ids)
+
+
+@_message(54)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wake(Message):
+    """Supervisor -> clock: a scheduled task was recorded; look again at what is due next."""
+
+    reason: str

@@ -61,6 +61,14 @@ CREATE TABLE IF NOT EXISTS session_kv (
     updated_at REAL NOT NULL,
     PRIMARY KEY (session_id, key)
 );
+CREATE INDEX IF NOT EXISTS tasks_scheduled ON tasks(run_at) WHERE state='SCHEDULED';
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    cron TEXT NOT NULL,
+    tz TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    last_slot REAL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -263,6 +271,28 @@ class Store:
             {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
             for r in rows
         ]
+
+    def register_schedules(self, specs: Iterable[tuple[str, str, str]], now: float) -> None:
+        """Know every declared schedule; a changed cron or time zone starts it afresh."""
+        for name, cron, tz in specs:
+            self.db.execute(
+                "INSERT INTO schedules(name, cron, tz, registered_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET cron=excluded.cron, tz=excluded.tz, "
+                "registered_at=excluded.registered_at, last_slot=NULL "
+                "WHERE schedules.cron != excluded.cron OR schedules.tz != excluded.tz",
+                (name, cron, tz, now))
+
+    def schedule_marks(self) -> dict[str, dict[str, float | None]]:
+        """name -> {registered_at, last_slot}: where the clock resumes each schedule."""
+        rows = self.db.execute("SELECT name, registered_at, last_slot FROM schedules")
+        return {r[0]: {"registered_at": r[1], "last_slot": r[2]} for r in rows}
+
+    def last_slot(self, name: str) -> float | None:
+        row = self.db.execute("SELECT last_slot FROM schedules WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_last_slot(self, name: str, slot: float) -> None:
+        self.db.execute("UPDATE schedules SET last_slot=max(coalesce(last_slot, 0), ?) WHERE name=?", (slot, name))
 
     def counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state")}

@@ -21,6 +21,7 @@ from . import messages
 from .app import App, Task
 from .handle import TaskHandle
 from .runtime import Runtime
+from .schedules import FakeClock as FakeClock  # drives schedules through given datetimes
 
 
 @contextlib.contextmanager
@@ -90,4 +91,9 @@ def _kill_tree(pid: int | None) -> None:
         _kill(pid)
 
 
-__all__ = ["start_runtime", "crash_on_attempt", "join"]
+def fake_clock(app: App, start: Any) -> FakeClock:
+    """A FakeClock over every schedule of ``app``, starting at the aware datetime ``start``."""
+    return FakeClock(app.schedules.values(), start)
+
+
+__all__ = ["start_runtime", "crash_on_attempt", "join", "FakeClock", "fake_clock"]

@@ -82,7 +82,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 30.0) -> tupl
 
 
 def actor_pids(pid: int) -> set[int]:
-    """The supervisor's descendants: the actor template and the actors it forked."""
+    """The supervisor's descendants: the actor template and the actors it forked (w0, p0, c0)."""
     return {p.pid for p in psutil.Process(pid).children(recursive=True)}
 
 
@@ -156,7 +156,7 @@ def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(services, pr
     status = json.loads(r.stdout)
     assert status["supervisor"]["pid"] == run.pid
     actors = {a["slot"]: a for a in status["actors"]}
-    assert {slot: a["role"] for slot, a in actors.items()} == {"w0": "worker", "p0": "process"}
+    assert {slot: a["role"] for slot, a in actors.items()} == {"w0": "worker", "p0": "process", "c0": "clock"}
     children = actor_pids(run.pid)
     for a in actors.values():
         assert a["pid"] in children and a["pid"] != run.pid
@@ -199,7 +199,7 @@ def test_second_run_refuses_while_the_first_serves_and_sigint_stops_it(services,
     # Given a running supervisor
     first = spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
     wait_running(state_dir)
-    children = wait_until(lambda: len(actor_pids(first.pid)) == 3 and actor_pids(first.pid))
+    children = wait_until(lambda: len(actor_pids(first.pid)) == 4 and actor_pids(first.pid))
 
     # When a second `run` starts on the same state directory, then it refuses with a clear error
     second = cli("run", "mod:app", state_dir=state_dir, cwd=project, timeout=60)

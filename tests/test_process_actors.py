@@ -192,7 +192,7 @@ def test_restart_intensity_backs_off_instead_of_spinning(start):
 def test_no_actor_outlives_a_sigkilled_supervisor(start):
     rt = start(app, workers=1, process_workers=2)
     family = {p.pid for p in psutil.Process(rt.pid).children(recursive=True)}
-    assert len(family) == 4  # the template and three actors
+    assert len(family) == 5  # the template, three actors and the clock
     os.kill(rt.pid, signal.SIGKILL)
     wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in family),
                timeout=5)

@@ -343,7 +343,7 @@ def test_a_waiting_handle_outlives_a_sigkilled_supervisor(services, service, sta
     assert p_queued.status() is cpsl.TaskState.QUEUED
     waits = {h.id: pool.submit(outcome, h.result, timeout=60) for h in (running, p_running, p_queued)}
     actors = {a["pid"] for a in service_status(service.app)["actors"]}
-    assert len(actors) == 2 and actors <= {p.pid for p in psutil.Process(run.pid).children(recursive=True)}
+    assert len(actors) == 3 and actors <= {p.pid for p in psutil.Process(run.pid).children(recursive=True)}
 
     # When the supervisor is SIGKILLed
     os.kill(run.pid, signal.SIGKILL)

@@ -229,9 +229,14 @@ async def _serve(args: ActorArgs, app: app_module.App) -> None:
     welcome = messages.decode(frames[0])
     if not isinstance(welcome, messages.Welcome):
         raise SystemExit(f"expected Welcome from the supervisor, got {type(welcome).__name__}")
-    actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes)
     try:
-        await actor.serve([(k, ids) for k, ids in welcome.config.get("keys", [])])
+        if args.role == "clock":
+            from .clock import ClockActor
+
+            await ClockActor(app, sock, welcome.config).serve()
+        else:
+            actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes)
+            await actor.serve([(k, ids) for k, ids in welcome.config.get("keys", [])])
     finally:
         sock.close()
         ctx.term()

@@ -19,6 +19,7 @@ log = logging.getLogger("capsule_actors.supervisor")
 
 ROLE_WORKER = "worker"
 ROLE_PROCESS = "process"
+ROLE_CLOCK = "clock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ChildSpec:
     restart: str = "permanent"  # OTP: restart whatever the exit, unless we are stopping
 
     def __post_init__(self) -> None:
-        if self.role not in (ROLE_WORKER, ROLE_PROCESS):
+        if self.role not in (ROLE_WORKER, ROLE_PROCESS, ROLE_CLOCK):
             raise ValueError(f"unknown actor role {self.role!r}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")

@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -25,13 +26,13 @@ import psutil
 import zmq
 
 from .. import messages
-from ..app import App
+from ..app import App, new_task_id
 from ..errors import (AlreadyRunning, CapsuleError, CapsuleInternalError, ProtocolError, StateDirError,
                       WorkerCrashed)
 from ..store import Store
 from ..transport import (DB_FILE, LOCK_FILE, RuntimeFile, bind, ensure_state_dir, local_endpoint,
                          private_umask, read_runtime_file, remove_runtime_file, write_runtime_file)
-from .children import (ROLE_PROCESS, ROLE_WORKER, ActorProcess, ActorTemplate, ChildSpec, RestartIntensity,
+from .children import (ROLE_CLOCK, ROLE_PROCESS, ROLE_WORKER, ActorProcess, ActorTemplate, ChildSpec, RestartIntensity,
                        actor_status, exit_cause, kill)
 from .router import owner
 
@@ -49,6 +50,7 @@ MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with m
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 Frames = list[bytes]
+_NO_ARGS = pickle.dumps(((), {}), protocol=5)  # a scheduled firing's arguments (none)
 
 
 class LiveTask:
@@ -78,13 +80,14 @@ class LiveTask:
 class PendingSubmit:
     """A Submit whose locked items wait for their owner actors' admission decisions."""
 
-    __slots__ = ("ident", "req", "results", "remaining")
+    __slots__ = ("ident", "req", "results", "remaining", "fire")
 
-    def __init__(self, ident: bytes, req: int, size: int) -> None:
+    def __init__(self, ident: bytes, req: int, size: int, fire: tuple[str, float] | None = None) -> None:
         self.ident = ident
         self.req = req
         self.results: list[list[Any] | None] = [None] * size
         self.remaining = 0
+        self.fire = fire  # (schedule name, slot) when the clock fired it
 
 
 class Supervisor:
@@ -103,6 +106,8 @@ class Supervisor:
         n_process = process_workers or app.process_workers or cpus
         self.specs = [ChildSpec(f"w{i}", ROLE_WORKER, WORKER_CONCURRENCY, self.grace) for i in range(n_workers)]
         self.specs += [ChildSpec(f"p{i}", ROLE_PROCESS, 1, self.grace) for i in range(n_process)]
+        self.specs.append(ChildSpec("c0", ROLE_CLOCK, 1, self.grace))
+        self.wake_clock = False
         self.procs: dict[str, ActorProcess] = {}  # slot -> live incarnation
         self.by_identity: dict[bytes, ActorProcess] = {}
         self.intensity = {s.slot: RestartIntensity(app.max_restarts, app.restart_window) for s in self.specs}
@@ -141,6 +146,7 @@ class Supervisor:
             raise
         try:
             self.store.begin()
+            self.store.register_schedules(((s.name, s.cron, s.tz) for s in self.app.schedules.values()), time.time())
             self._recover()
             self.store.commit()
             self._start_template()
@@ -275,7 +281,15 @@ class Supervisor:
         self._dispatch()
         self.store.commit()
         self._answer_event_waiters()
+        if self.wake_clock:
+            self._wake_clock()
         self._flush()
+
+    def _wake_clock(self) -> None:
+        clock = self.procs.get("c0")
+        if clock is not None and clock.ready:
+            self.wake_clock = False
+            self.outbox.append((self.actor_sock, [clock.identity, messages.Wake("scheduled").encode()]))
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[Frames], None]) -> None:  # type: ignore[type-arg]
         for _ in range(DRAIN_LIMIT):
@@ -499,6 +513,9 @@ class Supervisor:
             log.info("recovered %d live tasks from the store", len(self.live))
 
     def _queue(self, task: LiveTask, run_at: float | None) -> None:
+        if task.state == "SCHEDULED":  # the clock actor hands it over when it is due
+            self.wake_clock = True
+            return
         delay = (run_at - time.time()) if run_at else 0.0
         if delay > 0:
             self._add_timer(delay, self._due, task.id)
@@ -543,10 +560,13 @@ class Supervisor:
             self.app.get_task(item[1])
             if len(frame) > self.app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
+        self._submit(PendingSubmit(ident, msg.req, len(msg.items)), msg.items, payload)
+
+    def _submit(self, pending: PendingSubmit, items: list[list[Any]], payload: Frames) -> None:
+        """Record unlocked items now; send locked ones to their owners for admission first."""
         now = time.time()
-        pending = PendingSubmit(ident, msg.req, len(msg.items))
         rows = []
-        for i, ((task_id, name, lock_key, sid, sowner, run_at), frame) in enumerate(zip(msg.items, payload)):
+        for i, ((task_id, name, lock_key, sid, sowner, run_at), frame) in enumerate(zip(items, payload)):
             state = "SCHEDULED" if run_at and run_at > now else "QUEUED"
             row = (task_id, name, state, lock_key, sid, sowner, frame, now, run_at)
             pending.results[i] = [task_id, False, False]
@@ -559,14 +579,21 @@ class Supervisor:
             self._admit(slot, [task_id, lock_key, self.app.tasks[name].on_conflict])
         self._record(rows, None, False)
         if not pending.remaining:
-            self._reply(ident, msg.req, True, pending.results)
+            self._complete(pending)
+
+    def _complete(self, pending: PendingSubmit) -> None:
+        """Every item is decided: acknowledge the client, or record the schedule's fired slot."""
+        if pending.fire is not None:
+            self.store.set_last_slot(*pending.fire)
+        else:
+            self._reply(pending.ident, pending.req, True, pending.results)
 
     def _record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
         by_id = {r[0]: r for r in rows}
         for task_id in self.store.insert_tasks(rows):
             row = by_id[task_id]
-            task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5], row[6],
-                            owner=slot, blocked=blocked, run_at=row[8])
+            task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5],
+                            None if row[2] == "SCHEDULED" else row[6], owner=slot, blocked=blocked, run_at=row[8])
             self.live[task_id] = task
             if not blocked:
                 self._queue(task, row[8])
@@ -594,7 +621,7 @@ class Supervisor:
                 pending.results[i] = [holder, verdict == "join", verdict == "reject"]
             pending.remaining -= 1
             if not pending.remaining:
-                self._reply(pending.ident, pending.req, True, pending.results)
+                self._complete(pending)
 
     def _on_promote(self, msg: messages.Promote) -> None:
         for task_id in msg.task_ids:
@@ -758,8 +785,32 @@ class Supervisor:
             self._on_promote(msg)
         elif isinstance(msg, messages.Hello):
             self._on_hello(proc)
+        elif isinstance(msg, messages.Fire) and proc.spec.role == ROLE_CLOCK:
+            self._on_fire(msg)
+        elif isinstance(msg, messages.Due) and proc.spec.role == ROLE_CLOCK:
+            self._on_due(msg)
         elif not isinstance(msg, messages.Heartbeat):
             raise ProtocolError(f"{type(msg).__name__} is not an actor message")
+
+    def _on_fire(self, msg: messages.Fire) -> None:
+        """A schedule's slot came: submit its task as the owner session (joining a run that is
+        still going), and record the slot in the same transaction as that outcome."""
+        spec = self.app.schedules.get(msg.name)
+        last = self.store.last_slot(msg.name)
+        if spec is None or (last is not None and msg.slot <= last):
+            return  # already handled: a restarted clock never fires a slot twice
+        task = self.app.tasks[msg.name]
+        owner = self.app.owner
+        item = [new_task_id(), task.name, task.lock_key((), {}), owner.id, owner.owner, None]
+        self._submit(PendingSubmit(b"", 0, 1, fire=(msg.name, msg.slot)), [item], [_NO_ARGS])
+
+    def _on_due(self, msg: messages.Due) -> None:
+        for task_id in msg.task_ids:
+            task = self.live.get(task_id)
+            if task is not None and task.state == "SCHEDULED":
+                self.store.requeue(task.id, task.session_id, None, None)
+                task.state = "QUEUED"
+                self._due(task.id)
 
     def _on_emit(self, proc: ActorProcess, msg: messages.Emit) -> None:
         """A running attempt's session event: record it (in order) unless the attempt is over."""
@@ -778,8 +829,12 @@ class Supervisor:
         store), then the admission requests that waited for it."""
         proc.ready = True
         slot = proc.spec.slot
-        config = {"state_dir": str(self.state_dir), "concurrency": proc.spec.concurrency,
-                  "keys": self._key_rows(slot)}
+        config: dict[str, Any] = {"state_dir": str(self.state_dir), "concurrency": proc.spec.concurrency}
+        if proc.spec.role == ROLE_CLOCK:
+            config.update(schedules=self.store.schedule_marks(), db=str(self.state_dir / DB_FILE))
+            self.wake_clock = False
+        else:
+            config["keys"] = self._key_rows(slot)
         self.outbox.append((self.actor_sock, [proc.identity, messages.Welcome(config).encode()]))
         waiting, self.pending_admits[slot] = self.pending_admits[slot], []
         for item in waiting:
