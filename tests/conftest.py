@@ -52,6 +52,9 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         kill_tree(proc.pid)
         with contextlib.suppress(Exception):
             proc.wait(10)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def kill_tree(pid: int) -> None:
