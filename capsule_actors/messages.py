@@ -208,6 +208,24 @@ class SessionEvents(Message):
     after: int
 
 
+@_message(11)
+@dataclasses.dataclass(frozen=True, slots=True)
+class AllEvents(Message):
+    """Reply with every event after seq ``after``; held until one exists (the board's feed)."""
+
+    req: int
+    after: int
+
+
+@_message(12)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retry(Message):
+    """Submit a finished task again with the same arguments and session; reply with the new id."""
+
+    req: int
+    task_id: str
+
+
 @_message(20)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply(Message):

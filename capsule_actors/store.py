@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS schedules (
     registered_at REAL NOT NULL,
     last_slot REAL
 );
+CREATE TABLE IF NOT EXISTS cards (
+    task_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    PRIMARY KEY (task_id, session_id)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -97,6 +102,12 @@ class Store:
         self._in_tx = False
         self._touched: set[str] = set()
         self._touched_sessions: set[str] = set()
+        self._any_event = False
+        self._cards: dict[str, set[str]] = {}  # task id -> sessions showing its card
+        for task_id, session_id in self.db.execute(
+                "SELECT c.task_id, c.session_id FROM cards c JOIN tasks t ON t.id = c.task_id "
+                "WHERE t.state IN ('QUEUED','SCHEDULED','RUNNING')"):
+            self._cards.setdefault(task_id, set()).add(session_id)
 
     def close(self) -> None:
         self.db.close()
@@ -180,15 +191,53 @@ class Store:
             (task_id, session_id, kind, json.dumps(data), time.time()),
         )
         self._touched.add(task_id)
+        self._any_event = True
         if session_id is not None:
             self._touched_sessions.add(session_id)
+        if kind == "state" and task_id in self._cards:
+            self._update_cards(task_id, data)
         return int(cur.lastrowid or 0)
 
-    def take_touched(self) -> tuple[set[str], set[str]]:
-        """Task ids and session ids that got events since the last call (to wake long polls)."""
+    def show_card(self, task_id: str, session_id: str) -> dict[str, Any] | None:
+        """``session.show_task(h)``: the session follows the task's card from now on; returns the
+        card's first content (None for an unknown task)."""
+        card = self._card(task_id)
+        if card is None:
+            return None
+        self.db.execute("INSERT OR IGNORE INTO cards(task_id, session_id) VALUES (?,?)", (task_id, session_id))
+        if card["state"] in LIVE_STATES:
+            self._cards.setdefault(task_id, set()).add(session_id)
+        return card
+
+    def _card(self, task_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT name, state, attempts, progress, error_type, error_message, created_at, started_at, "
+            "finished_at FROM tasks WHERE id=?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        return {"card": task_id, "task_id": task_id, "name": row[0], "state": row[1], "attempts": row[2],
+                "progress": row[3], "error": f"{row[4]}: {row[5]}" if row[4] else None,
+                "created_at": row[6], "started_at": row[7], "finished_at": row[8]}
+
+    def _update_cards(self, task_id: str, state_data: dict[str, Any]) -> None:
+        """A followed task changed state: every session showing its card gets an update event."""
+        card = self._card(task_id)
+        if card is None:
+            return
+        card["update"] = True
+        sessions = self._cards[task_id]
+        if card["state"] not in LIVE_STATES:
+            del self._cards[task_id]
+        for session_id in sorted(sessions):
+            self.add_event(task_id, session_id, "card", card)
+
+    def take_touched(self) -> tuple[set[str], set[str], bool]:
+        """Task ids and session ids that got events since the last call, and whether any event
+        was added at all (to wake long polls)."""
         touched, self._touched = self._touched, set()
         sessions, self._touched_sessions = self._touched_sessions, set()
-        return touched, sessions
+        any_event, self._any_event = self._any_event, False
+        return touched, sessions, any_event
 
     def set_progress(self, task_id: str, fraction: float) -> None:
         self.db.execute("UPDATE tasks SET progress=? WHERE id=?", (fraction, task_id))
@@ -293,6 +342,21 @@ class Store:
 
     def set_last_slot(self, name: str, slot: float) -> None:
         self.db.execute("UPDATE schedules SET last_slot=max(coalesce(last_slot, 0), ?) WHERE name=?", (slot, name))
+
+    def all_events_after(self, after: int, limit: int = 500) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE seq>? ORDER BY seq LIMIT ?",
+            (after, limit))
+        return [
+            {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
+            for r in rows
+        ]
+
+    def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
+        """(name, state, lock_key, session_id, session_owner, args) of a task, to submit it again."""
+        row = self.db.execute("SELECT name, state, lock_key, session_id, session_owner, args FROM tasks WHERE id=?",
+                              (task_id,)).fetchone()
+        return tuple(row) if row else None
 
     def counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state")}

@@ -715,6 +715,22 @@ class Supervisor:
     def _on_session_events(self, ident: bytes, msg: messages.SessionEvents, payload: Frames) -> None:
         self._poll_events(ident, msg.req, ("s", msg.session_id), msg.after)
 
+    def _on_all_events(self, ident: bytes, msg: messages.AllEvents, payload: Frames) -> None:
+        self._poll_events(ident, msg.req, ("a", ""), msg.after)
+
+    def _on_retry(self, ident: bytes, msg: messages.Retry, payload: Frames) -> None:
+        from ..errors import ConfigError
+
+        row = self.store.retry_row(msg.task_id)
+        if row is None:
+            raise self._unknown(msg.task_id)
+        name, state, lock_key, sid, sowner, args = row
+        if state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            raise ConfigError(f"task {msg.task_id} is {state}: only a finished task can be retried")
+        self.app.get_task(name)
+        item = [new_task_id(), name, lock_key, sid, sowner, None]
+        self._submit(PendingSubmit(ident, msg.req, 1), [item], [bytes(args or _NO_ARGS)])
+
     def _poll_events(self, ident: bytes, req: int, key: tuple[str, str], after: int) -> None:
         if not self._send_events(ident, req, key, after):
             self.event_waiters.setdefault(key, []).append((ident, req, after))
@@ -726,16 +742,18 @@ class Supervisor:
         if key[0] == "t":
             events = self.store.events_after(key[1], after, limit)
             terminal = key[1] not in self.live
-        else:
+        elif key[0] == "s":
             events, terminal = self.store.session_events_after(key[1], after, limit), False
+        else:
+            events, terminal = self.store.all_events_after(after, limit), False
         if not events and not terminal:
             return False
         self._reply(ident, req, True, {"events": events, "terminal": terminal, "more": len(events) == limit})
         return True
 
     def _answer_event_waiters(self) -> None:
-        tasks, sessions = self.store.take_touched()
-        touched = {("t", t) for t in tasks} | {("s", s) for s in sessions}
+        tasks, sessions, any_event = self.store.take_touched()
+        touched = {("t", t) for t in tasks} | {("s", s) for s in sessions} | ({("a", "")} if any_event else set())
         for key in touched & self.event_waiters.keys():
             for ident, req, after in self.event_waiters.pop(key):
                 self.waiter_index.pop((ident, req), None)
@@ -763,7 +781,8 @@ class Supervisor:
         messages.Submit: _on_submit, messages.Wait: _on_wait, messages.Forget: _on_forget,
         messages.Info: _on_info, messages.Cancel: _on_cancel, messages.ListTasks: _on_list,
         messages.Status: _on_status, messages.Events: _on_events, messages.InjectCrash: _on_inject_crash,
-        messages.SessionEvents: _on_session_events,
+        messages.SessionEvents: _on_session_events, messages.AllEvents: _on_all_events,
+        messages.Retry: _on_retry,
     }
 
     # ---- actor messages ----------------------------------------------------------------------
@@ -816,6 +835,12 @@ class Supervisor:
         """A running attempt's session event: record it (in order) unless the attempt is over."""
         task = self.live.get(msg.task_id)
         if task is None or proc.running.get(msg.task_id) != msg.attempt:
+            return
+        if msg.kind == "card":  # session.show_task(h): follow that task's card from now on
+            card = self.store.show_card(str(msg.data.get("card")), task.session_id or "")
+            if card is None or task.session_id is None:
+                return
+            self.store.add_event(str(msg.data["card"]), task.session_id, "card", card)
             return
         try:
             self.store.add_event(task.id, task.session_id, msg.kind, msg.data)
