@@ -208,18 +208,18 @@ class TaskEventStream:
         self._handle = handle
         self.cursor = after
 
-    def _batch(self, body: dict[str, Any]) -> tuple[list[TaskEvent], bool]:
-        events = [TaskEvent(**e) for e in body["events"]]
-        if events:
-            self.cursor = events[-1].seq
-        return events, bool(body["terminal"]) and not body["more"]
+    @staticmethod
+    def _batch(body: dict[str, Any]) -> tuple[list[TaskEvent], bool]:
+        return [TaskEvent(**e) for e in body["events"]], bool(body["terminal"]) and not body["more"]
 
     def __iter__(self) -> Iterator[TaskEvent]:
         conn = self._handle._conn
         while True:
             body, _ = conn.call(lambda req: messages.Events(req, self._handle.id, self.cursor))
             events, last = self._batch(body)
-            yield from events
+            for event in events:
+                self.cursor = event.seq  # the last event handed out: resuming from it loses nothing
+                yield event
             if last:
                 return
 
@@ -229,6 +229,7 @@ class TaskEventStream:
             body, _ = await conn.acall(lambda req: messages.Events(req, self._handle.id, self.cursor))
             events, last = self._batch(body)
             for event in events:
+                self.cursor = event.seq
                 yield event
             if last:
                 return
@@ -246,24 +247,21 @@ class SessionSubscription:
         self.session_id = session_id
         self.cursor = after
 
-    def _take(self, body: dict[str, Any]) -> list[TaskEvent]:
-        events = [TaskEvent(**e) for e in body["events"]]
-        if events:
-            self.cursor = events[-1].seq
-        return events
-
     async def __aiter__(self) -> AsyncIterator[TaskEvent]:
         while True:
             body, _ = await self._app.connection().acall(
                 lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
-            for event in self._take(body):
-                yield event
+            for e in body["events"]:
+                self.cursor = e["seq"]  # the last event handed out: resuming from it loses nothing
+                yield TaskEvent(**e)
 
     def __iter__(self) -> Iterator[TaskEvent]:
         while True:
             body, _ = self._app.connection().call(
                 lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
-            yield from self._take(body)
+            for e in body["events"]:
+                self.cursor = e["seq"]
+                yield TaskEvent(**e)
 
 
 def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[Any]:

@@ -124,11 +124,19 @@ class WorkerActor:
 
     async def _attempt(self, run: messages.Run, payload: bytes) -> tuple[messages.Done, bytes]:
         task = self.app.get_task(run.name)
-        session = None
+        session = channel = None
         if run.session_id:
-            session = bound_session(run.session_id, run.session_owner, _AttemptChannel(self, run),
-                                    app_module.PROCESS_STATE_DIR)
+            channel = _AttemptChannel(self, run)
+            session = bound_session(run.session_id, run.session_owner, channel, app_module.PROCESS_STATE_DIR)
         bind_session(session)
+        try:
+            return await self._run_body(run, task, session, payload)
+        finally:
+            if channel is not None:
+                channel.open = False  # a session kept past its attempt must not talk any more
+
+    async def _run_body(self, run: messages.Run, task: app_module.Task[Any, Any], session: Any,
+                        payload: bytes) -> tuple[messages.Done, bytes]:
         timer = asyncio.timeout(run.timeout)
         try:
             args, kwargs = cloudpickle.loads(payload)
@@ -187,15 +195,21 @@ class _AttemptChannel:
     """Sends one attempt's session events over the actor's socket, from the loop or a pool thread,
     in the order they were made (and before the attempt's Done)."""
 
-    __slots__ = ("actor", "run", "loop", "loop_thread")
+    __slots__ = ("actor", "run", "loop", "loop_thread", "open")
 
     def __init__(self, actor: WorkerActor, run: messages.Run) -> None:
         self.actor = actor
         self.run = run
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
+        self.open = True
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
+        if not self.open:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"session {self.run.session_id!r}: its task attempt has ended; "
+                              "reply/notify/stream/progress work only while the task runs")
         frames = [messages.Emit(self.run.task_id, self.run.attempt, kind, data).encode()]
         if threading.get_ident() == self.loop_thread:
             self.actor.send(frames)
