@@ -42,7 +42,7 @@ class Message:
     _CHECKS: ClassVar[tuple[tuple[str, tuple[type, ...]], ...]] = ()
 
     def encode(self) -> bytes:
-        return msgpack.packb([self.OP, *dataclasses.astuple(self)], use_bin_type=True)
+        return msgpack.packb([self.OP, *(getattr(self, name) for name, _ in self._CHECKS)], use_bin_type=True)
 
     def check(self) -> None:
         """Deeper validation of container fields; the default has nothing more to check."""

@@ -9,6 +9,7 @@ client) loses nothing committed; a power loss or kernel crash can lose the last 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Iterable, Iterator
 from .errors import StateDirError
 
 SCHEMA_VERSION = 1
+# Every index costs page writes on the hot path (each submit, dispatch and result): keep few.
+# Submit order is the rowid (newest first = ORDER BY rowid DESC), so created_at needs none.
 LIVE_STATES = ("QUEUED", "SCHEDULED", "RUNNING")
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -41,8 +44,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     progress REAL,
     slot TEXT
 );
-CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state IN ('QUEUED','SCHEDULED','RUNNING');
-CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT NOT NULL,
@@ -53,7 +55,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_task ON events(task_id, seq);
 CREATE INDEX IF NOT EXISTS events_session ON events(session_id, seq) WHERE session_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 CREATE TABLE IF NOT EXISTS session_kv (
     session_id TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -87,11 +88,13 @@ class Store:
     """Typed access to capsule.db for the supervisor thread."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         try:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.execute("PRAGMA wal_autocheckpoint=0")  # the supervisor checkpoints after replying
             self.db.executescript(_SCHEMA)
             self.db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -100,6 +103,7 @@ class Store:
             raise StateDirError(f"cannot open task store {str(path)!r}: {exc}") from None
         self.db.row_factory = sqlite3.Row
         self._in_tx = False
+        self.commits = 0
         self._touched: set[str] = set()
         self._touched_sessions: set[str] = set()
         self._any_event = False
@@ -122,6 +126,15 @@ class Store:
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
+            self.commits += 1
+
+    def checkpoint_if_needed(self, every: int = 1000) -> None:
+        """Copy the WAL back into the database every ``every`` commits (PASSIVE: never waits
+        for readers). Called by the supervisor after it has sent its replies, so no
+        acknowledgement waits for a checkpoint (SQLite's own auto-checkpoint runs inside COMMIT)."""
+        if self.commits >= every:
+            self.commits = 0
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # ---- writes ------------------------------------------------------------------------------
     def insert_tasks(self, rows: Iterable[tuple[Any, ...]]) -> list[str]:
@@ -245,7 +258,11 @@ class Store:
     def prune_events(self, before: float, keep_max: int) -> int:
         """Retention: drop events older than ``before`` (epoch s), then all but the newest
         ``keep_max``. Tasks keep their final record; only the event log is trimmed."""
-        n = self.db.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
+        # events are appended in time order: the first young one bounds the old ones (no ts index)
+        first = self.db.execute("SELECT seq FROM events WHERE ts >= ? ORDER BY seq LIMIT 1", (before,)).fetchone()
+        if first is None:
+            first = self.db.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
+        n = self.db.execute("DELETE FROM events WHERE seq < ?", (first[0],)).rowcount
         row = self.db.execute("SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?", (keep_max,)).fetchone()
         if row is not None:
             n += self.db.execute("DELETE FROM events WHERE seq <= ?", (row[0],)).rowcount
@@ -268,12 +285,12 @@ class Store:
     def list_tasks(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         if state:
             rows = self.db.execute(
-                f"SELECT {INFO_COLUMNS} FROM tasks WHERE state=? ORDER BY created_at DESC, id DESC LIMIT ?",
+                f"SELECT {INFO_COLUMNS} FROM tasks WHERE state=? ORDER BY rowid DESC LIMIT ?",
                 (state, limit),
             )
         else:
             rows = self.db.execute(
-                f"SELECT {INFO_COLUMNS} FROM tasks ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)
+                f"SELECT {INFO_COLUMNS} FROM tasks ORDER BY rowid DESC LIMIT ?", (limit,)
             )
         return [dict(r) for r in rows]
 

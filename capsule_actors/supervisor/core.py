@@ -46,7 +46,8 @@ KILL_GRACE = 1.0  # SIGTERM -> SIGKILL for a process actor that is cancelled or 
 EVENT_RETENTION = 7 * 24 * 3600.0  # events older than this are pruned (task records are kept)
 EVENT_MAX_ROWS = 1_000_000  # and at most this many events are kept
 EVENT_PRUNE_INTERVAL = 60.0
-MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with max_process_memory_mb
+MEMORY_CHECK = 1.0
+LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next turn's commit  # how often a running process actor's RSS is compared with max_process_memory_mb
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 Frames = list[bytes]
@@ -132,6 +133,8 @@ class Supervisor:
         self.timer_seq = itertools.count()
         self.outbox: list[tuple[zmq.Socket, Frames]] = []  # type: ignore[type-arg]
         self.stopping = False
+        self.started_attempts = 0
+        self.lazy_commit_at: float | None = None
         self.started_at = time.time()
         self.announced_ready = False
         self.dropped = 0
@@ -267,7 +270,17 @@ class Supervisor:
         timeout = None
         if self.timers:
             timeout = max(0.0, (self.timers[0][0] - time.monotonic()) * 1000)
+        if self.lazy_commit_at is not None:
+            lazy = max(0.0, (self.lazy_commit_at - time.monotonic()) * 1000)
+            timeout = lazy if timeout is None else min(timeout, lazy)
         ready = dict(self.poller.poll(timeout))
+        if not ready and self.lazy_commit_at is not None and time.monotonic() >= self.lazy_commit_at:
+            self.lazy_commit_at = None
+            self.store.commit()
+            self._answer_event_waiters()
+            self._flush()
+            self.store.checkpoint_if_needed()
+        self.lazy_commit_at = None
         self.store.begin()
         if self.sig_r.fileno() in ready:
             self._on_signals()
@@ -278,12 +291,23 @@ class Supervisor:
         if self.client_sock in ready:
             self._drain(self.client_sock, self._on_client)
         self._run_timers()
-        self._dispatch()
-        self.store.commit()
+        self.store.commit()  # everything acknowledged below is durable
         self._answer_event_waiters()
         if self.wake_clock:
             self._wake_clock()
         self._flush()
+        # Dispatch after the acks: the Run messages go out before their RUNNING rows commit. A
+        # crash in between leaves those tasks QUEUED, to be run again at the next start, which
+        # at-least-once allows; their actors die with the supervisor anyway.
+        self.store.begin()
+        if self._dispatch():
+            self._flush()
+            # The RUNNING rows ride on the next turn's commit, or on this lazy one when nothing
+            # comes within LAZY_COMMIT: one commit per turn, not two, under load.
+            self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
+        else:
+            self.store.commit()
+            self.store.checkpoint_if_needed()
 
     def _wake_clock(self) -> None:
         clock = self.procs.get("c0")
@@ -886,9 +910,11 @@ class Supervisor:
         self._end_attempt(task, msg.outcome, error, frame, msg.retryable)
 
     # ---- dispatch and outcomes ---------------------------------------------------------------
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> int:
+        """Start queued attempts on actors with room; return how many started."""
         if self.stopping:
-            return
+            return 0
+        started = self.started_attempts
         for slot, queue in self.slot_ready.items():
             proc = self.procs.get(slot)
             while queue and proc is not None and proc.has_room():
@@ -906,6 +932,7 @@ class Supervisor:
                     break
                 queue.popleft()
                 self._start_attempt(task, proc)
+        return self.started_attempts - started
 
     def _pick(self, role: str) -> ActorProcess | None:
         best = None
@@ -916,6 +943,7 @@ class Supervisor:
 
     def _start_attempt(self, task: LiveTask, proc: ActorProcess) -> None:
         spec = self.app.tasks[task.name]
+        self.started_attempts += 1
         task.attempts += 1
         task.state = "RUNNING"
         task.actor = proc
