@@ -11,8 +11,9 @@ import random
 import re
 import string
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
 
@@ -193,7 +194,7 @@ class Task(Generic[P, R]):
         return handles
 
     # ---- submitting --------------------------------------------------------------------------
-    def submit(self, *args: P.args, session: Session | None = None, **kwargs: P.kwargs) -> TaskHandle:
+    def submit(self, *args: Any, session: Session | None = None, **kwargs: Any) -> TaskHandle:
         """Record the task durably and return its handle (after the supervisor's commit)."""
         return self._send([self.prepare(args, kwargs, session, None)])[0]
 
@@ -254,7 +255,7 @@ def _run_at(delay: float | None, at: _dt.datetime | None) -> float:
     if not isinstance(at, _dt.datetime):
         raise ConfigError(f"at={at!r}: expected a datetime")
     if at.tzinfo is None:
-        at = at.replace(tzinfo=_dt.timezone.utc)
+        at = at.replace(tzinfo=_dt.UTC)
     return at.timestamp()
 
 
@@ -341,7 +342,7 @@ class App:
         A bad cron, time zone or misfire policy raises ConfigError here, at decoration time.
         """
         def register(func: Callable[[], R]) -> Task[[], R]:
-            task_name = name or getattr(func, "__name__", "")
+            task_name = str(name or getattr(func, "__name__", ""))
             spec = ScheduleSpec(task_name, cron, tz, misfire)
             params = [p for p in inspect.signature(func).parameters.values()
                       if p.name != "session" and p.default is inspect.Parameter.empty
@@ -349,8 +350,8 @@ class App:
             if params:
                 raise ConfigError(f"schedule {task_name!r}: a scheduled function takes no arguments "
                                   f"(besides session), but it needs {[p.name for p in params]}")
-            task = self.task(func, lock=lock or task_name, on_conflict="join", process=process,
-                             name=task_name, retries=retries, timeout=timeout)
+            task: Task[[], R] = self.task(lock=lock or task_name, on_conflict="join", process=process,
+                                          name=task_name, retries=retries, timeout=timeout)(func)
             self.schedules[task_name] = spec
             return task
 

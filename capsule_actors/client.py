@@ -17,8 +17,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -174,9 +175,9 @@ class Connection:
         try:
             while not self._closed:
                 if self._outbox:
-                    timeout: float | None = 10
+                    timeout: int | None = 10
                 else:
-                    timeout = None if self.connected else _REFRESH_INTERVAL * 1000
+                    timeout = None if self.connected else int(_REFRESH_INTERVAL * 1000)
                 ready = dict(poller.poll(timeout))
                 if self._wake in ready:
                     try:

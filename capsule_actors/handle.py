@@ -7,7 +7,8 @@ import concurrent.futures
 import dataclasses
 import enum
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -106,23 +107,23 @@ def outcome_value(body: list[Any], frames: list[bytes]) -> Any:
         raise TaskCancelled(emsg or "task was cancelled")
     if etype in _ERRORS_BY_NAME and not frame:
         raise _ERRORS_BY_NAME[etype](emsg or etype)
-    exc: BaseException | None = None
+    error: BaseException | None = None
     if frame:
         try:
             loaded = cloudpickle.loads(frame)
-            exc = loaded if isinstance(loaded, BaseException) else None
+            error = loaded if isinstance(loaded, BaseException) else None
         except Exception:
-            exc = None
-    if exc is None:
+            error = None
+    if error is None:
         raise TaskFailed(f"{etype}: {emsg}", etype or "", tb or "")
-    exc.remote_traceback = tb  # type: ignore[attr-defined]
-    raise exc from RemoteTraceback(tb or "")
+    error.remote_traceback = tb  # type: ignore[attr-defined]
+    raise error from RemoteTraceback(tb or "")
 
 
 class TaskHandle:
     """A reference to one submitted task; safe to pass between threads and processes."""
 
-    __slots__ = ("id", "name", "lock_key", "deduplicated", "_app", "_final")
+    __slots__ = ("_app", "_final", "deduplicated", "id", "lock_key", "name")
 
     def __init__(
         self, app: App, task_id: str, name: str, lock_key: str | None = None, deduplicated: bool = False

@@ -22,8 +22,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "bool": (bool,),
     "bytes": (bytes,),
-    "list": (list,),
-    "dict": (dict,),
+    "list[Any]": (list,),
+    "dict[str, Any]": (dict,),
     "Any": (object,),
     "str | None": (str, _NONE),
     "float | None": (int, float, _NONE),
@@ -42,7 +42,8 @@ class Message:
     _CHECKS: ClassVar[tuple[tuple[str, tuple[type, ...]], ...]] = ()
 
     def encode(self) -> bytes:
-        return msgpack.packb([self.OP, *(getattr(self, name) for name, _ in self._CHECKS)], use_bin_type=True)
+        fields = (getattr(self, name) for name, _ in self._CHECKS)
+        return msgpack.packb([self.OP, *fields], use_bin_type=True)  # type: ignore[no-any-return]
 
     def check(self) -> None:
         """Deeper validation of container fields; the default has nothing more to check."""
@@ -107,7 +108,7 @@ class Submit(Message):
     """Record these tasks durably, then acknowledge; one payload frame per item follows."""
 
     req: int
-    items: list
+    items: list[Any]
 
     def check(self) -> None:
         if not self.items:
@@ -145,7 +146,7 @@ class Info(Message):
     """Reply with the TaskInfo records of these task ids."""
 
     req: int
-    task_ids: list
+    task_ids: list[Any]
 
     def check(self) -> None:
         _check_str_list("Info.task_ids", self.task_ids)
@@ -255,7 +256,7 @@ class Hello(Message):
 class Welcome(Message):
     """The supervisor's answer to Hello; the registry frame (cloudpickled App) follows."""
 
-    config: dict
+    config: dict[str, Any]
 
 
 @_message(42)
@@ -323,7 +324,7 @@ class Stop(Message):
 class Admit(Message):
     """Supervisor -> owner actor: decide these submits of locked tasks, ``[task_id, key, policy]``."""
 
-    items: list
+    items: list[Any]
 
     def check(self) -> None:
         for item in self.items:
@@ -336,7 +337,7 @@ class Admit(Message):
 class Admitted(Message):
     """Owner actor -> supervisor: ``[task_id, verdict, holder_id]`` per Admit item."""
 
-    decisions: list
+    decisions: list[Any]
 
     def check(self) -> None:
         for item in self.decisions:
@@ -360,7 +361,7 @@ class Release(Message):
 class Promote(Message):
     """Owner actor -> supervisor: these tasks now hold their keys and may run."""
 
-    task_ids: list
+    task_ids: list[Any]
 
     def check(self) -> None:
         _check_str_list("Promote.task_ids", self.task_ids)
@@ -374,7 +375,7 @@ class Emit(Message):
     task_id: str
     attempt: int
     kind: str
-    data: dict
+    data: dict[str, Any]
 
     def check(self) -> None:
         from .session import EVENT_KINDS
@@ -397,7 +398,7 @@ class Fire(Message):
 class Due(Message):
     """Clock -> supervisor: these scheduled tasks (``.schedule(delay=/at=)``) are due now."""
 
-    task_ids: list
+    task_ids: list[Any]
 
     def check(self) -> None:
         _check_str_list("Due.task_ids", self.task_ids)

@@ -33,7 +33,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import math
-from typing import Iterable
+from collections.abc import Iterable
 from zoneinfo import ZoneInfo
 
 from croniter import CroniterError, croniter
@@ -54,7 +54,7 @@ __all__ = [
 
 MISFIRE = ("skip", "run_once")
 
-UTC = _dt.timezone.utc
+UTC = _dt.UTC
 _HOUR_FIELD = 1  # index of the hour field in croniter's `expanded` (seconds are moved to index 5)
 _TINY = _dt.timedelta(microseconds=1)
 _CRON_HELP = ("use 5 fields 'minute hour day month weekday' or 6 fields "
@@ -70,7 +70,8 @@ def _prototype(cron: str) -> croniter:
 def _wall_next(cron: str, wall: _dt.datetime) -> _dt.datetime:
     """First naive wall time strictly after naive ``wall`` matching ``cron`` (no time zone)."""
     it = copy.copy(_prototype(cron))  # the prototype itself is never mutated: thread-safe
-    return it.get_next(_dt.datetime, start_time=wall)
+    nxt: _dt.datetime = it.get_next(_dt.datetime, start_time=wall)
+    return nxt
 
 
 @functools.lru_cache(maxsize=512)

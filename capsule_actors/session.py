@@ -16,8 +16,9 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Protocol
+from typing import Any, Protocol
 
 from .errors import ConfigError, SerializationError
 
@@ -40,7 +41,7 @@ class _Sent:
     __slots__ = ()
 
     def __await__(self) -> Generator[None, None, None]:
-        return iter(())
+        yield from ()
 
 
 _SENT = _Sent()

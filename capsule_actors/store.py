@@ -9,11 +9,11 @@ client) loses nothing committed; a power loss or kernel crash can lose the last 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import StateDirError
 

@@ -35,13 +35,13 @@ HEARTBEAT_INTERVAL = 1.0
 
 
 def _utc(ts: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
 class ClockActor:
     def __init__(self, app: Any, sock: zmq.asyncio.Socket, config: dict[str, Any]) -> None:
         self.sock = sock
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         marks = config.get("schedules", {})
         self.states: dict[str, ScheduleState] = {}
         for name, spec in app.schedules.items():
@@ -89,7 +89,7 @@ class ClockActor:
         while not self.stopping:
             self.db.execute("BEGIN")  # one consistent snapshot per tick
             try:
-                wait = self.tick(dt.datetime.now(dt.timezone.utc))
+                wait = self.tick(dt.datetime.now(dt.UTC))
             finally:
                 self.db.execute("COMMIT")
             if await self.sock.poll(wait * 1000 + 1):

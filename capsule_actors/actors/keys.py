@@ -8,7 +8,7 @@ Every decision is idempotent by task id, so a request resent after a restart get
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from collections.abc import Iterable
 
 VERDICTS = ("run", "queue", "join", "reject")
 

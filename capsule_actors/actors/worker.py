@@ -27,8 +27,8 @@ import zmq.asyncio
 from .. import app as app_module
 from .. import messages
 from ..errors import SerializationError, TaskCancelled
-from ..session import bind_session, bound_session
 from ..lifecycle import EXIT_ERROR, EXIT_INJECTED_CRASH, EXIT_OK, EXIT_PARENT_GONE, die_with_parent
+from ..session import bind_session, bound_session
 from ..transport import connect
 from .keys import KeyTable
 
@@ -80,10 +80,10 @@ class WorkerActor:
                 if promoted is not None:
                     await self.sock.send_multipart([messages.Promote([promoted]).encode()])
             elif isinstance(msg, messages.CancelRun):
-                task = self.running.get(msg.task_id)
-                if task is not None:
+                running = self.running.get(msg.task_id)
+                if running is not None:
                     self.cancelled.add(msg.task_id)
-                    task.cancel()
+                    running.cancel()
             elif isinstance(msg, messages.Stop):
                 self.stopping = True
                 if not self.running:
@@ -99,7 +99,7 @@ class WorkerActor:
             del self.running[run.task_id]
             self.cancelled.discard(run.task_id)
             done = self._done(run, "cancelled", "TaskCancelled", "cancelled before it started")
-            asyncio.ensure_future(self.sock.send_multipart([done.encode(), b""]))
+            self.send([done.encode(), b""])
             if self.stopping and not self.running:
                 self.idle.set()
 
@@ -178,7 +178,7 @@ class WorkerActor:
 
     def _dumps(self, value: Any) -> bytes:
         try:
-            frame = cloudpickle.dumps(value, protocol=5)
+            frame: bytes = cloudpickle.dumps(value, protocol=5)
         except Exception as exc:
             raise SerializationError(f"the task's result cannot be pickled: {exc!r}") from exc
         if len(frame) > self.max_payload:
@@ -195,7 +195,7 @@ class _AttemptChannel:
     """Sends one attempt's session events over the actor's socket, from the loop or a pool thread,
     in the order they were made (and before the attempt's Done)."""
 
-    __slots__ = ("actor", "run", "loop", "loop_thread", "open")
+    __slots__ = ("actor", "loop", "loop_thread", "open", "run")
 
     def __init__(self, actor: WorkerActor, run: messages.Run) -> None:
         self.actor = actor

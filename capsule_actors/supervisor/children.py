@@ -59,7 +59,7 @@ class RestartIntensity:
             self._over = 0
             return 0.0
         self._over += 1
-        return min(self.max_delay, self.base_delay * 2 ** (self._over - 1))
+        return float(min(self.max_delay, self.base_delay * 2 ** (self._over - 1)))
 
 
 def exit_cause(returncode: int) -> str:

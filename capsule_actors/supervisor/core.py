@@ -19,21 +19,41 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import zmq
 
 from .. import messages
 from ..app import App, new_task_id
-from ..errors import (AlreadyRunning, CapsuleError, CapsuleInternalError, ProtocolError, StateDirError,
-                      WorkerCrashed)
+from ..errors import AlreadyRunning, CapsuleError, CapsuleInternalError, ProtocolError, StateDirError, WorkerCrashed
 from ..store import Store
-from ..transport import (DB_FILE, LOCK_FILE, RuntimeFile, bind, ensure_state_dir, local_endpoint,
-                         private_umask, read_runtime_file, remove_runtime_file, write_runtime_file)
-from .children import (ROLE_CLOCK, ROLE_PROCESS, ROLE_WORKER, ActorProcess, ActorTemplate, ChildSpec, RestartIntensity,
-                       actor_status, exit_cause, kill)
+from ..transport import (
+    DB_FILE,
+    LOCK_FILE,
+    RuntimeFile,
+    bind,
+    ensure_state_dir,
+    local_endpoint,
+    private_umask,
+    read_runtime_file,
+    remove_runtime_file,
+    write_runtime_file,
+)
+from .children import (
+    ROLE_CLOCK,
+    ROLE_PROCESS,
+    ROLE_WORKER,
+    ActorProcess,
+    ActorTemplate,
+    ChildSpec,
+    RestartIntensity,
+    actor_status,
+    exit_cause,
+    kill,
+)
 from .router import owner
 
 log = logging.getLogger("capsule_actors.supervisor")
@@ -46,8 +66,8 @@ KILL_GRACE = 1.0  # SIGTERM -> SIGKILL for a process actor that is cancelled or 
 EVENT_RETENTION = 7 * 24 * 3600.0  # events older than this are pruned (task records are kept)
 EVENT_MAX_ROWS = 1_000_000  # and at most this many events are kept
 EVENT_PRUNE_INTERVAL = 60.0
-MEMORY_CHECK = 1.0
-LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next turn's commit  # how often a running process actor's RSS is compared with max_process_memory_mb
+MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with max_process_memory_mb
+LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next turn's commit
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 Frames = list[bytes]
@@ -57,8 +77,21 @@ _NO_ARGS = pickle.dumps(((), {}), protocol=5)  # a scheduled firing's arguments 
 class LiveTask:
     """A task that is queued, scheduled or running: held in memory until it ends."""
 
-    __slots__ = ("id", "name", "state", "attempts", "lock_key", "session_id", "session_owner",
-                 "payload", "actor", "waiters", "owner", "blocked", "run_at")
+    __slots__ = (
+        "actor",
+        "attempts",
+        "blocked",
+        "id",
+        "lock_key",
+        "name",
+        "owner",
+        "payload",
+        "run_at",
+        "session_id",
+        "session_owner",
+        "state",
+        "waiters",
+    )
 
     def __init__(self, task_id: str, name: str, state: str, attempts: int, lock_key: str | None,
                  session_id: str | None, session_owner: str | None, payload: bytes | None,
@@ -81,7 +114,7 @@ class LiveTask:
 class PendingSubmit:
     """A Submit whose locked items wait for their owner actors' admission decisions."""
 
-    __slots__ = ("ident", "req", "results", "remaining", "fire")
+    __slots__ = ("fire", "ident", "remaining", "req", "results")
 
     def __init__(self, ident: bytes, req: int, size: int, fire: tuple[str, float] | None = None) -> None:
         self.ident = ident
@@ -115,8 +148,8 @@ class Supervisor:
         self.template_intensity = RestartIntensity(app.max_restarts, app.restart_window)
         self.template: ActorTemplate | None = None
         self.restarts = dict.fromkeys((s.slot for s in self.specs), 0)
-        self.last_exit: dict[str, str | None] = dict.fromkeys((s.slot for s in self.specs))
-        self.backoff_until: dict[str, float | None] = dict.fromkeys((s.slot for s in self.specs))
+        self.last_exit: dict[str, str | None] = dict.fromkeys(s.slot for s in self.specs)
+        self.backoff_until: dict[str, float | None] = dict.fromkeys(s.slot for s in self.specs)
         self.gens = itertools.count(1)
         self.live: dict[str, LiveTask] = {}
         self.ready = {ROLE_WORKER: collections.deque[str](), ROLE_PROCESS: collections.deque[str]()}
@@ -273,7 +306,7 @@ class Supervisor:
         if self.lazy_commit_at is not None:
             lazy = max(0.0, (self.lazy_commit_at - time.monotonic()) * 1000)
             timeout = lazy if timeout is None else min(timeout, lazy)
-        ready = dict(self.poller.poll(timeout))
+        ready = dict(self.poller.poll(None if timeout is None else int(timeout) + 1))
         if not ready and self.lazy_commit_at is not None and time.monotonic() >= self.lazy_commit_at:
             self.lazy_commit_at = None
             self.store.commit()
@@ -525,8 +558,8 @@ class Supervisor:
             if task.state == "RUNNING":
                 if task.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed):
                     task.state = "QUEUED"
-                    self.store.requeue(task.id, task.session_id, None, ("WorkerCrashed", "the supervisor died while the "
-                                                       "task was running; re-running it", ""))
+                    crashed = ("WorkerCrashed", "the supervisor died while the task was running; re-running it", "")
+                    self.store.requeue(task.id, task.session_id, None, crashed)
                 else:
                     self._finish(task, "FAILED", b"", ("WorkerCrashed", "the supervisor died while the "
                                                        "task was running and no retry remained", ""))

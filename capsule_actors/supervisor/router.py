@@ -8,7 +8,7 @@ changes while the pool's size stays the same, and no table has to be shared or r
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _score(slot: str, key: str) -> bytes:
