@@ -273,7 +273,8 @@ class App:
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, grace: float = 10.0,
                  owner: str | None = None, max_restarts: int = 10, restart_window: float = 60.0,
                  max_tasks_per_process: int | None = None,
-                 max_process_memory_mb: float | None = None) -> None:
+                 max_process_memory_mb: float | None = None, max_queued: int = 100_000,
+                 result_ttl: float | None = 7 * 24 * 3600.0) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"App name must be a non-empty string, got {name!r}")
         self.name = name
@@ -293,6 +294,10 @@ class App:
         if max_process_memory_mb is not None and max_process_memory_mb <= 0:
             raise ConfigError(f"max_process_memory_mb={max_process_memory_mb!r}: expected MB > 0 or None")
         self.max_process_memory_mb = max_process_memory_mb
+        self.max_queued = _positive_int("max_queued", max_queued) or 100_000
+        if result_ttl is not None and (not isinstance(result_ttl, (int, float)) or result_ttl <= 0):
+            raise ConfigError(f"result_ttl={result_ttl!r}: expected seconds > 0, or None to keep results forever")
+        self.result_ttl = result_ttl
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self._state_dir_override: Path | None = None

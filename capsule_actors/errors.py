@@ -34,6 +34,10 @@ class UnknownTask(CapsuleError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class Backpressure(CapsuleError):
+    """The runtime holds max_queued live tasks already; the submit recorded nothing."""
+
+
 class LockConflict(CapsuleError):
     """A submit with on_conflict="reject" found a live task holding the lock key."""
 

@@ -93,7 +93,7 @@ class Store:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.execute("PRAGMA busy_timeout=30000")  # session.db writers hold the lock briefly
             self.db.execute("PRAGMA wal_autocheckpoint=0")  # the supervisor checkpoints after replying
             self.db.executescript(_SCHEMA)
             self.db.execute(
@@ -326,6 +326,17 @@ class Store:
             {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
             for r in rows
         ]
+
+    def prune_finished(self, before: float, batch: int = 10_000) -> int:
+        """Delete finished tasks (with their events and card links) that ended before ``before``."""
+        ids = [r[0] for r in self.db.execute(
+            "SELECT id FROM tasks WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND finished_at < ? LIMIT ?",
+            (before, batch))]
+        for task_id in ids:
+            self.db.execute("DELETE FROM events WHERE task_id=?", (task_id,))
+            self.db.execute("DELETE FROM cards WHERE task_id=?", (task_id,))
+            self.db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
+        return len(ids)
 
     def session_events_after(self, session_id: str, after: int, limit: int = 500) -> list[dict[str, Any]]:
         rows = self.db.execute(

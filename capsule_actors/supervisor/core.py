@@ -28,7 +28,7 @@ import zmq
 
 from .. import messages
 from ..app import App, new_task_id
-from ..errors import AlreadyRunning, CapsuleError, CapsuleInternalError, ProtocolError, StateDirError, WorkerCrashed
+from ..errors import AlreadyRunning, Backpressure, CapsuleError, CapsuleInternalError, ProtocolError, StateDirError, WorkerCrashed
 from ..store import Store
 from ..transport import (
     DB_FILE,
@@ -85,7 +85,6 @@ class LiveTask:
         "lock_key",
         "name",
         "owner",
-        "payload",
         "run_at",
         "session_id",
         "session_owner",
@@ -94,7 +93,7 @@ class LiveTask:
     )
 
     def __init__(self, task_id: str, name: str, state: str, attempts: int, lock_key: str | None,
-                 session_id: str | None, session_owner: str | None, payload: bytes | None,
+                 session_id: str | None, session_owner: str | None,
                  owner: str | None = None, blocked: bool = False, run_at: float | None = None) -> None:
         self.id = task_id
         self.name = name
@@ -103,7 +102,6 @@ class LiveTask:
         self.lock_key = lock_key
         self.session_id = session_id
         self.session_owner = session_owner
-        self.payload = payload
         self.actor: ActorProcess | None = None
         self.waiters: list[tuple[bytes, int]] = []
         self.owner = owner  # the slot that owns the lock key (and runs the task)
@@ -544,7 +542,7 @@ class Supervisor:
         held: set[str] = set()
         for row in self.store.live_tasks():
             task = LiveTask(row["id"], row["name"], row["state"], row["attempts"], row["lock_key"],
-                            row["session_id"], row["session_owner"], None, run_at=row["run_at"])
+                            row["session_id"], row["session_owner"], run_at=row["run_at"])
             spec = self.app.tasks.get(task.name)
             if spec is None:
                 self.store.finish(task.id, task.session_id, "FAILED", None,
@@ -617,6 +615,10 @@ class Supervisor:
             self.app.get_task(item[1])
             if len(frame) > self.app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
+        if len(self.live) + len(msg.items) > self.app.max_queued:
+            raise Backpressure(
+                f"{len(self.live)} tasks are queued, scheduled or running and this submit adds "
+                f"{len(msg.items)}: over max_queued={self.app.max_queued}; retry later or raise App(max_queued=...)")
         self._submit(PendingSubmit(ident, msg.req, len(msg.items)), msg.items, payload)
 
     def _submit(self, pending: PendingSubmit, items: list[list[Any]], payload: Frames) -> None:
@@ -650,7 +652,7 @@ class Supervisor:
         for task_id in self.store.insert_tasks(rows):
             row = by_id[task_id]
             task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5],
-                            None if row[2] == "SCHEDULED" else row[6], owner=slot, blocked=blocked, run_at=row[8])
+                            owner=slot, blocked=blocked, run_at=row[8])
             self.live[task_id] = task
             if not blocked:
                 self._queue(task, row[8])
@@ -818,10 +820,14 @@ class Supervisor:
                     self._poll_events(ident, req, key, after)
 
     def _prune_events(self) -> None:
+        """Retention: old events, and finished tasks past the app's result_ttl."""
         removed = self.store.prune_events(time.time() - EVENT_RETENTION, EVENT_MAX_ROWS)
+        if self.app.result_ttl is not None:
+            removed += self.store.prune_finished(time.time() - self.app.result_ttl)
         if removed:
-            log.info("event retention: removed %d old events", removed)
-        self._add_timer(EVENT_PRUNE_INTERVAL, self._prune_events)
+            log.info("retention: removed %d old events and finished tasks", removed)
+        self._add_timer(max(0.5, min(EVENT_PRUNE_INTERVAL, self.app.result_ttl or EVENT_PRUNE_INTERVAL)),
+                        self._prune_events)
 
     def _on_inject_crash(self, ident: bytes, msg: messages.InjectCrash, payload: Frames) -> None:
         self.app.get_task(msg.name)
@@ -982,8 +988,7 @@ class Supervisor:
         task.actor = proc
         proc.running[task.id] = task.attempts
         self.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
-        payload = task.payload if task.payload is not None else self.store.args(task.id)
-        task.payload = None  # the store has it; keep RAM flat while it runs
+        payload = self.store.args(task.id)  # arguments live in the store only: RAM stays flat
         crash = task.attempts in self.crash_plan.get(task.name, ())
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
         run = messages.Run(task.id, task.attempts, task.name, task.session_id, task.session_owner,

@@ -1,0 +1,149 @@
+"""Reliability and hostile input: backpressure, retention, graceful stop under load, fuzzed peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import capsule_actors as cpsl
+from capsule_actors import messages
+from capsule_actors.errors import ProtocolError
+from capsule_actors.transport import read_runtime_file
+from conftest import wait_until
+
+app = cpsl.App("reliable")
+small = cpsl.App("small", max_queued=5)
+short_lived = cpsl.App("short", result_ttl=1.0)
+
+
+async def _gated(gate: str) -> str:
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return "opened"
+
+
+gated = small.task(name="gated")(_gated)
+
+
+@short_lived.task
+async def quick(x: int) -> int:
+    return x
+
+
+@app.task
+async def nap(i: int) -> int:
+    await asyncio.sleep(0.3)
+    return i
+
+
+def test_backpressure_when_max_queued_is_reached(start, tmp_path):
+    rt = start(small)
+    gate = tmp_path / "gate"
+    handles = [gated.submit(str(gate)) for _ in range(5)]
+    before = rt.status()["tasks"]
+    with pytest.raises(cpsl.Backpressure, match="max_queued=5"):
+        gated.submit(str(gate))
+    with pytest.raises(cpsl.Backpressure):
+        gated.map([(str(gate),), (str(gate),)])
+    assert rt.status()["tasks"] == before  # nothing recorded
+    gate.touch()
+    assert [h.result(timeout=30) for h in handles] == ["opened"] * 5
+    assert gated.submit(str(gate)).result(timeout=30) == "opened"  # serving again
+
+
+def test_finished_tasks_are_pruned_after_result_ttl(start):
+    start(short_lived)
+    h = quick.submit(3)
+    assert h.result(timeout=30) == 3
+    def gone() -> bool:
+        try:
+            cpsl.TaskHandle.from_id(short_lived, h.id)
+        except cpsl.UnknownTask:
+            return True
+        return False
+    wait_until(gone, timeout=15)
+
+
+def test_sigterm_with_a_thousand_tasks_in_flight_loses_nothing(state_dir):
+    from capsule_actors import testing
+
+    with testing.start_runtime(app, state_dir, workers=2, grace=2.0) as rt:
+        handles = nap.map(list(range(1000)))
+        wait_until(lambda: rt.status()["tasks"].get("RUNNING", 0) > 50)
+        code = rt.stop()
+        assert code == 0
+    # every acknowledged task is either done or waiting for the next start
+    with testing.start_runtime(app, state_dir, workers=2) as rt:
+        results = [h.result(timeout=60) for h in handles]
+        assert results == list(range(1000))
+        assert rt.status()["tasks"] == {"SUCCEEDED": 1000}
+
+
+# ---- hostile input -----------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decode_of_random_bytes_never_crashes(raw):
+    try:
+        msg = messages.decode(raw)
+    except ProtocolError:
+        return
+    assert isinstance(msg, messages.Message)
+
+
+header_items = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
+                            | st.floats(allow_nan=False) | st.text(max_size=8)
+                            | st.binary(max_size=8), lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=60), st.lists(header_items, max_size=8))
+def test_decode_of_plausible_headers_validates_every_field(op, fields):
+    raw = msgpack.packb([op, *fields], use_bin_type=True)
+    try:
+        msg = messages.decode(raw)
+    except ProtocolError:
+        return
+    # whatever passed validation round-trips exactly
+    assert messages.decode(msg.encode()) == msg
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+def test_hostile_frames_on_both_sockets_leave_the_runtime_serving(hostile_runtime, frames):
+    endpoints, ctx = hostile_runtime
+    for address in endpoints:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            sock.connect(address)
+            sock.send_multipart(frames)
+            sock.send_multipart([messages.Submit(1, [["x" * 32, "nap", None, None, None, None]]).encode()])
+        finally:
+            sock.close(0)
+    assert nap.submit(1).result(timeout=30) == 1
+
+
+@pytest.fixture(scope="module")
+def hostile_runtime(tmp_path_factory):
+    from capsule_actors import testing
+
+    state = Path(tmp_path_factory.mktemp("h")) / "s"
+    with testing.start_runtime(app, state, workers=1) as rt:
+        info = read_runtime_file(rt.state_dir)
+        assert info is not None
+        ctx = zmq.Context()
+        try:
+            yield (info.client, info.actor), ctx
+            assert read_runtime_file(rt.state_dir).pid == info.pid  # never crashed
+        finally:
+            ctx.term()
