@@ -74,10 +74,11 @@ class ClockActor:
             self.sent.update(dict.fromkeys(due, mono))
         if len(rows) == DUE_BATCH:
             return 0.0
-        if rows:  # handed over, waiting for the supervisor to take them
-            return RESEND_AFTER
-        row = self.db.execute("SELECT min(run_at) FROM tasks WHERE state='SCHEDULED'").fetchone()
-        return max(0.0, row[0] - now) if row and row[0] is not None else MAX_SLEEP
+        # the next one not due yet; handed-over ones are looked at again if not taken in time
+        row = self.db.execute("SELECT min(run_at) FROM tasks WHERE state='SCHEDULED' AND run_at > ?",
+                              (now,)).fetchone()
+        wait = max(0.0, row[0] - now) if row and row[0] is not None else MAX_SLEEP
+        return min(wait, RESEND_AFTER) if rows else wait
 
     async def _heartbeat(self) -> None:
         while True:  # liveness for the supervisor, not a poll: the clock's work waits on deadlines
