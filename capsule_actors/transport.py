@@ -129,9 +129,13 @@ class RuntimeFile:
 def write_runtime_file(state_dir: Path, info: RuntimeFile) -> None:
     """Atomically replace supervisor.json (mode 0600)."""
     tmp = state_dir / f".{RUNTIME_FILE}.{os.getpid()}"
-    with private_umask():
-        tmp.write_text(info.to_json())
-    os.replace(tmp, state_dir / RUNTIME_FILE)
+    try:
+        with private_umask():
+            tmp.write_text(info.to_json())
+        os.replace(tmp, state_dir / RUNTIME_FILE)
+    except OSError as exc:  # read-only or full: say so, leave nothing half-written
+        tmp.unlink(missing_ok=True)
+        raise StateDirError(f"cannot write {str(state_dir / RUNTIME_FILE)!r}: {exc.strerror}") from None
 
 
 def read_runtime_file(state_dir: Path) -> RuntimeFile | None:
