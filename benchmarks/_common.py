@@ -309,6 +309,153 @@ class Floor:
         return [cloudpickle.loads(results.pop(r)) for r in reqs]
 
 
+# ---- process trees, deadlines, a throwaway redis-server (dedup.py, crash_recovery.py) -----------
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``pid`` and every descendant of it (found with psutil), children first."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def stop_tree(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
+    """SIGTERM to ``proc``, SIGKILL to it and to every descendant after ``grace``; reaps ``proc``.
+
+    Descendants are listed before the SIGTERM, so children that outlive their parent (reparented
+    to init) are still found and killed."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    kill_tree(proc.pid)
+    for kid in kids:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            kid.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Watchdog:
+    """A hard limit on a whole benchmark run, for calls that take no timeout.
+
+    After ``seconds`` it runs the registered cleanups (stopping child processes by pid), prints
+    what ran over and ends this process with exit code 2. ``cancel()`` (or leaving ``with``)
+    disarms it."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        import threading
+
+        self.what = what
+        self.seconds = seconds
+        self.cleanups: list[Callable[[], object]] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def on_expire(self, fn: Callable[[], object]) -> None:
+        self.cleanups.append(fn)
+
+    def _expire(self) -> None:
+        print(f"{self.what}: over its hard limit of {self.seconds:g} s; stopping everything",
+              file=sys.stderr, flush=True)
+        for fn in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                fn()
+        os._exit(2)
+
+
+class RedisServer:
+    """``redis-server`` on 127.0.0.1 and a free port, no persistence; stopped by pid on exit."""
+
+    def __init__(self, start_timeout: float = 10.0) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("redis-server") is not None
+
+    def __enter__(self) -> RedisServer:
+        import socket
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        deadline = Deadline(self.start_timeout, "starting redis-server")
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+                deadline.left()
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+
+
+def stats_ms(values: Sequence[float]) -> tuple[float, float, float]:
+    """(p50, p99, max) of durations in seconds, in milliseconds."""
+    ms = [v * 1000.0 for v in values]
+    return percentile(ms, 50), percentile(ms, 99), max(ms)
+
+
+def print_package(pkg_dir: Path) -> None:
+    """Say which copy of the package runs, and warn when the supervisor may run another one: it is
+    started with ``python -m`` from the current directory, which comes first on its sys.path."""
+    here = Path.cwd() / pkg_dir.name
+    print(f"{pkg_dir.name} from {pkg_dir}")
+    if here.is_dir() and here.resolve() != pkg_dir.resolve():
+        print(f"warning: {here} exists too; the supervisor and actors (python -m, started in this "
+              f"directory) import that copy first")
+
+
 if __name__ == "__main__":
     role = sys.argv[1]
     if role == "router":

@@ -49,7 +49,8 @@ class Runtime:
         except Exception as exc:
             raise errors.SerializationError(f"the app's tasks cannot be pickled: {exc!r}") from exc
         ready_r, ready_w = os.pipe()
-        cmd = [sys.executable, "-m", "capsule_actors.supervisor", "--state-dir", str(self.state_dir),
+        # -P: no current directory first on sys.path, so the child imports the same package as us
+        cmd = [sys.executable, "-P", "-m", "capsule_actors.supervisor", "--state-dir", str(self.state_dir),
                "--ready-fd", str(ready_w), "--parent", str(os.getpid()), "--grace", str(self.grace)]
         if self.workers:
             cmd += ["--workers", str(self.workers)]

@@ -103,7 +103,7 @@ class ActorTemplate:
     def __init__(self, registry: bytes, env_path: list[str], spawn_timeout: float = 30.0) -> None:
         out_r, out_w = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in env_path if p))
-        cmd = [sys.executable, "-m", "capsule_actors.actors.template", "--parent", str(os.getpid()),
+        cmd = [sys.executable, "-P", "-m", "capsule_actors.actors.template", "--parent", str(os.getpid()),
                "--out-fd", str(out_w)]
         try:
             self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(out_w,), env=env)

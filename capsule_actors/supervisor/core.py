@@ -165,6 +165,7 @@ class Supervisor:
         self.outbox: list[tuple[zmq.Socket, Frames]] = []  # type: ignore[type-arg]
         self.stopping = False
         self.started_attempts = 0
+        self.finished: collections.Counter[str] = collections.Counter()
         self.lazy_commit_at: float | None = None
         self.started_at = time.time()
         self.announced_ready = False
@@ -183,6 +184,8 @@ class Supervisor:
             self.store.register_schedules(((s.name, s.cron, s.tz) for s in self.app.schedules.values()), time.time())
             self._recover()
             self.store.commit()
+            self.finished = collections.Counter(
+                {k: v for k, v in self.store.counts().items() if k in ("SUCCEEDED", "FAILED", "CANCELLED")})
             self._start_template()
             for spec in self.specs:
                 self._start_actor(spec)
@@ -762,9 +765,16 @@ class Supervisor:
                            "rss": psutil.Process().memory_info().rss, "endpoint": self.client_addr,
                            "live_tasks": len(self.live)},
             "actors": actors,
-            "tasks": self.store.counts(),
+            "tasks": self._task_counts(),
         }
         self._reply(ident, msg.req, True, body)
+
+    def _task_counts(self) -> dict[str, int]:
+        """Tasks per state, without scanning the table: live ones from memory, finished ones
+        counted as they finish."""
+        counts = collections.Counter(task.state for task in self.live.values())
+        counts.update(self.finished)
+        return {state: n for state, n in counts.items() if n}
 
     def _on_events(self, ident: bytes, msg: messages.Events, payload: Frames) -> None:
         if msg.task_id not in self.live and self.store.info(msg.task_id) is None:
@@ -823,7 +833,11 @@ class Supervisor:
         """Retention: old events, and finished tasks past the app's result_ttl."""
         removed = self.store.prune_events(time.time() - EVENT_RETENTION, EVENT_MAX_ROWS)
         if self.app.result_ttl is not None:
-            removed += self.store.prune_finished(time.time() - self.app.result_ttl)
+            pruned = self.store.prune_finished(time.time() - self.app.result_ttl)
+            if pruned:  # rare: recount the finished tasks rather than track each pruned state
+                self.finished = collections.Counter({k: v for k, v in self.store.counts().items()
+                                                     if k in ("SUCCEEDED", "FAILED", "CANCELLED")})
+            removed += pruned
         if removed:
             log.info("retention: removed %d old events and finished tasks", removed)
         self._add_timer(max(0.5, min(EVENT_PRUNE_INTERVAL, self.app.result_ttl or EVENT_PRUNE_INTERVAL)),
@@ -1047,6 +1061,7 @@ class Supervisor:
 
     def _finish(self, task: LiveTask, state: str, result: bytes, error: tuple[str, str, str] | None) -> None:
         self.store.finish(task.id, task.session_id, state, result or None, error, time.time())
+        self.finished[state] += 1
         self.live.pop(task.id, None)
         task.state = state
         if task.lock_key is not None and task.id not in self.abandoned_keys:
