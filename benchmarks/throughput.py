@@ -81,11 +81,14 @@ def run_submit_loop(n: int, deadline: Deadline) -> Run:
     return t2 - t0, t1 - t0
 
 
-def _run_map(task: cpsl.Task[Any, Any], n: int, deadline: Deadline, what: str) -> Run:
+def _run_map(task: cpsl.Task[Any, Any], n: int, deadline: Deadline, what: str, bulk: bool = False) -> Run:
     t0 = time.perf_counter()
     handles = task.map(range(n))
     t1 = time.perf_counter()
-    results = [h.result(timeout=deadline.left()) for h in handles]
+    if bulk:
+        results = cpsl.wait_all(handles, timeout=deadline.left())
+    else:
+        results = [h.result(timeout=deadline.left()) for h in handles]
     t2 = time.perf_counter()
     _check(results, n, what)
     return t2 - t0, t1 - t0
@@ -95,8 +98,12 @@ def run_map(n: int, deadline: Deadline) -> Run:
     return _run_map(noop, n, deadline, "map()")
 
 
+def run_map_bulk(n: int, deadline: Deadline) -> Run:
+    return _run_map(noop, n, deadline, "map() + wait_all()", bulk=True)
+
+
 def run_process_map(n: int, deadline: Deadline) -> Run:
-    return _run_map(pnoop, n, deadline, "process=True map()")
+    return _run_map(pnoop, n, deadline, "process=True map()", bulk=True)
 
 
 def run_asubmit(n: int, deadline: Deadline) -> Run:
@@ -142,8 +149,9 @@ def run_floor_pipelined(floor: Floor, n: int, deadline: Deadline) -> Run:
 VARIANTS: list[tuple[str, str, Callable[[int, Deadline], Run]]] = [
     ("A", "submit() loop, then results", run_submit_loop),
     ("B", "map() one batch, then results", run_map),
+    ("B2", "map() one batch, wait_all()", run_map_bulk),
     ("C", "asubmit() x N gather, then awaited", run_asubmit),
-    ("D", "process=True map(), then results", run_process_map),
+    ("D", "process=True map(), wait_all()", run_process_map),
 ]
 
 
