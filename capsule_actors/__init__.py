@@ -10,11 +10,27 @@
         print(build_report.submit(7).result())
 """
 
+from . import ui
 from .app import App, Backoff, Task, default_app, schedule, task
-from .errors import (AlreadyRunning, CapsuleError, CapsuleInternalError, ConfigError, LockConflict,
-                     NotRunning, ProtocolError, SerializationError, StateDirError, TaskCancelled,
-                     TaskError, TaskFailed, TaskTimeout, UnknownTask, WorkerCrashed)
-from .handle import TaskEvent, TaskHandle, TaskInfo, TaskState
+from .errors import (
+                     AlreadyRunning,
+                     Backpressure,
+                     CapsuleError,
+                     CapsuleInternalError,
+                     ConfigError,
+                     LockConflict,
+                     NotRunning,
+                     ProtocolError,
+                     SerializationError,
+                     StateDirError,
+                     TaskCancelled,
+                     TaskError,
+                     TaskFailed,
+                     TaskTimeout,
+                     UnknownTask,
+                     WorkerCrashed,
+)
+from .handle import TaskEvent, TaskHandle, TaskInfo, TaskState, await_all, wait_all
 from .runtime import Runtime
 from .session import Session, current_session
 
@@ -24,11 +40,11 @@ __all__ = [
     # declaring and running
     "App", "Task", "Backoff", "Runtime", "default_app", "task", "schedule",
     # handles and records
-    "TaskHandle", "TaskInfo", "TaskState", "TaskEvent",
-    # sessions
-    "Session", "current_session",
+    "TaskHandle", "TaskInfo", "TaskState", "TaskEvent", "wait_all", "await_all",
+    # sessions and task UI
+    "Session", "current_session", "ui",
     # errors
     "CapsuleError", "ConfigError", "SerializationError", "NotRunning", "AlreadyRunning",
-    "StateDirError", "UnknownTask", "LockConflict", "ProtocolError", "TaskError", "TaskFailed",
+    "StateDirError", "UnknownTask", "LockConflict", "Backpressure", "ProtocolError", "TaskError", "TaskFailed",
     "TaskCancelled", "WorkerCrashed", "TaskTimeout", "CapsuleInternalError",
 ]

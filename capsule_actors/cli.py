@@ -4,12 +4,15 @@ transport.resolve_state_dir only."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
 import json
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from . import messages
 from .app import App
 from .client import Connection
 from .errors import CapsuleError, ConfigError
+from .session import Session
 from .transport import resolve_state_dir
 
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
@@ -81,12 +85,92 @@ def cmd_submit(args: argparse.Namespace) -> int:
         app._state_dir_override = resolve_state_dir(args.state_dir)
     task = app.get_task(args.task)
     pos, kw = _parse_args_json(args.args_json)
-    handle = task.submit(*pos, **kw)
+    session = Session(args.session) if args.session else None
+    handle = task.submit(*pos, session=session, **kw)
     if not args.wait:
         print(handle.id)
         return 0
-    print(json.dumps(handle.result(timeout=args.timeout), default=repr))
+    bar = _ProgressBar(handle, sys.stderr) if sys.stderr.isatty() else None
+    try:
+        value = handle.result(timeout=args.timeout)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps(value, default=repr))
     return 0
+
+
+class _ProgressBar:
+    """``submit --wait`` on a terminal: one line on stderr, fed by the task's events
+    (``session.report_progress`` needs a session: ``--session ID``), redrawn 5 times a second."""
+
+    def __init__(self, handle: Any, stream: Any) -> None:
+        from .ui.card import format_duration, progress_bar
+
+        self._bar, self._duration = progress_bar, format_duration
+        self.handle, self.stream = handle, stream
+        self.state, self.fraction, self.message = "QUEUED", None, ""
+        self.started: float | None = None
+        self._t0 = time.monotonic()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._follower = threading.Thread(target=self._follow, name="capsule-progress-events", daemon=True)
+        self._follower.start()
+        self._ticker = threading.Thread(target=self._tick, name="capsule-progress", daemon=True)
+        self._ticker.start()
+
+    def _follow(self) -> None:
+        try:
+            for event in self.handle.events():
+                with self._lock:
+                    if event.kind == "state":
+                        self.state = event.data.get("state", self.state)
+                        if self.state == "RUNNING" and self.started is None:
+                            self.started = time.monotonic()
+                    elif event.kind == "progress":
+                        self.fraction = event.data.get("fraction")
+                        self.message = event.data.get("message") or ""
+        except Exception:  # the connection closes when the command exits
+            return
+
+    def _line(self) -> str:
+        with self._lock:
+            fraction = 1.0 if self.state == "SUCCEEDED" and self.fraction is None else self.fraction
+            pct = "  ?%" if fraction is None else f"{round(fraction * 100):3d}%"
+            since = self.started if self.started is not None else self._t0
+            line = (f"{self._bar(fraction, 30, unicode=True)} {pct}  {self.state.lower()}  "
+                    f"{self._duration(time.monotonic() - since)}")
+            if self.message:
+                line += f"  {self.message}"
+        return line[: max(20, _terminal_width(self.stream) - 1)]
+
+    def _draw(self, end: str = "") -> None:
+        self.stream.write("\r\x1b[2K" + self._line() + end)
+        self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._done.wait(0.2):
+            self._draw()
+
+    def close(self) -> None:
+        self._follower.join(1.0)  # it ends by itself after the terminal event
+        self._done.set()
+        self._ticker.join(1.0)
+        with contextlib.suppress(Exception):
+            final = self.handle.info()
+            with self._lock:
+                self.state = final.state.value
+                if final.progress is not None:
+                    self.fraction = final.progress
+        self._draw("\n")
+
+
+def _terminal_width(stream: Any) -> int:
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        columns = 0
+    return columns if columns > 0 else 100
 
 
 def _ask(args: argparse.Namespace, make: Any) -> Any:
@@ -102,10 +186,60 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+_ANSI = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35",
+         "cyan": "36"}
+STATE_COLORS = {"QUEUED": "dim", "SCHEDULED": "magenta", "RUNNING": "blue", "SUCCEEDED": "green",
+                "FAILED": "red", "CANCELLED": "yellow"}
+ACTOR_COLORS = {"ready": "green", "starting": "yellow", "stopping": "yellow", "restarting": "red", "down": "red"}
+
+
+def use_color(stream: Any) -> bool:
+    """Colors on a terminal only; NO_COLOR turns them off, FORCE_COLOR on (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+
+
+def _paint(text: str, color: str | None, on: bool) -> str:
+    return f"\x1b[{_ANSI[color]}m{text}\x1b[0m" if on and color and text else text
+
+
+def _table(rows: list[list[str]], header: list[str], *, colors: list[dict[str, str] | None] | None = None,
+           right: tuple[int, ...] = (), color: bool = False, max_width: int | None = None) -> str:
+    """Aligned columns (two spaces apart). Widths are computed on the plain text, then cells are
+    colored (``colors[i]`` maps a cell's value to a color); numbers in ``right`` align right.
+    With ``max_width`` the last column is cut to fit."""
+    rows = [[str(c) for c in row] for row in rows]
+    if max_width is not None and rows:
+        fixed = sum(max(len(c) for c in col) + 2 for col in list(zip(header, *rows))[:-1])
+        room = max(12, max_width - fixed)
+        rows = [[*row[:-1], row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"] for row in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    lines = []
+    for n, row in enumerate([header, *rows]):
+        cells = []
+        for i, (cell, width) in enumerate(zip(row, widths)):
+            pad = " " * (width - len(cell))
+            table_colors = colors[i] if colors and n else None
+            painted = _paint(cell, "bold" if n == 0 else (table_colors or {}).get(cell), color)
+            cells.append(pad + painted if i in right and n else painted + pad)
+        lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{round(value * 100)}%"
+
+
+def _elapsed(t: dict[str, Any]) -> str:
+    from .ui.card import format_duration
+
+    if not t.get("started_at"):
+        return "-"
+    return format_duration((t.get("finished_at") or time.time()) - t["started_at"])
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -114,9 +248,15 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
-    rows = [[t["id"], t["name"], t["state"], str(t["attempts"]), _when(t["created_at"]), t["lock_key"] or "-",
+    color = use_color(sys.stdout)
+    rows = [[t["id"], t["name"], t["state"], str(t["attempts"]), _pct(t.get("progress")), _when(t["created_at"]),
+             _elapsed(t), t["lock_key"] or "-",
              f"{t['error_type']}: {t['error_message']}" if t["error_type"] else ""] for t in body]
-    print(_table(rows, ["ID", "NAME", "STATE", "ATTEMPTS", "CREATED", "LOCK", "ERROR"]))
+    header = ["ID", "NAME", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "ELAPSED", "LOCK", "ERROR"]
+    colors: list[dict[str, str] | None] = [None] * len(header)
+    colors[2] = STATE_COLORS
+    width = _terminal_width(sys.stdout) if sys.stdout.isatty() else None
+    print(_table(rows, header, colors=colors, right=(3, 4, 6), color=color, max_width=width))
     return 0
 
 
@@ -125,14 +265,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
+    color = use_color(sys.stdout)
     sup = body["supervisor"]
-    print(f"supervisor pid {sup['pid']} {sup['state']} since {_when(sup['started_at'])}  "
+    state = _paint(sup["state"], "green" if sup["state"] == "running" else "yellow", color)
+    print(f"supervisor pid {sup['pid']} {state} since {_when(sup['started_at'])}  "
           f"rss {sup['rss'] // 2**20} MiB  state dir {sup['state_dir']}")
-    print("tasks: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(body["tasks"].items())) or "none"))
+    counts = sorted(body["tasks"].items(), key=lambda kv: STATES.index(kv[0]) if kv[0] in STATES else 99)
+    print("tasks: " + (", ".join(f"{_paint(k.lower(), STATE_COLORS.get(k), color)} {v}" for k, v in counts)
+                       or "none"))
     rows = [[a["slot"], a["role"], str(a["pid"] or "-"), a["state"], str(a["restarts"]),
              f"{a['rss'] // 2**20} MiB" if a["rss"] else "-", str(a["running"]), a["last_exit"] or "-"]
             for a in body["actors"]]
-    print(_table(rows, ["SLOT", "ROLE", "PID", "STATE", "RESTARTS", "RSS", "RUNNING", "LAST EXIT"]))
+    colors: list[dict[str, str] | None] = [None] * 8
+    colors[3] = ACTOR_COLORS
+    print(_table(rows, ["SLOT", "ROLE", "PID", "STATE", "RESTARTS", "RSS", "RUNNING", "LAST EXIT"],
+                 colors=colors, right=(2, 4, 5, 6), color=color))
     return 0
 
 
@@ -140,6 +287,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     body = _ask(args, lambda req: messages.Cancel(req, args.id))
     print("cancelled" if body else "already finished")
     return 0 if body else 1
+
+
+def cmd_board(args: argparse.Namespace) -> int:
+    from .ui.board import TaskBoard
+
+    board = TaskBoard(_state_dir(args), port=args.port)
+
+    def ready(url: str) -> None:
+        print(f"capsule-actors board for {board.state_dir}\n"
+              f"    {url}\n"
+              "(the token in this URL is the board's password; Ctrl-C stops the board)", flush=True)
+
+    board.run(on_ready=ready)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args_json", metavar="ARGS_JSON", nargs="?", help="JSON array (positional) or object")
     p.add_argument("--wait", action="store_true", help="wait for the result and print it as JSON")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    p.add_argument("--session", metavar="ID",
+                   help="bind the task to this session (its report_progress feeds the --wait progress bar)")
     p.set_defaults(func=cmd_submit)
     p = add("tasks", "list tasks, newest first")
     p.add_argument("--status", choices=[s.lower() for s in STATES] + list(STATES), help="only tasks in this state")
@@ -177,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cancel", "cancel one task")
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=cmd_cancel)
+    p = add("board", "serve the live task board on 127.0.0.1 (prints its URL with the access token)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 = any free port)")
+    p.set_defaults(func=cmd_board)
     return parser
 
 

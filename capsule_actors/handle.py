@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import enum
+import functools
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -265,15 +266,34 @@ class SessionSubscription:
                 yield TaskEvent(**e)
 
 
+def _wait_for(task_id: str, req: int) -> messages.Message:
+    return messages.Wait(req, task_id)
+
+
 def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[Any]:
-    """Results of many handles in order (a convenience for scripts and tests)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    out = []
-    for h in handles:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        out.append(h.result(timeout=left))
-    return out
+    """Results of many handles, in order, with their waits pipelined: one request per task
+    goes out at once, so N results cost about one round trip instead of N.
+
+    Raises the first failed task's error (like ``result()``), or TimeoutError past ``timeout``.
+    """
+    pending = [h for h in handles if h._final is None]
+    if pending:
+        conn = pending[0]._conn
+        futures = [(h, conn.request(functools.partial(_wait_for, h.id))) for h in pending]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for h, fut in futures:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                h._final = conn.wait_reply(fut, left)
+        except concurrent.futures.TimeoutError:
+            for h, fut in futures:
+                if h._final is None:
+                    conn.forget(fut)
+            raise TimeoutError(f"{sum(h._final is None for h in pending)} tasks did not finish "
+                               f"within {timeout} s") from None
+    return [h.result() for h in handles]
 
 
 async def await_all(handles: list[TaskHandle]) -> list[Any]:
+    """``wait_all`` for asyncio: every wait is in flight at once."""
     return list(await asyncio.gather(*handles))

@@ -441,3 +441,21 @@ def test_schedule_needs_exactly_one_of_delay_and_at():
         add.schedule(1, 2)
     with pytest.raises(cpsl.ConfigError):
         add.schedule(1, 2, delay=1.0, at=dt.datetime.now(dt.timezone.utc))
+
+
+def test_wait_all_pipelines_the_waits_and_keeps_order(start, tmp_path):
+    start(app, workers=2)
+    handles = square.map(list(range(300)))
+    assert cpsl.wait_all(handles, timeout=60) == [n * n for n in range(300)]
+    # a task still running makes wait_all time out, naming how many are left
+    gate = tmp_path / "gate"
+    slow = gated.submit(str(gate), 1)
+    with pytest.raises(TimeoutError, match="1 tasks"):
+        cpsl.wait_all([add.submit(1, 1), slow], timeout=0.5)
+    gate.touch()
+    assert cpsl.wait_all([slow], timeout=30) == [1]
+
+    async def together() -> list[int]:
+        return await cpsl.await_all(square.map([2, 3]))
+
+    assert asyncio.run(together()) == [4, 9]

@@ -28,7 +28,15 @@ import zmq
 
 from .. import messages
 from ..app import App, new_task_id
-from ..errors import AlreadyRunning, Backpressure, CapsuleError, CapsuleInternalError, ProtocolError, StateDirError, WorkerCrashed
+from ..errors import (
+    AlreadyRunning,
+    Backpressure,
+    CapsuleError,
+    CapsuleInternalError,
+    ProtocolError,
+    StateDirError,
+    WorkerCrashed,
+)
 from ..store import Store
 from ..transport import (
     DB_FILE,
