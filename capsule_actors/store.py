@@ -207,7 +207,7 @@ class Store:
         self._any_event = True
         if session_id is not None:
             self._touched_sessions.add(session_id)
-        if kind == "state" and task_id in self._cards:
+        if kind in ("state", "progress") and task_id in self._cards:
             self._update_cards(task_id, data)
         return int(cur.lastrowid or 0)
 

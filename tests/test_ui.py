@@ -571,3 +571,25 @@ def test_submit_wait_draws_a_progress_bar_on_a_terminal_only(start, state_dir):
     # piped stderr: no bar at all
     piped = cli("submit", "test_ui:app", "steps", "[2]", "--session", "cli-2", "--wait", state_dir=state_dir, cwd=TESTS)
     assert (piped.returncode, piped.stdout.strip(), piped.stderr) == (0, '"done"', "")
+
+
+def test_a_shown_card_follows_the_tasks_progress(start, tmp_path):
+    start(app)
+    gate = tmp_path / "gate"
+    target = gated.submit(str(gate), session=cpsl.Session("worker-session"))
+    wait_until(lambda: target.info().progress == 0.5)
+    shower.submit(target, session=cpsl.Session("chat-progress")).result(timeout=30)
+    target_steps = steps.submit(session=cpsl.Session("steps-session"))
+    shower.submit(target_steps, session=cpsl.Session("chat-progress")).result(timeout=30)
+    assert target_steps.result(timeout=30) == "done"
+    gate.touch()
+    target.result(timeout=30)
+    sub = iter(app.subscribe("chat-progress"))
+    cards: list[cpsl.TaskEvent] = []
+    wait_until(lambda: cards.append(next(sub)) or any(
+        c.kind == "card" and c.task_id == target.id and c.data["state"] == "SUCCEEDED" for c in cards), timeout=20)
+    progress = [c.data["progress"] for c in cards if c.kind == "card" and c.task_id == target_steps.id]
+    # the steps task's card got an update per progress report, each with the new fraction
+    assert [p for p in progress if p is not None][-1] == 1.0
+    assert len({p for p in progress if p is not None}) >= 2
+    assert next(c for c in cards if c.task_id == target.id and c.kind == "card").data["progress"] == 0.5

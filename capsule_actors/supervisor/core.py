@@ -927,12 +927,12 @@ class Supervisor:
                 return
             self.store.add_event(str(msg.data["card"]), task.session_id, "card", card)
             return
+        if msg.kind == "progress" and isinstance(msg.data.get("fraction"), (int, float)):
+            self.store.set_progress(task.id, float(msg.data["fraction"]))  # before: cards show it
         try:
             self.store.add_event(task.id, task.session_id, msg.kind, msg.data)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"Emit data is not JSON: {exc}") from None
-        if msg.kind == "progress" and isinstance(msg.data.get("fraction"), (int, float)):
-            self.store.set_progress(task.id, float(msg.data["fraction"]))
 
     def _on_hello(self, proc: ActorProcess) -> None:
         """Welcome the actor with the registry and the live keys of its slot (read from the
