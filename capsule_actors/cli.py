@@ -61,8 +61,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     state_dir = _state_dir(args, app)
     registry = cloudpickle.dumps(app, protocol=5)
-    return Supervisor(app, registry, state_dir, workers=args.workers,
-                      process_workers=args.process_workers, grace=args.grace).run()
+    keys = Path(args.keys).absolute() if args.keys else None
+    return Supervisor(app, registry, state_dir, workers=args.workers, process_workers=args.process_workers,
+                      grace=args.grace, bind_tcp=args.bind, keys_dir=keys).run()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .transport import make_keys
+
+    directory = make_keys(Path(args.dir).absolute())
+    print(f"CURVE keys written to {directory} (mode 0700):")
+    print(f"  supervisor:  capsule-actors run MODULE:APP --bind tcp://HOST:PORT --keys {directory}")
+    print(f"  clients:     CAPSULE_CONNECT=tcp://HOST:PORT CAPSULE_KEYS={directory} python app.py")
+    print("  a client needs server.key, client.key and client.key_secret; add more clients' public")
+    print(f"  keys to {directory / 'authorized'}/ to let them in.")
+    return 0
 
 
 def _parse_args_json(text: str | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -319,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker actors (default: the App's, else CPU count)")
     p.add_argument("--process-workers", type=int, help="process-isolated actors (default: CPU count)")
     p.add_argument("--grace", type=float, help="seconds running tasks get at a graceful stop (default: the App's)")
+    p.add_argument("--bind", metavar="tcp://HOST:PORT", help="also serve clients over TCP (CURVE keys required)")
+    p.add_argument("--keys", metavar="DIR", help="CURVE keys for --bind (default: STATE_DIR/keys)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("keys", help="generate the CURVE key pairs that --bind tcp://... and remote clients need")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_keys)
     p = add("submit", "submit a task; prints its id, or with --wait its result as JSON")
     p.add_argument("app", metavar="MODULE:APP")
     p.add_argument("task", metavar="TASK")

@@ -27,7 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import messages
 from .errors import NotRunning, ProtocolError
 from .handle import raise_reply_error
-from .transport import RuntimeFile, connect, read_runtime_file
+from .transport import RemoteEndpoint, RuntimeFile, connect, read_runtime_file
 
 log = logging.getLogger("capsule_actors.client")
 
@@ -50,7 +50,8 @@ class Connection:
     _shared_lock = threading.Lock()
 
     def __init__(self, state_dir: Path) -> None:
-        info = read_runtime_file(state_dir)
+        self._remote = RemoteEndpoint.from_env()
+        info = read_runtime_file(state_dir) if self._remote is None else self._remote.runtime_file()
         if info is None:
             raise not_running(state_dir)
         self.state_dir = state_dir
@@ -117,7 +118,7 @@ class Connection:
             except concurrent.futures.TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-            if must_run and not self.connected and read_runtime_file(self.state_dir) is None:
+            if must_run and not self.connected and self._remote is None and read_runtime_file(self.state_dir) is None:
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > 5.0:
                     self.forget(fut)
@@ -211,7 +212,8 @@ class Connection:
         sock.sndhwm = 0  # never drop or block a request; memory is bounded by the callers
         sock.rcvhwm = 0
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        connect(sock, self._info.client, self._info.server_public)
+        keys = (self._remote.client_public, self._remote.client_secret) if self._remote else None
+        connect(sock, self._info.client, self._info.server_public, keys)
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         return sock, monitor
@@ -260,6 +262,8 @@ class Connection:
 
     def _endpoint_moved(self) -> bool:
         """While disconnected, follow the supervisor to a new endpoint (tcp fallback ports)."""
+        if self._remote is not None:
+            return False  # a fixed tcp:// endpoint: ZeroMQ reconnects to it by itself
         info = read_runtime_file(self.state_dir)
         if info is None or (info.client, info.server_public) == (self._info.client, self._info.server_public):
             return False

@@ -101,14 +101,94 @@ def bind(sock: zmq.Socket, endpoint: Endpoint) -> str:  # type: ignore[type-arg]
     return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
 
-def connect(sock: zmq.Socket, address: str, server_public: str | None) -> None:  # type: ignore[type-arg]
-    """Connect ``sock``, as a CURVE client with a fresh key pair when the server needs one."""
+def connect(sock: zmq.Socket, address: str, server_public: str | None,  # type: ignore[type-arg]
+            client_keys: tuple[str, str] | None = None) -> None:
+    """Connect ``sock``; as a CURVE client when the server needs one, with ``client_keys``
+    (public, secret) when the server authorizes clients, else with a fresh key pair."""
     if server_public:
-        public, secret = zmq.curve_keypair()
+        public, secret = (k.encode() for k in client_keys) if client_keys else zmq.curve_keypair()
         sock.curve_serverkey = server_public.encode()
         sock.curve_publickey = public
         sock.curve_secretkey = secret
     sock.connect(address)
+
+
+SERVER_KEY = "server"
+CLIENT_KEY = "client"
+AUTHORIZED_DIR = "authorized"
+CONNECT_ENV = "CAPSULE_CONNECT"
+KEYS_ENV = "CAPSULE_KEYS"
+
+
+def make_keys(directory: Path) -> Path:
+    """``capsule-actors keys DIR``: a CURVE key pair for the supervisor's ``--bind tcp://`` and one
+    for a client, whose public key is authorized (DIR/authorized/). Refuses to overwrite keys."""
+    import zmq.auth
+
+    directory = ensure_state_dir(directory)
+    if (directory / f"{SERVER_KEY}.key_secret").exists():
+        raise StateDirError(f"{str(directory)!r} already holds keys; use an empty directory")
+    with private_umask():
+        zmq.auth.create_certificates(str(directory), SERVER_KEY)
+        zmq.auth.create_certificates(str(directory), CLIENT_KEY)
+        authorized = directory / AUTHORIZED_DIR
+        authorized.mkdir(mode=0o700, exist_ok=True)
+        (authorized / f"{CLIENT_KEY}.key").write_bytes((directory / f"{CLIENT_KEY}.key").read_bytes())
+    return directory
+
+
+def load_keys(directory: Path, name: str) -> tuple[str, str]:
+    """(public, secret) of the key pair ``name`` in ``directory``; StateDirError when missing."""
+    import zmq.auth
+
+    path = directory / f"{name}.key_secret"
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError):
+        raise StateDirError(
+            f"no CURVE key pair {str(path)!r}: create the keys with `capsule-actors keys {directory}`"
+        ) from None
+    if secret is None:
+        raise StateDirError(f"{str(path)!r} holds no secret key")
+    return public.decode(), secret.decode()
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteEndpoint:
+    """A supervisor reached over TCP with CURVE (``CAPSULE_CONNECT`` + ``CAPSULE_KEYS``)."""
+
+    address: str
+    server_public: str
+    client_public: str
+    client_secret: str
+
+    @classmethod
+    def from_env(cls) -> RemoteEndpoint | None:
+        address = os.environ.get(CONNECT_ENV)
+        if not address:
+            return None
+        keys = os.environ.get(KEYS_ENV)
+        if not keys:
+            raise StateDirError(
+                f"{CONNECT_ENV}={address} needs {KEYS_ENV}=DIR with the keys from `capsule-actors keys`")
+        server_public, _ = _public_only(Path(keys) / f"{SERVER_KEY}.key")
+        client_public, client_secret = load_keys(Path(keys), CLIENT_KEY)
+        return cls(address, server_public, client_public, client_secret)
+
+    def runtime_file(self) -> RuntimeFile:
+        """What a local client would read from supervisor.json, for this remote supervisor."""
+        return RuntimeFile(pid=0, client=self.address, actor="", server_public=self.server_public,
+                           started_at=0.0, state_dir="")
+
+
+def _public_only(path: Path) -> tuple[str, None]:
+    import zmq.auth
+
+    try:
+        public, _ = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError):
+        raise StateDirError(f"no CURVE public key {str(path)!r}: copy it from `capsule-actors keys DIR`") from None
+    return public.decode(), None
 
 
 @dataclasses.dataclass(frozen=True)

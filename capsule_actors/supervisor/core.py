@@ -33,6 +33,7 @@ from ..errors import (
     Backpressure,
     CapsuleError,
     CapsuleInternalError,
+    ConfigError,
     ProtocolError,
     StateDirError,
     WorkerCrashed,
@@ -79,6 +80,7 @@ LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next t
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 Frames = list[bytes]
+_REMOTE = b"\x01tcp:"  # prefix of remote client identities (local ROUTER identities start with 0)
 _NO_ARGS = pickle.dumps(((), {}), protocol=5)  # a scheduled firing's arguments (none)
 
 
@@ -135,13 +137,18 @@ class Supervisor:
 
     def __init__(self, app: App, registry: bytes, state_dir: Path, *, workers: int | None = None,
                  process_workers: int | None = None, grace: float | None = None,
-                 ready_fd: int | None = None) -> None:
+                 ready_fd: int | None = None, bind_tcp: str | None = None,
+                 keys_dir: Path | None = None) -> None:
         cpus = os.cpu_count() or 1
         self.app = app
         self.registry = registry
         self.state_dir = state_dir
         self.grace = app.grace if grace is None else grace
         self.ready_fd = ready_fd
+        self.bind_tcp = bind_tcp
+        self.keys_dir = keys_dir
+        self.remote_sock: zmq.Socket | None = None  # type: ignore[type-arg]
+        self.authenticator: Any = None
         n_workers = workers or app.workers or cpus
         n_process = process_workers or app.process_workers or cpus
         self.specs = [ChildSpec(f"w{i}", ROLE_WORKER, WORKER_CONCURRENCY, self.grace) for i in range(n_workers)]
@@ -225,6 +232,8 @@ class Supervisor:
         self.client_addr = bind(self.client_sock, client_ep)
         self.actor_addr = bind(self.actor_sock, actor_ep)
         self.server_public = client_ep.server_public
+        if self.bind_tcp:
+            self._bind_remote()
         self.sig_r, self.sig_w = socket.socketpair()
         self.sig_r.setblocking(False)
         self.sig_w.setblocking(False)
@@ -234,11 +243,38 @@ class Supervisor:
         self.poller = zmq.Poller()
         self.poller.register(self.client_sock, zmq.POLLIN)
         self.poller.register(self.actor_sock, zmq.POLLIN)
+        if self.remote_sock is not None:
+            self.poller.register(self.remote_sock, zmq.POLLIN)
         self.poller.register(self.sig_r.fileno(), zmq.POLLIN)
         write_runtime_file(self.state_dir, RuntimeFile(
             pid=os.getpid(), client=self.client_addr, actor=self.actor_addr,
             server_public=self.server_public, started_at=self.started_at, state_dir=str(self.state_dir)))
         log.info("supervisor pid %d serving %s on %s", os.getpid(), self.state_dir, self.client_addr)
+
+    def _bind_remote(self) -> None:
+        """``--bind tcp://H:P``: a second client socket, CURVE-encrypted, that only admits the
+        client keys in KEYS/authorized/ (checked by pyzmq's ZAP authenticator)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        from ..transport import AUTHORIZED_DIR, SERVER_KEY, load_keys
+
+        if not self.bind_tcp or not self.bind_tcp.startswith("tcp://"):
+            raise ConfigError(f"--bind {self.bind_tcp!r}: expected tcp://HOST:PORT")
+        keys = self.keys_dir or self.state_dir / "keys"
+        public, secret = load_keys(keys, SERVER_KEY)
+        authorized = keys / AUTHORIZED_DIR
+        if not authorized.is_dir() or not any(authorized.glob("*.key")):
+            raise StateDirError(f"no authorized client keys in {str(authorized)!r}: run `capsule-actors keys DIR`")
+        self.authenticator = ThreadAuthenticator(self.ctx)
+        self.authenticator.start()
+        self.authenticator.configure_curve(domain="*", location=str(authorized))
+        sock = self._router()
+        sock.curve_server = True
+        sock.curve_secretkey = secret.encode()
+        sock.curve_publickey = public.encode()
+        sock.bind(self.bind_tcp)
+        self.remote_sock = sock
+        log.info("remote clients: %s (CURVE, keys authorized in %s)", self.bind_tcp, authorized)
 
     def _take_lock(self) -> int:
         path = self.state_dir / LOCK_FILE
@@ -282,6 +318,10 @@ class Supervisor:
         if hasattr(self, "ctx"):
             self._flush()
             self.client_sock.close(linger=200)
+            if self.remote_sock is not None:
+                self.remote_sock.close(linger=200)
+            if self.authenticator is not None:
+                self.authenticator.stop()
             self.actor_sock.close(0)
             self.ctx.term()
             for addr in (self.client_addr, self.actor_addr):
@@ -332,6 +372,8 @@ class Supervisor:
             self._drain(self.actor_sock, self._on_actor)
         if self.client_sock in ready:
             self._drain(self.client_sock, self._on_client)
+        if self.remote_sock is not None and self.remote_sock in ready:
+            self._drain(self.remote_sock, self._on_remote_client)
         self._run_timers()
         self.store.commit()  # everything acknowledged below is durable
         self._answer_event_waiters()
@@ -390,7 +432,14 @@ class Supervisor:
             fn(*args)
 
     def _reply(self, ident: bytes, req: int, ok: bool, body: Any, frames: Frames = ()) -> None:  # type: ignore[assignment]
-        self.outbox.append((self.client_sock, [ident, messages.Reply(req, ok, body).encode(), *frames]))
+        sock = self.client_sock
+        if ident.startswith(_REMOTE) and self.remote_sock is not None:
+            sock, ident = self.remote_sock, ident[len(_REMOTE):]
+        self.outbox.append((sock, [ident, messages.Reply(req, ok, body).encode(), *frames]))
+
+    def _on_remote_client(self, frames: Frames) -> None:
+        """A request from the TCP socket: the same handlers, its identity marked for the reply."""
+        self._on_client([_REMOTE + frames[0], *frames[1:]])
 
     def _error(self, ident: bytes, req: int, exc: CapsuleError) -> None:
         self._reply(ident, req, False, [type(exc).__name__, str(exc)])
