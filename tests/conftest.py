@@ -43,6 +43,13 @@ def start(state_dir: Path) -> Iterator[Callable[..., cpsl.Runtime]]:
     Connection.close_all()
 
 
+@pytest.fixture(autouse=True)
+def _close_connections() -> Iterator[None]:
+    """No client connection (and its I/O thread) outlives a test."""
+    yield
+    Connection.close_all()
+
+
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Processes a test starts by hand; all are killed (with their children) at teardown."""

@@ -12,15 +12,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
 
-from capsule_actors.client import Connection
 from capsule_actors.transport import RUNTIME_FILE, pid_alive, read_runtime_file
 
-from conftest import cli, kill_tree, spawn_cli, wait_running, wait_until
+from conftest import cli, spawn_cli, wait_running, wait_until
 
 MODULE = textwrap.dedent('''
     import asyncio
@@ -49,11 +48,6 @@ MODULE = textwrap.dedent('''
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 
 
-@pytest.fixture(autouse=True)
-def _close_connections() -> Iterator[None]:
-    yield
-    Connection.close_all()
-
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
@@ -61,17 +55,6 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / "mod.py").write_text(MODULE)
     return tmp_path
 
-
-@pytest.fixture
-def services(procs: list[subprocess.Popen[bytes]]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Like ``procs``, and the pipes of every process are drained and closed at teardown."""
-    yield procs
-    for proc in procs:
-        kill_tree(proc.pid)
-        try:
-            proc.communicate(timeout=10)
-        except Exception:
-            pass
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 30.0) -> tuple[int, str]:
@@ -101,9 +84,9 @@ def tasks_json(state_dir: Path, project: Path, *extra: str) -> list[dict[str, An
     return json.loads(r.stdout)
 
 
-def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(services, project, state_dir):
+def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(procs, project, state_dir):
     # Given `capsule-actors run mod:app` in the background
-    run = spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
+    run = spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=project)
     info = wait_running(state_dir)
     assert info.pid == run.pid
 
@@ -175,9 +158,9 @@ def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(services, pr
     wait_until(lambda: not any(pid_alive(p) for p in children), timeout=10)
 
 
-def test_cancel_of_a_running_task_prints_cancelled(services, project, state_dir):
+def test_cancel_of_a_running_task_prints_cancelled(procs, project, state_dir):
     # Given a long task running under `capsule-actors run`
-    spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
+    spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=project)
     wait_running(state_dir)
     r = cli("submit", "mod:app", "slow", "[60]", state_dir=state_dir, cwd=project)
     assert r.returncode == 0, r.stderr
@@ -195,9 +178,9 @@ def test_cancel_of_a_running_task_prints_cancelled(services, project, state_dir)
     assert again.stdout.strip() != "cancelled"
 
 
-def test_second_run_refuses_while_the_first_serves_and_sigint_stops_it(services, project, state_dir):
+def test_second_run_refuses_while_the_first_serves_and_sigint_stops_it(procs, project, state_dir):
     # Given a running supervisor
-    first = spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=project)
+    first = spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=project)
     wait_running(state_dir)
     children = wait_until(lambda: len(actor_pids(first.pid)) == 4 and actor_pids(first.pid))
 

@@ -8,11 +8,10 @@ import os
 import pickle
 import sqlite3
 import stat
-import subprocess
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 import pytest
@@ -21,10 +20,9 @@ import zmq
 import capsule_actors as cpsl
 from capsule_actors import messages
 from capsule_actors.app import new_task_id
-from capsule_actors.client import Connection
 from capsule_actors.transport import DB_FILE, RUNTIME_FILE, read_runtime_file
 
-from conftest import kill_tree, spawn_cli, wait_running, wait_until
+from conftest import spawn_cli, wait_running, wait_until
 
 app = cpsl.App("files-test", workers=1, process_workers=1)
 
@@ -68,21 +66,6 @@ class WritesPidWhenUnpickled:
         return (exec, (code,))
 
 
-@pytest.fixture(autouse=True)
-def _close_connections() -> Iterator[None]:
-    yield
-    Connection.close_all()
-
-
-@pytest.fixture
-def services(procs: list[subprocess.Popen[bytes]]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    yield procs
-    for proc in procs:
-        kill_tree(proc.pid)
-        try:
-            proc.communicate(timeout=10)
-        except Exception:
-            pass
 
 
 def mode(path: Path) -> int:
@@ -142,7 +125,7 @@ class RawDealer:
 
 
 @pytest.mark.parametrize("existing_mode", [None, 0o755], ids=["created", "tightened-from-0755"])
-def test_state_dir_is_private_and_holds_the_runtime_files(services, tmp_path, state_dir, existing_mode):
+def test_state_dir_is_private_and_holds_the_runtime_files(procs, tmp_path, state_dir, existing_mode):
     # Given a state directory that does not exist yet, or exists with mode 0755
     if existing_mode is not None:
         state_dir.mkdir()
@@ -151,7 +134,7 @@ def test_state_dir_is_private_and_holds_the_runtime_files(services, tmp_path, st
     (tmp_path / "mod.py").write_text(MODULE)
 
     # When `capsule-actors run` starts on it
-    run = spawn_cli(services, "run", "mod:app", state_dir=state_dir, cwd=tmp_path)
+    run = spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=tmp_path)
     wait_running(state_dir)
 
     # Then the directory is 0700

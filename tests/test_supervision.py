@@ -27,7 +27,7 @@ from capsule_actors import messages, testing
 from capsule_actors.client import Connection
 from capsule_actors.transport import DB_FILE, pid_alive, read_runtime_file
 
-from conftest import ROOT, kill_tree, spawn_cli, wait_until
+from conftest import ROOT, spawn_cli, wait_until
 
 app = cpsl.App("supervision-test", workers=2, process_workers=1, grace=5.0)
 
@@ -130,22 +130,6 @@ CLIENT_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True)
-def _close_connections() -> Iterator[None]:
-    yield
-    Connection.close_all()
-
-
-@pytest.fixture
-def services(procs: list[subprocess.Popen[bytes]]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Like ``procs``, and the pipes of every process are drained and closed at teardown."""
-    yield procs
-    for proc in procs:
-        kill_tree(proc.pid)
-        try:
-            proc.communicate(timeout=10)
-        except Exception:
-            pass
 
 
 @pytest.fixture
@@ -286,7 +270,7 @@ def test_crash_on_attempt_kills_the_attempt_and_the_retry_succeeds(start, pool):
 
 # ---- clients and the supervisor that die ---------------------------------------------------
 
-def test_a_client_that_dies_mid_wait_does_not_hurt_the_supervisor(start, services, state_dir, tmp_path):
+def test_a_client_that_dies_mid_wait_does_not_hurt_the_supervisor(start, procs, state_dir, tmp_path):
     rt = start(app, workers=1, process_workers=1)
     release = tmp_path / "release"
     script = tmp_path / "client.py"
@@ -296,7 +280,7 @@ def test_a_client_that_dies_mid_wait_does_not_hurt_the_supervisor(start, service
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     client = subprocess.Popen([sys.executable, str(script), str(state_dir), str(release)], cwd=tmp_path,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-    services.append(client)
+    procs.append(client)
     task_id = read_line(client, timeout=30)
     assert read_line(client, timeout=30) == "waiting"
     h = cpsl.TaskHandle.from_id(app, task_id)
@@ -323,15 +307,15 @@ def service(tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
     return load_module(tmp_path / "supmod.py")
 
 
-def start_service(services: list[subprocess.Popen[bytes]], state_dir: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    run = spawn_cli(services, "run", "supmod:app", state_dir=state_dir, cwd=cwd)
+def start_service(procs: list[subprocess.Popen[bytes]], state_dir: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    run = spawn_cli(procs, "run", "supmod:app", state_dir=state_dir, cwd=cwd)
     wait_until(lambda: (info := read_runtime_file(state_dir)) is not None and info.pid == run.pid, timeout=30)
     return run
 
 
-def test_a_waiting_handle_outlives_a_sigkilled_supervisor(services, service, state_dir, tmp_path, pool):
+def test_a_waiting_handle_outlives_a_sigkilled_supervisor(procs, service, state_dir, tmp_path, pool):
     release = str(tmp_path / "release")
-    run = start_service(services, state_dir, tmp_path)
+    run = start_service(procs, state_dir, tmp_path)
 
     # Given a RUNNING async task with a retry left, a RUNNING process task without one and a
     # process task QUEUED behind it (one process actor), each with a result() waiting on it
@@ -355,7 +339,7 @@ def test_a_waiting_handle_outlives_a_sigkilled_supervisor(services, service, sta
     assert not any(w.done() for w in waits.values())
 
     # When it is started again on the same state directory
-    run2 = start_service(services, state_dir, tmp_path)
+    run2 = start_service(procs, state_dir, tmp_path)
     assert run2.pid != run.pid
     Path(release).touch()
 
@@ -374,9 +358,9 @@ def test_a_waiting_handle_outlives_a_sigkilled_supervisor(services, service, sta
     assert run2.returncode == 0
 
 
-def test_sigterm_lets_a_running_task_finish_within_grace(services, service, state_dir, tmp_path, pool):
+def test_sigterm_lets_a_running_task_finish_within_grace(procs, service, state_dir, tmp_path, pool):
     release = tmp_path / "release"
-    run = start_service(services, state_dir, tmp_path)
+    run = start_service(procs, state_dir, tmp_path)
 
     # Given a running task and a result() waiting on it
     h = service.hold.submit(4, str(release))
@@ -400,7 +384,7 @@ def test_sigterm_lets_a_running_task_finish_within_grace(services, service, stat
     assert wait.result(timeout=30) == ("ok", 40)
 
     # ... and after a restart the task is still SUCCEEDED and is not run again
-    start_service(services, state_dir, tmp_path)
+    start_service(procs, state_dir, tmp_path)
     info = h.info()
     assert info.state is cpsl.TaskState.SUCCEEDED and info.attempts == 1
     assert cpsl.TaskHandle.from_id(service.app, h.id).result(timeout=10) == 40
