@@ -32,7 +32,10 @@ def _entries(path: Path) -> list[dict]:
 
 @app.schedule("* * * * * *")  # every second (6 fields: seconds first)
 async def tick() -> None:
-    _log(os.environ["CPSL_CLOCK_LOG"], t=time.time(), who=cpsl.current_session().id)
+    owner = cpsl.current_session()
+    _log(os.environ["CPSL_CLOCK_LOG"], t=time.time(), who=owner.id)
+    owner.db.increment("ticks")  # the owner session's own store ...
+    await owner.reply("tick")  # ... and its chat
 
 
 @app.schedule("* * * * * *", name="slow_tick")
@@ -57,6 +60,10 @@ def test_seconds_cron_fires_on_time_as_the_owner_session(start, tmp_path, monkey
     # one firing per second, each shortly after its whole second (generous bound, no tight timing)
     assert all(t - int(t) < 0.5 for t in times)
     assert len({int(t) for t in times}) == len(times)
+    # the owner session has its own db and receives the handler's replies
+    assert app.session("alice").db["ticks"] >= 3
+    replies = iter(app.subscribe("alice"))
+    assert wait_until(lambda: next(replies).kind == "reply", timeout=10)
 
 
 def test_a_slow_run_is_never_stacked(start, tmp_path, monkeypatch):
