@@ -309,6 +309,16 @@ class Store:
             "SELECT id, name, lock_key FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') "
             "AND lock_key IS NOT NULL ORDER BY rowid")]
 
+    def live_row(self, task_id: str) -> dict[str, Any] | None:
+        """The record of a queued, scheduled or running task (None when finished or unknown)."""
+        row = self.db.execute(
+            "SELECT id, name, state, attempts, lock_key, session_id, session_owner, run_at FROM tasks "
+            "WHERE id=? AND state IN ('QUEUED','SCHEDULED','RUNNING')", (task_id,)).fetchone()
+        return dict(row) if row else None
+
+    def count_state(self, state: str) -> int:
+        return int(self.db.execute("SELECT count(*) FROM tasks WHERE state=?", (state,)).fetchone()[0])
+
     def exists(self, task_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone() is not None
 

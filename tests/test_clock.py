@@ -174,3 +174,22 @@ def test_fake_clock_drives_the_apps_schedules_without_sleeping():
     clock = testing.fake_clock(app, start)
     fired = clock.advance_to(start + dt.timedelta(seconds=3))
     assert [(name, slot.second) for name, slot in fired if name == "tick"] == [("tick", 1), ("tick", 2), ("tick", 3)]
+
+
+def test_delayed_tasks_wait_in_the_store_not_in_supervisor_memory(start):
+    rt = start(app)
+    later_on = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    far = [later.schedule(i, at=later_on) for i in range(2000)]
+    soon = [later.schedule(i, delay=0.3) for i in range(5)]
+    status = rt.status()
+    assert status["tasks"]["SCHEDULED"] >= 2000
+    assert status["supervisor"]["live_tasks"] < 100  # the 2,000 far ones are not in its RAM
+    # a wait and an event stream on a task held only in the store still work
+    events = far[0].events()
+    assert [h.result(timeout=20) for h in soon] == list(range(5))
+    assert far[7].status() is cpsl.TaskState.SCHEDULED
+    assert far[7].cancel() and far[7].status() is cpsl.TaskState.CANCELLED
+    with pytest.raises(TimeoutError):
+        far[3].result(timeout=0.3)
+    first = next(iter(events))
+    assert first.data["state"] == "SCHEDULED"

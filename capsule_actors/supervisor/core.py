@@ -181,6 +181,7 @@ class Supervisor:
         self.stopping = False
         self.started_attempts = 0
         self.finished: collections.Counter[str] = collections.Counter()
+        self.parked: dict[str, list[tuple[bytes, int]]] = {}  # waits on tasks held in the store only
         self.lazy_commit_at: float | None = None
         self.started_at = time.time()
         self.announced_ready = False
@@ -604,6 +605,9 @@ class Supervisor:
             task = LiveTask(row["id"], row["name"], row["state"], row["attempts"], row["lock_key"],
                             row["session_id"], row["session_owner"], run_at=row["run_at"])
             spec = self.app.tasks.get(task.name)
+            if spec is not None and task.state == "SCHEDULED" and task.lock_key is None:
+                self.wake_clock = True  # stays in the store; the clock hands it over when due
+                continue
             if spec is None:
                 self.store.finish(task.id, task.session_id, "FAILED", None,
                                   ("UnknownTask", f"the app has no task {task.name!r} any more", ""), now)
@@ -711,11 +715,26 @@ class Supervisor:
         by_id = {r[0]: r for r in rows}
         for task_id in self.store.insert_tasks(rows):
             row = by_id[task_id]
+            if row[2] == "SCHEDULED" and row[3] is None:
+                self.wake_clock = True  # unlocked delayed tasks stay in SQLite until the clock says
+                continue
             task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5],
                             owner=slot, blocked=blocked, run_at=row[8])
             self.live[task_id] = task
             if not blocked:
                 self._queue(task, row[8])
+
+    def _load_scheduled(self, task_id: str) -> LiveTask | None:
+        """Bring an unlocked SCHEDULED task, held only in the store, into memory (it is due or
+        being cancelled); the waits parked on it come along."""
+        row = self.store.live_row(task_id)
+        if row is None or row["state"] != "SCHEDULED" or task_id in self.live:
+            return self.live.get(task_id)
+        task = LiveTask(task_id, row["name"], "SCHEDULED", row["attempts"], row["lock_key"],
+                        row["session_id"], row["session_owner"], run_at=row["run_at"])
+        task.waiters = self.parked.pop(task_id, [])
+        self.live[task_id] = task
+        return task
 
     def _admit(self, slot: str, item: list[str]) -> None:
         """Ask the key's owner actor to decide; hold the request while that actor is down."""
@@ -774,6 +793,10 @@ class Supervisor:
         if outcome is None:
             raise self._unknown(msg.task_id)
         state, result, error = outcome
+        if state == "SCHEDULED":  # a delayed task still in the store only: wait for it there
+            self.parked.setdefault(msg.task_id, []).append((ident, msg.req))
+            self.waiter_index[(ident, msg.req)] = msg.task_id
+            return
         self._reply(ident, msg.req, True, [state, *error], [result or b""])
 
     def _on_forget(self, ident: bytes, msg: messages.Forget, payload: Frames) -> None:
@@ -781,6 +804,10 @@ class Supervisor:
         task = self.live.get(task_id) if task_id else None
         if task is not None:
             task.waiters = [w for w in task.waiters if w != (ident, msg.req)]
+        elif task_id in self.parked:
+            self.parked[task_id] = [w for w in self.parked[task_id] if w != (ident, msg.req)]
+            if not self.parked[task_id]:
+                del self.parked[task_id]
         for waiters in self.event_waiters.values():
             waiters[:] = [w for w in waiters if (w[0], w[1]) != (ident, msg.req)]
 
@@ -788,7 +815,7 @@ class Supervisor:
         self._reply(ident, msg.req, True, [self.store.info(tid) for tid in msg.task_ids[:1000]])
 
     def _on_cancel(self, ident: bytes, msg: messages.Cancel, payload: Frames) -> None:
-        task = self.live.get(msg.task_id)
+        task = self.live.get(msg.task_id) or self._load_scheduled(msg.task_id)
         if task is None:
             if self.store.info(msg.task_id) is None:
                 raise self._unknown(msg.task_id)
@@ -829,8 +856,9 @@ class Supervisor:
     def _task_counts(self) -> dict[str, int]:
         """Tasks per state, without scanning the table: live ones from memory, finished ones
         counted as they finish."""
-        counts = collections.Counter(task.state for task in self.live.values())
+        counts = collections.Counter(task.state for task in self.live.values() if task.state != "SCHEDULED")
         counts.update(self.finished)
+        counts["SCHEDULED"] = self.store.count_state("SCHEDULED")  # most of them live in the store only
         return {state: n for state, n in counts.items() if n}
 
     def _on_events(self, ident: bytes, msg: messages.Events, payload: Frames) -> None:
@@ -867,7 +895,7 @@ class Supervisor:
         limit = 500
         if key[0] == "t":
             events = self.store.events_after(key[1], after, limit)
-            terminal = key[1] not in self.live
+            terminal = key[1] not in self.live and self.store.live_row(key[1]) is None
         elif key[0] == "s":
             events, terminal = self.store.session_events_after(key[1], after, limit), False
         else:
@@ -959,7 +987,7 @@ class Supervisor:
 
     def _on_due(self, msg: messages.Due) -> None:
         for task_id in msg.task_ids:
-            task = self.live.get(task_id)
+            task = self.live.get(task_id) or self._load_scheduled(task_id)
             if task is not None and task.state == "SCHEDULED":
                 self.store.requeue(task.id, task.session_id, None, None)
                 task.state = "QUEUED"
