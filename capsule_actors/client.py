@@ -61,6 +61,7 @@ class Connection:
         self._outstanding: dict[int, tuple[list[bytes], concurrent.futures.Future[Reply]]] = {}
         self._outbox: collections.deque[list[bytes]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.Lock()
         self._closed = False
         self.connected = False
         self._ready = threading.Event()
@@ -102,7 +103,7 @@ class Connection:
         fut.req = req  # type: ignore[attr-defined]
         self._outstanding[req] = (msg, fut)
         self._outbox.append(msg)
-        os.eventfd_write(self._wake, 1)
+        self._kick()
         return fut
 
     def wait_reply(self, fut: concurrent.futures.Future[Reply], timeout: float | None,
@@ -152,13 +153,19 @@ class Connection:
         req = fut.req  # type: ignore[attr-defined]
         if self._outstanding.pop(req, None) is not None and not self._closed:
             self._outbox.append([messages.Forget(req).encode()])
-            os.eventfd_write(self._wake, 1)
+            self._kick()
+
+    def _kick(self) -> None:
+        """Wake the I/O thread; a no-op once it has ended (and closed the eventfd)."""
+        with self._wake_lock:
+            if self._wake >= 0:
+                os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        os.eventfd_write(self._wake, 1)
+        self._kick()
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
         for _, fut in list(self._outstanding.values()):
@@ -196,7 +203,10 @@ class Connection:
         finally:
             self._close_socket(sock, monitor, poller)
             ctx.term()
-            os.close(self._wake)
+            self._closed = True
+            with self._wake_lock:
+                os.close(self._wake)
+                self._wake = -1
 
     def _flush(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
         while self._outbox:
