@@ -464,3 +464,13 @@ if __name__ == "__main__":
         _worker_main(sys.argv[2])
     else:
         raise SystemExit(f"unknown role {role!r}")
+
+
+def run_script(main: Callable[[], int], script: str) -> None:
+    """The ``__main__`` block of every benchmark: exit 2 (and say why) when a scenario ran past
+    its deadline -- everything it started has been stopped by then."""
+    try:
+        sys.exit(main())
+    except TimeoutError as exc:
+        print(f"{Path(script).name}: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -50,7 +50,7 @@ if str(HERE.parent) not in sys.path:  # the package from the checkout when it is
 import latency  # noqa: E402
 import peers  # noqa: E402
 import throughput  # noqa: E402
-from _common import Watchdog, print_machine, print_package, stats_ms, stop_tree, temp_dir  # noqa: E402
+from _common import Watchdog, print_machine, print_package, run_script, stats_ms, stop_tree, temp_dir  # noqa: E402
 
 import capsule_actors as cpsl  # noqa: E402
 
@@ -286,8 +286,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except TimeoutError as exc:  # a scenario ran past its deadline; everything was stopped
-        print(f"{Path(__file__).name}: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, __file__)

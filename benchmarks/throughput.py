@@ -44,7 +44,7 @@ if str(HERE.parent) not in sys.path:  # the package from the checkout when it is
 
 import capsule_actors as cpsl  # noqa: E402
 import peers  # noqa: E402
-from _common import Deadline, Floor, Watchdog, median, print_machine, temp_dir  # noqa: E402
+from _common import Deadline, Floor, Watchdog, median, print_machine, run_script, temp_dir  # noqa: E402
 
 app = cpsl.App("bench-throughput", grace=2.0)
 
@@ -326,8 +326,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except TimeoutError as exc:  # a scenario ran past its deadline; everything was stopped
-        print(f"{Path(__file__).name}: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, __file__)
