@@ -63,6 +63,7 @@ class Connection:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()
         self._closed = False
+        self._reset = False
         self.connected = False
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capsule-client-io", daemon=True)
@@ -122,8 +123,9 @@ class Connection:
             if must_run and not self.connected and self._remote is None and read_runtime_file(self.state_dir) is None:
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > 5.0:
-                    self.forget(fut)
-                    raise not_running(self.state_dir)
+                    self._withdraw(fut)
+                    raise NotRunning(f"the supervisor for {str(self.state_dir)!r} stopped before it "
+                                     f"acknowledged this request, which was withdrawn; {_START_HINT}")
             else:
                 gone_since = None
 
@@ -147,6 +149,21 @@ class Connection:
         if not ok:
             raise_reply_error(body)
         return body, frames
+
+    def _withdraw(self, fut: concurrent.futures.Future[Reply]) -> None:
+        """Take back an unacknowledged request: drop it from the outbox and have the I/O thread
+        open a fresh socket, discarding whatever ZeroMQ still queued for the old one, so a
+        supervisor that comes back never receives a submit its caller was told had failed.
+        (Other outstanding requests are sent again on the new socket.)"""
+        req = fut.req  # type: ignore[attr-defined]
+        entry = self._outstanding.pop(req, None)
+        if entry is not None:
+            try:
+                self._outbox.remove(entry[0])
+            except ValueError:
+                pass
+        self._reset = True
+        self._kick()
 
     def forget(self, fut: concurrent.futures.Future[Reply]) -> None:
         """Stop waiting for a request's reply and tell the supervisor to drop its waiter."""
@@ -197,8 +214,11 @@ class Connection:
                     self._receive(sock)
                 if monitor in ready:
                     self._on_monitor(sock, monitor)
-                if not self.connected and self._endpoint_moved():
+                if self._reset or (not self.connected and self._endpoint_moved()):
+                    self._reset = False
                     self._close_socket(sock, monitor, poller)
+                    self.connected = False
+                    self._ever_connected = True  # the new socket's first connect resends the rest
                     sock, monitor = self._open(ctx, poller)
         finally:
             self._close_socket(sock, monitor, poller)

@@ -388,3 +388,23 @@ def test_sigterm_lets_a_running_task_finish_within_grace(procs, service, state_d
     info = h.info()
     assert info.state is cpsl.TaskState.SUCCEEDED and info.attempts == 1
     assert cpsl.TaskHandle.from_id(service.app, h.id).result(timeout=10) == 40
+
+
+def test_a_submit_that_raised_not_running_is_never_run_later(procs, service, state_dir, tmp_path):
+    """What happens if the supervisor dies and a submit gives up with NotRunning: the request is
+    withdrawn, so the supervisor that comes back never records or runs it."""
+    run = start_service(procs, state_dir, tmp_path)
+    assert service.hold.submit(1, str(tmp_path / "open"), 1.0) is not None  # the connection is up
+    (tmp_path / "open").touch()
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(10)
+    with pytest.raises(cpsl.NotRunning, match="withdrawn"):
+        service.hold.submit(99, str(tmp_path / "open"), 1.0)
+    start_service(procs, state_dir, tmp_path)
+    assert service.hold.submit(2, str(tmp_path / "open"), 1.0).result(timeout=30) == 20  # serving again
+    db = sqlite3.connect(f"file:{state_dir / 'capsule.db'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT count(*) FROM tasks WHERE name='hold'").fetchone()[0]
+    finally:
+        db.close()
+    assert rows == 2  # the first and the last submit; the withdrawn one was never recorded

@@ -88,6 +88,7 @@ class ActorProcess:
     abandoned: set[str] = dataclasses.field(default_factory=set)  # cancelled, awaiting its Done
     admitting: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # Admit sent, no answer yet
     tasks_done: int = 0
+    missing_checks: int = 0  # heartbeat checks that found its pid gone without an exit report
 
     @property
     def load(self) -> int:
@@ -141,15 +142,23 @@ class ActorTemplate:
             return None
         deadline = time.monotonic() + self.spawn_timeout
         while time.monotonic() < deadline:
+            found = None
             for event in self._read(deadline - time.monotonic()):
                 if event.get("op") == "spawned" and event["slot"] == spec.slot and event["gen"] == gen:
-                    now = time.monotonic()
-                    return ActorProcess(spec, gen, event["pid"], now, f"{spec.slot}.{gen}".encode(), last_seen=now)
-                self._events.append(event)
+                    found = event
+                else:
+                    self._events.append(event)  # e.g. another actor's exit: the supervisor needs it
+            if found is not None:
+                now = time.monotonic()
+                return ActorProcess(spec, gen, found["pid"], now, f"{spec.slot}.{gen}".encode(), last_seen=now)
             if not self.alive():
                 return None
         log.error("the actor template did not fork %s within %.0f s", spec.slot, self.spawn_timeout)
         return None
+
+    def pending(self) -> bool:
+        """Events read while waiting for a spawn, not handed to the supervisor yet."""
+        return bool(self._events)
 
     def events(self) -> list[dict[str, Any]]:
         """Everything the template reported since the last call (``exit`` events matter)."""

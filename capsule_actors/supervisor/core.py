@@ -46,6 +46,7 @@ from ..transport import (
     bind,
     ensure_state_dir,
     local_endpoint,
+    pid_alive,
     private_umask,
     read_runtime_file,
     remove_runtime_file,
@@ -367,7 +368,7 @@ class Supervisor:
         self.store.begin()
         if self.sig_r.fileno() in ready:
             self._on_signals()
-        if self.template is not None and self.template.fd in ready:
+        if self.template is not None and (self.template.fd in ready or self.template.pending()):
             self._on_template_events()
         if self.actor_sock in ready:
             self._drain(self.actor_sock, self._on_actor)
@@ -480,12 +481,16 @@ class Supervisor:
             self.poller.register(self.template.fd, zmq.POLLIN)
 
     def _on_template_events(self) -> None:
-        assert self.template is not None
-        by_pid = {proc.pid: proc for proc in self.procs.values()}
-        for event in self.template.events():
-            proc = by_pid.get(event.get("pid", -1))
-            if event.get("op") == "exit" and proc is not None:
-                self._on_exit(proc, event["code"])
+        # restarting a slot forks at once and may read more events: loop until none is left
+        while self.template is not None:
+            events = self.template.events()
+            if not events:
+                return
+            for event in events:
+                by_pid = {proc.pid: proc for proc in self.procs.values()}
+                proc = by_pid.get(event.get("pid", -1))
+                if event.get("op") == "exit" and proc is not None:
+                    self._on_exit(proc, event["code"])
 
     def _start_actor(self, spec: ChildSpec) -> None:
         if self.stopping or spec.slot in self.procs:
@@ -537,7 +542,14 @@ class Supervisor:
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
-        for proc in self.procs.values():
+        for proc in list(self.procs.values()):
+            if not pid_alive(proc.pid):  # its exit report never came: never leave a dead slot
+                proc.missing_checks += 1
+                if proc.missing_checks >= 2:
+                    log.error("actor %s (pid %d) is gone but its exit was not reported; restarting it",
+                              proc.spec.slot, proc.pid)
+                    self._on_exit(proc, -signal.SIGKILL)
+                continue
             if proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
                 log.error("actor %s (pid %d) sent no heartbeat for %.0f s; killing it",
                           proc.spec.slot, proc.pid, now - proc.last_seen)
