@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -147,3 +150,41 @@ def hostile_runtime(tmp_path_factory):
             assert read_runtime_file(rt.state_dir).pid == info.pid  # never crashed
         finally:
             ctx.term()
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    """Bind-mount ``path`` read-only over itself for the block (needs root, as in CI)."""
+    mounted = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a read-only bind mount needs root: {mounted.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_read_only_state_dir_is_a_clear_error_and_corrupts_nothing(tmp_path):
+    from capsule_actors import testing
+
+    area = tmp_path / "area"
+    area.mkdir()
+    state = area / "state"
+    with testing.start_runtime(app, state, workers=1):
+        assert nap.submit(5).result(timeout=30) == 5
+    with _read_only(area):
+        # a state dir that cannot be created
+        with pytest.raises(cpsl.StateDirError, match="cannot create state directory"):
+            app.start(state_dir=area / "new").start()
+        # an existing one whose files cannot be written
+        with pytest.raises(cpsl.StateDirError, match=str(state)):
+            app.start(state_dir=state).start()
+    import sqlite3
+
+    db = sqlite3.connect(str(state / "capsule.db"))
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT state FROM tasks WHERE name='nap'").fetchall() == [("SUCCEEDED",)]
+    finally:
+        db.close()
