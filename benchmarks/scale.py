@@ -1,4 +1,5 @@
-"""Scale: 100,000 tasks submitted while the workers are busy, then drained.
+"""Scale: 100,000 tasks submitted while the workers are busy, then drained; then 100,000
+passing through (batches submitted and awaited) with the supervisor's RSS sampled.
 
     python benchmarks/scale.py [--n 100000] [--batch 1000]
 
@@ -72,6 +73,16 @@ def main() -> None:
             b.result(timeout=60)
         print(f"submitted {args.n} in {submit_s:.1f} s ({args.n / submit_s:.0f}/s); drained in {drain_s:.1f} s "
               f"({args.n / drain_s:.0f}/s); supervisor RSS after drain {mib(sup):.1f} MiB")
+    # pass-through: never more than one batch live at a time
+    with tempfile.TemporaryDirectory(prefix="cpsl-bench-") as d, app.start(state_dir=Path(d) / "s") as rt:
+        sup = psutil.Process(rt.pid)
+        batches = max(1, args.n // args.batch)
+        t0 = time.perf_counter()
+        for i in range(batches):
+            cpsl.wait_all(noop.map(list(range(args.batch))), timeout=120)
+            if (i + 1) % max(1, batches // 5) == 0 or i == 0:
+                print(f"  {(i + 1) * args.batch:>7} passed through  {(i + 1) * args.batch / (time.perf_counter() - t0):8.0f}"
+                      f" tasks/s  supervisor RSS {mib(sup):7.1f} MiB")
 
 
 if __name__ == "__main__":
