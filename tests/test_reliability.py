@@ -188,3 +188,28 @@ def test_a_read_only_state_dir_is_a_clear_error_and_corrupts_nothing(tmp_path):
         assert db.execute("SELECT state FROM tasks WHERE name='nap'").fetchall() == [("SUCCEEDED",)]
     finally:
         db.close()
+
+
+def test_a_database_locked_by_another_writer_is_waited_out(start):
+    """What happens if another process holds SQLite's write lock (say a session.db update): the
+    supervisor retries (busy_timeout) and the submit is acknowledged once the lock is free."""
+    import sqlite3
+    import threading
+
+    rt = start(app)
+    blocker = sqlite3.connect(str(rt.state_dir / "capsule.db"), isolation_level=None, check_same_thread=False)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # take the write lock
+        released = threading.Event()
+
+        def release_later() -> None:
+            time.sleep(1.0)
+            blocker.execute("COMMIT")
+            released.set()
+
+        threading.Thread(target=release_later, daemon=True).start()
+        h = nap.submit(11)
+        assert released.is_set()  # the ack waited for the lock ...
+        assert h.result(timeout=30) == 11  # ... and nothing was lost
+    finally:
+        blocker.close()
