@@ -213,3 +213,49 @@ def test_a_database_locked_by_another_writer_is_waited_out(start):
         assert h.result(timeout=30) == 11  # ... and nothing was lost
     finally:
         blocker.close()
+
+
+def test_oversized_frames_and_floods_leave_the_runtime_serving(hostile_runtime):
+    endpoints, ctx = hostile_runtime
+    client_address = endpoints[0]
+    big = ctx.socket(zmq.DEALER)
+    flood = ctx.socket(zmq.DEALER)
+    try:
+        for sock in (big, flood):
+            sock.linger = 0
+            sock.sndhwm = 0
+            sock.connect(client_address)
+        # a frame over max_payload_bytes + 64 KiB: ZeroMQ drops it (and that peer) at the socket
+        big.send_multipart([b"\x93\x01", b"x" * (app.max_payload_bytes + (1 << 17))])
+        # a flood of garbage headers: each one is dropped and counted, none is answered
+        for i in range(5000):
+            flood.send_multipart([os.urandom(16), msgpack.packb([1, i, [["x", "nap", None, None, None, None]]])])
+        flood.send_multipart([messages.Status(7).encode()])
+        assert flood.poll(30_000), "the supervisor stopped answering after the flood"
+        reply = messages.decode(flood.recv_multipart()[0])
+        assert isinstance(reply, messages.Reply) and reply.req == 7 and reply.ok
+    finally:
+        big.close(0)
+        flood.close(0)
+    assert nap.submit(3).result(timeout=30) == 3
+
+
+def test_a_full_state_dir_at_start_is_a_clear_error(tmp_path):
+    area = tmp_path / "tiny"
+    area.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(area)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        fd = os.open(area / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # fill the file system to the last block
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        with pytest.raises(cpsl.StateDirError):
+            app.start(state_dir=area / "state").start()
+    finally:
+        subprocess.run(["umount", str(area)], capture_output=True)

@@ -192,7 +192,11 @@ class Supervisor:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT and a graceful stop; return the process exit code."""
         try:
-            self._setup()
+            try:
+                self._setup()
+            except OSError as exc:  # full or read-only disk, and the like: say so, plainly
+                raise StateDirError(f"cannot set up the state directory {str(self.state_dir)!r}: "
+                                    f"{exc.strerror or exc}") from None
         except CapsuleError as exc:
             self._announce(f"error {type(exc).__name__}: {exc}")
             raise
