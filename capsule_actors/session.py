@@ -226,7 +226,8 @@ class SessionDB:
         return [(k, json.loads(v)) for k, v in rows]
 
     def update(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
-        """Atomically replace the value with ``fn(old)`` (``old`` is ``default`` when absent)."""
+        """Atomically replace the value with ``fn(old)`` (``old`` is ``default`` when absent).
+        SQLite's write lock is held while ``fn`` runs, so keep ``fn`` quick: no I/O in it."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
