@@ -48,6 +48,12 @@ async def nap(i: int) -> int:
     return i
 
 
+# The hostile-peer tests share one runtime for the module: give it an App of its own, so other
+# tests starting and stopping runtimes of `app` never change where its tasks are sent.
+hostile = cpsl.App("hostile")
+hostile_nap = hostile.task(name="nap")(nap.fn)
+
+
 def test_backpressure_when_max_queued_is_reached(start, tmp_path):
     rt = start(small)
     gate = tmp_path / "gate"
@@ -133,7 +139,7 @@ def test_hostile_frames_on_both_sockets_leave_the_runtime_serving(hostile_runtim
             sock.send_multipart([messages.Submit(1, [["x" * 32, "nap", None, None, None, None]]).encode()])
         finally:
             sock.close(0)
-    assert nap.submit(1).result(timeout=30) == 1
+    assert hostile_nap.submit(1).result(timeout=30) == 1
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +147,7 @@ def hostile_runtime(tmp_path_factory):
     from capsule_actors import testing
 
     state = Path(tmp_path_factory.mktemp("h")) / "s"
-    with testing.start_runtime(app, state, workers=1) as rt:
+    with testing.start_runtime(hostile, state, workers=1) as rt:
         info = read_runtime_file(rt.state_dir)
         assert info is not None
         ctx = zmq.Context()
@@ -226,7 +232,7 @@ def test_oversized_frames_and_floods_leave_the_runtime_serving(hostile_runtime):
             sock.sndhwm = 0
             sock.connect(client_address)
         # a frame over max_payload_bytes + 64 KiB: ZeroMQ drops it (and that peer) at the socket
-        big.send_multipart([b"\x93\x01", b"x" * (app.max_payload_bytes + (1 << 17))])
+        big.send_multipart([b"\x93\x01", b"x" * (hostile.max_payload_bytes + (1 << 17))])
         # a flood of garbage headers: each one is dropped and counted, none is answered
         for i in range(5000):
             flood.send_multipart([os.urandom(16), msgpack.packb([1, i, [["x", "nap", None, None, None, None]]])])
@@ -237,7 +243,7 @@ def test_oversized_frames_and_floods_leave_the_runtime_serving(hostile_runtime):
     finally:
         big.close(0)
         flood.close(0)
-    assert nap.submit(3).result(timeout=30) == 3
+    assert hostile_nap.submit(3).result(timeout=30) == 3
 
 
 def test_a_full_state_dir_at_start_is_a_clear_error(tmp_path):
