@@ -326,12 +326,18 @@ class Store:
         row = self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else b""
 
-    def events_after(self, task_id: str, after: int, limit: int = 500) -> list[dict[str, Any]]:
+    def events_after(self, after: int, limit: int = 500, *, task_id: str | None = None,
+                     session_id: str | None = None) -> list[dict[str, Any]]:
+        """Events with seq > ``after`` in order: of one task, of one session, or all of them."""
+        args: tuple[object, ...] = (after,)
+        where = "seq>?"
+        if task_id is not None:
+            where, args = "task_id=? AND seq>?", (task_id, after)
+        elif session_id is not None:
+            where, args = "session_id=? AND seq>?", (session_id, after)
         rows = self.db.execute(
-            "SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE task_id=? AND seq>? "
-            "ORDER BY seq LIMIT ?",
-            (task_id, after, limit),
-        )
+            f"SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE {where} ORDER BY seq LIMIT ?",
+            (*args, limit))
         return [
             {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
             for r in rows
@@ -347,17 +353,6 @@ class Store:
             self.db.execute("DELETE FROM cards WHERE task_id=?", (task_id,))
             self.db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
         return len(ids)
-
-    def session_events_after(self, session_id: str, after: int, limit: int = 500) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            "SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE session_id=? AND seq>? "
-            "ORDER BY seq LIMIT ?",
-            (session_id, after, limit),
-        )
-        return [
-            {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
-            for r in rows
-        ]
 
     def register_schedules(self, specs: Iterable[tuple[str, str, str]], now: float) -> None:
         """Know every declared schedule; a changed cron or time zone starts it afresh."""
@@ -380,15 +375,6 @@ class Store:
 
     def set_last_slot(self, name: str, slot: float) -> None:
         self.db.execute("UPDATE schedules SET last_slot=max(coalesce(last_slot, 0), ?) WHERE name=?", (slot, name))
-
-    def all_events_after(self, after: int, limit: int = 500) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            "SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE seq>? ORDER BY seq LIMIT ?",
-            (after, limit))
-        return [
-            {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
-            for r in rows
-        ]
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
         """(name, state, lock_key, session_id, session_owner, args) of a task, to submit it again."""

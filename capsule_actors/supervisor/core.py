@@ -910,12 +910,12 @@ class Supervisor:
         """Reply with events after ``after`` if there are any (or the task has ended)."""
         limit = 500
         if key[0] == "t":
-            events = self.store.events_after(key[1], after, limit)
+            events = self.store.events_after(after, limit, task_id=key[1])
             terminal = key[1] not in self.live and self.store.live_row(key[1]) is None
         elif key[0] == "s":
-            events, terminal = self.store.session_events_after(key[1], after, limit), False
+            events, terminal = self.store.events_after(after, limit, session_id=key[1]), False
         else:
-            events, terminal = self.store.all_events_after(after, limit), False
+            events, terminal = self.store.events_after(after, limit), False
         if not events and not terminal:
             return False
         self._reply(ident, req, True, {"events": events, "terminal": terminal, "more": len(events) == limit})
