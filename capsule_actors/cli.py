@@ -66,9 +66,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                       grace=args.grace, bind_tcp=args.bind, keys_dir=keys).run()
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    from .transport import make_keys
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .node import WorkerNode
+    from .transport import RemoteEndpoint
 
+    app = load_app(args.app)
+    key = Path(args.key).absolute()
+    endpoint = RemoteEndpoint.with_keys(args.connect, key)
+    return WorkerNode(app, endpoint, key, name=args.name, workers=args.workers,
+                      process_workers=args.process_workers, grace=args.grace).run()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .transport import add_client_key, make_keys
+
+    if args.add:
+        secret = add_client_key(Path(args.dir).absolute(), args.add)
+        print(f"client key {args.add!r} written and authorized: copy {secret} and "
+              f"{secret.parent / 'server.key'} to the client, then for a worker node:")
+        print(f"  capsule-actors worker MODULE:APP --connect tcp://HOST:PORT --key {secret.name}")
+        print("  (restart the supervisor to let it in: authorized keys are read at start)")
+        return 0
     directory = make_keys(Path(args.dir).absolute())
     print(f"CURVE keys written to {directory} (mode 0700):")
     print(f"  supervisor:  capsule-actors run MODULE:APP --bind tcp://HOST:PORT --keys {directory}")
@@ -293,6 +311,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     colors[3] = ACTOR_COLORS
     print(_table(rows, ["SLOT", "ROLE", "PID", "STATE", "RESTARTS", "RSS", "RUNNING", "LAST EXIT"],
                  colors=colors, right=(2, 4, 5, 6), color=color))
+    nodes = body.get("nodes", [])
+    if nodes:
+        print()
+        print(_table([[n["name"], n["host"], str(n["pid"]), n["state"], _when(n["joined_at"]),
+                       f"{n['last_seen_ago']:.1f} s ago", " ".join(n["slots"])] for n in nodes],
+                     ["NODE", "HOST", "PID", "STATE", "JOINED", "LAST SEEN", "ACTORS"], right=(2,), color=color))
     return 0
 
 
@@ -335,8 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", metavar="tcp://HOST:PORT", help="also serve clients over TCP (CURVE keys required)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys for --bind (default: STATE_DIR/keys)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("worker", help="run a worker node: actors on this host that join a supervisor over TCP")
+    p.add_argument("app", metavar="MODULE:APP")
+    p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the supervisor's --bind address")
+    p.add_argument("--key", required=True, metavar="FILE",
+                   help="this node's NAME.key_secret from `capsule-actors keys DIR --add NAME` (server.key "
+                        "beside it), or a keys directory")
+    p.add_argument("--name", help="node name, unique among the supervisor's nodes (default: the host name)")
+    p.add_argument("--workers", type=int, help="worker actors on this node (default: CPU count)")
+    p.add_argument("--process-workers", type=int, help="process-isolated actors on this node (default: CPU count)")
+    p.add_argument("--grace", type=float, help="seconds running tasks get when the node stops (default: the App's)")
+    p.set_defaults(func=cmd_worker)
     p = sub.add_parser("keys", help="generate the CURVE key pairs that --bind tcp://... and remote clients need")
     p.add_argument("dir", metavar="DIR")
+    p.add_argument("--add", metavar="NAME", help="add one more authorized client key pair (e.g. for a worker node)")
     p.set_defaults(func=cmd_keys)
     p = add("submit", "submit a task; prints its id, or with --wait its result as JSON")
     p.add_argument("app", metavar="MODULE:APP")
@@ -366,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "INFO" if args.command == "run" else "WARNING"),
+    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "INFO" if args.command in ("run", "worker")
+                                             else "WARNING"),
                         format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s")
     try:
         return int(args.func(args))

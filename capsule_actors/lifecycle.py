@@ -10,6 +10,7 @@ import signal
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_PARENT_GONE = 3
+EXIT_LEASE_LOST = 4  # a node's actor whose node lost its lease from the supervisor (fenced)
 EXIT_INJECTED_CRASH = 70
 
 _PR_SET_PDEATHSIG = 1

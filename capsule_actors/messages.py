@@ -410,3 +410,123 @@ class Wake(Message):
     """Supervisor -> clock: a scheduled task was recorded; look again at what is due next."""
 
     reason: str
+
+
+@_message(55)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rekey(Message):
+    """Supervisor -> owner actor: the pool changed (a node joined or left); rebuild the key table
+    from these ``[key, [holder, *queued]]`` rows, read from the store, and promote the holders."""
+
+    keys: list[Any]
+
+    def check(self) -> None:
+        for row in self.keys:
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)
+                    and isinstance(row[1], list)):
+                raise ProtocolError("Rekey row must be [key, [task ids]]")
+            _check_str_list("Rekey task ids", row[1])
+
+
+# ---- worker node <-> supervisor (over TCP + CURVE) ------------------------------------------
+
+
+@_message(60)
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeHello(Message):
+    """A worker node (a new incarnation of it) asks to join with these actor slots."""
+
+    name: str
+    app: str
+    tasks: list[Any]
+    workers: int
+    process_workers: int
+    host: str
+    pid: int
+
+    def check(self) -> None:
+        _check_str_list("NodeHello.tasks", self.tasks)
+
+
+@_message(61)
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeWelcome(Message):
+    """Supervisor -> node: joined; ``config`` has the lease and ping intervals and the slot names."""
+
+    config: dict[str, Any]
+
+
+@_message(62)
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeRefused(Message):
+    """Supervisor -> node: ``fatal`` (bad app, name taken: exit) or not (unknown incarnation, e.g.
+    after a supervisor restart: fence the actors and say hello again)."""
+
+    reason: str
+    fatal: bool
+
+
+@_message(63)
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodePing(Message):
+    """Node -> supervisor, every ping interval: liveness, and the RSS of each of its actors."""
+
+    seq: int
+    rss: dict[str, Any]
+
+
+@_message(64)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lease(Message):
+    """Supervisor -> node: ping ``seq`` arrived; the node's actors may run until its send time
+    plus the lease."""
+
+    seq: int
+
+
+@_message(65)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spawn(Message):
+    """Supervisor -> node: fork incarnation ``gen`` of actor ``slot`` from the node's template."""
+
+    slot: str
+    gen: int
+    role: str
+
+
+@_message(66)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spawned(Message):
+    """Node -> supervisor: the actor forked, with this pid (on the node's host)."""
+
+    slot: str
+    gen: int
+    pid: int
+
+
+@_message(67)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Kill(Message):
+    """Supervisor -> node: send ``signal`` to incarnation ``gen`` of ``slot``."""
+
+    slot: str
+    gen: int
+    signal: int
+
+
+@_message(68)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Exited(Message):
+    """Node -> supervisor: an actor exited (``code`` < 0: killed by that signal)."""
+
+    slot: str
+    gen: int
+    code: int
+
+
+@_message(69)
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeBye(Message):
+    """Node -> supervisor: the node is stopping; stop its actors gracefully and forget it."""
+
+    grace: float

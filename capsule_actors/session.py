@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import itertools
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -106,6 +107,11 @@ class Session:
         """This session's persistent key-value store (JSON values), shared by all its tasks."""
         state_dir = self.__dict__.get("_state_dir")
         if state_dir is None:
+            node = os.environ.get("CAPSULE_NODE")
+            if node and self.__dict__.get("_channel") is not None:
+                raise ConfigError(f"session {self.id!r}: session.db is not available to tasks on worker node "
+                                  f"{node!r} (it is the supervisor's SQLite file); run this task on the "
+                                  "supervisor's machine, or pass what it needs as arguments")
             raise ConfigError(f"session {self.id!r} has no runtime: use app.session({self.id!r}).db")
         return SessionDB(Path(state_dir), self.id)
 

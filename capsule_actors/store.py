@@ -298,7 +298,7 @@ class Store:
         """Every queued, scheduled or running task in submit order (for recovery at start)."""
         return iter(
             self.db.execute(
-                "SELECT id, name, state, lock_key, session_id, session_owner, attempts, run_at "
+                "SELECT id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot "
                 "FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') ORDER BY rowid"
             ).fetchall()
         )

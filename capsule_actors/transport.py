@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from .errors import StateDirError
+from .errors import ConfigError, StateDirError
 
 STATE_DIR_ENV = "CAPSULE_STATE_DIR"
 DEFAULT_STATE_DIR = ".capsule"
@@ -116,6 +116,8 @@ def connect(sock: zmq.Socket, address: str, server_public: str | None,  # type: 
 SERVER_KEY = "server"
 CLIENT_KEY = "client"
 AUTHORIZED_DIR = "authorized"
+NODE_PREFIX = b"node/"  # routing ids of worker nodes on the supervisor's TCP socket
+NODE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 CONNECT_ENV = "CAPSULE_CONNECT"
 KEYS_ENV = "CAPSULE_KEYS"
 
@@ -135,6 +137,27 @@ def make_keys(directory: Path) -> Path:
         authorized.mkdir(mode=0o700, exist_ok=True)
         (authorized / f"{CLIENT_KEY}.key").write_bytes((directory / f"{CLIENT_KEY}.key").read_bytes())
     return directory
+
+
+def add_client_key(directory: Path, name: str) -> Path:
+    """``capsule-actors keys DIR --add NAME``: one more client key pair (say, for a worker node),
+    authorized at once; returns its secret key file, the one the client needs with server.key."""
+    import re
+
+    import zmq.auth
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name) or name == SERVER_KEY:
+        raise ConfigError(f"key name {name!r}: use letters, digits, '_', '.', '-' (not 'server')")
+    if not (directory / f"{SERVER_KEY}.key_secret").exists():
+        raise StateDirError(f"{str(directory)!r} holds no keys yet: run `capsule-actors keys {directory}` first")
+    if (directory / f"{name}.key_secret").exists():
+        raise StateDirError(f"{str(directory / name)!r}.key_secret already exists; pick another name")
+    with private_umask():
+        zmq.auth.create_certificates(str(directory), name)
+        authorized = directory / AUTHORIZED_DIR
+        authorized.mkdir(mode=0o700, exist_ok=True)
+        (authorized / f"{name}.key").write_bytes((directory / f"{name}.key").read_bytes())
+    return directory / f"{name}.key_secret"
 
 
 def load_keys(directory: Path, name: str) -> tuple[str, str]:
@@ -171,8 +194,22 @@ class RemoteEndpoint:
         if not keys:
             raise StateDirError(
                 f"{CONNECT_ENV}={address} needs {KEYS_ENV}=DIR with the keys from `capsule-actors keys`")
-        server_public, _ = _public_only(Path(keys) / f"{SERVER_KEY}.key")
-        client_public, client_secret = load_keys(Path(keys), CLIENT_KEY)
+        return cls.with_keys(address, Path(keys))
+
+    @classmethod
+    def with_keys(cls, address: str, keys: Path) -> RemoteEndpoint:
+        """``keys`` is a directory from ``capsule-actors keys`` (server.key + client.key_secret), or
+        one client's ``NAME.key_secret`` file with the supervisor's ``server.key`` beside it."""
+        if not address.startswith("tcp://"):
+            raise ConfigError(f"{address!r}: expected tcp://HOST:PORT")
+        if keys.is_dir():
+            directory, client = keys, CLIENT_KEY
+        elif keys.name.endswith(".key_secret"):
+            directory, client = keys.parent, keys.name[: -len(".key_secret")]
+        else:
+            raise StateDirError(f"{str(keys)!r}: expected a keys directory or a NAME.key_secret file")
+        server_public, _ = _public_only(directory / f"{SERVER_KEY}.key")
+        client_public, client_secret = load_keys(directory, client)
         return cls(address, server_public, client_public, client_secret)
 
     def runtime_file(self) -> RuntimeFile:

@@ -13,9 +13,12 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import mmap
 import os
+import struct
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,14 @@ import zmq.asyncio
 from .. import app as app_module
 from .. import messages
 from ..errors import SerializationError, TaskCancelled
-from ..lifecycle import EXIT_ERROR, EXIT_INJECTED_CRASH, EXIT_OK, EXIT_PARENT_GONE, die_with_parent
+from ..lifecycle import (
+    EXIT_ERROR,
+    EXIT_INJECTED_CRASH,
+    EXIT_LEASE_LOST,
+    EXIT_OK,
+    EXIT_PARENT_GONE,
+    die_with_parent,
+)
 from ..session import bind_session, bound_session
 from ..transport import connect
 from .keys import KeyTable
@@ -75,6 +85,9 @@ class WorkerActor:
             elif isinstance(msg, messages.Admit):
                 decisions = [[tid, *self.keys.admit(tid, key, policy)] for tid, key, policy in msg.items]
                 await self.sock.send_multipart([messages.Admitted(decisions).encode()])
+            elif isinstance(msg, messages.Rekey):
+                holders = self.keys.rebuild([(k, ids) for k, ids in msg.keys])
+                await self.sock.send_multipart([messages.Promote(holders).encode()])
             elif isinstance(msg, messages.Release):
                 promoted = self.keys.release(msg.task_id, msg.key)
                 if promoted is not None:
@@ -226,8 +239,10 @@ class ActorArgs:
     role: str
     endpoint: str
     server_key: str | None
-    state_dir: str
+    state_dir: str  # "" on a worker node: the supervisor's state directory is on another host
     parent: int  # the template that forked it
+    client_keys: list[str] | None = None  # a node's CURVE key pair (public, secret) for its actors
+    lease_file: str | None = None  # a node's lease: run only while it is valid (see node.py)
 
 
 async def _serve(args: ActorArgs, app: app_module.App) -> None:
@@ -237,7 +252,8 @@ async def _serve(args: ActorArgs, app: app_module.App) -> None:
     sock.linger = 2000  # the last results reach the supervisor before we exit
     sock.sndhwm = 0
     sock.rcvhwm = 0
-    connect(sock, args.endpoint, args.server_key)
+    connect(sock, args.endpoint, args.server_key,
+            (args.client_keys[0], args.client_keys[1]) if args.client_keys else None)
     await sock.send_multipart([messages.Hello(args.slot, args.gen, os.getpid(), args.role).encode()])
     frames = await asyncio.wait_for(sock.recv_multipart(), WELCOME_TIMEOUT)
     welcome = messages.decode(frames[0])
@@ -261,7 +277,9 @@ def run_actor(args: ActorArgs, app: app_module.App) -> None:
     logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"), force=True,
                         format=f"%(asctime)s capsule-actors[%(process)d] {args.slot} %(levelname)s %(message)s")
     die_with_parent(args.parent)
-    app_module.PROCESS_STATE_DIR = Path(args.state_dir)
+    if args.lease_file:
+        watch_lease(args.lease_file)
+    app_module.PROCESS_STATE_DIR = Path(args.state_dir) if args.state_dir else None
     code = EXIT_OK
     try:
         asyncio.run(_serve(args, app))
@@ -271,3 +289,30 @@ def run_actor(args: ActorArgs, app: app_module.App) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # do not wait for thread-pool calls that ignore the stop
+
+
+def watch_lease(path: str) -> None:
+    """Fence this actor: exit the moment its node's lease from the supervisor runs out.
+
+    The node writes the lease's end (CLOCK_MONOTONIC seconds, shared by every process on the host)
+    into an 8-byte file that this thread reads. A thread, not the event loop, so a task that hogs
+    the loop cannot keep a cut-off actor running; and the actor's own check, not only the node's
+    kill, so a frozen node cannot either. The supervisor waits longer than the lease before it
+    retries the node's tasks elsewhere, so a key is never run twice at once.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    lease = mmap.mmap(fd, _LEASE.size, prot=mmap.PROT_READ)
+    os.close(fd)
+
+    def watch() -> None:
+        while True:
+            (until,) = _LEASE.unpack_from(lease, 0)
+            left = until - time.monotonic()
+            if left <= 0:
+                os._exit(EXIT_LEASE_LOST)
+            time.sleep(min(left, 0.1))
+
+    threading.Thread(target=watch, name="capsule-lease", daemon=True).start()
+
+
+_LEASE = struct.Struct("=d")

@@ -31,6 +31,7 @@ class ChildSpec:
     concurrency: int
     shutdown_grace: float
     restart: str = "permanent"  # OTP: restart whatever the exit, unless we are stopping
+    node: str | None = None  # the worker node it runs on; None: this host, forked by our template
 
     def __post_init__(self) -> None:
         if self.role not in (ROLE_WORKER, ROLE_PROCESS, ROLE_CLOCK):
@@ -134,10 +135,11 @@ class ActorTemplate:
             return False
 
     def spawn(self, spec: ChildSpec, gen: int, endpoint: str, server_key: str | None,
-              state_dir: str) -> ActorProcess | None:
-        """Fork an actor for ``spec``; None when the template is gone (it will be replaced)."""
+              state_dir: str, **extra: Any) -> ActorProcess | None:
+        """Fork an actor for ``spec``; None when the template is gone (it will be replaced).
+        ``extra`` goes to the actor's ``ActorArgs`` (a worker node's keys and lease file)."""
         actor = {"slot": spec.slot, "gen": gen, "role": spec.role, "endpoint": endpoint,
-                 "server_key": server_key, "state_dir": state_dir}
+                 "server_key": server_key, "state_dir": state_dir, **extra}
         if not self._write((json.dumps({"op": "spawn", "actor": actor}) + "\n").encode()):
             return None
         deadline = time.monotonic() + self.spawn_timeout
@@ -200,21 +202,25 @@ def kill(proc: ActorProcess, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def local_rss(pid: int) -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except Exception:
+        return None
+
+
 def actor_status(proc: ActorProcess | None, spec: ChildSpec, restarts: int, last_exit: str | None,
-                 backoff_until: float | None, keys: int = 0) -> dict[str, Any]:
-    """One row of ``capsule-actors status``."""
-    rss = None
+                 backoff_until: float | None, keys: int = 0, rss: int | None = None) -> dict[str, Any]:
+    """One row of ``capsule-actors status`` (``rss``: what a worker node reported for it)."""
     state = "restarting" if backoff_until else "down"
     if proc is not None:
         state = "stopping" if proc.stopping else ("ready" if proc.ready else "starting")
-        try:
-            import psutil
-
-            rss = psutil.Process(proc.pid).memory_info().rss
-        except Exception:
-            rss = None
+        if spec.node is None:
+            rss = local_rss(proc.pid)
     return {
-        "slot": spec.slot, "role": spec.role, "pid": proc.pid if proc else None, "state": state,
-        "restarts": restarts, "rss": rss, "running": proc.load if proc else 0,
+        "slot": spec.slot, "role": spec.role, "node": spec.node, "pid": proc.pid or None if proc else None,
+        "state": state, "restarts": restarts, "rss": rss if proc else None, "running": proc.load if proc else 0,
         "tasks_done": proc.tasks_done if proc else 0, "last_exit": last_exit, "keys": keys,
     }

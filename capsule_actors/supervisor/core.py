@@ -42,6 +42,7 @@ from ..store import Store
 from ..transport import (
     DB_FILE,
     LOCK_FILE,
+    NODE_PREFIX,
     RuntimeFile,
     bind,
     ensure_state_dir,
@@ -63,7 +64,9 @@ from .children import (
     actor_status,
     exit_cause,
     kill,
+    local_rss,
 )
+from .nodes import NODE_CHECK, NODE_LEASE, NODE_LOSS, RemoteNode, clean_rss, node_specs, refusal
 from .router import owner
 
 log = logging.getLogger("capsule_actors.supervisor")
@@ -71,6 +74,7 @@ log = logging.getLogger("capsule_actors.supervisor")
 WORKER_CONCURRENCY = 100  # attempts one worker actor runs at once on its event loop
 HEARTBEAT_TIMEOUT = 15.0  # an actor silent this long is hung: kill and restart it
 HEARTBEAT_CHECK = 1.0
+SPAWN_TIMEOUT = 30.0  # a node's actor that has not said hello this long after its Spawn is replaced
 DRAIN_LIMIT = 2000  # messages per socket per turn, so one flood cannot starve the rest
 KILL_GRACE = 1.0  # SIGTERM -> SIGKILL for a process actor that is cancelled or timed out
 EVENT_RETENTION = 7 * 24 * 3600.0  # events older than this are pruned (task records are kept)
@@ -184,6 +188,9 @@ class Supervisor:
         self.finished: collections.Counter[str] = collections.Counter()
         self.parked: dict[str, list[tuple[bytes, int]]] = {}  # waits on tasks held in the store only
         self.lazy_commit_at: float | None = None
+        self.nodes: dict[bytes, RemoteNode] = {}  # routing id on the TCP socket -> worker node
+        self.rekeying = False  # the pools changed: admissions wait until every owner has the new keys
+        self.held_admits: list[list[str]] = []
         self.started_at = time.time()
         self.announced_ready = False
         self.dropped = 0
@@ -211,6 +218,7 @@ class Supervisor:
             for spec in self.specs:
                 self._start_actor(spec)
             self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
+            self._add_timer(NODE_CHECK, self._check_nodes)
             self._add_timer(1.0, self._prune_events)
             if self.app.max_process_memory_mb:
                 self._add_timer(MEMORY_CHECK, self._check_memory)
@@ -313,7 +321,9 @@ class Supervisor:
 
     def _teardown(self) -> None:
         for proc in list(self.procs.values()):
-            kill(proc)
+            self._kill(proc)
+        for ident in self.nodes:  # nodes fence their actors now instead of when their lease ends
+            self._to_node(ident, messages.NodeRefused("the supervisor stopped", False))
         if self.template is not None:
             self.template.close()
         if hasattr(self, "store"):
@@ -379,8 +389,10 @@ class Supervisor:
         if self.client_sock in ready:
             self._drain(self.client_sock, self._on_client)
         if self.remote_sock is not None and self.remote_sock in ready:
-            self._drain(self.remote_sock, self._on_remote_client)
+            self._drain(self.remote_sock, self._on_remote)
         self._run_timers()
+        if self.rekeying:
+            self._finish_rekey()
         self.store.commit()  # everything acknowledged below is durable
         self._answer_event_waiters()
         if self.wake_clock:
@@ -403,7 +415,7 @@ class Supervisor:
         clock = self.procs.get("c0")
         if clock is not None and clock.ready:
             self.wake_clock = False
-            self.outbox.append((self.actor_sock, [clock.identity, messages.Wake("scheduled").encode()]))
+            self._send_actor(clock, messages.Wake("scheduled").encode())
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[Frames], None]) -> None:  # type: ignore[type-arg]
         for _ in range(DRAIN_LIMIT):
@@ -443,9 +455,33 @@ class Supervisor:
             sock, ident = self.remote_sock, ident[len(_REMOTE):]
         self.outbox.append((sock, [ident, messages.Reply(req, ok, body).encode(), *frames]))
 
-    def _on_remote_client(self, frames: Frames) -> None:
-        """A request from the TCP socket: the same handlers, its identity marked for the reply."""
-        self._on_client([_REMOTE + frames[0], *frames[1:]])
+    def _on_remote(self, frames: Frames) -> None:
+        """The TCP socket carries remote clients, worker nodes and the nodes' actors."""
+        proc = self.by_identity.get(frames[0])
+        if proc is not None and proc.spec.node is not None:
+            self._on_actor(frames)
+        elif frames[0].startswith(NODE_PREFIX):
+            self._on_node(frames)
+        else:  # a client: the same handlers, its identity marked for the reply
+            self._on_client([_REMOTE + frames[0], *frames[1:]])
+
+    def _send_actor(self, proc: ActorProcess, *frames: bytes) -> None:
+        sock = self.actor_sock if proc.spec.node is None else self.remote_sock
+        assert sock is not None
+        self.outbox.append((sock, [proc.identity, *frames]))
+
+    def _to_node(self, ident: bytes, msg: messages.Message) -> None:
+        assert self.remote_sock is not None
+        self.outbox.append((self.remote_sock, [ident, msg.encode()]))
+
+    def _kill(self, proc: ActorProcess, sig: int = signal.SIGKILL) -> None:
+        """Signal an actor: ours by pid, a node's through its node."""
+        if proc.spec.node is None:
+            kill(proc, sig)
+            return
+        node = self._node(proc.spec.node)
+        if node is not None:
+            self._to_node(node.identity, messages.Kill(proc.spec.slot, proc.gen, sig))
 
     def _error(self, ident: bytes, req: int, exc: CapsuleError) -> None:
         self._reply(ident, req, False, [type(exc).__name__, str(exc)])
@@ -474,7 +510,8 @@ class Supervisor:
         template.close(0)
         self.template = None
         for proc in list(self.procs.values()):
-            self._on_exit(proc, -signal.SIGKILL)
+            if proc.spec.node is None:  # a node's actors are its template's children, not ours
+                self._on_exit(proc, -signal.SIGKILL)
         if not self.stopping:
             delay = self.template_intensity.next_delay(time.monotonic())
             self._add_timer(delay, self._start_template)
@@ -491,7 +528,7 @@ class Supervisor:
             if not events:
                 return
             for event in events:
-                by_pid = {proc.pid: proc for proc in self.procs.values()}
+                by_pid = {proc.pid: proc for proc in self.procs.values() if proc.spec.node is None}
                 proc = by_pid.get(event.get("pid", -1))
                 if event.get("op") == "exit" and proc is not None:
                     self._on_exit(proc, event["code"])
@@ -500,6 +537,16 @@ class Supervisor:
         if self.stopping or spec.slot in self.procs:
             return
         self.backoff_until[spec.slot] = None
+        if spec.node is not None:  # the node forks it; it says Hello on the TCP socket
+            node = self._node(spec.node)
+            if node is None or node.leaving or spec not in node.specs:
+                return
+            gen, now = next(self.gens), time.monotonic()
+            remote = ActorProcess(spec, gen, 0, now, f"{spec.slot}.{gen}".encode(), last_seen=now)
+            self.procs[spec.slot] = remote
+            self.by_identity[remote.identity] = remote
+            self._to_node(node.identity, messages.Spawn(spec.slot, gen, spec.role))
+            return
         proc = None
         if self.template is not None:
             proc = self.template.spawn(spec, next(self.gens), self.actor_addr, self.server_public,
@@ -510,15 +557,18 @@ class Supervisor:
         self.procs[spec.slot] = proc
         self.by_identity[proc.identity] = proc
 
-    def _on_exit(self, proc: ActorProcess, code: int) -> None:
+    def _on_exit(self, proc: ActorProcess, code: int, cause: str | None = None) -> None:
         slot = proc.spec.slot
         del self.procs[slot]
         self.by_identity.pop(proc.identity, None)
-        cause = exit_cause(code)
+        cause = cause or exit_cause(code)
         self.last_exit[slot] = cause
-        self.pending_admits[slot][:0] = proc.admitting.values()  # resent to the next incarnation
-        for task_id in proc.abandoned:
-            self.abandoned_keys.pop(task_id, None)  # the next incarnation rebuilds its keys
+        for item in proc.admitting.values():  # resent to the key's owner (this slot's next incarnation)
+            self._admit(item)
+        for task_id in proc.abandoned:  # its body died with it: the key is free
+            abandoned = self.abandoned_keys.pop(task_id, None)
+            if abandoned is not None:
+                self._release(abandoned)
         for task_id, attempt in proc.running.items():
             task = self.live.get(task_id)
             if task is None or task.attempts != attempt or task.state != "RUNNING":
@@ -530,6 +580,11 @@ class Supervisor:
                      f"attempt {attempt}", "")
             self._end_attempt(task, "error", error, b"", self.app.tasks[task.name].retryable(WorkerCrashed))
         if self.stopping:
+            return
+        if proc.spec.node is not None and self._node_leaving(proc.spec.node):
+            node = self._node(proc.spec.node)  # leaving (forgotten once its last actor is gone) or lost
+            if node is not None and not any(s.slot in self.procs for s in node.specs):
+                self._forget_node(node)
             return
         deliberate = proc.stopping  # recycled by us (hard cancel, timeout): not a crash
         if not deliberate:
@@ -547,6 +602,15 @@ class Supervisor:
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         for proc in list(self.procs.values()):
+            if proc.spec.node is not None:  # a node's actor: its node reports exits, or is lost
+                if not proc.ready and now - proc.started > SPAWN_TIMEOUT:
+                    self._kill(proc)
+                    self._on_exit(proc, -signal.SIGKILL, f"did not say hello within {SPAWN_TIMEOUT:.0f} s")
+                elif proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
+                    log.error("actor %s sent no heartbeat for %.0f s; killing it", proc.spec.slot,
+                              now - proc.last_seen)
+                    self._kill(proc)
+                continue
             if not pid_alive(proc.pid):  # its exit report never came: never leave a dead slot
                 proc.missing_checks += 1
                 if proc.missing_checks >= 2:
@@ -557,7 +621,7 @@ class Supervisor:
             if proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
                 log.error("actor %s (pid %d) sent no heartbeat for %.0f s; killing it",
                           proc.spec.slot, proc.pid, now - proc.last_seen)
-                kill(proc)
+                self._kill(proc)
         self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
 
     def _check_memory(self) -> None:
@@ -576,16 +640,21 @@ class Supervisor:
         if max_tasks and proc.tasks_done >= max_tasks:
             reason = f"it ran {proc.tasks_done} tasks (max_tasks_per_process={max_tasks})"
         elif max_mb:
-            try:
-                rss = psutil.Process(proc.pid).memory_info().rss
-            except psutil.Error:
+            rss = self._rss(proc)
+            if rss is None:
                 return
             if rss > max_mb * 2**20:
                 reason = f"its RSS is {rss / 2**20:.0f} MB (max_process_memory_mb={max_mb})"
         if reason:
             log.info("recycling actor %s (pid %d): %s", proc.spec.slot, proc.pid, reason)
             proc.stopping = True
-            self.outbox.append((self.actor_sock, [proc.identity, messages.Stop(self.grace).encode()]))
+            self._send_actor(proc, messages.Stop(self.grace).encode())
+
+    def _rss(self, proc: ActorProcess) -> int | None:
+        if proc.spec.node is None:
+            return local_rss(proc.pid)
+        node = self._node(proc.spec.node)
+        return node.rss.get(proc.spec.slot) if node is not None else None
 
     def _begin_stop(self) -> None:
         if self.stopping:
@@ -597,14 +666,14 @@ class Supervisor:
         for proc in self.procs.values():
             proc.stopping = True
             if proc.ready:
-                self.outbox.append((self.actor_sock, [proc.identity, messages.Stop(self.grace).encode()]))
+                self._send_actor(proc, messages.Stop(self.grace).encode())
             else:
-                kill(proc)
+                self._kill(proc)
         self._add_timer(self.grace, self._kill_all)
 
     def _kill_all(self) -> None:
         for proc in self.procs.values():
-            kill(proc)
+            self._kill(proc)
 
     def _requeue_unfinished(self, task: LiveTask) -> None:
         """A graceful stop ran out of time: the attempt does not count; run it at next start."""
@@ -637,13 +706,15 @@ class Supervisor:
                 if task.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed):
                     task.state = "QUEUED"
                     crashed = ("WorkerCrashed", "the supervisor died while the task was running; re-running it", "")
-                    self.store.requeue(task.id, task.session_id, None, crashed)
+                    on_node = ":" in (row["slot"] or "")  # a worker node's actor: retry once its lease ran out
+                    task.run_at = now + NODE_LOSS if on_node else None
+                    self.store.requeue(task.id, task.session_id, task.run_at, crashed)
                 else:
                     self._finish(task, "FAILED", b"", ("WorkerCrashed", "the supervisor died while the "
                                                        "task was running and no retry remained", ""))
                     continue
             if not task.blocked:
-                self._queue(task, row["run_at"])
+                self._queue(task, task.run_at)
         if self.live:
             log.info("recovered %d live tasks from the store", len(self.live))
 
@@ -712,10 +783,9 @@ class Supervisor:
             if lock_key is None or task_id in self.live or self.store.exists(task_id):
                 rows.append(row)  # unlocked, or a resent submit that is already recorded
                 continue
-            slot = self._owner(name, lock_key)
             pending.remaining += 1
             self.admissions[task_id] = (pending, i, row)
-            self._admit(slot, [task_id, lock_key, self.app.tasks[name].on_conflict])
+            self._admit([task_id, lock_key, self.app.tasks[name].on_conflict])
         self._record(rows, None, False)
         if not pending.remaining:
             self._complete(pending)
@@ -752,14 +822,22 @@ class Supervisor:
         self.live[task_id] = task
         return task
 
-    def _admit(self, slot: str, item: list[str]) -> None:
-        """Ask the key's owner actor to decide; hold the request while that actor is down."""
+    def _admit(self, item: list[str]) -> None:
+        """Ask the key's owner actor to decide ``[task_id, key, policy]``; hold the request while
+        that actor is down, or while the pools are being re-keyed."""
+        entry = self.admissions.get(item[0])
+        if entry is None:
+            return  # decided already
+        if self.rekeying:
+            self.held_admits.append(item)
+            return
+        slot = self._owner(entry[2][1], item[1])
         proc = self.procs.get(slot)
         if proc is None or not proc.ready:
-            self.pending_admits[slot].append(item)
+            self.pending_admits.setdefault(slot, []).append(item)
             return
         proc.admitting[item[0]] = item
-        self.outbox.append((self.actor_sock, [proc.identity, messages.Admit([item]).encode()]))
+        self._send_actor(proc, messages.Admit([item]).encode())
 
     def _on_admitted(self, proc: ActorProcess, msg: messages.Admitted) -> None:
         for task_id, verdict, holder in msg.decisions:
@@ -788,16 +866,184 @@ class Supervisor:
         """Tell the key's owner that ``task`` is over (a restarting owner rebuilds from the store)."""
         proc = self.procs.get(task.owner or "")
         if task.lock_key is not None and proc is not None and proc.ready:
-            release = messages.Release(task.id, task.lock_key)
-            self.outbox.append((self.actor_sock, [proc.identity, release.encode()]))
+            self._send_actor(proc, messages.Release(task.id, task.lock_key).encode())
 
-    def _key_rows(self, slot: str) -> list[list[Any]]:
-        """The live keys ``slot`` owns, from the store: ``[key, [holder, *queued]]``."""
-        keys: dict[str, list[str]] = {}
+    def _key_rows(self) -> dict[str, list[list[Any]]]:
+        """slot -> the live keys it owns: ``[key, [holder, *queued]]``, from the store, after the
+        cancelled or timed-out attempts whose bodies still run (they hold their keys until then)."""
+        keys: dict[str, dict[str, list[str]]] = {}
+        for task in self.abandoned_keys.values():
+            assert task.lock_key is not None
+            keys.setdefault(self._owner(task.name, task.lock_key), {}).setdefault(task.lock_key, []).append(task.id)
         for task_id, name, key in self.store.live_locked():
-            if name in self.app.tasks and self._owner(name, key) == slot:
-                keys.setdefault(key, []).append(task_id)
-        return [[k, ids] for k, ids in keys.items()]
+            if name in self.app.tasks:
+                keys.setdefault(self._owner(name, key), {}).setdefault(key, []).append(task_id)
+        return {slot: [[k, ids] for k, ids in by_key.items()] for slot, by_key in keys.items()}
+
+    # ---- pools that change: worker nodes join and leave ----------------------------------------
+    def _pools_changed(self) -> None:
+        """Recompute the pools from the live slots; if they changed, move key ownership.
+
+        A key's owner is a hash over its pool, so a node joining or leaving moves some keys. To
+        move them without a window where two owners could both admit one key: new admissions are
+        held, the outstanding ones are answered (or die with their actor), and only then every
+        owner rebuilds its table from the store (``Rekey``) -- the same rebuild a restarted owner
+        does -- and the held admissions go to the new owners."""
+        specs = [s for s in self._all_specs() if s.node is None or not self._node_leaving(s.node)]
+        pools = {role: [s.slot for s in specs if s.role == role] for role in self.ready}
+        if pools == self.pools:
+            return
+        self.pools = pools
+        self.rekeying = True
+        self._finish_rekey()
+
+    def _finish_rekey(self) -> None:
+        if any(proc.admitting for proc in self.procs.values()):
+            return  # wait for the answers: they were decided under the old owners
+        self.rekeying = False
+        held = [item for items in self.pending_admits.values() for item in items] + self.held_admits
+        self.held_admits = []
+        queued = [task_id for queue in self.slot_ready.values() for task_id in queue]
+        slots = {s.slot for s in self._all_specs()}
+        self.pending_admits = {slot: [] for slot in slots}
+        self.slot_ready = {slot: collections.deque() for slot in slots}
+        for task in itertools.chain(self.live.values(), self.abandoned_keys.values()):
+            if task.lock_key is not None:
+                task.owner = self._owner(task.name, task.lock_key)
+        for task_id in queued:
+            moved = self.live.get(task_id)
+            if moved is not None and moved.owner is not None:
+                self.slot_ready[moved.owner].append(task_id)
+        rows = self._key_rows()
+        for proc in self.procs.values():
+            if proc.ready and proc.spec.role != ROLE_CLOCK:
+                self._send_actor(proc, messages.Rekey(rows.get(proc.spec.slot, [])).encode())
+        for item in held:
+            self._admit(item)
+        log.info("pools now: %s", {role: len(slots) for role, slots in self.pools.items()})
+
+    def _all_specs(self) -> list[ChildSpec]:
+        return self.specs + [spec for node in self.nodes.values() for spec in node.specs]
+
+    def _node(self, name: str) -> RemoteNode | None:
+        for node in self.nodes.values():
+            if node.name == name:
+                return node
+        return None
+
+    def _node_leaving(self, name: str) -> bool:
+        node = self._node(name)
+        return node is None or node.leaving
+
+    def _on_node(self, frames: Frames) -> None:
+        ident, msg = frames[0], messages.decode(frames[1] if len(frames) > 1 else b"")
+        if isinstance(msg, messages.NodeHello):
+            self._on_node_hello(ident, msg)
+            return
+        node = self.nodes.get(ident)
+        if node is None:  # e.g. an incarnation from before our restart: it fences and joins again
+            self._to_node(ident, messages.NodeRefused("unknown node incarnation; say hello again", False))
+            return
+        node.last_seen = time.monotonic()
+        if isinstance(msg, messages.NodePing):
+            node.rss = clean_rss(msg.rss)
+            self._to_node(ident, messages.Lease(msg.seq))
+            return
+        proc = self.procs.get(getattr(msg, "slot", ""))
+        if proc is not None and (proc.spec.node != node.name or proc.gen != getattr(msg, "gen", -1)):
+            proc = None  # an incarnation we already buried, or not this node's
+        if isinstance(msg, messages.Spawned):
+            if proc is not None:
+                proc.pid = msg.pid
+        elif isinstance(msg, messages.Exited):
+            if proc is not None:
+                self._on_exit(proc, msg.code)
+        elif isinstance(msg, messages.NodeBye):
+            self._on_node_bye(node, msg.grace)
+        else:
+            raise ProtocolError(f"{type(msg).__name__} is not a node message")
+
+    def _on_node_hello(self, ident: bytes, msg: messages.NodeHello) -> None:
+        if ident in self.nodes:  # a resent hello: answer it again
+            self._to_node(ident, messages.NodeWelcome(self._node_config(self.nodes[ident])))
+            return
+        why = refusal(msg, self.app)
+        old = self._node(msg.name)
+        if why is None and old is not None:
+            if (old.host, old.pid) != (msg.host, msg.pid):
+                why = (f"a node named {msg.name!r} is already connected (host {old.host}, pid {old.pid}); "
+                       "give each node its own --name")
+            else:  # the same node, fenced and back: its old actors are dead
+                self._lose_node(old, f"the loss of node {msg.name} (it rejoined as a new incarnation)")
+        if why is None and self.stopping:
+            why = "the supervisor is stopping"
+            self._to_node(ident, messages.NodeRefused(why, False))
+            return
+        if why is not None:
+            log.warning("refused worker node %r from %s: %s", msg.name, msg.host, why)
+            self._to_node(ident, messages.NodeRefused(why, True))
+            return
+        specs = node_specs(msg.name, msg.workers, msg.process_workers, WORKER_CONCURRENCY, self.grace)
+        node = RemoteNode(msg.name, ident, msg.host, msg.pid, specs)
+        self.nodes[ident] = node
+        for spec in specs:
+            self.intensity.setdefault(spec.slot, RestartIntensity(self.app.max_restarts, self.app.restart_window))
+            self.restarts.setdefault(spec.slot, 0)
+            self.last_exit.setdefault(spec.slot, None)
+            self.backoff_until[spec.slot] = None
+            self.pending_admits.setdefault(spec.slot, [])
+            self.slot_ready.setdefault(spec.slot, collections.deque())
+        log.info("worker node %s joined from %s (pid %d): %d workers, %d process workers", msg.name, msg.host,
+                 msg.pid, msg.workers, msg.process_workers)
+        self._to_node(ident, messages.NodeWelcome(self._node_config(node)))
+        for spec in specs:
+            self._start_actor(spec)
+        self._pools_changed()
+
+    def _node_config(self, node: RemoteNode) -> dict[str, Any]:
+        return {"lease": NODE_LEASE, "slots": [s.slot for s in node.specs]}
+
+    def _on_node_bye(self, node: RemoteNode, grace: float) -> None:
+        """The node is stopping: its actors take no new work, finish theirs, then it is forgotten."""
+        if node.leaving:
+            return
+        log.info("worker node %s is leaving; its actors finish their tasks", node.name)
+        node.leaving = True
+        for spec in node.specs:
+            proc = self.procs.get(spec.slot)
+            if proc is None:
+                continue
+            proc.stopping = True
+            if proc.ready:
+                self._send_actor(proc, messages.Stop(min(grace, self.grace)).encode())
+            else:
+                self._kill(proc)
+        if not any(s.slot in self.procs for s in node.specs):
+            self._forget_node(node)
+        self._pools_changed()
+
+    def _check_nodes(self) -> None:
+        now = time.monotonic()
+        for node in list(self.nodes.values()):
+            if now - node.last_seen > NODE_LOSS:
+                self._lose_node(node, f"the loss of node {node.name} (nothing heard for {now - node.last_seen:.1f} s)")
+        self._add_timer(NODE_CHECK, self._check_nodes)
+
+    def _lose_node(self, node: RemoteNode, cause: str) -> None:
+        """Its lease ran out (it fenced its actors): their attempts end with WorkerCrashed and are
+        retried on live slots; its keys move to the remaining owners."""
+        log.error("%s: its tasks are retried elsewhere", cause)
+        self._forget_node(node)
+        for spec in node.specs:
+            proc = self.procs.get(spec.slot)
+            if proc is not None:
+                self._on_exit(proc, -signal.SIGKILL, cause)
+        self._pools_changed()
+
+    def _forget_node(self, node: RemoteNode) -> None:
+        self.nodes.pop(node.identity, None)
+        for spec in node.specs:
+            self.backoff_until[spec.slot] = None
 
     def _on_wait(self, ident: bytes, msg: messages.Wait, payload: Frames) -> None:
         task = self.live.get(msg.task_id)
@@ -857,14 +1103,20 @@ class Supervisor:
 
     def _on_status(self, ident: bytes, msg: messages.Status, payload: Frames) -> None:
         keys = collections.Counter(t.owner for t in self.live.values() if t.owner and not t.blocked)
-        actors = [actor_status(self.procs.get(s.slot), s, self.restarts[s.slot], self.last_exit[s.slot],
-                               self.backoff_until[s.slot], keys[s.slot]) for s in self.specs]
+        actors = []
+        for spec in self._all_specs():
+            proc = self.procs.get(spec.slot)
+            actors.append(actor_status(proc, spec, self.restarts[spec.slot], self.last_exit[spec.slot],
+                                       self.backoff_until[spec.slot], keys[spec.slot],
+                                       self._rss(proc) if proc is not None and spec.node else None))
+        now = time.monotonic()
         body = {
             "supervisor": {"pid": os.getpid(), "state": "stopping" if self.stopping else "running",
                            "started_at": self.started_at, "state_dir": str(self.state_dir),
                            "rss": psutil.Process().memory_info().rss, "endpoint": self.client_addr,
                            "live_tasks": len(self.live)},
             "actors": actors,
+            "nodes": [node.status(now) for node in self.nodes.values()],
             "tasks": self._task_counts(),
         }
         self._reply(ident, msg.req, True, body)
@@ -1037,11 +1289,13 @@ class Supervisor:
             config.update(schedules=self.store.schedule_marks(), db=str(self.state_dir / DB_FILE))
             self.wake_clock = False
         else:
-            config["keys"] = self._key_rows(slot)
-        self.outbox.append((self.actor_sock, [proc.identity, messages.Welcome(config).encode()]))
-        waiting, self.pending_admits[slot] = self.pending_admits[slot], []
+            config["keys"] = self._key_rows().get(slot, [])
+        if proc.spec.node is not None:
+            config.update(state_dir="", node=proc.spec.node)
+        self._send_actor(proc, messages.Welcome(config).encode())
+        waiting, self.pending_admits[slot] = self.pending_admits.get(slot, []), []
         for item in waiting:
-            self._admit(slot, item)
+            self._admit(item)
         if all(p.ready for p in self.procs.values()) and len(self.procs) == len(self.specs):
             self._announce_ready()
 
@@ -1108,7 +1362,7 @@ class Supervisor:
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
         run = messages.Run(task.id, task.attempts, task.name, task.session_id, task.session_owner,
                            actor_timeout, crash)
-        self.outbox.append((self.actor_sock, [proc.identity, run.encode(), payload]))
+        self._send_actor(proc, run.encode(), payload)
         if spec.timeout and proc.spec.role == ROLE_PROCESS:
             self._add_timer(spec.timeout, self._process_timeout, task.id, task.attempts)
 
@@ -1133,14 +1387,14 @@ class Supervisor:
             self.abandoned_keys[task.id] = task
         if proc.spec.role == ROLE_PROCESS:
             proc.stopping = True
-            kill(proc, signal.SIGTERM)
+            self._kill(proc, signal.SIGTERM)
             self._add_timer(KILL_GRACE, self._kill_if_alive, proc)
         else:
-            self.outbox.append((self.actor_sock, [proc.identity, messages.CancelRun(task.id, attempt).encode()]))
+            self._send_actor(proc, messages.CancelRun(task.id, attempt).encode())
 
     def _kill_if_alive(self, proc: ActorProcess) -> None:
         if self.procs.get(proc.spec.slot) is proc:
-            kill(proc)
+            self._kill(proc)
 
     def _end_attempt(self, task: LiveTask, outcome: str, error: tuple[str, str, str] | None,
                      frame: bytes, retryable: bool) -> None:
