@@ -252,6 +252,39 @@ def test_a_killed_node_loses_its_attempts_with_worker_crashed_and_they_run_elsew
     assert status["nodes"] == [] and not any(a["node"] for a in status["actors"])
 
 
+def test_a_node_actor_that_dies_is_replaced_on_its_node_and_hard_cancel_goes_through_the_node(cluster):
+    cluster.start_supervisor()
+    node = cluster.start_node("n1", workers=1, process_workers=1)
+    status = cluster.wait_nodes("n1")
+    first = {a["slot"]: a["pid"] for a in status["actors"] if a["node"] == "n1"}
+
+    # an actor of the node killed under its tasks: WorkerCrashed, and a new one forked on the node
+    handles = [cluster.mod.where.submit(2.0) for _ in range(6)]
+    on_node = wait_until(lambda: [h for h in handles if h.info().slot == "n1:w0"], 20)
+    os.kill(first["n1:w0"], signal.SIGKILL)
+    for h in on_node:
+        with pytest.raises(cpsl.WorkerCrashed, match="n1:w0"):
+            h.result(timeout=30)
+
+    def replaced() -> dict[str, Any] | None:
+        actor = next(a for a in cluster.status()["actors"] if a["slot"] == "n1:w0")
+        return actor if actor["state"] == "ready" and actor["pid"] != first["n1:w0"] else None
+    actor = wait_until(replaced, 30)
+    assert actor["restarts"] == 1 and "SIGKILL" in actor["last_exit"]
+    assert actor["pid"] in _descendants(node.pid)
+
+    # cancelling a process=True task on the node kills its actor there (SIGTERM via the node)
+    slow = [cluster.mod.where_isolated.submit(30.0) for _ in range(2)]
+    running = wait_until(lambda: [h for h in slow if h.info().slot == "n1:p0" and h.status().name == "RUNNING"], 20)
+    assert running[0].cancel()
+    with pytest.raises(cpsl.TaskCancelled):
+        running[0].result(timeout=30)
+    wait_until(lambda: _gone([first["n1:p0"]]), 15)
+    wait_until(lambda: next(a for a in cluster.status()["actors"] if a["slot"] == "n1:p0")["state"] == "ready", 30)
+    for h in slow:
+        h.cancel()
+
+
 def test_losing_this_hosts_template_and_actors_leaves_the_nodes_actors_alone(cluster):
     sup = cluster.start_supervisor()
     cluster.start_node("n1", workers=1)
