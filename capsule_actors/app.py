@@ -11,14 +11,14 @@ import random
 import re
 import string
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
 
 from . import messages
-from .errors import ConfigError, LockConflict, SerializationError
+from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
 from .handle import SessionSubscription, TaskHandle
 from .schedules import ScheduleSpec
 from .session import DEFAULT_OWNER_ID, Session, bound_session
@@ -102,7 +102,7 @@ class Task(Generic[P, R]):
         self.process = process
         self._lock_fields = _lock_fields(lock) if isinstance(lock, str) else []
         self._validate()
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type, unused-ignore]
 
     def _validate(self) -> None:
         where = f"task {self.name!r}"
@@ -222,18 +222,65 @@ class Task(Generic[P, R]):
         return await self._asend(prepared) if prepared else []
 
     def _send(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
-        items = [p[0] for p in prepared]
-        body, _ = self.app.connection().call(
-            lambda req: messages.Submit(req, items), [p[1] for p in prepared], must_run=True
-        )
-        return self._handles(items, body)
+        conn = self.app.connection()
+        sent = [(batch, conn.request(_submit_of(batch), [p[1] for p in batch])) for batch in _batches(prepared)]
+        handles: list[TaskHandle] = []
+        for batch, fut in sent:
+            try:
+                body, _ = conn.wait_reply(fut, None, must_run=True)
+            except CapsuleError as exc:
+                _note_partial(exc, handles)
+                raise
+            handles += self._handles([p[0] for p in batch], body)
+        return handles
 
     async def _asend(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
-        items = [p[0] for p in prepared]
-        body, _ = await self.app.connection().acall(
-            lambda req: messages.Submit(req, items), [p[1] for p in prepared]
-        )
-        return self._handles(items, body)
+        conn = self.app.connection()
+        handles: list[TaskHandle] = []
+        for batch in _batches(prepared):
+            try:
+                body, _ = await conn.acall(_submit_of(batch), [p[1] for p in batch])
+            except CapsuleError as exc:
+                _note_partial(exc, handles)
+                raise
+            handles += self._handles([p[0] for p in batch], body)
+        return handles
+
+
+_BATCH_ITEMS = 4096  # tasks per Submit message: its header stays far below the 1 MiB header limit
+_BATCH_HEADER_BYTES = 512 * 1024
+_ITEM_MAX_BYTES = 64 * 1024
+
+
+def _batches(prepared: list[tuple[list[Any], bytes]]) -> Iterator[list[tuple[list[Any], bytes]]]:
+    """Split a map() into Submit messages; each one is recorded atomically by the supervisor."""
+    batch: list[tuple[list[Any], bytes]] = []
+    size = 0
+    for p in prepared:
+        cost = 16 + sum(len(v) for v in p[0] if isinstance(v, str))
+        if cost > _ITEM_MAX_BYTES:
+            raise ConfigError(f"task {p[0][1]!r}: its lock key and session id take {cost} bytes; keep them "
+                              f"under {_ITEM_MAX_BYTES} (they are routing keys, not data: pass data as arguments)")
+        if batch and (len(batch) >= _BATCH_ITEMS or size + cost > _BATCH_HEADER_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += cost
+    if batch:
+        yield batch
+
+
+def _submit_of(batch: list[tuple[list[Any], bytes]]) -> Callable[[int], messages.Message]:
+    items = [p[0] for p in batch]
+    return lambda req: messages.Submit(req, items)
+
+
+def _note_partial(exc: CapsuleError, handles: list[TaskHandle]) -> None:
+    """A map() larger than one message failed part-way: say what was recorded, and hand it over."""
+    if handles:
+        exc.add_note(f"the first {len(handles)} tasks of this map() were recorded before the error; "
+                     "their handles are on the exception's .handles")
+        exc.handles = handles  # type: ignore[attr-defined]
 
 
 def _split(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

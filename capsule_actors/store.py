@@ -137,9 +137,9 @@ class Store:
             self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # ---- writes ------------------------------------------------------------------------------
-    def insert_tasks(self, rows: Iterable[tuple[Any, ...]]) -> list[str]:
+    def insert_tasks(self, rows: Iterable[tuple[Any, ...]]) -> list[tuple[str, int]]:
         """Insert (id, name, state, lock_key, session_id, session_owner, args, created_at, run_at)
-        rows; return the ids that were new (a resent submit is ignored)."""
+        rows; return (id, rowid) of those that were new (a resent submit is ignored)."""
         new = []
         for row in rows:
             cur = self.db.execute(
@@ -148,7 +148,7 @@ class Store:
                 row,
             )
             if cur.rowcount:
-                new.append(row[0])
+                new.append((row[0], int(cur.lastrowid or 0)))
                 self.add_event(row[0], row[4], "state", {"state": row[2], "attempt": 0, "name": row[1]})
         return new
 
@@ -298,10 +298,18 @@ class Store:
         """Every queued, scheduled or running task in submit order (for recovery at start)."""
         return iter(
             self.db.execute(
-                "SELECT id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot "
+                "SELECT rowid, id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot "
                 "FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') ORDER BY rowid"
             ).fetchall()
         )
+
+    def backlog_rows(self, after: int, limit: int) -> list[sqlite3.Row]:
+        """Unlocked QUEUED tasks past rowid ``after``, in submit order: the backlog the supervisor
+        pages in as its in-memory queue drains."""
+        return self.db.execute(
+            "SELECT rowid, id, name, attempts, session_id, session_owner, run_at FROM tasks "
+            "WHERE rowid > ? AND state='QUEUED' AND lock_key IS NULL ORDER BY rowid LIMIT ?", (after, limit)
+        ).fetchall()
 
     def live_locked(self) -> list[tuple[str, str, str]]:
         """(id, name, lock_key) of every live locked task, in submit order (rowid)."""

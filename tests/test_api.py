@@ -350,7 +350,9 @@ def test_asubmit_never_blocks_the_event_loop(start):
     handles, results, gaps, ticks_during_submits = asyncio.run(asyncio.wait_for(main(), 90))
     assert len({h.id for h in handles}) == 300
     assert results == [i + 1 for i in range(300)]
-    assert ticks_during_submits >= 3, "the loop did not run while the submits were in flight"
+    # blocking submits would leave no tick at all (300 round trips in one loop step); on a loaded
+    # 2-core machine the ticker may get only a few turns, so one is the bar
+    assert ticks_during_submits >= 1, "the loop did not run while the submits were in flight"
     assert max(gaps) < 0.25, f"event loop stalled for {max(gaps):.3f} s"
 
 

@@ -94,6 +94,13 @@ fragile = cpsl.App("fragile", max_restarts=1, restart_window=60)
 fragile_dies = fragile.task(process=True, retries=3, backoff=QUICK)(always_dies.fn)
 
 
+def _dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _slot(rt: cpsl.Runtime, slot: str) -> dict:
     return next(a for a in rt.status()["actors"] if a["slot"] == slot)
 
@@ -148,7 +155,7 @@ def test_hard_cancel_ends_the_process(start, tmp_path, ignore_sigterm, cause):
     assert h.cancel()
     with pytest.raises(cpsl.TaskCancelled):
         h.result(timeout=10)
-    wait_until(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie", timeout=10)
+    wait_until(lambda: _dead(victim), timeout=10)
     slot = wait_until(lambda: (s := _slot(rt, "p0"))["state"] == "ready" and s["pid"] != victim and s)
     assert slot["last_exit"] == cause
     assert getpid.submit().result(timeout=30) == slot["pid"]

@@ -81,6 +81,7 @@ EVENT_RETENTION = 7 * 24 * 3600.0  # events older than this are pruned (task rec
 EVENT_MAX_ROWS = 1_000_000  # and at most this many events are kept
 EVENT_PRUNE_INTERVAL = 60.0
 MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with max_process_memory_mb
+QUEUE_WINDOW = 10_000  # queued unlocked tasks held in memory; more wait in SQLite only (the backlog)
 LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next turn's commit
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -189,6 +190,10 @@ class Supervisor:
         self.parked: dict[str, list[tuple[bytes, int]]] = {}  # waits on tasks held in the store only
         self.lazy_commit_at: float | None = None
         self.nodes: dict[bytes, RemoteNode] = {}  # routing id on the TCP socket -> worker node
+        # Unlocked QUEUED tasks beyond QUEUE_WINDOW stay in the store only: all of them have a
+        # rowid above backlog_after, and _page_in loads them in submit order as the queue drains.
+        self.backlog = 0
+        self.backlog_after = 0
         self.rekeying = False  # the pools changed: admissions wait until every owner has the new keys
         self.held_admits: list[list[str]] = []
         self.started_at = time.time()
@@ -697,6 +702,9 @@ class Supervisor:
                 self.store.finish(task.id, task.session_id, "FAILED", None,
                                   ("UnknownTask", f"the app has no task {task.name!r} any more", ""), now)
                 continue
+            if task.state == "QUEUED" and task.lock_key is None and (task.run_at or 0) <= now \
+                    and self._to_backlog(row["rowid"]):
+                continue
             self.live[task.id] = task
             if task.lock_key is not None:
                 task.owner = self._owner(task.name, task.lock_key)
@@ -766,9 +774,9 @@ class Supervisor:
             self.app.get_task(item[1])
             if len(frame) > self.app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
-        if len(self.live) + len(msg.items) > self.app.max_queued:
+        if len(self.live) + self.backlog + len(msg.items) > self.app.max_queued:
             raise Backpressure(
-                f"{len(self.live)} tasks are queued, scheduled or running and this submit adds "
+                f"{len(self.live) + self.backlog} tasks are queued, scheduled or running and this submit adds "
                 f"{len(msg.items)}: over max_queued={self.app.max_queued}; retry later or raise App(max_queued=...)")
         self._submit(PendingSubmit(ident, msg.req, len(msg.items)), msg.items, payload)
 
@@ -799,10 +807,12 @@ class Supervisor:
 
     def _record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
         by_id = {r[0]: r for r in rows}
-        for task_id in self.store.insert_tasks(rows):
+        for task_id, rowid in self.store.insert_tasks(rows):
             row = by_id[task_id]
             if row[2] == "SCHEDULED" and row[3] is None:
                 self.wake_clock = True  # unlocked delayed tasks stay in SQLite until the clock says
+                continue
+            if row[3] is None and self._to_backlog(rowid):
                 continue
             task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5],
                             owner=slot, blocked=blocked, run_at=row[8])
@@ -810,17 +820,51 @@ class Supervisor:
             if not blocked:
                 self._queue(task, row[8])
 
-    def _load_scheduled(self, task_id: str) -> LiveTask | None:
-        """Bring an unlocked SCHEDULED task, held only in the store, into memory (it is due or
-        being cancelled); the waits parked on it come along."""
-        row = self.store.live_row(task_id)
-        if row is None or row["state"] != "SCHEDULED" or task_id in self.live:
-            return self.live.get(task_id)
-        task = LiveTask(task_id, row["name"], "SCHEDULED", row["attempts"], row["lock_key"],
-                        row["session_id"], row["session_owner"], run_at=row["run_at"])
-        task.waiters = self.parked.pop(task_id, [])
-        self.live[task_id] = task
+    def _to_backlog(self, rowid: int) -> bool:
+        """Leave a new unlocked QUEUED task in the store only when the in-memory queue is full
+        (or a backlog is already waiting: submit order is kept). True when it was left there."""
+        if not self.backlog and len(self.ready[ROLE_WORKER]) + len(self.ready[ROLE_PROCESS]) < QUEUE_WINDOW:
+            return False
+        if not self.backlog:
+            self.backlog_after = rowid - 1
+        self.backlog += 1
+        return True
+
+    def _page_in(self) -> None:
+        """Load the oldest backlog tasks once the in-memory queue is half empty."""
+        queued = len(self.ready[ROLE_WORKER]) + len(self.ready[ROLE_PROCESS])
+        if not self.backlog or queued > QUEUE_WINDOW // 2:
+            return
+        limit = QUEUE_WINDOW - queued
+        rows = self.store.backlog_rows(self.backlog_after, limit)
+        for row in rows:
+            self.backlog_after = row["rowid"]
+            if row["id"] in self.live:  # e.g. a delayed task that came due: it is already here
+                continue
+            self.backlog -= 1
+            self._load(row, "QUEUED")
+            self._due(row["id"])
+        if len(rows) < limit:
+            self.backlog = 0
+
+    def _load(self, row: Any, state: str) -> LiveTask:
+        task = LiveTask(row["id"], row["name"], state, row["attempts"], None, row["session_id"],
+                        row["session_owner"], run_at=row["run_at"])
+        task.waiters = self.parked.pop(task.id, [])
+        self.live[task.id] = task
         return task
+
+    def _load_stored(self, task_id: str) -> LiveTask | None:
+        """Bring an unlocked task held only in the store (SCHEDULED, or QUEUED in the backlog)
+        into memory: it is due or being cancelled. The waits parked on it come along."""
+        if task_id in self.live:
+            return self.live[task_id]
+        row = self.store.live_row(task_id)
+        if row is None or row["state"] not in ("SCHEDULED", "QUEUED") or row["lock_key"] is not None:
+            return None
+        if row["state"] == "QUEUED":
+            self.backlog -= 1
+        return self._load(row, row["state"])
 
     def _admit(self, item: list[str]) -> None:
         """Ask the key's owner actor to decide ``[task_id, key, policy]``; hold the request while
@@ -1055,7 +1099,7 @@ class Supervisor:
         if outcome is None:
             raise self._unknown(msg.task_id)
         state, result, error = outcome
-        if state == "SCHEDULED":  # a delayed task still in the store only: wait for it there
+        if state in ("SCHEDULED", "QUEUED"):  # delayed, or in the backlog: in the store only for now
             self.parked.setdefault(msg.task_id, []).append((ident, msg.req))
             self.waiter_index[(ident, msg.req)] = msg.task_id
             return
@@ -1077,7 +1121,7 @@ class Supervisor:
         self._reply(ident, msg.req, True, [self.store.info(tid) for tid in msg.task_ids[:1000]])
 
     def _on_cancel(self, ident: bytes, msg: messages.Cancel, payload: Frames) -> None:
-        task = self.live.get(msg.task_id) or self._load_scheduled(msg.task_id)
+        task = self.live.get(msg.task_id) or self._load_stored(msg.task_id)
         if task is None:
             if self.store.info(msg.task_id) is None:
                 raise self._unknown(msg.task_id)
@@ -1114,7 +1158,8 @@ class Supervisor:
             "supervisor": {"pid": os.getpid(), "state": "stopping" if self.stopping else "running",
                            "started_at": self.started_at, "state_dir": str(self.state_dir),
                            "rss": psutil.Process().memory_info().rss, "endpoint": self.client_addr,
-                           "live_tasks": len(self.live)},
+                           "live_tasks": len(self.live) + self.backlog, "in_memory": len(self.live),
+                           "backlog": self.backlog},
             "actors": actors,
             "nodes": [node.status(now) for node in self.nodes.values()],
             "tasks": self._task_counts(),
@@ -1125,6 +1170,7 @@ class Supervisor:
         """Tasks per state, without scanning the table: live ones from memory, finished ones
         counted as they finish."""
         counts = collections.Counter(task.state for task in self.live.values() if task.state != "SCHEDULED")
+        counts["QUEUED"] += self.backlog
         counts.update(self.finished)
         counts["SCHEDULED"] = self.store.count_state("SCHEDULED")  # most of them live in the store only
         return {state: n for state, n in counts.items() if n}
@@ -1255,7 +1301,7 @@ class Supervisor:
 
     def _on_due(self, msg: messages.Due) -> None:
         for task_id in msg.task_ids:
-            task = self.live.get(task_id) or self._load_scheduled(task_id)
+            task = self.live.get(task_id) or self._load_stored(task_id)
             if task is not None and task.state == "SCHEDULED":
                 self.store.requeue(task.id, task.session_id, None, None)
                 task.state = "QUEUED"
@@ -1323,6 +1369,7 @@ class Supervisor:
         if self.stopping:
             return 0
         started = self.started_attempts
+        self._page_in()
         for slot, queue in self.slot_ready.items():
             proc = self.procs.get(slot)
             while queue and proc is not None and proc.has_room():

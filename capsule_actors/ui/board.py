@@ -592,7 +592,7 @@ class TaskBoard:
     def _make_server(self) -> Any:
         import uvicorn
 
-        class Server(uvicorn.Server):  # type: ignore[misc]
+        class Server(uvicorn.Server):  # type: ignore[misc, unused-ignore]
             """Signals are ours (see run()): uvicorn would re-raise SIGINT after a clean stop."""
 
             def install_signal_handlers(self) -> None:  # uvicorn < 0.29
