@@ -103,6 +103,7 @@ class Store:
             raise StateDirError(f"cannot open task store {str(path)!r}: {exc}") from None
         self.db.row_factory = sqlite3.Row
         self._in_tx = False
+        self._committed_changes = 0
         self.commits = 0
         self._touched: set[str] = set()
         self._touched_sessions: set[str] = set()
@@ -127,6 +128,11 @@ class Store:
             self.db.execute("COMMIT")
             self._in_tx = False
             self.commits += 1
+            self._committed_changes = self.db.total_changes
+
+    def dirty(self) -> bool:
+        """Rows were written since the last commit."""
+        return self.db.total_changes != self._committed_changes
 
     def checkpoint_if_needed(self, every: int = 1000) -> None:
         """Copy the WAL back into the database every ``every`` commits (PASSIVE: never waits

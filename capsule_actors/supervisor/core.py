@@ -86,6 +86,8 @@ LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next t
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 Frames = list[bytes]
+_NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _REMOTE = b"\x01tcp:"  # prefix of remote client identities (local ROUTER identities start with 0)
 _NO_ARGS = pickle.dumps(((), {}), protocol=5)  # a scheduled firing's arguments (none)
 
@@ -377,14 +379,35 @@ class Supervisor:
             lazy = max(0.0, (self.lazy_commit_at - time.monotonic()) * 1000)
             timeout = lazy if timeout is None else min(timeout, lazy)
         ready = dict(self.poller.poll(None if timeout is None else int(timeout) + 1))
-        if not ready and self.lazy_commit_at is not None and time.monotonic() >= self.lazy_commit_at:
-            self.lazy_commit_at = None
-            self.store.commit()
-            self._answer_event_waiters()
-            self._flush()
-            self.store.checkpoint_if_needed()
-        self.lazy_commit_at = None
         self.store.begin()
+        self._handle(ready)
+        # Commit, then send, whenever this turn has something to say (acks, results, events, the
+        # clock's wake-up): everything acknowledged is durable. A turn with nothing to say (say,
+        # results nobody waits for) leaves its writes to the next commit, at most LAZY_COMMIT away.
+        lazy_due = self.lazy_commit_at is not None and time.monotonic() >= self.lazy_commit_at
+        if self.outbox or self.wake_clock or self.event_waiters or self.stopping or lazy_due:
+            self._commit_and_send()
+        elif self.lazy_commit_at is None and self.store.dirty():
+            self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
+        # Dispatch after the acks. The Run messages go out before their own RUNNING rows commit
+        # (a crash in between leaves those tasks QUEUED, to be run again at the next start, which
+        # at-least-once allows; their actors die with the supervisor anyway, a node's with its
+        # lease), but never before anything else: a schedule's fired slot, a finished task.
+        held_back = self.store.dirty()
+        self.store.begin()
+        if self._dispatch():
+            if held_back:
+                self.store.commit()
+                self.lazy_commit_at = None
+            self._flush()
+            if self.lazy_commit_at is None and self.store.dirty():  # RUNNING rows ride the next commit
+                self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
+        elif self.lazy_commit_at is None:
+            self.store.commit()
+            self.store.checkpoint_if_needed()
+
+    def _handle(self, ready: dict[Any, int]) -> None:
+        """Everything that is waiting: signals, child exits, messages, due timers."""
         if self.sig_r.fileno() in ready:
             self._on_signals()
         if self.template is not None and (self.template.fd in ready or self.template.pending()):
@@ -398,23 +421,15 @@ class Supervisor:
         self._run_timers()
         if self.rekeying:
             self._finish_rekey()
-        self.store.commit()  # everything acknowledged below is durable
+
+    def _commit_and_send(self) -> None:
+        self.lazy_commit_at = None
+        self.store.commit()
         self._answer_event_waiters()
         if self.wake_clock:
             self._wake_clock()
         self._flush()
-        # Dispatch after the acks: the Run messages go out before their RUNNING rows commit. A
-        # crash in between leaves those tasks QUEUED, to be run again at the next start, which
-        # at-least-once allows; their actors die with the supervisor anyway.
-        self.store.begin()
-        if self._dispatch():
-            self._flush()
-            # The RUNNING rows ride on the next turn's commit, or on this lazy one when nothing
-            # comes within LAZY_COMMIT: one commit per turn, not two, under load.
-            self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
-        else:
-            self.store.commit()
-            self.store.checkpoint_if_needed()
+        self.store.checkpoint_if_needed()
 
     def _wake_clock(self) -> None:
         clock = self.procs.get("c0")
@@ -424,8 +439,10 @@ class Supervisor:
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[Frames], None]) -> None:  # type: ignore[type-arg]
         for _ in range(DRAIN_LIMIT):
+            if not int(sock.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than ending on zmq.Again
+                return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -439,8 +456,10 @@ class Supervisor:
 
     def _flush(self) -> None:
         for sock, frames in self.outbox:
-            try:
-                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            last = len(frames) - 1
+            try:  # plain int flags: pyzmq's send_multipart spends more on flag enums than on sending
+                for i, frame in enumerate(frames):
+                    sock.send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK, copy=False)
             except zmq.ZMQError as exc:  # a peer that vanished: its waits are resent on reconnect
                 log.debug("send failed: %s", exc)
         self.outbox.clear()
