@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as _dt
 import functools
@@ -19,7 +20,7 @@ import cloudpickle
 
 from . import messages
 from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
-from .handle import SessionSubscription, TaskHandle
+from .handle import SessionSubscription, TaskHandle, _wait_for
 from .schedules import ScheduleSpec
 from .session import DEFAULT_OWNER_ID, Session, bound_session
 from .transport import resolve_state_dir
@@ -178,11 +179,19 @@ class Task(Generic[P, R]):
                 session.owner if session else None, run_at]
         return item, payload
 
-    def _handles(self, items: list[list[Any]], body: list[Any]) -> list[TaskHandle]:
-        """Handles from the supervisor's ``[id, deduplicated, conflict]`` answers; a conflict
-        (on_conflict="reject" and the key is held) raises LockConflict."""
+    def _handles(self, items: list[list[Any]], body: list[Any],
+                 pushes: list[concurrent.futures.Future[Any]]) -> list[TaskHandle]:
+        """Handles from the supervisor's ``[id, deduplicated, conflict]`` answers, each holding
+        the reply its outcome will be pushed to; a conflict (on_conflict="reject" and the key is
+        held) raises LockConflict."""
         handles = [TaskHandle(self.app, tid, self.name, item[2], bool(dedup))
                    for item, (tid, dedup, _) in zip(items, body)]
+        conn = self.app.connection()
+        for handle, fut, (_, _, conflict) in zip(handles, pushes, body):
+            if conflict:
+                conn.discard(fut)
+            else:
+                handle._push = fut
         conflicts = [(item[2], tid) for item, (tid, _, conflict) in zip(items, body) if conflict]
         if conflicts:
             key, holder = conflicts[0]
@@ -223,27 +232,38 @@ class Task(Generic[P, R]):
 
     def _send(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
         conn = self.app.connection()
-        sent = [(batch, conn.request(_submit_of(batch), [p[1] for p in batch])) for batch in _batches(prepared)]
+        sent = []
+        for batch in _batches(prepared):
+            pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in batch]
+            sent.append((batch, pushes, conn.request(_submit_of(batch, pushes), [p[1] for p in batch])))
         handles: list[TaskHandle] = []
-        for batch, fut in sent:
+        for k, (batch, pushes, fut) in enumerate(sent):
             try:
                 body, _ = conn.wait_reply(fut, None, must_run=True)
-            except CapsuleError as exc:
-                _note_partial(exc, handles)
+            except BaseException as exc:  # this batch and the later ones: expect no pushes
+                for _, unanswered, _ in sent[k:]:
+                    for push in unanswered:
+                        conn.discard(push)
+                if isinstance(exc, CapsuleError):
+                    _note_partial(exc, handles)
                 raise
-            handles += self._handles([p[0] for p in batch], body)
+            handles += self._handles([p[0] for p in batch], body, pushes)
         return handles
 
     async def _asend(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
         conn = self.app.connection()
         handles: list[TaskHandle] = []
         for batch in _batches(prepared):
+            pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in batch]
             try:
-                body, _ = await conn.acall(_submit_of(batch), [p[1] for p in batch])
-            except CapsuleError as exc:
-                _note_partial(exc, handles)
+                body, _ = await conn.acall(_submit_of(batch, pushes), [p[1] for p in batch])
+            except BaseException as exc:
+                for push in pushes:
+                    conn.discard(push)
+                if isinstance(exc, CapsuleError):
+                    _note_partial(exc, handles)
                 raise
-            handles += self._handles([p[0] for p in batch], body)
+            handles += self._handles([p[0] for p in batch], body, pushes)
         return handles
 
 
@@ -270,9 +290,12 @@ def _batches(prepared: list[tuple[list[Any], bytes]]) -> Iterator[list[tuple[lis
         yield batch
 
 
-def _submit_of(batch: list[tuple[list[Any], bytes]]) -> Callable[[int], messages.Message]:
+def _submit_of(batch: list[tuple[list[Any], bytes]],
+               pushes: list[concurrent.futures.Future[Any]]) -> Callable[[int], messages.Message]:
     items = [p[0] for p in batch]
-    return lambda req: messages.Submit(req, items)
+    push = [fut.req for fut in pushes]  # type: ignore[attr-defined]
+    return lambda req: messages.Submit(req, items, push)
+
 
 
 def _note_partial(exc: CapsuleError, handles: list[TaskHandle]) -> None:

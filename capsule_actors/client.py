@@ -59,6 +59,7 @@ class Connection:
         self._pid = os.getpid()
         self._ids = itertools.count(1)
         self._outstanding: dict[int, tuple[list[bytes], concurrent.futures.Future[Reply]]] = {}
+        self._expected: set[int] = set()  # outstanding replies asked for by another request (expect)
         self._outbox: collections.deque[list[bytes]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()
@@ -106,6 +107,27 @@ class Connection:
         self._outbox.append(msg)
         self._kick()
         return fut
+
+    def expect(self, make: Callable[[int], messages.Message]) -> concurrent.futures.Future[Reply]:
+        """A reply that another request asks for (a Submit's ``push``): not sent now, but
+        ``make(req)`` goes out like any unanswered request if the socket has to reconnect."""
+        if self._closed:
+            raise not_running(self.state_dir)
+        req = next(self._ids)
+        fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
+        fut.req = req  # type: ignore[attr-defined]
+        fut.pid = self._pid  # type: ignore[attr-defined]  # a forked child must not wait on it
+        self._expected.add(req)
+        self._outstanding[req] = ([make(req).encode()], fut)
+        return fut
+
+    def discard(self, fut: concurrent.futures.Future[Reply]) -> None:
+        """Stop expecting a reply that will not come (e.g. a rejected submit's push)."""
+        self._outstanding.pop(fut.req, None)  # type: ignore[attr-defined]
+        self._expected.discard(fut.req)  # type: ignore[attr-defined]
+
+    async def await_reply(self, fut: concurrent.futures.Future[Reply]) -> Reply:
+        return self._check(await asyncio.wrap_future(fut))
 
     def wait_reply(self, fut: concurrent.futures.Future[Reply], timeout: float | None,
                    must_run: bool = False) -> Reply:
@@ -189,6 +211,7 @@ class Connection:
             if not fut.done():
                 fut.set_exception(not_running(self.state_dir))
         self._outstanding.clear()
+        self._expected.clear()
 
     # ---- the I/O thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -270,6 +293,7 @@ class Connection:
             if not isinstance(reply, messages.Reply):
                 continue
             entry = self._outstanding.pop(reply.req, None)
+            self._expected.discard(reply.req)
             if entry is not None and not entry[1].done():
                 entry[1].set_result(((reply.ok, reply.body), frames[1:]))
 
@@ -284,8 +308,11 @@ class Connection:
             if event["event"] == zmq.EVENT_CONNECTED:
                 was_lost = self._ever_connected and not self.connected
                 self.connected = self._ever_connected = True
-                if was_lost:  # a restarted supervisor: send everything still unanswered again
-                    self._outbox.extend(msg for msg, _ in list(self._outstanding.values()))
+                if was_lost:  # a restarted supervisor: send everything still unanswered again,
+                    # the waits that submits asked for after the submits themselves
+                    unanswered = list(self._outstanding.items())
+                    self._outbox.extend(msg for req, (msg, _) in unanswered if req not in self._expected)
+                    self._outbox.extend(msg for req, (msg, _) in unanswered if req in self._expected)
                     self._flush(sock)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected = False

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import functools
+import os
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -124,7 +125,7 @@ def outcome_value(body: list[Any], frames: list[bytes]) -> Any:
 class TaskHandle:
     """A reference to one submitted task; safe to pass between threads and processes."""
 
-    __slots__ = ("_app", "_final", "deduplicated", "id", "lock_key", "name")
+    __slots__ = ("_app", "_final", "_push", "deduplicated", "id", "lock_key", "name")
 
     def __init__(
         self, app: App, task_id: str, name: str, lock_key: str | None = None, deduplicated: bool = False
@@ -135,6 +136,8 @@ class TaskHandle:
         self.deduplicated = deduplicated
         self._app = app
         self._final: tuple[list[Any], list[bytes]] | None = None
+        # the reply the supervisor pushes the outcome to (set by submit; not in other processes)
+        self._push: concurrent.futures.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.name} {self.id}>"
@@ -181,20 +184,35 @@ class TaskHandle:
         Raises the builtin TimeoutError when ``timeout`` passes first (the task goes on).
         """
         if self._final is None:
-            fut = self._conn.request(lambda req: messages.Wait(req, self.id))
+            push = self._pushed()
+            fut = push or self._conn.request(lambda req: messages.Wait(req, self.id))
             try:
                 self._final = self._conn.wait_reply(fut, timeout)
             except concurrent.futures.TimeoutError:
-                self._conn.forget(fut)
+                if push is None:  # a pushed outcome stays expected: a later result() gets it
+                    self._conn.forget(fut)
                 raise TimeoutError(f"task {self.id} did not finish within {timeout} s") from None
         return outcome_value(*self._final)
+
+    def _pushed(self) -> concurrent.futures.Future[Any] | None:
+        """The future the outcome is pushed to, unless its connection was closed since or this is
+        a forked child (then the current connection is asked with a Wait)."""
+        push = self._push
+        if push is not None and (push.pid != os.getpid()  # type: ignore[attr-defined]
+                                 or (push.done() and push.exception() is not None)):
+            self._push = push = None
+        return push
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._await_result().__await__()
 
     async def _await_result(self) -> Any:
         if self._final is None:
-            self._final = await self._conn.acall(lambda req: messages.Wait(req, self.id))
+            push = self._pushed()
+            if push is not None:
+                self._final = await self._conn.await_reply(push)
+            else:
+                self._final = await self._conn.acall(lambda req: messages.Wait(req, self.id))
         return outcome_value(*self._final)
 
     # ---- events ------------------------------------------------------------------------------
@@ -279,7 +297,7 @@ def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[An
     pending = [h for h in handles if h._final is None]
     if pending:
         conn = pending[0]._conn
-        futures = [(h, conn.request(functools.partial(_wait_for, h.id))) for h in pending]
+        futures = [(h, h._pushed() or conn.request(functools.partial(_wait_for, h.id))) for h in pending]
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             for h, fut in futures:
@@ -287,7 +305,7 @@ def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[An
                 h._final = conn.wait_reply(fut, left)
         except concurrent.futures.TimeoutError:
             for h, fut in futures:
-                if h._final is None:
+                if h._final is None and fut is not h._push:
                     conn.forget(fut)
             raise TimeoutError(f"{sum(h._final is None for h in pending)} tasks did not finish "
                                f"within {timeout} s") from None

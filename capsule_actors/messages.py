@@ -105,14 +105,22 @@ SUBMIT_ITEM_TYPES: tuple[tuple[type, ...], ...] = (
 @_message(1)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Submit(Message):
-    """Record these tasks durably, then acknowledge; one payload frame per item follows."""
+    """Record these tasks durably, then acknowledge; one payload frame per item follows.
+
+    ``push``: empty, or one request id per item that the client keeps open for the item's
+    outcome: the supervisor answers it as if a ``Wait(push[i], id)`` had come with the submit, so
+    a result costs no round trip of its own (after a reconnect the client sends that Wait)."""
 
     req: int
     items: list[Any]
+    push: list[Any]
 
     def check(self) -> None:
         if not self.items:
             raise ProtocolError("Submit.items is empty")
+        if self.push and (len(self.push) != len(self.items)
+                          or not all(type(r) is int for r in self.push)):
+            raise ProtocolError("Submit.push must be empty or one int request id per item")
         for item in self.items:
             if not isinstance(item, list) or len(item) != len(SUBMIT_ITEM_TYPES):
                 raise ProtocolError("Submit item must be a 6-item array")

@@ -136,7 +136,7 @@ def test_hostile_frames_on_both_sockets_leave_the_runtime_serving(hostile_runtim
         try:
             sock.connect(address)
             sock.send_multipart(frames)
-            sock.send_multipart([messages.Submit(1, [["x" * 32, "nap", None, None, None, None]]).encode()])
+            sock.send_multipart([messages.Submit(1, [["x" * 32, "nap", None, None, None, None]], []).encode()])
         finally:
             sock.close(0)
     assert hostile_nap.submit(1).result(timeout=30) == 1

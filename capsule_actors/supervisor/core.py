@@ -130,14 +130,16 @@ class LiveTask:
 class PendingSubmit:
     """A Submit whose locked items wait for their owner actors' admission decisions."""
 
-    __slots__ = ("fire", "ident", "remaining", "req", "results")
+    __slots__ = ("fire", "ident", "push", "remaining", "req", "results")
 
-    def __init__(self, ident: bytes, req: int, size: int, fire: tuple[str, float] | None = None) -> None:
+    def __init__(self, ident: bytes, req: int, size: int, fire: tuple[str, float] | None = None,
+                 push: list[int] | None = None) -> None:
         self.ident = ident
         self.req = req
         self.results: list[list[Any] | None] = [None] * size
         self.remaining = 0
         self.fire = fire  # (schedule name, slot) when the clock fired it
+        self.push = push or []  # per item: the client's request id for its outcome
 
 
 class Supervisor:
@@ -797,7 +799,7 @@ class Supervisor:
             raise Backpressure(
                 f"{len(self.live) + self.backlog} tasks are queued, scheduled or running and this submit adds "
                 f"{len(msg.items)}: over max_queued={self.app.max_queued}; retry later or raise App(max_queued=...)")
-        self._submit(PendingSubmit(ident, msg.req, len(msg.items)), msg.items, payload)
+        self._submit(PendingSubmit(ident, msg.req, len(msg.items), push=msg.push), msg.items, payload)
 
     def _submit(self, pending: PendingSubmit, items: list[list[Any]], payload: Frames) -> None:
         """Record unlocked items now; send locked ones to their owners for admission first."""
@@ -821,8 +823,13 @@ class Supervisor:
         """Every item is decided: acknowledge the client, or record the schedule's fired slot."""
         if pending.fire is not None:
             self.store.set_last_slot(*pending.fire)
-        else:
-            self._reply(pending.ident, pending.req, True, pending.results)
+            return
+        for push_req, result in zip(pending.push, pending.results):
+            assert result is not None
+            task_id, _joined, rejected = result
+            if not rejected:  # as if the client had sent Wait(push_req, id) right after
+                self._on_wait(pending.ident, messages.Wait(push_req, task_id), [])
+        self._reply(pending.ident, pending.req, True, pending.results)
 
     def _record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
         by_id = {r[0]: r for r in rows}

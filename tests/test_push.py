@@ -1,0 +1,143 @@
+"""Outcomes pushed to the submitting client: a submit asks for its tasks' outcomes up front, so
+``result()`` costs no round trip of its own, and nothing is left waiting when it is not used."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import capsule_actors as cpsl
+from capsule_actors import messages
+from capsule_actors.client import Connection
+from conftest import wait_until
+
+app = cpsl.App("push", grace=5.0)
+
+
+@app.task
+async def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(retries=2)
+async def nap(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@app.task(lock="only:{key}", on_conflict="reject")
+async def exclusive(key: str, seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return key
+
+
+@app.task(lock="shared:{key}")
+async def joined(key: str, seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return key
+
+
+def _count_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the Wait requests this process sends (a spy: every call goes through)."""
+    sent: list[int] = []
+    real = Connection.request
+
+    def request(self: Connection, make, frames=None):  # type: ignore[no-untyped-def]
+        if isinstance(make(0), messages.Wait):
+            sent.append(1)
+        return real(self, make, frames)
+
+    monkeypatch.setattr(Connection, "request", request)
+    return sent
+
+
+def test_results_arrive_without_a_wait_round_trip(start, monkeypatch):
+    start(app)
+    waits = _count_waits(monkeypatch)
+    handles = add.map([(i, 1) for i in range(500)]) + [add.submit(1000, 1)]
+    assert [h.result(timeout=30) for h in handles] == [i + 1 for i in range(500)] + [1001]
+    assert cpsl.wait_all(add.map([(i, 2) for i in range(100)]), timeout=30) == [i + 2 for i in range(100)]
+
+    async def gathered() -> list[int]:
+        hs = await asyncio.gather(*(add.asubmit(i, 3) for i in range(50)))
+        return list(await asyncio.gather(*hs))
+
+    assert asyncio.run(asyncio.wait_for(gathered(), 60)) == [i + 3 for i in range(50)]
+    assert waits == []
+    conn = app.connection()
+    wait_until(lambda: not conn._outstanding, 10)  # every pushed reply was taken
+
+
+def test_a_timeout_keeps_the_push_and_a_handle_from_elsewhere_still_waits(start, monkeypatch):
+    start(app)
+    h = nap.submit(0.5)
+    with pytest.raises(TimeoutError):
+        h.result(timeout=0.05)
+    assert h.result(timeout=30) == 0.5  # the same pushed outcome, not a new request
+    other = cpsl.TaskHandle.from_id(app, h.id)  # another process's view: no push, a Wait
+    waits = _count_waits(monkeypatch)
+    assert other.result(timeout=30) == 0.5 and waits == [1]
+
+
+def test_joined_and_rejected_submits_leave_nothing_expected(start):
+    start(app)
+    first = exclusive.submit("k", 0.3)
+    with pytest.raises(cpsl.LockConflict):
+        exclusive.submit("k", 0.0)
+    holder = joined.submit("j", 0.3)
+    dup = joined.submit("j", 0.0)
+    assert dup.deduplicated and dup.id == holder.id
+    assert first.result(timeout=30) == "k" and dup.result(timeout=30) == "j" and holder.result(timeout=30) == "j"
+    conn = app.connection()
+    wait_until(lambda: not conn._outstanding and not conn._expected, 10)
+
+
+def test_dropped_handles_leave_nothing_behind(start):
+    rt = start(app)
+    for i in range(300):
+        add.submit(i, 0)  # fire and forget
+    conn = app.connection()
+    wait_until(lambda: rt.status()["tasks"].get("SUCCEEDED", 0) >= 300, 30)
+    wait_until(lambda: not conn._outstanding and not conn._expected, 10)
+
+
+def test_pushed_outcomes_survive_a_supervisor_restart(start, state_dir: Path):
+    rt = start(app)
+    handles = [nap.submit(1.0) for _ in range(5)]
+    wait_until(lambda: rt.status()["tasks"].get("RUNNING", 0) == 5, 20)
+    os.kill(rt.pid, signal.SIGKILL)
+    rt.process.wait(10)
+    time.sleep(0.2)
+    start(app)
+    # the pushes died with the supervisor; the client asks again on reconnect (a re-run)
+    assert [h.result(timeout=60) for h in handles] == [1.0] * 5
+    assert all(h.info().attempts == 2 for h in handles)
+
+
+def test_a_forked_child_waits_through_its_own_connection(start):
+    start(app)
+    h = nap.submit(0.3)
+    pid = os.fork()
+    if pid == 0:  # the parent's push future (and its I/O thread) do not exist here
+        code = 3
+        try:
+            code = 0 if h.result(timeout=20) == 0.3 else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 40
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not get the result")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert h.result(timeout=20) == 0.3
