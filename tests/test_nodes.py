@@ -285,6 +285,24 @@ def test_a_node_actor_that_dies_is_replaced_on_its_node_and_hard_cancel_goes_thr
         h.cancel()
 
 
+def test_a_node_whose_template_dies_forks_its_actors_again(cluster):
+    cluster.start_supervisor()
+    node = cluster.start_node("n1", workers=1, process_workers=1)
+    before = {a["slot"]: a["pid"] for a in cluster.wait_nodes("n1")["actors"] if a["node"]}
+    template = next(p for p in psutil.Process(node.pid).children() if p.pid not in before.values())
+    template.kill()  # its actors die with it (parent-death signal)
+    wait_until(lambda: _gone(list(before.values())), 15)
+
+    def back() -> dict[str, Any] | None:
+        status = cluster.status()
+        now = {a["slot"]: a for a in status["actors"] if a["node"] == "n1"}
+        fresh = all(a["state"] == "ready" and a["pid"] not in before.values() for a in now.values())
+        return status if len(now) == 2 and fresh else None
+    wait_until(back, 30)
+    assert node.poll() is None
+    assert "n1" in {h.result(timeout=30) for h in [cluster.mod.where.submit(0.3) for _ in range(8)]}
+
+
 def test_losing_this_hosts_template_and_actors_leaves_the_nodes_actors_alone(cluster):
     sup = cluster.start_supervisor()
     cluster.start_node("n1", workers=1)
