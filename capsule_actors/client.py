@@ -33,6 +33,8 @@ log = logging.getLogger("capsule_actors.client")
 
 Reply = tuple[Any, list[bytes]]
 _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
 _START_HINT = (
     "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
@@ -253,10 +255,13 @@ class Connection:
 
     def _flush(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
         while self._outbox:
-            try:
-                sock.send_multipart(self._outbox[0], flags=zmq.NOBLOCK, copy=False)
+            frames = self._outbox[0]
+            try:  # int flags: pyzmq's send_multipart spends more on flag enums than on sending
+                sock.send(frames[0], _NOBLOCK_MORE if len(frames) > 1 else _NOBLOCK, copy=False)
             except zmq.Again:
                 return  # no peer pipe yet: try again on the next turn
+            for i in range(1, len(frames)):  # the first part went: the rest cannot block
+                sock.send(frames[i], _NOBLOCK_MORE if i < len(frames) - 1 else _NOBLOCK, copy=False)
             self._outbox.popleft()
 
     def _open(self, ctx: zmq.Context, poller: zmq.Poller) -> tuple[zmq.Socket, zmq.Socket]:  # type: ignore[type-arg]
@@ -280,9 +285,9 @@ class Connection:
         sock.close(0)
 
     def _receive(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
-        while True:
+        while int(sock.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than ending on zmq.Again
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             try:
