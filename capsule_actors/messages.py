@@ -235,6 +235,33 @@ class Retry(Message):
     task_id: str
 
 
+SESSION_KV_OPS = ("get", "set", "del", "items", "cas")
+
+
+@_message(13)
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionKV(Message):
+    """One ``session.db`` operation for a task on a worker node (values are JSON text).
+
+    ``get`` -> text or None; ``set`` -> True; ``del`` -> existed; ``items`` -> [[key, text]];
+    ``cas`` -> whether ``key`` held ``expected`` (None: absent) and now holds ``value``."""
+
+    req: int
+    session_id: str
+    op: str
+    key: str
+    value: str | None
+    expected: str | None
+
+    def check(self) -> None:
+        if self.op not in SESSION_KV_OPS:
+            raise ProtocolError(f"SessionKV.op {self.op!r} not one of {SESSION_KV_OPS}")
+        if not self.session_id or (self.op != "items" and not self.key):
+            raise ProtocolError("SessionKV needs a session id and (but for items) a key")
+        if self.op in ("set", "cas") and self.value is None:
+            raise ProtocolError(f"SessionKV {self.op} needs a value")
+
+
 @_message(20)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply(Message):

@@ -13,7 +13,6 @@ import contextvars
 import dataclasses
 import itertools
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -21,7 +20,7 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import ConfigError, SerializationError
+from .errors import CapsuleError, ConfigError, SerializationError
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("capsule_session", default=None)
 
@@ -105,23 +104,20 @@ class Session:
     @property
     def db(self) -> SessionDB:
         """This session's persistent key-value store (JSON values), shared by all its tasks."""
-        state_dir = self.__dict__.get("_state_dir")
-        if state_dir is None:
-            node = os.environ.get("CAPSULE_NODE")
-            if node and self.__dict__.get("_channel") is not None:
-                raise ConfigError(f"session {self.id!r}: session.db is not available to tasks on worker node "
-                                  f"{node!r} (it is the supervisor's SQLite file); run this task on the "
-                                  "supervisor's machine, or pass what it needs as arguments")
+        state_dir, remote = self.__dict__.get("_state_dir"), self.__dict__.get("_remote")
+        if state_dir is None and remote is None:
             raise ConfigError(f"session {self.id!r} has no runtime: use app.session({self.id!r}).db")
-        return SessionDB(Path(state_dir), self.id)
+        return SessionDB(Path(state_dir) if state_dir is not None else None, self.id, remote)
 
 
 def bound_session(session_id: str, owner: str | None, channel: EventChannel | None,
-                  state_dir: Path | None) -> Session:
-    """A Session wired to a task's event channel and the runtime's store."""
+                  state_dir: Path | None, remote: Any = None) -> Session:
+    """A Session wired to a task's event channel and the runtime's store (``state_dir``), or on a
+    worker node to the supervisor (``remote``: the App, whose connection reaches it)."""
     session = Session(session_id, owner)
     object.__setattr__(session, "_channel", channel)
     object.__setattr__(session, "_state_dir", state_dir)
+    object.__setattr__(session, "_remote", remote)
     return session
 
 
@@ -166,20 +162,24 @@ class SessionStream:
 
 
 class SessionDB:
-    """Dict-like JSON store of one session, in the runtime's capsule.db (any process may use it).
+    """Dict-like JSON store of one session, in the runtime's capsule.db.
 
-    Each write is its own transaction. ``update(key, fn)`` reads, applies ``fn`` and writes under
-    one write lock (BEGIN IMMEDIATE), so concurrent updates from several actors lose nothing.
+    In the supervisor's machine it reads and writes capsule.db directly (each write is its own
+    transaction; ``update`` holds SQLite's write lock while ``fn`` runs). In a task on a worker
+    node, where that file is not, each operation is a request to the supervisor (``SessionKV``),
+    and ``update`` is a compare-and-set loop: both lose no concurrent update.
     """
 
     _local = threading.local()
     _MISSING = object()
 
-    def __init__(self, state_dir: Path, session_id: str) -> None:
-        self.path = state_dir / "capsule.db"
+    def __init__(self, state_dir: Path | None, session_id: str, remote: Any = None) -> None:
+        self.path = state_dir / "capsule.db" if state_dir is not None else None
         self.session_id = session_id
+        self._remote = remote  # an App whose connection() reaches the supervisor
 
     def _db(self) -> sqlite3.Connection:
+        assert self.path is not None
         conns: dict[Path, sqlite3.Connection] = self._local.__dict__.setdefault("conns", {})
         conn = conns.get(self.path)
         if conn is None:
@@ -190,6 +190,13 @@ class SessionDB:
             conns[self.path] = conn
         return conn
 
+    def _ask(self, op: str, key: str = "", value: str | None = None, expected: str | None = None) -> Any:
+        from . import messages
+
+        body, _ = self._remote.connection().call(
+            lambda req: messages.SessionKV(req, self.session_id, op, key, value, expected))
+        return body
+
     def __getitem__(self, key: str) -> Any:
         value = self.get(key, self._MISSING)
         if value is self._MISSING:
@@ -197,50 +204,57 @@ class SessionDB:
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
-        row = self._db().execute("SELECT value FROM session_kv WHERE session_id=? AND key=?",
-                                 (self.session_id, _key(key))).fetchone()
-        return json.loads(row[0]) if row else default
+        text = self._ask("get", _key(key)) if self._remote else kv_get(self._db(), self.session_id, _key(key))
+        return json.loads(text) if text is not None else default
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._db().execute(
-            "INSERT INTO session_kv(session_id, key, value, updated_at) VALUES (?,?,?,?) "
-            "ON CONFLICT(session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
-            (self.session_id, _key(key), _json(value), time.time()))
+        if self._remote:
+            self._ask("set", _key(key), _json(value))
+        else:
+            kv_set(self._db(), self.session_id, _key(key), _json(value))
 
     def __delitem__(self, key: str) -> None:
-        cur = self._db().execute("DELETE FROM session_kv WHERE session_id=? AND key=?", (self.session_id, _key(key)))
-        if not cur.rowcount:
+        key = _key(key)
+        if not (self._ask("del", key) if self._remote else kv_delete(self._db(), self.session_id, key)):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key, self._MISSING) is not self._MISSING
 
     def __iter__(self) -> Iterator[str]:
-        rows = self._db().execute("SELECT key FROM session_kv WHERE session_id=? ORDER BY key", (self.session_id,))
-        return iter([r[0] for r in rows])
+        return iter([k for k, _ in self._rows()])
 
     def __len__(self) -> int:
-        return int(self._db().execute("SELECT count(*) FROM session_kv WHERE session_id=?",
-                                      (self.session_id,)).fetchone()[0])
+        return len(self._rows())
+
+    def _rows(self) -> list[tuple[str, str]]:
+        if self._remote:
+            return [(k, v) for k, v in self._ask("items")]
+        return kv_items(self._db(), self.session_id)
 
     def keys(self) -> list[str]:
         return list(self)
 
     def items(self) -> list[tuple[str, Any]]:
-        rows = self._db().execute("SELECT key, value FROM session_kv WHERE session_id=? ORDER BY key",
-                                  (self.session_id,))
-        return [(k, json.loads(v)) for k, v in rows]
+        return [(k, json.loads(v)) for k, v in self._rows()]
 
     def update(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
         """Atomically replace the value with ``fn(old)`` (``old`` is ``default`` when absent).
-        SQLite's write lock is held while ``fn`` runs, so keep ``fn`` quick: no I/O in it."""
+        Keep ``fn`` quick and free of side effects: it may run again when another writer won."""
+        key = _key(key)
+        if self._remote:
+            for _ in range(1000):
+                old = self._ask("get", key)
+                new = fn(json.loads(old) if old is not None else default)
+                if self._ask("cas", key, _json(new), old):
+                    return new
+            raise CapsuleError(f"session.db.update({key!r}): 1000 attempts lost to concurrent writers")
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT value FROM session_kv WHERE session_id=? AND key=?",
-                             (self.session_id, _key(key))).fetchone()
-            new = fn(json.loads(row[0]) if row else default)
-            self[key] = new
+            old = kv_get(db, self.session_id, key)
+            new = fn(json.loads(old) if old is not None else default)
+            kv_set(db, self.session_id, key, _json(new))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -250,6 +264,28 @@ class SessionDB:
     def increment(self, key: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a number (0 when absent) and return the new value."""
         return self.update(key, lambda old: (old or 0) + by)  # type: ignore[no-any-return]
+
+
+# ---- the session_kv table: one copy of the SQL, for SessionDB here and the supervisor's SessionKV
+def kv_get(db: sqlite3.Connection, session_id: str, key: str) -> str | None:
+    row = db.execute("SELECT value FROM session_kv WHERE session_id=? AND key=?", (session_id, key)).fetchone()
+    return row[0] if row else None
+
+
+def kv_set(db: sqlite3.Connection, session_id: str, key: str, text: str) -> None:
+    db.execute(
+        "INSERT INTO session_kv(session_id, key, value, updated_at) VALUES (?,?,?,?) "
+        "ON CONFLICT(session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+        (session_id, key, text, time.time()))
+
+
+def kv_delete(db: sqlite3.Connection, session_id: str, key: str) -> bool:
+    return db.execute("DELETE FROM session_kv WHERE session_id=? AND key=?", (session_id, key)).rowcount > 0
+
+
+def kv_items(db: sqlite3.Connection, session_id: str) -> list[tuple[str, str]]:
+    rows = db.execute("SELECT key, value FROM session_kv WHERE session_id=? ORDER BY key", (session_id,))
+    return [(k, v) for k, v in rows]
 
 
 def _key(key: str) -> str:

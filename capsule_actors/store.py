@@ -120,7 +120,9 @@ class Store:
     # ---- transactions ------------------------------------------------------------------------
     def begin(self) -> None:
         if not self._in_tx:
-            self.db.execute("BEGIN")
+            # IMMEDIATE: take the write lock now (waiting out a session.db writer); a deferred
+            # transaction that read first could not upgrade once another writer had committed
+            self.db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
 
     def commit(self) -> None:

@@ -140,7 +140,9 @@ class WorkerActor:
         session = channel = None
         if run.session_id:
             channel = _AttemptChannel(self, run)
-            session = bound_session(run.session_id, run.session_owner, channel, app_module.PROCESS_STATE_DIR)
+            state_dir = app_module.PROCESS_STATE_DIR  # None on a worker node: session.db asks the supervisor
+            session = bound_session(run.session_id, run.session_owner, channel, state_dir,
+                                    remote=self.app if state_dir is None else None)
         bind_session(session)
         try:
             return await self._run_body(run, task, session, payload)

@@ -1225,6 +1225,37 @@ class Supervisor:
         item = [new_task_id(), name, lock_key, sid, sowner, None]
         self._submit(PendingSubmit(ident, msg.req, 1), [item], [bytes(args or _NO_ARGS)])
 
+    def _on_session_kv(self, ident: bytes, msg: messages.SessionKV, payload: Frames) -> None:
+        """session.db for tasks on worker nodes: the same table, written in this turn's
+        transaction (so the reply goes out after the commit)."""
+        import json
+
+        from ..session import kv_delete, kv_get, kv_items, kv_set
+
+        db, sid, key = self.store.db, msg.session_id, msg.key
+        if msg.value is not None:
+            if len(msg.value) > self.app.max_payload_bytes:
+                raise ConfigError(f"session.db value of {len(msg.value)} bytes is over max_payload_bytes")
+            try:
+                json.loads(msg.value)
+            except ValueError:
+                raise ProtocolError("SessionKV value is not JSON") from None
+        body: Any
+        if msg.op == "get":
+            body = kv_get(db, sid, key)
+        elif msg.op == "set":
+            kv_set(db, sid, key, msg.value or "null")
+            body = True
+        elif msg.op == "del":
+            body = kv_delete(db, sid, key)
+        elif msg.op == "items":
+            body = [list(row) for row in kv_items(db, sid)]
+        else:  # cas
+            body = kv_get(db, sid, key) == msg.expected
+            if body:
+                kv_set(db, sid, key, msg.value or "null")
+        self._reply(ident, msg.req, True, body)
+
     def _poll_events(self, ident: bytes, req: int, key: tuple[str, str], after: int) -> None:
         if not self._send_events(ident, req, key, after):
             self.event_waiters.setdefault(key, []).append((ident, req, after))
@@ -1284,7 +1315,7 @@ class Supervisor:
         messages.Info: _on_info, messages.Cancel: _on_cancel, messages.ListTasks: _on_list,
         messages.Status: _on_status, messages.Events: _on_events, messages.InjectCrash: _on_inject_crash,
         messages.SessionEvents: _on_session_events, messages.AllEvents: _on_all_events,
-        messages.Retry: _on_retry,
+        messages.Retry: _on_retry, messages.SessionKV: _on_session_kv,
     }
 
     # ---- actor messages ----------------------------------------------------------------------
