@@ -67,9 +67,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # _common, when this file is imported rather than run
@@ -77,9 +78,9 @@ if str(HERE) not in sys.path:  # _common, when this file is imported rather than
 if str(HERE.parent) not in sys.path:  # the package from the checkout when it is not installed
     sys.path.append(str(HERE.parent))
 
+from _common import Deadline, RedisServer, Watchdog, print_machine, print_package, stats_ms, stop_tree, temp_dir  # noqa: E402
+
 import capsule_actors as cpsl  # noqa: E402
-from _common import (Deadline, RedisServer, Watchdog, print_machine, print_package, stats_ms,  # noqa: E402
-                     stop_tree, temp_dir)
 
 RUNS_ENV = "CPSL_BENCH_RUNS_FILE"
 RETRIES = 3

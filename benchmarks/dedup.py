@@ -52,9 +52,9 @@ if str(HERE) not in sys.path:  # _common, when this file is imported rather than
 if str(HERE.parent) not in sys.path:  # the package from the checkout when it is not installed
     sys.path.append(str(HERE.parent))
 
+from _common import Deadline, Watchdog, die_with_parent, percentile, print_machine, print_package, stop_tree, temp_dir  # noqa: E402
+
 import capsule_actors as cpsl  # noqa: E402
-from _common import (Deadline, Watchdog, die_with_parent, percentile, print_machine, print_package,  # noqa: E402
-                     stop_tree, temp_dir)
 
 app = cpsl.App("bench-dedup", grace=2.0)
 

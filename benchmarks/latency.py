@@ -30,8 +30,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # _common, when this file is imported rather than run
@@ -39,9 +40,10 @@ if str(HERE) not in sys.path:  # _common, when this file is imported rather than
 if str(HERE.parent) not in sys.path:  # the package from the checkout when it is not installed
     sys.path.append(str(HERE.parent))
 
-import capsule_actors as cpsl  # noqa: E402
 import peers  # noqa: E402
 from _common import Deadline, Floor, Watchdog, percentile, print_machine, run_script, temp_dir  # noqa: E402
+
+import capsule_actors as cpsl  # noqa: E402
 
 app = cpsl.App("bench-latency", grace=2.0)
 

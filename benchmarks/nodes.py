@@ -123,7 +123,7 @@ def measure(tmp: Path, k: int, args: argparse.Namespace, dog: Watchdog) -> dict[
     dog.on_expire(lambda: [stop_tree(p, 1.0) for p in procs])
     os.environ["CAPSULE_STATE_DIR"] = str(state)
     sys.modules.pop("bench_nodes_mod", None)
-    import bench_nodes_mod as mod  # noqa: PLC0415 - a fresh import per state dir
+    import bench_nodes_mod as mod
 
     try:
         for i in range(1, k + 1):

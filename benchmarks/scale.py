@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import capsule_actors as cpsl  # noqa: E402
+import capsule_actors as cpsl
 
 app = cpsl.App("scale", workers=2, process_workers=1, max_queued=1_000_000)
 
@@ -81,7 +81,8 @@ def main() -> None:
         for i in range(batches):
             cpsl.wait_all(noop.map(list(range(args.batch))), timeout=120)
             if (i + 1) % max(1, batches // 5) == 0 or i == 0:
-                print(f"  {(i + 1) * args.batch:>7} passed through  {(i + 1) * args.batch / (time.perf_counter() - t0):8.0f}"
+                done = (i + 1) * args.batch
+                print(f"  {done:>7} passed through  {done / (time.perf_counter() - t0):8.0f}"
                       f" tasks/s  supervisor RSS {mib(sup):7.1f} MiB")
 
 

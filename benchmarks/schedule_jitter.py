@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import capsule_actors as cpsl  # noqa: E402
+import capsule_actors as cpsl
 
 LOG = os.environ.setdefault("CPSL_JITTER_LOG", tempfile.mktemp(prefix="cpsl-jitter-"))
 
@@ -66,7 +66,7 @@ def measure_jitter(seconds: float, n_delayed: int) -> None:
         handles = []
         for _ in range(n_delayed):
             run_at = base + random.uniform(0, max(1.0, seconds - 2))
-            handles.append(delayed.schedule(run_at, at=dt.datetime.fromtimestamp(run_at, dt.timezone.utc)))
+            handles.append(delayed.schedule(run_at, at=dt.datetime.fromtimestamp(run_at, dt.UTC)))
         deadline = time.monotonic() + seconds + 30
         for h in handles:
             h.result(timeout=max(1.0, deadline - time.monotonic()))

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, wait_until
 
 import capsule_actors as cpsl
-from conftest import ROOT, wait_until
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -442,7 +442,7 @@ def test_schedule_needs_exactly_one_of_delay_and_at():
     with pytest.raises(cpsl.ConfigError):
         add.schedule(1, 2)
     with pytest.raises(cpsl.ConfigError):
-        add.schedule(1, 2, delay=1.0, at=dt.datetime.now(dt.timezone.utc))
+        add.schedule(1, 2, delay=1.0, at=dt.datetime.now(dt.UTC))
 
 
 def test_wait_all_pipelines_the_waits_and_keeps_order(start, tmp_path):

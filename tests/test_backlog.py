@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 import capsule_actors as cpsl
 from capsule_actors.supervisor.core import QUEUE_WINDOW
-from conftest import wait_until
 
 app = cpsl.App("backlog", max_queued=1_000_000)
 N = QUEUE_WINDOW * 5 // 2

@@ -16,10 +16,9 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import cli, spawn_cli, wait_running, wait_until
 
 from capsule_actors.transport import RUNTIME_FILE, pid_alive, read_runtime_file
-
-from conftest import cli, spawn_cli, wait_running, wait_until
 
 MODULE = textwrap.dedent('''
     import asyncio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import os
 import signal
@@ -12,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import spawn_cli, wait_running, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import testing
-from conftest import spawn_cli, wait_running, wait_until
 
 app = cpsl.App("clocked", owner="alice")
 LOG = os.environ.get("CPSL_CLOCK_LOG", "/tmp/cpsl-clock-log")
@@ -73,7 +74,7 @@ def test_a_slow_run_is_never_stacked(start, tmp_path, monkeypatch):
     runs = wait_until(lambda: len(_entries(Path(str(log) + ".slow"))) >= 2 and _entries(Path(str(log) + ".slow")),
                       timeout=20)
     # the firings during a run joined it: runs never overlap
-    assert all(a["end"] <= b["start"] for a, b in zip(runs, runs[1:]))
+    assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(runs))
     db = sqlite3.connect(f"file:{rt.state_dir / 'capsule.db'}?mode=ro", uri=True)
     slow_tasks = db.execute("SELECT count(*) FROM tasks WHERE name='slow_tick'").fetchone()[0]
     db.close()
@@ -87,7 +88,7 @@ def test_delayed_task_is_scheduled_then_runs_and_can_be_cancelled(start):
     t0 = time.monotonic()
     assert h.result(timeout=20) == 7
     assert time.monotonic() - t0 >= 0.3
-    far = later.schedule(8, at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    far = later.schedule(8, at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     assert far.cancel()
     with pytest.raises(cpsl.TaskCancelled):
         far.result(timeout=10)
@@ -170,7 +171,7 @@ def test_bad_schedule_declarations_fail_at_decoration():
 
 
 def test_fake_clock_drives_the_apps_schedules_without_sleeping():
-    start = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
     clock = testing.fake_clock(app, start)
     fired = clock.advance_to(start + dt.timedelta(seconds=3))
     assert [(name, slot.second) for name, slot in fired if name == "tick"] == [("tick", 1), ("tick", 2), ("tick", 3)]
@@ -178,7 +179,7 @@ def test_fake_clock_drives_the_apps_schedules_without_sleeping():
 
 def test_delayed_tasks_wait_in_the_store_not_in_supervisor_memory(start):
     rt = start(app)
-    later_on = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    later_on = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     far = [later.schedule(i, at=later_on) for i in range(2000)]
     soon = [later.schedule(i, delay=0.3) for i in range(5)]
     status = rt.status()

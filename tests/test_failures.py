@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 import capsule_actors as cpsl
-from conftest import wait_until
 
 app = cpsl.App("failure-tests")
 small_app = cpsl.App("failure-tests-small", max_payload_bytes=1000)

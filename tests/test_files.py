@@ -16,13 +16,12 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from conftest import spawn_cli, wait_running, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import messages
 from capsule_actors.app import new_task_id
 from capsule_actors.transport import DB_FILE, RUNTIME_FILE, read_runtime_file
-
-from conftest import spawn_cli, wait_running, wait_until
 
 app = cpsl.App("files-test", workers=1, process_workers=1)
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors.supervisor.router import owner
-from conftest import cli, wait_until
 
 app = cpsl.App("locks")
 HERE = Path(__file__).resolve().parent

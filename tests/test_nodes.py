@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
+import itertools
 import json
 import os
 import select
@@ -19,15 +20,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
+from conftest import ROOT, cli, kill_tree, spawn_cli, wait_running, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import messages
-from conftest import ROOT, cli, kill_tree, spawn_cli, wait_running, wait_until
 
 MODULE = '''
 import asyncio, os, time, uuid
@@ -157,7 +159,7 @@ def _runs(log: Path) -> dict[str, list[tuple[float, float, str]]]:
 def _assert_never_twice_at_once(log: Path) -> dict[str, list[tuple[float, float, str]]]:
     runs = _runs(log)
     for key, spans in runs.items():
-        for (_f1, last, node1), (first, _l2, node2) in zip(spans, spans[1:]):
+        for (_f1, last, node1), (first, _l2, node2) in itertools.pairwise(spans):
             assert first > last, f"{key}: a run on {node2} started at {first} while one on {node1} ran until {last}"
     return runs
 
@@ -513,7 +515,7 @@ def test_nodes_rejoin_a_restarted_supervisor_and_its_running_tasks_rerun_after_t
 
 # ---- a real partition: network namespaces --------------------------------------------------------
 def _netns_available() -> bool:
-    if os.geteuid() != 0 or not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists():
+    if os.geteuid() != 0 or (not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists()):
         return False
     name = f"cpsl-probe-{os.getpid()}"
     ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
@@ -564,7 +566,7 @@ def test_a_node_in_its_own_network_namespace_is_fenced_when_its_link_goes_down(c
         runs = _assert_never_twice_at_once(log)
         for h in on_node:
             key = h.info().lock_key.split(":", 1)[1]
-            assert [s for s in runs[key] if s[2] == "n1"][0][1] < cut_at + 3.5
+            assert next(s for s in runs[key] if s[2] == "n1")[1] < cut_at + 3.5
         subprocess.run(["ip", "link", "set", host_if, "up"], check=True, timeout=10)
         cluster.wait_nodes("n1", timeout=60)
         assert node.poll() is None

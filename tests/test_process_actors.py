@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_until
 
 import capsule_actors as cpsl
-from conftest import wait_until
 
 app = cpsl.App("isolated")
 QUICK = cpsl.Backoff(initial=0.0, jitter=False)

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import messages
 from capsule_actors.client import Connection
-from conftest import wait_until
 
 app = cpsl.App("push", grace=5.0)
 
@@ -59,7 +59,7 @@ def _count_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_results_arrive_without_a_wait_round_trip(start, monkeypatch):
     start(app)
     waits = _count_waits(monkeypatch)
-    handles = add.map([(i, 1) for i in range(500)]) + [add.submit(1000, 1)]
+    handles = [*add.map([(i, 1) for i in range(500)]), add.submit(1000, 1)]
     assert [h.result(timeout=30) for h in handles] == [i + 1 for i in range(500)] + [1001]
     assert cpsl.wait_all(add.map([(i, 2) for i in range(100)]), timeout=30) == [i + 2 for i in range(100)]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,6 @@ import capsule_actors as cpsl
 from capsule_actors import messages
 from capsule_actors.errors import ProtocolError
 from capsule_actors.transport import read_runtime_file
-from conftest import wait_until
 
 app = cpsl.App("reliable")
 small = cpsl.App("small", max_queued=5)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+from conftest import ROOT, cli, spawn_cli, wait_running
 
 from capsule_actors import messages
-from conftest import ROOT, cli, spawn_cli, wait_running
 
 MODULE = '''
 import capsule_actors as cpsl

@@ -6,6 +6,7 @@ import bisect
 import dataclasses
 import datetime as dt
 import doctest
+import itertools
 import pickle
 import time
 from zoneinfo import ZoneInfo
@@ -25,7 +26,7 @@ from capsule_actors.schedules import (
     step,
 )
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
@@ -85,7 +86,7 @@ def test_validation_messages_say_what_is_right() -> None:
         ScheduleSpec("x", "0 0 0 1 1 * 2030")
     with pytest.raises(ConfigError, match="IANA"):
         ScheduleSpec("x", "* * * * *", tz="Nowhere/City")
-    with pytest.raises(ConfigError, match="skip.*run_once"):
+    with pytest.raises(ConfigError, match=r"skip.*run_once"):
         ScheduleSpec("x", "* * * * *", misfire="always")
     with pytest.raises(ConfigError, match="name"):
         ScheduleSpec("", "* * * * *")
@@ -263,7 +264,7 @@ def test_next_fire_is_consistent_across_dst(tz: str, day: tuple[int, int, int], 
     assert got == sorted(set(got))
     probes = [start + dt.timedelta(minutes=7 * i) for i in range(30 * 60 // 7)]
     probes += [s + d for s in got for d in (-dt.timedelta(microseconds=1), dt.timedelta(0))]
-    ordered = got + [next_fire(spec, end)]
+    ordered = [*got, next_fire(spec, end)]
     for x in probes:
         assert next_fire(spec, x) == ordered[bisect.bisect_right(ordered, x)], x
 
@@ -456,7 +457,7 @@ def test_fake_clock_hourly_across_a_dst_day(tz: str, day: tuple[int, int, int], 
     fired = [slot for _, slot in clock.advance_to(end - dt.timedelta(microseconds=1))]
     assert len(fired) == count  # one per real hour of the local day
     assert fired[0] == start.astimezone(UTC)
-    assert all(b - a == dt.timedelta(hours=1) for a, b in zip(fired, fired[1:]))
+    assert all(b - a == dt.timedelta(hours=1) for a, b in itertools.pairwise(fired))
 
 
 def test_fake_clock_daily_across_dst_days_fires_once_per_day() -> None:

@@ -10,12 +10,13 @@ import math
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from conftest import wait_until
 
 import capsule_actors as cpsl
-from conftest import wait_until
 
 app = cpsl.App("sessions")
 
@@ -142,8 +143,8 @@ async def db_dict_api(session: cpsl.Session | None = None) -> dict[str, Any]:
         "items": db.items(),
         "get_default": db.get("zzz", 42),
         "contains": ["a" in db, "c" in db],
-        "update": db.update("lst", lambda old: old + ["x"], default=[]),
-        "update2": db.update("lst", lambda old: old + ["y"], default=[]),
+        "update": db.update("lst", lambda old: [*old, "x"], default=[]),
+        "update2": db.update("lst", lambda old: [*old, "y"], default=[]),
         "inc": [db.increment("n"), db.increment("n", by=5), db.increment("f", by=0.5)],
         "missing_del": missing_del,
         "missing_get": missing_get,
@@ -297,7 +298,7 @@ def bounded(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
     def run() -> None:
         try:
             box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
@@ -792,9 +793,8 @@ def test_talking_on_an_unbound_session_in_app_code_is_config_error():
         s.notify("hi", level="info")
     with pytest.raises(cpsl.ConfigError):
         s.report_progress(0.5)
-    with pytest.raises(cpsl.ConfigError):
-        with s.stream() as stream:
-            stream.write("chunk")
+    with pytest.raises(cpsl.ConfigError), s.stream() as stream:
+        stream.write("chunk")
     with pytest.raises(cpsl.ConfigError):
         s.db  # noqa: B018 - no runtime behind a bare Session
 

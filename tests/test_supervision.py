@@ -15,19 +15,19 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
+from conftest import ROOT, spawn_cli, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import messages, testing
 from capsule_actors.client import Connection
 from capsule_actors.transport import DB_FILE, pid_alive, read_runtime_file
-
-from conftest import ROOT, spawn_cli, wait_until
 
 app = cpsl.App("supervision-test", workers=2, process_workers=1, grace=5.0)
 
