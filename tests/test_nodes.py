@@ -70,6 +70,14 @@ def count(session):
     return value, os.environ.get("CAPSULE_NODE")
 '''
 
+MODULE += '''
+@app.task
+def fan_out(n):
+    time.sleep(0.2)
+    hs = where.map([0.0] * n)  # a task on a node submits through the node's key, like any client
+    return os.environ.get("CAPSULE_NODE"), cpsl.wait_all(hs, timeout=30)
+'''
+
 OTHER_VERSION = MODULE + '''
 @app.task
 def added_later():
@@ -219,6 +227,8 @@ def test_nodes_join_run_both_kinds_of_tasks_and_show_in_status(cluster):
     values = [h.result(timeout=60) for h in counted]
     assert sorted(v for v, _ in values) == list(range(1, 31))
     assert {node for _, node in values} == {None, "n1", "n2"}
+    fanned = [h.result(timeout=60) for h in [cluster.mod.fan_out.submit(5) for _ in range(12)]]
+    assert {node for node, _ in fanned} == {None, "n1", "n2"} and all(len(r) == 5 for _, r in fanned)
     db = cluster.mod.app.session("s1").db
     assert db["n"] == 30 and db["last"] in ("local", "n1", "n2")
     out = cli("status", state_dir=cluster.state_dir, cwd=cluster.root)
