@@ -20,6 +20,7 @@ log = logging.getLogger("capsule_actors.supervisor")
 ROLE_WORKER = "worker"
 ROLE_PROCESS = "process"
 ROLE_CLOCK = "clock"
+WORKER_CONCURRENCY = 100  # attempts one worker actor runs at once on its event loop
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,7 @@ from .children import (
     ROLE_CLOCK,
     ROLE_PROCESS,
     ROLE_WORKER,
+    WORKER_CONCURRENCY,
     ActorProcess,
     ActorTemplate,
     ChildSpec,
@@ -66,12 +67,11 @@ from .children import (
     kill,
     local_rss,
 )
-from .nodes import NODE_CHECK, NODE_LEASE, NODE_LOSS, RemoteNode, clean_rss, node_specs, refusal
+from .nodes import NODE_CHECK, NODE_LOSS, NodeLink
 from .router import owner
 
 log = logging.getLogger("capsule_actors.supervisor")
 
-WORKER_CONCURRENCY = 100  # attempts one worker actor runs at once on its event loop
 HEARTBEAT_TIMEOUT = 15.0  # an actor silent this long is hung: kill and restart it
 HEARTBEAT_CHECK = 1.0
 SPAWN_TIMEOUT = 30.0  # a node's actor that has not said hello this long after its Spawn is replaced
@@ -193,7 +193,7 @@ class Supervisor:
         self.finished: collections.Counter[str] = collections.Counter()
         self.parked: dict[str, list[tuple[bytes, int]]] = {}  # waits on tasks held in the store only
         self.lazy_commit_at: float | None = None
-        self.nodes: dict[bytes, RemoteNode] = {}  # routing id on the TCP socket -> worker node
+        self.node_link = NodeLink(self)  # worker nodes on other machines
         # Unlocked QUEUED tasks beyond QUEUE_WINDOW stay in the store only: all of them have a
         # rowid above backlog_after, and _page_in loads them in submit order as the queue drains.
         self.backlog = 0
@@ -227,7 +227,7 @@ class Supervisor:
             for spec in self.specs:
                 self._start_actor(spec)
             self._add_timer(HEARTBEAT_CHECK, self._check_heartbeats)
-            self._add_timer(NODE_CHECK, self._check_nodes)
+            self._add_timer(NODE_CHECK, self.node_link.check)
             self._add_timer(1.0, self._prune_events)
             if self.app.max_process_memory_mb:
                 self._add_timer(MEMORY_CHECK, self._check_memory)
@@ -331,8 +331,7 @@ class Supervisor:
     def _teardown(self) -> None:
         for proc in list(self.procs.values()):
             self._kill(proc)
-        for ident in self.nodes:  # nodes fence their actors now instead of when their lease ends
-            self._to_node(ident, messages.NodeRefused("the supervisor stopped", False))
+        self.node_link.stop()
         if self.template is not None:
             self.template.close()
         if hasattr(self, "store"):
@@ -487,7 +486,7 @@ class Supervisor:
         if proc is not None and proc.spec.node is not None:
             self._on_actor(frames)
         elif frames[0].startswith(NODE_PREFIX):
-            self._on_node(frames)
+            self.node_link.on_message(frames)
         else:  # a client: the same handlers, its identity marked for the reply
             self._on_client([_REMOTE + frames[0], *frames[1:]])
 
@@ -496,18 +495,14 @@ class Supervisor:
         assert sock is not None
         self.outbox.append((sock, [proc.identity, *frames]))
 
-    def _to_node(self, ident: bytes, msg: messages.Message) -> None:
-        assert self.remote_sock is not None
-        self.outbox.append((self.remote_sock, [ident, msg.encode()]))
-
     def _kill(self, proc: ActorProcess, sig: int = signal.SIGKILL) -> None:
         """Signal an actor: ours by pid, a node's through its node."""
         if proc.spec.node is None:
             kill(proc, sig)
             return
-        node = self._node(proc.spec.node)
+        node = self.node_link.get(proc.spec.node)
         if node is not None:
-            self._to_node(node.identity, messages.Kill(proc.spec.slot, proc.gen, sig))
+            self.node_link.send(node.identity, messages.Kill(proc.spec.slot, proc.gen, sig))
 
     def _error(self, ident: bytes, req: int, exc: CapsuleError) -> None:
         self._reply(ident, req, False, [type(exc).__name__, str(exc)])
@@ -564,14 +559,14 @@ class Supervisor:
             return
         self.backoff_until[spec.slot] = None
         if spec.node is not None:  # the node forks it; it says Hello on the TCP socket
-            node = self._node(spec.node)
+            node = self.node_link.get(spec.node)
             if node is None or node.leaving or spec not in node.specs:
                 return
             gen, now = next(self.gens), time.monotonic()
             remote = ActorProcess(spec, gen, 0, now, f"{spec.slot}.{gen}".encode(), last_seen=now)
             self.procs[spec.slot] = remote
             self.by_identity[remote.identity] = remote
-            self._to_node(node.identity, messages.Spawn(spec.slot, gen, spec.role))
+            self.node_link.send(node.identity, messages.Spawn(spec.slot, gen, spec.role))
             return
         proc = None
         if self.template is not None:
@@ -607,10 +602,10 @@ class Supervisor:
             self._end_attempt(task, "error", error, b"", self.app.tasks[task.name].retryable(WorkerCrashed))
         if self.stopping:
             return
-        if proc.spec.node is not None and self._node_leaving(proc.spec.node):
-            node = self._node(proc.spec.node)  # leaving (forgotten once its last actor is gone) or lost
+        if proc.spec.node is not None and self.node_link.leaving(proc.spec.node):
+            node = self.node_link.get(proc.spec.node)  # leaving (forgotten once its last actor is gone) or lost
             if node is not None and not any(s.slot in self.procs for s in node.specs):
-                self._forget_node(node)
+                self.node_link.forget(node)
             return
         deliberate = proc.stopping  # recycled by us (hard cancel, timeout): not a crash
         if not deliberate:
@@ -679,7 +674,7 @@ class Supervisor:
     def _rss(self, proc: ActorProcess) -> int | None:
         if proc.spec.node is None:
             return local_rss(proc.pid)
-        node = self._node(proc.spec.node)
+        node = self.node_link.get(proc.spec.node)
         return node.rss.get(proc.spec.slot) if node is not None else None
 
     def _begin_stop(self) -> None:
@@ -959,7 +954,7 @@ class Supervisor:
         held, the outstanding ones are answered (or die with their actor), and only then every
         owner rebuilds its table from the store (``Rekey``) -- the same rebuild a restarted owner
         does -- and the held admissions go to the new owners."""
-        specs = [s for s in self._all_specs() if s.node is None or not self._node_leaving(s.node)]
+        specs = [s for s in self._all_specs() if s.node is None or not self.node_link.leaving(s.node)]
         pools = {role: [s.slot for s in specs if s.role == role] for role in self.ready}
         if pools == self.pools:
             return
@@ -993,127 +988,7 @@ class Supervisor:
         log.info("pools now: %s", {role: len(slots) for role, slots in self.pools.items()})
 
     def _all_specs(self) -> list[ChildSpec]:
-        return self.specs + [spec for node in self.nodes.values() for spec in node.specs]
-
-    def _node(self, name: str) -> RemoteNode | None:
-        for node in self.nodes.values():
-            if node.name == name:
-                return node
-        return None
-
-    def _node_leaving(self, name: str) -> bool:
-        node = self._node(name)
-        return node is None or node.leaving
-
-    def _on_node(self, frames: Frames) -> None:
-        ident, msg = frames[0], messages.decode(frames[1] if len(frames) > 1 else b"")
-        if isinstance(msg, messages.NodeHello):
-            self._on_node_hello(ident, msg)
-            return
-        node = self.nodes.get(ident)
-        if node is None:  # e.g. an incarnation from before our restart: it fences and joins again
-            self._to_node(ident, messages.NodeRefused("unknown node incarnation; say hello again", False))
-            return
-        node.last_seen = time.monotonic()
-        if isinstance(msg, messages.NodePing):
-            node.rss = clean_rss(msg.rss)
-            self._to_node(ident, messages.Lease(msg.seq))
-            return
-        proc = self.procs.get(getattr(msg, "slot", ""))
-        if proc is not None and (proc.spec.node != node.name or proc.gen != getattr(msg, "gen", -1)):
-            proc = None  # an incarnation we already buried, or not this node's
-        if isinstance(msg, messages.Spawned):
-            if proc is not None:
-                proc.pid = msg.pid
-        elif isinstance(msg, messages.Exited):
-            if proc is not None:
-                self._on_exit(proc, msg.code)
-        elif isinstance(msg, messages.NodeBye):
-            self._on_node_bye(node, msg.grace)
-        else:
-            raise ProtocolError(f"{type(msg).__name__} is not a node message")
-
-    def _on_node_hello(self, ident: bytes, msg: messages.NodeHello) -> None:
-        if ident in self.nodes:  # a resent hello: answer it again
-            self._to_node(ident, messages.NodeWelcome(self._node_config(self.nodes[ident])))
-            return
-        why = refusal(msg, self.app)
-        old = self._node(msg.name)
-        if why is None and old is not None:
-            if (old.host, old.pid) != (msg.host, msg.pid):
-                why = (f"a node named {msg.name!r} is already connected (host {old.host}, pid {old.pid}); "
-                       "give each node its own --name")
-            else:  # the same node, fenced and back: its old actors are dead
-                self._lose_node(old, f"the loss of node {msg.name} (it rejoined as a new incarnation)")
-        if why is None and self.stopping:
-            why = "the supervisor is stopping"
-            self._to_node(ident, messages.NodeRefused(why, False))
-            return
-        if why is not None:
-            log.warning("refused worker node %r from %s: %s", msg.name, msg.host, why)
-            self._to_node(ident, messages.NodeRefused(why, True))
-            return
-        specs = node_specs(msg.name, msg.workers, msg.process_workers, WORKER_CONCURRENCY, self.grace)
-        node = RemoteNode(msg.name, ident, msg.host, msg.pid, specs)
-        self.nodes[ident] = node
-        for spec in specs:
-            self.intensity.setdefault(spec.slot, RestartIntensity(self.app.max_restarts, self.app.restart_window))
-            self.restarts.setdefault(spec.slot, 0)
-            self.last_exit.setdefault(spec.slot, None)
-            self.backoff_until[spec.slot] = None
-            self.pending_admits.setdefault(spec.slot, [])
-            self.slot_ready.setdefault(spec.slot, collections.deque())
-        log.info("worker node %s joined from %s (pid %d): %d workers, %d process workers", msg.name, msg.host,
-                 msg.pid, msg.workers, msg.process_workers)
-        self._to_node(ident, messages.NodeWelcome(self._node_config(node)))
-        for spec in specs:
-            self._start_actor(spec)
-        self._pools_changed()
-
-    def _node_config(self, node: RemoteNode) -> dict[str, Any]:
-        return {"lease": NODE_LEASE, "slots": [s.slot for s in node.specs]}
-
-    def _on_node_bye(self, node: RemoteNode, grace: float) -> None:
-        """The node is stopping: its actors take no new work, finish theirs, then it is forgotten."""
-        if node.leaving:
-            return
-        log.info("worker node %s is leaving; its actors finish their tasks", node.name)
-        node.leaving = True
-        for spec in node.specs:
-            proc = self.procs.get(spec.slot)
-            if proc is None:
-                continue
-            proc.stopping = True
-            if proc.ready:
-                self._send_actor(proc, messages.Stop(min(grace, self.grace)).encode())
-            else:
-                self._kill(proc)
-        if not any(s.slot in self.procs for s in node.specs):
-            self._forget_node(node)
-        self._pools_changed()
-
-    def _check_nodes(self) -> None:
-        now = time.monotonic()
-        for node in list(self.nodes.values()):
-            if now - node.last_seen > NODE_LOSS:
-                self._lose_node(node, f"the loss of node {node.name} (nothing heard for {now - node.last_seen:.1f} s)")
-        self._add_timer(NODE_CHECK, self._check_nodes)
-
-    def _lose_node(self, node: RemoteNode, cause: str) -> None:
-        """Its lease ran out (it fenced its actors): their attempts end with WorkerCrashed and are
-        retried on live slots; its keys move to the remaining owners."""
-        log.error("%s: its tasks are retried elsewhere", cause)
-        self._forget_node(node)
-        for spec in node.specs:
-            proc = self.procs.get(spec.slot)
-            if proc is not None:
-                self._on_exit(proc, -signal.SIGKILL, cause)
-        self._pools_changed()
-
-    def _forget_node(self, node: RemoteNode) -> None:
-        self.nodes.pop(node.identity, None)
-        for spec in node.specs:
-            self.backoff_until[spec.slot] = None
+        return self.specs + self.node_link.specs()
 
     def _on_wait(self, ident: bytes, msg: messages.Wait, payload: Frames) -> None:
         task = self.live.get(msg.task_id)
@@ -1187,7 +1062,7 @@ class Supervisor:
                            "live_tasks": len(self.live) + self.backlog, "in_memory": len(self.live),
                            "backlog": self.backlog},
             "actors": actors,
-            "nodes": [node.status(now) for node in self.nodes.values()],
+            "nodes": self.node_link.status(now),
             "tasks": self._task_counts(),
         }
         self._reply(ident, msg.req, True, body)

@@ -1,20 +1,31 @@
-"""The supervisor's record of the worker nodes that joined it (the node's side: ``node.py``).
+"""The supervisor's side of the worker nodes that joined it (the node's side: ``node.py``).
 
 A node brings actor slots named ``NODE:w0…`` and ``NODE:p0…``; they join the worker and process
 pools (and so the lock-key owners) while the node is connected, and leave them when it goes.
+``NodeLink`` speaks the node protocol (hello and refusals, pings and leases, spawns and exits,
+leaving, loss); the actors themselves are supervised like the supervisor's own.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import re
+import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import messages
 from ..app import App
+from ..errors import ProtocolError
 from ..transport import NODE_NAME_PATTERN
-from .children import ROLE_PROCESS, ROLE_WORKER, ChildSpec
+from .children import ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ChildSpec, RestartIntensity
+
+if TYPE_CHECKING:
+    from .core import Frames, Supervisor
+
+log = logging.getLogger("capsule_actors.supervisor")
 
 NODE_LEASE = 3.0  # a node's actors run at most this long past the send time of an answered ping
 NODE_LOSS = 5.0  # a node silent this long is lost; longer than the lease, so its actors are fenced
@@ -69,3 +80,150 @@ def refusal(msg: messages.NodeHello, app: App) -> str | None:
 def clean_rss(rss: dict[str, Any]) -> dict[str, int | None]:
     """A NodePing's RSS map, keeping only well-formed entries (the header check is shallow)."""
     return {k: v for k, v in rss.items() if isinstance(k, str) and (v is None or type(v) is int)}
+
+
+class NodeLink:
+    """The connected worker nodes, by their routing id on the supervisor's TCP socket."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.nodes: dict[bytes, RemoteNode] = {}
+
+    def specs(self) -> list[ChildSpec]:
+        return [spec for node in self.nodes.values() for spec in node.specs]
+
+    def get(self, name: str) -> RemoteNode | None:
+        for node in self.nodes.values():
+            if node.name == name:
+                return node
+        return None
+
+    def leaving(self, name: str) -> bool:
+        """Leaving, or gone: its slots are out of the pools."""
+        node = self.get(name)
+        return node is None or node.leaving
+
+    def status(self, now: float) -> list[dict[str, Any]]:
+        return [node.status(now) for node in self.nodes.values()]
+
+    def send(self, ident: bytes, msg: messages.Message) -> None:
+        assert self.sup.remote_sock is not None
+        self.sup.outbox.append((self.sup.remote_sock, [ident, msg.encode()]))
+
+    def stop(self) -> None:
+        """The supervisor stops: nodes fence their actors now instead of when their lease ends."""
+        for ident in self.nodes:
+            self.send(ident, messages.NodeRefused("the supervisor stopped", False))
+
+    def on_message(self, frames: Frames) -> None:
+        ident, msg = frames[0], messages.decode(frames[1] if len(frames) > 1 else b"")
+        if isinstance(msg, messages.NodeHello):
+            self._on_hello(ident, msg)
+            return
+        node = self.nodes.get(ident)
+        if node is None:  # e.g. an incarnation from before our restart: it fences and joins again
+            self.send(ident, messages.NodeRefused("unknown node incarnation; say hello again", False))
+            return
+        node.last_seen = time.monotonic()
+        if isinstance(msg, messages.NodePing):
+            node.rss = clean_rss(msg.rss)
+            self.send(ident, messages.Lease(msg.seq))
+            return
+        proc = self.sup.procs.get(getattr(msg, "slot", ""))
+        if proc is not None and (proc.spec.node != node.name or proc.gen != getattr(msg, "gen", -1)):
+            proc = None  # an incarnation we already buried, or not this node's
+        if isinstance(msg, messages.Spawned):
+            if proc is not None:
+                proc.pid = msg.pid
+        elif isinstance(msg, messages.Exited):
+            if proc is not None:
+                self.sup._on_exit(proc, msg.code)
+        elif isinstance(msg, messages.NodeBye):
+            self._on_bye(node, msg.grace)
+        else:
+            raise ProtocolError(f"{type(msg).__name__} is not a node message")
+
+    def _on_hello(self, ident: bytes, msg: messages.NodeHello) -> None:
+        sup = self.sup
+        if ident in self.nodes:  # a resent hello: answer it again
+            self.send(ident, messages.NodeWelcome(self._config(self.nodes[ident])))
+            return
+        why = refusal(msg, sup.app)
+        old = self.get(msg.name)
+        if why is None and old is not None:
+            if (old.host, old.pid) != (msg.host, msg.pid):
+                why = (f"a node named {msg.name!r} is already connected (host {old.host}, pid {old.pid}); "
+                       "give each node its own --name")
+            else:  # the same node, fenced and back: its old actors are dead
+                self.lose(old, f"the loss of node {msg.name} (it rejoined as a new incarnation)")
+        if why is None and sup.stopping:
+            self.send(ident, messages.NodeRefused("the supervisor is stopping", False))
+            return
+        if why is not None:
+            log.warning("refused worker node %r from %s: %s", msg.name, msg.host, why)
+            self.send(ident, messages.NodeRefused(why, True))
+            return
+        specs = node_specs(msg.name, msg.workers, msg.process_workers, WORKER_CONCURRENCY, sup.grace)
+        node = RemoteNode(msg.name, ident, msg.host, msg.pid, specs)
+        self.nodes[ident] = node
+        for spec in specs:
+            sup.intensity.setdefault(spec.slot, RestartIntensity(sup.app.max_restarts, sup.app.restart_window))
+            sup.restarts.setdefault(spec.slot, 0)
+            sup.last_exit.setdefault(spec.slot, None)
+            sup.backoff_until[spec.slot] = None
+            sup.pending_admits.setdefault(spec.slot, [])
+            sup.slot_ready.setdefault(spec.slot, collections.deque())
+        log.info("worker node %s joined from %s (pid %d): %d workers, %d process workers", msg.name, msg.host,
+                 msg.pid, msg.workers, msg.process_workers)
+        self.send(ident, messages.NodeWelcome(self._config(node)))
+        for spec in specs:
+            sup._start_actor(spec)
+        sup._pools_changed()
+
+    @staticmethod
+    def _config(node: RemoteNode) -> dict[str, Any]:
+        return {"lease": NODE_LEASE, "slots": [s.slot for s in node.specs]}
+
+    def _on_bye(self, node: RemoteNode, grace: float) -> None:
+        """The node is stopping: its actors take no new work, finish theirs, then it is forgotten."""
+        if node.leaving:
+            return
+        log.info("worker node %s is leaving; its actors finish their tasks", node.name)
+        node.leaving = True
+        sup = self.sup
+        for spec in node.specs:
+            proc = sup.procs.get(spec.slot)
+            if proc is None:
+                continue
+            proc.stopping = True
+            if proc.ready:
+                sup._send_actor(proc, messages.Stop(min(grace, sup.grace)).encode())
+            else:
+                sup._kill(proc)
+        if not any(s.slot in sup.procs for s in node.specs):
+            self.forget(node)
+        sup._pools_changed()
+
+    def check(self) -> None:
+        """Timer: a node silent for NODE_LOSS is lost."""
+        now = time.monotonic()
+        for node in list(self.nodes.values()):
+            if now - node.last_seen > NODE_LOSS:
+                self.lose(node, f"the loss of node {node.name} (nothing heard for {now - node.last_seen:.1f} s)")
+        self.sup._add_timer(NODE_CHECK, self.check)
+
+    def lose(self, node: RemoteNode, cause: str) -> None:
+        """Its lease ran out (it fenced its actors): their attempts end with WorkerCrashed and are
+        retried on live slots; its keys move to the remaining owners."""
+        log.error("%s: its tasks are retried elsewhere", cause)
+        self.forget(node)
+        for spec in node.specs:
+            proc = self.sup.procs.get(spec.slot)
+            if proc is not None:
+                self.sup._on_exit(proc, -signal.SIGKILL, cause)
+        self.sup._pools_changed()
+
+    def forget(self, node: RemoteNode) -> None:
+        self.nodes.pop(node.identity, None)
+        for spec in node.specs:
+            self.sup.backoff_until[spec.slot] = None
