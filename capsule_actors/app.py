@@ -181,23 +181,23 @@ class Task(Generic[P, R]):
 
     def _handles(self, items: list[list[Any]], body: list[Any],
                  pushes: list[concurrent.futures.Future[Any]]) -> list[TaskHandle]:
-        """Handles from the supervisor's ``[id, deduplicated, conflict]`` answers, each holding
-        the reply its outcome will be pushed to; a conflict (on_conflict="reject" and the key is
-        held) raises LockConflict."""
+        """Handles from the supervisor's ``[id, deduplicated, conflict, pushed]`` answers, each
+        holding the reply its outcome will be pushed to (when pushed); a conflict
+        (on_conflict="reject" and the key is held) raises LockConflict."""
         handles = [TaskHandle(self.app, tid, self.name, item[2], bool(dedup))
-                   for item, (tid, dedup, _) in zip(items, body)]
+                   for item, (tid, dedup, *_) in zip(items, body)]
         conn = self.app.connection()
-        for handle, fut, (_, _, conflict) in zip(handles, pushes, body):
-            if conflict:
-                conn.discard(fut)
-            else:
+        for handle, fut, (_, _, _, pushed) in zip(handles, pushes, body):
+            if pushed:
                 handle._push = fut
-        conflicts = [(item[2], tid) for item, (tid, _, conflict) in zip(items, body) if conflict]
+            else:
+                conn.discard(fut)
+        conflicts = [(item[2], tid) for item, (tid, _, conflict, _) in zip(items, body) if conflict]
         if conflicts:
             key, holder = conflicts[0]
             exc = LockConflict(f"task {self.name!r}: lock key {key!r} is held by live task {holder} "
                                f"(on_conflict='reject')")
-            exc.handles = [h for h, (_, _, c) in zip(handles, body) if not c]  # type: ignore[attr-defined]
+            exc.handles = [h for h, (_, _, c, _) in zip(handles, body) if not c]  # type: ignore[attr-defined]
             exc.holder_id = holder  # type: ignore[attr-defined]
             raise exc
         return handles
@@ -241,11 +241,7 @@ class Task(Generic[P, R]):
             try:
                 body, _ = conn.wait_reply(fut, None, must_run=True)
             except BaseException as exc:  # this batch and the later ones: expect no pushes
-                for _, unanswered, _ in sent[k:]:
-                    for push in unanswered:
-                        conn.discard(push)
-                if isinstance(exc, CapsuleError):
-                    _note_partial(exc, handles)
+                _failed(conn, exc, [pushes for _, pushes, _ in sent[k:]], handles)
                 raise
             handles += self._handles([p[0] for p in batch], body, pushes)
         return handles
@@ -258,10 +254,7 @@ class Task(Generic[P, R]):
             try:
                 body, _ = await conn.acall(_submit_of(batch, pushes), [p[1] for p in batch])
             except BaseException as exc:
-                for push in pushes:
-                    conn.discard(push)
-                if isinstance(exc, CapsuleError):
-                    _note_partial(exc, handles)
+                _failed(conn, exc, [pushes], handles)
                 raise
             handles += self._handles([p[0] for p in batch], body, pushes)
         return handles
@@ -297,10 +290,14 @@ def _submit_of(batch: list[tuple[list[Any], bytes]],
     return lambda req: messages.Submit(req, items, push)
 
 
-
-def _note_partial(exc: CapsuleError, handles: list[TaskHandle]) -> None:
-    """A map() larger than one message failed part-way: say what was recorded, and hand it over."""
-    if handles:
+def _failed(conn: Connection, exc: BaseException, unanswered: list[list[concurrent.futures.Future[Any]]],
+            handles: list[TaskHandle]) -> None:
+    """A Submit failed: expect no pushed outcomes for it (nor for those sent after it), and, for a
+    map() larger than one message, say what was recorded before and hand it over."""
+    for pushes in unanswered:
+        for push in pushes:
+            conn.discard(push)
+    if handles and isinstance(exc, CapsuleError):
         exc.add_note(f"the first {len(handles)} tasks of this map() were recorded before the error; "
                      "their handles are on the exception's .handles")
         exc.handles = handles  # type: ignore[attr-defined]

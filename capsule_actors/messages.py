@@ -109,7 +109,10 @@ class Submit(Message):
 
     ``push``: empty, or one request id per item that the client keeps open for the item's
     outcome: the supervisor answers it as if a ``Wait(push[i], id)`` had come with the submit, so
-    a result costs no round trip of its own (after a reconnect the client sends that Wait)."""
+    a result costs no round trip of its own (after a reconnect the client sends that Wait). The
+    ack says per item ``[id, deduplicated, conflict, pushed]``: a task held in the store only
+    (the backlog, a delayed task) is not pushed, so a deep queue costs no memory; its handle
+    asks with ``Wait`` when ``result()`` is called."""
 
     req: int
     items: list[Any]

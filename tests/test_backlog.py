@@ -40,8 +40,10 @@ def test_a_deep_queue_stays_in_the_store_and_drains_in_order(start, tmp_path: Pa
     counts = rt.status()["tasks"]
     assert counts.get("QUEUED", 0) + counts.get("RUNNING", 0) == N
 
-    # a wait on a task in the backlog is parked, a cancel of one works, nothing runs early
+    # backlog tasks get no pushed outcome (nothing per task in the supervisor's RAM); a wait on
+    # one is parked, a cancel of one works, nothing runs early
     last, cancelled = handles[-1], handles[-2]
+    assert handles[0]._push is not None and last._push is None
     box: dict[str, object] = {}
     waiter = threading.Thread(target=lambda: box.update(value=last.result(timeout=120)), daemon=True)
     waiter.start()

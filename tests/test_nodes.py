@@ -466,9 +466,10 @@ def test_a_node_with_other_code_a_taken_name_or_an_unknown_key_is_refused(cluste
     assert cli("keys", str(stranger_keys), cwd=tmp_path).returncode == 0
     (cluster.keys / "x.key_secret").write_bytes((stranger_keys / "client.key_secret").read_bytes())
     stranger = cluster.start_node("n3", key="x")
-    time.sleep(4)
-    assert stranger.poll() is None  # it keeps trying, and never gets in
-    assert {n["name"] for n in cluster.status()["nodes"]} == {"n1"}
+    deadline = time.monotonic() + 4.0  # longer than a hello retry: it keeps trying, never gets in
+    while time.monotonic() < deadline:
+        assert stranger.poll() is None and {n["name"] for n in cluster.status()["nodes"]} == {"n1"}
+        time.sleep(0.2)
 
     bad = cli("worker", "nodes_mod:app", "--connect", cluster.address, "--key", str(cluster.keys / "n1.key_secret"),
               "--name", "no spaces", cwd=cluster.root)

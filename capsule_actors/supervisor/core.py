@@ -819,11 +819,16 @@ class Supervisor:
         if pending.fire is not None:
             self.store.set_last_slot(*pending.fire)
             return
-        for push_req, result in zip(pending.push, pending.results):
+        for i, result in enumerate(pending.results):
             assert result is not None
-            task_id, _joined, rejected = result
-            if not rejected:  # as if the client had sent Wait(push_req, id) right after
-                self._on_wait(pending.ident, messages.Wait(push_req, task_id), [])
+            push_req = pending.push[i] if pending.push else None
+            task = self.live.get(result[0])
+            if push_req is not None and task is not None and not result[2]:  # as if Wait(push_req, id) came now
+                task.waiters.append((pending.ident, push_req))
+                self.waiter_index[(pending.ident, push_req)] = task.id
+                result.append(True)
+            else:  # rejected, or in the store only (backlog, delayed): nothing kept in RAM for it
+                result.append(False)
         self._reply(pending.ident, pending.req, True, pending.results)
 
     def _record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
