@@ -179,14 +179,16 @@ class Task(Generic[P, R]):
                 session.owner if session else None, run_at]
         return item, payload
 
-    def _handles(self, items: list[list[Any]], body: list[Any],
+    def _handles(self, items: list[list[Any]], ack: dict[str, Any],
                  pushes: list[concurrent.futures.Future[Any]]) -> list[TaskHandle]:
         """Handles from the supervisor's ``[id, deduplicated, conflict, pushed]`` answers, each
         holding the reply its outcome will be pushed to (when pushed); a conflict
         (on_conflict="reject" and the key is held) raises LockConflict."""
+        conn = self.app.connection()
+        conn.note_ack(self.name, ack)
+        body = ack["items"]
         handles = [TaskHandle(self.app, tid, self.name, item[2], bool(dedup))
                    for item, (tid, dedup, *_) in zip(items, body)]
-        conn = self.app.connection()
         for handle, fut, (_, _, _, pushed) in zip(handles, pushes, body):
             if pushed:
                 handle._push = fut
@@ -230,8 +232,30 @@ class Task(Generic[P, R]):
         prepared = [self.prepare(*_split(item), session, None) for item in arg_list]
         return await self._asend(prepared) if prepared else []
 
+    def _journaled(self, conn: Connection, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle] | None:
+        """Unlocked tasks on this machine: durable in the submit journal, not waiting for the
+        ack (``journal.py``); None when they must wait for it instead."""
+        if any(p[0][2] is not None for p in prepared) or not conn.may_journal(self.name, len(prepared)):
+            return None
+        pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in prepared]
+        try:
+            ack = conn.submit_journaled(_submit_of(prepared, pushes, True), [p[1] for p in prepared], pushes)
+        except OSError:  # e.g. a full disk: the supervisor's answer will say what is wrong
+            for push in pushes:
+                conn.discard(push)
+            return None
+        handles = []
+        for i, ((item, _), push) in enumerate(zip(prepared, pushes)):
+            handle = TaskHandle(self.app, item[0], self.name)
+            handle._push, handle._ack = push, (ack, i)
+            handles.append(handle)
+        return handles
+
     def _send(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
         conn = self.app.connection()
+        journaled = self._journaled(conn, prepared)
+        if journaled is not None:
+            return journaled
         sent = []
         for batch in _batches(prepared):
             pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in batch]
@@ -248,6 +272,9 @@ class Task(Generic[P, R]):
 
     async def _asend(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
         conn = self.app.connection()
+        journaled = self._journaled(conn, prepared)  # a file write: it does not block the loop
+        if journaled is not None:
+            return journaled
         handles: list[TaskHandle] = []
         for batch in _batches(prepared):
             pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in batch]
@@ -283,11 +310,11 @@ def _batches(prepared: list[tuple[list[Any], bytes]]) -> Iterator[list[tuple[lis
         yield batch
 
 
-def _submit_of(batch: list[tuple[list[Any], bytes]],
-               pushes: list[concurrent.futures.Future[Any]]) -> Callable[[int], messages.Message]:
+def _submit_of(batch: list[tuple[list[Any], bytes]], pushes: list[concurrent.futures.Future[Any]],
+               journaled: bool = False) -> Callable[[int], messages.Message]:
     items = [p[0] for p in batch]
     push = [fut.req for fut in pushes]  # type: ignore[attr-defined]
-    return lambda req: messages.Submit(req, items, push)
+    return lambda req: messages.Submit(req, items, push, journaled)
 
 
 def _failed(conn: Connection, exc: BaseException, unanswered: list[list[concurrent.futures.Future[Any]]],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -27,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import messages
 from .errors import NotRunning, ProtocolError
 from .handle import raise_reply_error
+from .journal import Journal, Segment
 from .transport import RemoteEndpoint, RuntimeFile, connect, read_runtime_file
 
 log = logging.getLogger("capsule_actors.client")
@@ -35,6 +37,7 @@ Reply = tuple[Any, list[bytes]]
 _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+JOURNAL_CREDIT = 1024  # journaled tasks a process may have unacknowledged: max_queued's leeway
 _REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
 _START_HINT = (
     "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
@@ -62,6 +65,9 @@ class Connection:
         self._ids = itertools.count(1)
         self._outstanding: dict[int, tuple[list[bytes], concurrent.futures.Future[Reply]]] = {}
         self._expected: set[int] = set()  # outstanding replies asked for by another request (expect)
+        self._journal: Journal | None = None  # made at the first journaled submit
+        self.room = 0  # how many more tasks max_queued allowed at the last submit's ack
+        self.confirmed: set[str] = set()  # task names the supervisor has accepted a submit of
         self._outbox: collections.deque[list[bytes]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()
@@ -102,13 +108,59 @@ class Connection:
         if self._closed:
             raise not_running(self.state_dir)
         req = next(self._ids)
-        msg = [make(req).encode(), *(frames or ())]
+        return self._send_request(req, [make(req).encode(), *(frames or ())])
+
+    def _send_request(self, req: int, msg: list[bytes]) -> concurrent.futures.Future[Reply]:
         fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
         fut.req = req  # type: ignore[attr-defined]
+        fut.pid = self._pid  # type: ignore[attr-defined]
         self._outstanding[req] = (msg, fut)
         self._outbox.append(msg)
         self._kick()
         return fut
+
+    # ---- journaled submits -------------------------------------------------------------------
+    def may_journal(self, name: str, n: int) -> bool:
+        """Whether a submit of ``n`` unlocked ``name`` tasks may return before its ack: on this
+        machine and connected, ``name`` accepted by the supervisor before (so a code mismatch
+        still fails at submit), and room for them under max_queued by the last ack (so
+        Backpressure still comes at submit)."""
+        unacked = self._journal.unacked_items if self._journal is not None else 0
+        return (self._remote is None and self.connected and not self._closed and name in self.confirmed
+                and unacked + n <= min(self.room, JOURNAL_CREDIT))
+
+    def submit_journaled(self, make: Callable[[int], messages.Message], frames: list[bytes],
+                         pushes: list[concurrent.futures.Future[Reply]]) -> concurrent.futures.Future[Reply]:
+        """Write the Submit to this process's journal, send it, and return its ack's future
+        without waiting: the task is durable once the journal write returns (``journal.py``).
+        Raises OSError (nothing sent) when the journal cannot be written."""
+        with self._wake_lock:
+            journal = self._journal = self._journal or Journal(self.state_dir)
+        req = next(self._ids)
+        msg = [make(req).encode(), *frames]
+        segment = journal.append(msg, len(frames))
+        fut = self._send_request(req, msg)
+        fut.add_done_callback(functools.partial(self._on_journaled_ack, journal, segment, len(frames), pushes))
+        return fut
+
+    def _on_journaled_ack(self, journal: Journal, segment: Segment, n: int,
+                          pushes: list[concurrent.futures.Future[Reply]],
+                          fut: concurrent.futures.Future[Reply]) -> None:
+        """On the I/O thread: the supervisor recorded (or refused) a journaled submit."""
+        if fut.exception() is not None:
+            return  # the connection closed first: the record stays for the supervisor to replay
+        journal.acked(segment, n)
+        (ok, body), _ = fut.result()
+        for i, push in enumerate(pushes):
+            if not ok or not body["items"][i][3]:  # refused, or held in the store only
+                self.discard(push)
+        if ok:
+            self.room = body["room"]
+
+    def note_ack(self, name: str, body: dict[str, Any]) -> None:
+        """A waited-for submit of ``name`` was accepted: it may be journaled from now on."""
+        self.confirmed.add(name)
+        self.room = body["room"]
 
     def expect(self, make: Callable[[int], messages.Message]) -> concurrent.futures.Future[Reply]:
         """A reply that another request asks for (a Submit's ``push``): not sent now, but
@@ -214,6 +266,8 @@ class Connection:
                 fut.set_exception(not_running(self.state_dir))
         self._outstanding.clear()
         self._expected.clear()
+        if self._journal is not None:  # unanswered records stay: the supervisor replays them
+            self._journal.close()
 
     # ---- the I/O thread ----------------------------------------------------------------------
     def _run(self) -> None:

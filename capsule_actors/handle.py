@@ -125,7 +125,7 @@ def outcome_value(body: list[Any], frames: list[bytes]) -> Any:
 class TaskHandle:
     """A reference to one submitted task; safe to pass between threads and processes."""
 
-    __slots__ = ("_app", "_final", "_push", "deduplicated", "id", "lock_key", "name")
+    __slots__ = ("_ack", "_app", "_final", "_push", "deduplicated", "id", "lock_key", "name")
 
     def __init__(
         self, app: App, task_id: str, name: str, lock_key: str | None = None, deduplicated: bool = False
@@ -138,6 +138,8 @@ class TaskHandle:
         self._final: tuple[list[Any], list[bytes]] | None = None
         # the reply the supervisor pushes the outcome to (set by submit; not in other processes)
         self._push: concurrent.futures.Future[Any] | None = None
+        # a journaled submit's ack (future, item index), until it is taken: see _settle
+        self._ack: tuple[concurrent.futures.Future[Any], int] | None = None
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.name} {self.id}>"
@@ -184,15 +186,46 @@ class TaskHandle:
         Raises the builtin TimeoutError when ``timeout`` passes first (the task goes on).
         """
         if self._final is None:
-            push = self._pushed()
-            fut = push or self._conn.request(lambda req: messages.Wait(req, self.id))
+            deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                self._final = self._conn.wait_reply(fut, timeout)
+                self._settle(timeout)
+                push = self._pushed()
+                fut = push or self._conn.request(lambda req: messages.Wait(req, self.id))
+                try:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    self._final = self._conn.wait_reply(fut, left)
+                except concurrent.futures.TimeoutError:
+                    if push is None:  # a pushed outcome stays expected: a later result() gets it
+                        self._conn.forget(fut)
+                    raise
             except concurrent.futures.TimeoutError:
-                if push is None:  # a pushed outcome stays expected: a later result() gets it
-                    self._conn.forget(fut)
                 raise TimeoutError(f"task {self.id} did not finish within {timeout} s") from None
         return outcome_value(*self._final)
+
+    def _settle(self, timeout: float | None) -> None:
+        """Take a journaled submit's ack: raise the supervisor's refusal (the submit's error),
+        and learn whether the outcome will be pushed (not for a task held in the store only)."""
+        if self._ack is not None:
+            ack, i = self._ack
+            if ack.pid == os.getpid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
+                body, _ = self._conn.wait_reply(ack, timeout)
+                self._take_ack(body, i)
+            else:  # a forked child, or a connection closed since: ask with a Wait
+                self._ack = self._push = None
+
+    async def _asettle(self) -> None:
+        if self._ack is not None:
+            ack, i = self._ack
+            if ack.pid == os.getpid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
+                body, _ = await self._conn.await_reply(ack)
+                self._take_ack(body, i)
+            else:
+                self._ack = self._push = None
+
+    def _take_ack(self, body: dict[str, Any], i: int) -> None:
+        self._ack = None
+        if not body["items"][i][3]:
+            self._push = None
 
     def _pushed(self) -> concurrent.futures.Future[Any] | None:
         """The future the outcome is pushed to, unless its connection was closed since or this is
@@ -208,6 +241,7 @@ class TaskHandle:
 
     async def _await_result(self) -> Any:
         if self._final is None:
+            await self._asettle()
             push = self._pushed()
             if push is not None:
                 self._final = await self._conn.await_reply(push)
@@ -297,8 +331,14 @@ def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[An
     pending = [h for h in handles if h._final is None]
     if pending:
         conn = pending[0]._conn
-        futures = [(h, h._pushed() or conn.request(functools.partial(_wait_for, h.id))) for h in pending]
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for h in pending:
+                h._settle(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the submits of {len(pending)} tasks were not acknowledged "
+                               f"within {timeout} s") from None
+        futures = [(h, h._pushed() or conn.request(functools.partial(_wait_for, h.id))) for h in pending]
         try:
             for h, fut in futures:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -112,11 +112,17 @@ class Submit(Message):
     a result costs no round trip of its own (after a reconnect the client sends that Wait). The
     ack says per item ``[id, deduplicated, conflict, pushed]``: a task held in the store only
     (the backlog, a delayed task) is not pushed, so a deep queue costs no memory; its handle
-    asks with ``Wait`` when ``result()`` is called."""
+    asks with ``Wait`` when ``result()`` is called. The ack's body is ``{"items": [those per
+    item], "room": how many more tasks max_queued allows now}``.
+
+    ``journaled``: the client wrote this message to its submit journal first and did not wait
+    for the ack (``capsule_actors/journal.py``): it is durable already, so it is not refused for
+    max_queued (the client only journals while the last ack's ``room`` covers it)."""
 
     req: int
     items: list[Any]
     push: list[Any]
+    journaled: bool
 
     def check(self) -> None:
         if not self.items:

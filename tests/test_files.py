@@ -205,7 +205,7 @@ def test_headers_are_validated_before_payloads(start, state_dir, tmp_path):
     evil = pickle.dumps(WritesPidWhenUnpickled(marker), protocol=5)
     mismatched_id = new_task_id()
     submit_item = [mismatched_id, "add", None, None, None, None]
-    submit_header = messages.Submit(2, [submit_item], []).encode()
+    submit_header = messages.Submit(2, [submit_item], [], False).encode()
 
     with RawDealer(info.client) as raw:
         # Given malformed messages sent straight to the client socket
@@ -243,9 +243,9 @@ def test_supervisor_never_unpickles_a_payload(start, state_dir, tmp_path):
 
     # Given valid Submit headers whose payloads are garbage bytes, and a pickle with a side effect
     with RawDealer(info.client) as raw:
-        raw.send([messages.Submit(1, [[garbage_id, "add", None, None, None, None]], []).encode(),
+        raw.send([messages.Submit(1, [[garbage_id, "add", None, None, None, None]], [], False).encode(),
                   b"\x80\x05garbage, not a pickle\xff\x00"])
-        raw.send([messages.Submit(2, [[evil_id, "add", None, None, None, None]], []).encode(),
+        raw.send([messages.Submit(2, [[evil_id, "add", None, None, None, None]], [], False).encode(),
                   pickle.dumps(WritesPidWhenUnpickled(marker), protocol=5)])
         # Then both are acknowledged (the supervisor treats payloads as opaque bytes)
         assert raw.reply_to(1, timeout=10)[0].ok

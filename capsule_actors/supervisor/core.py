@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import zmq
 
-from .. import messages
+from .. import journal, messages
 from ..app import App, new_task_id
 from ..errors import (
     AlreadyRunning,
@@ -83,6 +83,7 @@ EVENT_PRUNE_INTERVAL = 60.0
 MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with max_process_memory_mb
 QUEUE_WINDOW = 10_000  # queued unlocked tasks held in memory; more wait in SQLite only (the backlog)
 LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next turn's commit
+JOURNAL_SWEEP = 1.0  # how often the submit journals of clients that died are looked for
 STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 Frames = list[bytes]
@@ -220,6 +221,7 @@ class Supervisor:
             self.store.begin()
             self.store.register_schedules(((s.name, s.cron, s.tz) for s in self.app.schedules.values()), time.time())
             self._recover()
+            self._replay_journals()
             self.store.commit()
             self.finished = collections.Counter(
                 {k: v for k, v in self.store.counts().items() if k in ("SUCCEEDED", "FAILED", "CANCELLED")})
@@ -790,7 +792,7 @@ class Supervisor:
             self.app.get_task(item[1])
             if len(frame) > self.app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
-        if len(self.live) + self.backlog + len(msg.items) > self.app.max_queued:
+        if not msg.journaled and len(self.live) + self.backlog + len(msg.items) > self.app.max_queued:
             raise Backpressure(
                 f"{len(self.live) + self.backlog} tasks are queued, scheduled or running and this submit adds "
                 f"{len(msg.items)}: over max_queued={self.app.max_queued}; retry later or raise App(max_queued=...)")
@@ -814,10 +816,33 @@ class Supervisor:
         if not pending.remaining:
             self._complete(pending)
 
+    def _replay_journals(self) -> None:
+        """Record what clients that died left in their submit journals (``journal.py``), through
+        the same validation as a Submit; ids already recorded are ignored. Runs every second."""
+        replayed = []
+        for path, records in journal.orphaned(self.state_dir):
+            for frames in records:
+                try:
+                    msg = messages.decode(frames[0])
+                    if not isinstance(msg, messages.Submit):
+                        raise ProtocolError(f"{type(msg).__name__} is not a submit")
+                    self._on_submit(b"", msg, frames[1:])
+                except CapsuleError as exc:
+                    log.warning("a submit in journal %s was not recorded: %s", path.name, exc)
+            replayed.append(path)
+        if replayed:
+            self.store.commit()  # recorded before the journals go
+            self.store.begin()
+            for path in replayed:
+                path.unlink(missing_ok=True)
+        self._add_timer(JOURNAL_SWEEP, self._replay_journals)
+
     def _complete(self, pending: PendingSubmit) -> None:
         """Every item is decided: acknowledge the client, or record the schedule's fired slot."""
         if pending.fire is not None:
             self.store.set_last_slot(*pending.fire)
+            return
+        if not pending.ident:  # replayed from a journal whose writer is gone: nobody to answer
             return
         for i, result in enumerate(pending.results):
             assert result is not None
@@ -829,7 +854,8 @@ class Supervisor:
                 result.append(True)
             else:  # rejected, or in the store only (backlog, delayed): nothing kept in RAM for it
                 result.append(False)
-        self._reply(pending.ident, pending.req, True, pending.results)
+        room = max(0, self.app.max_queued - len(self.live) - self.backlog)
+        self._reply(pending.ident, pending.req, True, {"items": pending.results, "room": room})
 
     def _record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
         by_id = {r[0]: r for r in rows}

@@ -527,7 +527,7 @@ class TaskBoard:
             body, error = await act(request, messages.Retry)
             if error is not None:
                 return error
-            new_id, dedup, conflict, _pushed = body[0]
+            new_id, dedup, conflict, _pushed = body["items"][0]
             if conflict:
                 return json_response({"error": f"its lock key is held by live task {new_id} (on_conflict='reject')",
                                       "holder": new_id}, 409)

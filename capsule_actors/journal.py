@@ -1,0 +1,153 @@
+"""The submit journal: how a local ``submit()`` is durable before the supervisor answers.
+
+A client on this machine appends the ``Submit`` message it is about to send to a file of its own
+in ``<state>/journal/`` and returns at once; the supervisor's acknowledgement arrives later on the
+I/O thread. The record is as durable as a commit with ``synchronous=NORMAL``: the kernel holds
+it, so a crash of the client, the supervisor or both loses nothing, and a power loss can lose the
+last writes. Once every record of a file is acknowledged (recorded in SQLite), the file is
+emptied. The writer holds a POSIX lock on its file for its whole life; the supervisor replays the
+files whose lock is free (their writer died or closed with records unacknowledged) through the
+same validated ``Submit`` path, and a task id it already has is ignored, so a record that was
+both sent and replayed is recorded once.
+
+Record: ``<u32 length><u32 crc32>`` then a msgpack array of the message's frames (the header,
+then one payload per item). A torn last record (the writer died mid-write) fails its length or
+crc check and ends the file's replay.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+
+JOURNAL_DIR = "journal"
+SUFFIX = ".journal"
+SEGMENT_BYTES = 4 * 2**20  # past this, new records go to a new file; the old one goes once acked
+_HEAD = struct.Struct("<II")
+
+
+class Segment:
+    """One journal file and how many of its records still wait for their acknowledgement."""
+
+    __slots__ = ("fd", "path", "size", "unacked")
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = 0
+        self.unacked = 0
+
+
+class Journal:
+    """This process's journal for one state directory (owned by its ``Connection``)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = state_dir / JOURNAL_DIR
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._segment = self._open()
+        self._closed = False
+        self.unacked_items = 0  # tasks written but not yet acknowledged, over every segment
+
+    def _open(self) -> Segment:
+        """Create, lock, then rename into place: the supervisor never sees an unlocked file."""
+        name = f"{os.getpid()}-{os.urandom(6).hex()}"
+        tmp = self.directory / f".{name}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path = self.directory / f"{name}{SUFFIX}"
+        os.rename(tmp, path)
+        return Segment(fd, path)
+
+    def append(self, frames: list[bytes], items: int) -> Segment:
+        """Write one message of ``items`` tasks; durable when this returns. Pass the segment
+        to :meth:`acked` when the supervisor answers."""
+        body = msgpack.packb(frames, use_bin_type=True)
+        record = _HEAD.pack(len(body), zlib.crc32(body)) + body
+        with self._lock:
+            if self._closed:
+                raise OSError("the submit journal is closed")
+            seg = self._segment
+            if seg.size >= SEGMENT_BYTES:
+                seg = self._segment = self._open()  # the old one is removed at its last ack
+            os.write(seg.fd, record)
+            seg.size += len(record)
+            seg.unacked += 1
+            self.unacked_items += items
+        return seg
+
+    def acked(self, seg: Segment, items: int) -> None:
+        """The supervisor answered one of ``seg``'s records: empty the file once all are."""
+        with self._lock:
+            seg.unacked -= 1
+            self.unacked_items -= items
+            if seg.unacked or self._closed:
+                return
+            if seg is self._segment:
+                os.ftruncate(seg.fd, 0)  # O_APPEND: the next record starts at 0 again
+                seg.size = 0
+            else:
+                self._remove(seg)
+
+    def close(self) -> None:
+        """Remove what is fully acknowledged; files with records still unanswered are left for
+        the supervisor to replay (closing releases their locks)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._remove(self._segment)
+
+    @staticmethod
+    def _remove(seg: Segment) -> None:
+        if not seg.unacked:
+            seg.path.unlink(missing_ok=True)
+        os.close(seg.fd)
+
+
+def orphaned(state_dir: Path) -> Iterator[tuple[Path, list[list[bytes]]]]:
+    """Journals whose writer is gone: (path, the messages in them). The caller records the
+    messages, commits, then unlinks the path (a crash before that replays them again)."""
+    directory = state_dir / JOURNAL_DIR
+    try:
+        paths = sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+    except FileNotFoundError:
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is alive: it sends (or resends) these itself
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+            yield path, list(_records(data))
+        finally:
+            os.close(fd)
+
+
+def _records(data: bytes) -> Iterator[list[bytes]]:
+    pos = 0
+    while pos + _HEAD.size <= len(data):
+        length, crc = _HEAD.unpack_from(data, pos)
+        body = data[pos + _HEAD.size:pos + _HEAD.size + length]
+        if len(body) != length or zlib.crc32(body) != crc:
+            return  # a torn tail
+        pos += _HEAD.size + length
+        try:
+            frames = msgpack.unpackb(body, raw=True, use_list=True)
+        except Exception:
+            return
+        if isinstance(frames, list) and frames and all(isinstance(f, bytes) for f in frames):
+            yield frames
