@@ -237,6 +237,8 @@ class Task(Generic[P, R]):
         ack (``journal.py``); None when they must wait for it instead."""
         if any(p[0][2] is not None for p in prepared) or not conn.may_journal(self.name, len(prepared)):
             return None
+        if sum(1 for _ in _batches(prepared)) != 1:  # more than one Submit's worth: each waits
+            return None
         pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in prepared]
         try:
             ack = conn.submit_journaled(_submit_of(prepared, pushes, True), [p[1] for p in prepared], pushes)

@@ -37,7 +37,7 @@ Reply = tuple[Any, list[bytes]]
 _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-JOURNAL_CREDIT = 1024  # journaled tasks a process may have unacknowledged: max_queued's leeway
+JOURNAL_CREDIT = 4096  # journaled tasks a process may have unacknowledged: max_queued's leeway
 _REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
 _START_HINT = (
     "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"

@@ -4,6 +4,7 @@ and none makes it run twice."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -107,6 +108,24 @@ def test_journaled_submits_are_acked_later_and_the_file_is_emptied(start, state_
     wait_until(lambda: path.stat().st_size == 0, 10)  # every record acknowledged: emptied
     Connection.close_all()
     assert not path.exists()  # and gone with a clean close
+
+
+def test_map_and_the_async_twins_are_journaled_too(start, tmp_path):
+    start(app)
+    log = tmp_path / "runs"
+    record.submit(-1, str(log)).result(timeout=30)
+    mapped = record.map([(i, str(log)) for i in range(100)])
+    assert all(h._ack is not None for h in mapped)
+
+    async def scenario() -> list[int]:
+        handles = await asyncio.gather(*(record.asubmit(i, str(log)) for i in range(100, 150)))
+        handles += await record.amap([(i, str(log)) for i in range(150, 200)])
+        assert all(h._ack is not None for h in handles)
+        return list(await asyncio.gather(*handles))
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == list(range(100, 200))
+    assert cpsl.wait_all(mapped, timeout=30) == list(range(100))
+    assert sorted(_runs(log)) == list(range(-1, 200))
 
 
 def test_a_client_killed_before_sending_loses_nothing(start, state_dir, tmp_path):
