@@ -7,7 +7,7 @@
 Variants (each one: N tasks of a no-op that returns its argument; the clock runs from the first
 submit until the last result is in the caller's hands; every result is checked):
 
-  A  submit() loop      N sequential ``noop.submit(i)`` (each returns after the durable ack),
+  A  submit() loop      N sequential ``noop.submit(i)`` (each returns once durable: journaled),
                         then ``h.result()`` of every handle in order.
   B  map()              ``noop.map(range(N))``: one durable batch, then every ``h.result()``.
   C  asubmit() gather   ``asyncio.gather`` of N ``noop.asubmit(i)``, then ``gather`` of the handles.

@@ -1,18 +1,23 @@
 """The submit journal: how a local ``submit()`` is durable before the supervisor answers.
 
-A client on this machine appends the ``Submit`` message it is about to send to a file of its own
+A client on this machine writes the ``Submit`` message it is about to send to a file of its own
 in ``<state>/journal/`` and returns at once; the supervisor's acknowledgement arrives later on the
 I/O thread. The record is as durable as a commit with ``synchronous=NORMAL``: the kernel holds
 it, so a crash of the client, the supervisor or both loses nothing, and a power loss can lose the
-last writes. Once every record of a file is acknowledged (recorded in SQLite), the file is
-emptied. The writer holds a POSIX lock on its file for its whole life; the supervisor replays the
-files whose lock is free (their writer died or closed with records unacknowledged) through the
-same validated ``Submit`` path, and a task id it already has is ignored, so a record that was
+last writes. The writer holds a POSIX lock on its file for its whole life; the supervisor replays
+the files whose lock is free (their writer died or closed with records unacknowledged) through
+the same validated ``Submit`` path, and a task id it already has is ignored, so a record that was
 both sent and replayed is recorded once.
 
-Record: ``<u32 length><u32 crc32>`` then a msgpack array of the message's frames (the header,
-then one payload per item). A torn last record (the writer died mid-write) fails its length or
-crc check and ends the file's replay.
+Like SQLite's WAL, the file is reused rather than truncated (truncating a file at every ack made
+the file system's metadata journal stall writers for up to hundreds of ms): the header holds an
+epoch, every record carries the epoch it was written in, and once every record is acknowledged
+the epoch is bumped and writing starts over after the header. Replay reads records from the
+header on while they carry the header's epoch and pass their crc; the first one that does not
+(an acknowledged leftover, or a record torn by a crash) ends the file.
+
+File: ``<8s magic><u64 epoch>``, then records ``<u32 length><u32 crc32><u64 epoch>`` followed by
+a msgpack array of the message's frames (the header, then one payload per item).
 """
 
 from __future__ import annotations
@@ -30,19 +35,28 @@ import msgpack
 JOURNAL_DIR = "journal"
 SUFFIX = ".journal"
 SEGMENT_BYTES = 4 * 2**20  # past this, new records go to a new file; the old one goes once acked
-_HEAD = struct.Struct("<II")
+_MAGIC = b"CPSLJRN1"
+_FILE_HEAD = struct.Struct("<8sQ")
+_HEAD = struct.Struct("<IIQ")
 
 
 class Segment:
-    """One journal file and how many of its records still wait for their acknowledgement."""
+    """One journal file: where the next record goes, and how many still wait for their ack."""
 
-    __slots__ = ("fd", "path", "size", "unacked")
+    __slots__ = ("epoch", "fd", "path", "pos", "unacked")
 
     def __init__(self, fd: int, path: Path) -> None:
         self.fd = fd
         self.path = path
-        self.size = 0
+        self.epoch = 1
+        self.pos = _FILE_HEAD.size
         self.unacked = 0
+
+    def restart(self) -> None:
+        """Every record is acknowledged: a new epoch, written over the old records."""
+        self.epoch += 1
+        self.pos = _FILE_HEAD.size
+        os.pwrite(self.fd, _FILE_HEAD.pack(_MAGIC, self.epoch), 0)
 
 
 class Journal:
@@ -60,8 +74,9 @@ class Journal:
         """Create, lock, then rename into place: the supervisor never sees an unlocked file."""
         name = f"{os.getpid()}-{os.urandom(6).hex()}"
         tmp = self.directory / f".{name}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, _FILE_HEAD.pack(_MAGIC, 1), 0)
         path = self.directory / f"{name}{SUFFIX}"
         os.rename(tmp, path)
         return Segment(fd, path)
@@ -70,29 +85,30 @@ class Journal:
         """Write one message of ``items`` tasks; durable when this returns. Pass the segment
         to :meth:`acked` when the supervisor answers."""
         body = msgpack.packb(frames, use_bin_type=True)
-        record = _HEAD.pack(len(body), zlib.crc32(body)) + body
         with self._lock:
             if self._closed:
                 raise OSError("the submit journal is closed")
             seg = self._segment
-            if seg.size >= SEGMENT_BYTES:
+            if seg.pos >= SEGMENT_BYTES:
                 seg = self._segment = self._open()  # the old one is removed at its last ack
-            os.write(seg.fd, record)
-            seg.size += len(record)
+            record = _HEAD.pack(len(body), zlib.crc32(body), seg.epoch) + body
+            written = os.pwrite(seg.fd, record, seg.pos)
+            if written != len(record):
+                raise OSError(f"short write to the submit journal ({written} of {len(record)} bytes)")
+            seg.pos += len(record)
             seg.unacked += 1
             self.unacked_items += items
         return seg
 
     def acked(self, seg: Segment, items: int) -> None:
-        """The supervisor answered one of ``seg``'s records: empty the file once all are."""
+        """The supervisor answered one of ``seg``'s records: start over once all are."""
         with self._lock:
             seg.unacked -= 1
             self.unacked_items -= items
             if seg.unacked or self._closed:
                 return
             if seg is self._segment:
-                os.ftruncate(seg.fd, 0)  # O_APPEND: the next record starts at 0 again
-                seg.size = 0
+                seg.restart()
             else:
                 self._remove(seg)
 
@@ -138,12 +154,17 @@ def orphaned(state_dir: Path) -> Iterator[tuple[Path, list[list[bytes]]]]:
 
 
 def _records(data: bytes) -> Iterator[list[bytes]]:
-    pos = 0
+    if len(data) < _FILE_HEAD.size:
+        return
+    magic, epoch = _FILE_HEAD.unpack_from(data, 0)
+    if magic != _MAGIC:
+        return
+    pos = _FILE_HEAD.size
     while pos + _HEAD.size <= len(data):
-        length, crc = _HEAD.unpack_from(data, pos)
+        length, crc, record_epoch = _HEAD.unpack_from(data, pos)
         body = data[pos + _HEAD.size:pos + _HEAD.size + length]
-        if len(body) != length or zlib.crc32(body) != crc:
-            return  # a torn tail
+        if record_epoch != epoch or len(body) != length or zlib.crc32(body) != crc:
+            return  # acknowledged before the epoch began, or torn
         pos += _HEAD.size + length
         try:
             frames = msgpack.unpackb(body, raw=True, use_list=True)
