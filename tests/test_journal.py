@@ -216,3 +216,30 @@ def test_replay_validates_records_and_stops_at_a_torn_tail(start, state_dir, tmp
         app.handle("b" * 32).info()
     assert rt.status()["supervisor"]["pid"] == rt.pid  # and it goes on serving
     assert record.submit(8, str(log)).result(timeout=30) == 8
+
+
+strict = cpsl.App("journal-strict", max_payload_bytes=2000)
+
+
+@strict.task
+async def size_of(x: str) -> int:
+    return len(x)
+
+
+def test_a_refused_journaled_submit_raises_from_result_and_records_nothing(start, state_dir):
+    rt = start(strict)
+    strict.max_payload_bytes = 100_000  # this client allows more than its supervisor does
+    try:
+        assert size_of.submit("x").result(timeout=30) == 1  # the name is accepted: journaling on
+        h = size_of.submit("y" * 10_000)
+        assert h._ack is not None  # returned before the supervisor's answer
+        with pytest.raises(cpsl.SerializationError, match="max_payload_bytes"):
+            h.result(timeout=30)
+        with pytest.raises(cpsl.SerializationError):  # the same answer every time
+            h.result(timeout=1)
+        assert sum(rt.status()["tasks"].values()) == 1  # nothing recorded
+        assert size_of.submit("z").result(timeout=30) == 1  # serving on
+        Connection.close_all()
+        assert not _journals(state_dir)  # the refusal was an answer: nothing left to replay
+    finally:
+        strict.max_payload_bytes = 2000
