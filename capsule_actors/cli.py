@@ -22,6 +22,7 @@ from . import messages
 from .app import App
 from .client import Connection
 from .errors import CapsuleError, ConfigError
+from .lifecycle import profiled
 from .session import Session
 from .transport import resolve_state_dir
 
@@ -62,8 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args, app)
     registry = cloudpickle.dumps(app, protocol=5)
     keys = Path(args.keys).absolute() if args.keys else None
-    return Supervisor(app, registry, state_dir, workers=args.workers, process_workers=args.process_workers,
-                      grace=args.grace, bind_tcp=args.bind, keys_dir=keys).run()
+    sup = Supervisor(app, registry, state_dir, workers=args.workers, process_workers=args.process_workers,
+                     grace=args.grace, bind_tcp=args.bind, keys_dir=keys)
+    return profiled("supervisor", sup.run)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+PROFILE_ENV = "CAPSULE_PROFILE_DIR"
 
 # Exit codes an actor uses on purpose; anything else is a crash.
 EXIT_OK = 0
@@ -25,3 +30,18 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
         pass
     if os.getppid() != parent:
         os.kill(os.getpid(), sig)
+
+
+def profiled(name: str, run: Callable[[], T]) -> T:
+    """``run()``; with $CAPSULE_PROFILE_DIR set, under cProfile, its stats written to
+    ``DIR/NAME.PID.prof`` when it returns (how benchmarks/RESULTS.md's profiles are taken)."""
+    directory = os.environ.get(PROFILE_ENV)
+    if not directory:
+        return run()
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        return profile.runcall(run)
+    finally:
+        profile.dump_stats(os.path.join(directory, f"{name}.{os.getpid()}.prof"))

@@ -89,6 +89,9 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        if sqlite3.sqlite_version_info < (3, 35):
+            raise StateDirError(f"SQLite {sqlite3.sqlite_version} is too old: capsule_actors needs 3.35 or newer "
+                                "(UPDATE ... RETURNING); use a Python built against a newer libsqlite3")
         try:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -160,12 +163,14 @@ class Store:
                 self.add_event(row[0], row[4], "state", {"state": row[2], "attempt": 0, "name": row[1]})
         return new
 
-    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> None:
-        self.db.execute(
-            "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=?",
+    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
+        """Record the attempt's start; return the task's pickled arguments (one statement)."""
+        row = self.db.execute(
+            "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=? RETURNING args",
             (attempt, slot, now, task_id),
-        )
+        ).fetchone()
         self.add_event(task_id, session_id, "state", {"state": "RUNNING", "attempt": attempt, "slot": slot})
+        return bytes(row[0]) if row and row[0] is not None else b""
 
     def finish(
         self,
@@ -337,10 +342,6 @@ class Store:
 
     def exists(self, task_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone() is not None
-
-    def args(self, task_id: str) -> bytes:
-        row = self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()
-        return bytes(row[0]) if row and row[0] is not None else b""
 
     def events_after(self, after: int, limit: int = 500, *, task_id: str | None = None,
                      session_id: str | None = None) -> list[dict[str, Any]]:

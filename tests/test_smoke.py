@@ -33,3 +33,17 @@ def test_direct_call_runs_in_the_caller():
 
     assert asyncio.run(add(2, 3)) == 5
     assert whoami() == os.getpid()
+
+
+def test_profile_dir_profiles_the_supervisor_and_each_actor(start, tmp_path, monkeypatch):
+    import pstats
+
+    monkeypatch.setenv("CAPSULE_PROFILE_DIR", str(tmp_path))  # the runtime's processes inherit it
+    rt = start(app)
+    assert [add.submit(i, 1).result(timeout=30) for i in range(20)] == list(range(1, 21))
+    rt.stop()
+    names = {p.name.split(".")[0] for p in tmp_path.glob("*.prof")}
+    assert {"supervisor", "w0"} <= names
+    [sup] = tmp_path.glob(f"supervisor.{rt.pid}.prof")
+    functions = {f[2] for f in pstats.Stats(str(sup)).stats}  # type: ignore[attr-defined]
+    assert "_on_submit" in functions and "_dispatch" in functions

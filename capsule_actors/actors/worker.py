@@ -37,6 +37,7 @@ from ..lifecycle import (
     EXIT_OK,
     EXIT_PARENT_GONE,
     die_with_parent,
+    profiled,
 )
 from ..session import bind_session, bound_session
 from ..transport import connect
@@ -284,7 +285,7 @@ def run_actor(args: ActorArgs, app: app_module.App) -> None:
     app_module.PROCESS_STATE_DIR = Path(args.state_dir) if args.state_dir else None
     code = EXIT_OK
     try:
-        asyncio.run(_serve(args, app))
+        profiled(args.slot, lambda: asyncio.run(_serve(args, app)))
     except BaseException:
         log.exception("actor %s failed", args.slot)
         code = EXIT_ERROR

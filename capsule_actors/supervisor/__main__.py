@@ -12,7 +12,7 @@ from pathlib import Path
 import cloudpickle
 
 from ..errors import CapsuleError
-from ..lifecycle import die_with_parent
+from ..lifecycle import die_with_parent, profiled
 from .core import Supervisor
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(app, registry, Path(args.state_dir), workers=args.workers,
                      process_workers=args.process_workers, grace=args.grace, ready_fd=args.ready_fd)
     try:
-        return sup.run()
+        return profiled("supervisor", sup.run)
     except CapsuleError:
         return 1
 

@@ -1366,8 +1366,8 @@ class Supervisor:
         task.state = "RUNNING"
         task.actor = proc
         proc.running[task.id] = task.attempts
-        self.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
-        payload = self.store.args(task.id)  # arguments live in the store only: RAM stays flat
+        # arguments live in the store only (RAM stays flat): the update that starts the attempt reads them
+        payload = self.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
         crash = task.attempts in self.crash_plan.get(task.name, ())
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
         run = messages.Run(task.id, task.attempts, task.name, task.session_id, task.session_owner,
