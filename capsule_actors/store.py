@@ -106,6 +106,7 @@ class Store:
             raise StateDirError(f"cannot open task store {str(path)!r}: {exc}") from None
         self.db.row_factory = sqlite3.Row
         self._in_tx = False
+        self.slot_pending = False  # a schedule's fired slot was written since the last commit
         self._committed_changes = 0
         self.commits = 0
         self._touched: set[str] = set()
@@ -132,6 +133,7 @@ class Store:
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
+            self.slot_pending = False
             self.commits += 1
             self._committed_changes = self.db.total_changes
 
@@ -391,6 +393,7 @@ class Store:
         return row[0] if row else None
 
     def set_last_slot(self, name: str, slot: float) -> None:
+        self.slot_pending = True  # committed before the fired task may run (see Supervisor._turn)
         self.db.execute("UPDATE schedules SET last_slot=max(coalesce(last_slot, 0), ?) WHERE name=?", (slot, name))
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:

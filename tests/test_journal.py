@@ -37,6 +37,12 @@ async def record(i: int, log: str) -> int:
     return i
 
 
+@app.task
+async def sleepy(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
 def _runs(log: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()] if log.exists() else []
 
@@ -113,6 +119,17 @@ def test_journaled_submits_are_acked_later_and_the_file_is_emptied(start, state_
     assert path.stat().st_size == size  # written over, not grown (no metadata churn per task)
     Connection.close_all()
     assert not path.exists()  # and gone with a clean close
+
+
+def test_the_ack_of_a_journaled_submit_does_not_wait_for_the_task(start):
+    start(app)
+    sleepy.submit(0).result(timeout=30)
+    h = sleepy.submit(3.0)
+    ack = h._ack[0] if h._ack else None
+    assert ack is not None
+    ack.result(timeout=1.0)  # the next commit (at most a few ms away) sends it, not the task's end
+    assert not h.done()
+    assert h.result(timeout=30) == 3.0
 
 
 def test_map_and_the_async_twins_are_journaled_too(start, tmp_path):

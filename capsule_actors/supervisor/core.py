@@ -131,11 +131,12 @@ class LiveTask:
 class PendingSubmit:
     """A Submit whose locked items wait for their owner actors' admission decisions."""
 
-    __slots__ = ("fire", "ident", "push", "remaining", "req", "results")
+    __slots__ = ("fire", "ident", "journaled", "push", "remaining", "req", "results")
 
     def __init__(self, ident: bytes, req: int, size: int, fire: tuple[str, float] | None = None,
-                 push: list[int] | None = None) -> None:
+                 push: list[int] | None = None, journaled: bool = False) -> None:
         self.ident = ident
+        self.journaled = journaled  # durable in the client's journal: its ack may wait for any commit
         self.req = req
         self.results: list[list[Any] | None] = [None] * size
         self.remaining = 0
@@ -189,6 +190,7 @@ class Supervisor:
         self.timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self.timer_seq = itertools.count()
         self.outbox: list[tuple[zmq.Socket, Frames]] = []  # type: ignore[type-arg]
+        self.after_commit: list[tuple[zmq.Socket, Frames]] = []  # type: ignore[type-arg]  # journaled acks
         self.stopping = False
         self.started_attempts = 0
         self.finished: collections.Counter[str] = collections.Counter()
@@ -338,7 +340,7 @@ class Supervisor:
             self.template.close()
         if hasattr(self, "store"):
             try:
-                self.store.commit()
+                self._commit()
             finally:
                 self.store.close()
         if hasattr(self, "ctx"):
@@ -392,21 +394,23 @@ class Supervisor:
             self._commit_and_send()
         elif self.lazy_commit_at is None and self.store.dirty():
             self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
-        # Dispatch after the acks. The Run messages go out before their own RUNNING rows commit
-        # (a crash in between leaves those tasks QUEUED, to be run again at the next start, which
-        # at-least-once allows; their actors die with the supervisor anyway, a node's with its
-        # lease), but never before anything else: a schedule's fired slot, a finished task.
-        held_back = self.store.dirty()
+        # Dispatch after the acks. The Run messages may go out before this turn's writes commit
+        # (their own RUNNING rows, a journaled submit's insert, results nobody waits for): a crash
+        # in between leaves those tasks QUEUED or RUNNING in the store (or in a client's
+        # journal), to be run again, which at-least-once allows; their actors die with the
+        # supervisor anyway, a node's with its lease. Never before a schedule's fired slot: that
+        # must be durable before its task runs, or a restart would fire the slot again.
+        held_back = self.store.slot_pending
         self.store.begin()
         if self._dispatch():
             if held_back:
-                self.store.commit()
-                self.lazy_commit_at = None
+                self._commit()
             self._flush()
-            if self.lazy_commit_at is None and self.store.dirty():  # RUNNING rows ride the next commit
+            if self.lazy_commit_at is None and self.store.dirty():  # they ride the next commit
                 self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
         elif self.lazy_commit_at is None:
-            self.store.commit()
+            self._commit()
+            self._flush()
             self.store.checkpoint_if_needed()
 
     def _handle(self, ready: dict[Any, int]) -> None:
@@ -425,9 +429,15 @@ class Supervisor:
         if self.rekeying:
             self._finish_rekey()
 
-    def _commit_and_send(self) -> None:
+    def _commit(self) -> None:
+        """Commit; the acks that were waiting for any commit can go with the next flush."""
         self.lazy_commit_at = None
         self.store.commit()
+        self.outbox += self.after_commit
+        self.after_commit.clear()
+
+    def _commit_and_send(self) -> None:
+        self._commit()
         self._answer_event_waiters()
         if self.wake_clock:
             self._wake_clock()
@@ -476,11 +486,15 @@ class Supervisor:
             _, _, fn, args = heapq.heappop(self.timers)
             fn(*args)
 
-    def _reply(self, ident: bytes, req: int, ok: bool, body: Any, frames: Frames = ()) -> None:  # type: ignore[assignment]
+    def _reply(self, ident: bytes, req: int, ok: bool, body: Any, frames: Frames = (),  # type: ignore[assignment]
+               outbox: list[tuple[zmq.Socket, Frames]] | None = None) -> None:  # type: ignore[type-arg]
+        """Queue a reply: in ``outbox`` (sent at this turn's commit), or in ``after_commit``
+        (sent at whichever commit comes next, without forcing one)."""
         sock = self.client_sock
         if ident.startswith(_REMOTE) and self.remote_sock is not None:
             sock, ident = self.remote_sock, ident[len(_REMOTE):]
-        self.outbox.append((sock, [ident, messages.Reply(req, ok, body).encode(), *frames]))
+        (self.outbox if outbox is None else outbox).append(
+            (sock, [ident, messages.Reply(req, ok, body).encode(), *frames]))
 
     def _on_remote(self, frames: Frames) -> None:
         """The TCP socket carries remote clients, worker nodes and the nodes' actors."""
@@ -796,7 +810,8 @@ class Supervisor:
             raise Backpressure(
                 f"{len(self.live) + self.backlog} tasks are queued, scheduled or running and this submit adds "
                 f"{len(msg.items)}: over max_queued={self.app.max_queued}; retry later or raise App(max_queued=...)")
-        self._submit(PendingSubmit(ident, msg.req, len(msg.items), push=msg.push), msg.items, payload)
+        self._submit(PendingSubmit(ident, msg.req, len(msg.items), push=msg.push, journaled=msg.journaled),
+                     msg.items, payload)
 
     def _submit(self, pending: PendingSubmit, items: list[list[Any]], payload: Frames) -> None:
         """Record unlocked items now; send locked ones to their owners for admission first."""
@@ -855,7 +870,8 @@ class Supervisor:
             else:  # rejected, or in the store only (backlog, delayed): nothing kept in RAM for it
                 result.append(False)
         room = max(0, self.app.max_queued - len(self.live) - self.backlog)
-        self._reply(pending.ident, pending.req, True, {"items": pending.results, "room": room})
+        self._reply(pending.ident, pending.req, True, {"items": pending.results, "room": room},
+                    outbox=self.after_commit if pending.journaled else self.outbox)
 
     def _record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
         by_id = {r[0]: r for r in rows}
