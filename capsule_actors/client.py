@@ -29,6 +29,7 @@ from . import messages
 from .errors import NotRunning, ProtocolError
 from .handle import raise_reply_error
 from .journal import Journal, Segment
+from .lifecycle import current_pid
 from .transport import RemoteEndpoint, RuntimeFile, connect, read_runtime_file
 
 log = logging.getLogger("capsule_actors.client")
@@ -61,7 +62,7 @@ class Connection:
             raise not_running(state_dir)
         self.state_dir = state_dir
         self._info: RuntimeFile = info
-        self._pid = os.getpid()
+        self._pid = current_pid()
         self._ids = itertools.count(1)
         self._outstanding: dict[int, tuple[list[bytes], concurrent.futures.Future[Reply]]] = {}
         self._expected: set[int] = set()  # outstanding replies asked for by another request (expect)
@@ -71,6 +72,7 @@ class Connection:
         self._outbox: collections.deque[list[bytes]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()
+        self._kicked = False  # a wake-up is pending: the I/O thread will look at the outbox anyway
         self._closed = False
         self._reset = False
         self.connected = False
@@ -81,7 +83,7 @@ class Connection:
 
     @classmethod
     def for_state_dir(cls, state_dir: Path) -> Connection:
-        key = (os.getpid(), state_dir)
+        key = (current_pid(), state_dir)
         conn = cls._shared.get(key)
         if conn is not None and not conn._closed:
             return conn
@@ -98,7 +100,7 @@ class Connection:
             keys = [k for k in cls._shared if state_dir is None or k[1] == state_dir]
             conns = [cls._shared.pop(k) for k in keys]
         for conn in conns:
-            if conn._pid == os.getpid():
+            if conn._pid == current_pid():
                 conn.close()
 
     # ---- requests ----------------------------------------------------------------------------
@@ -249,9 +251,13 @@ class Connection:
             self._kick()
 
     def _kick(self) -> None:
-        """Wake the I/O thread; a no-op once it has ended (and closed the eventfd)."""
+        """Wake the I/O thread, unless a wake-up is already pending (a burst of submits then costs
+        one syscall, not one each); a no-op once it has ended (and closed the eventfd)."""
+        if self._kicked:
+            return
         with self._wake_lock:
-            if self._wake >= 0:
+            if self._wake >= 0 and not self._kicked:
+                self._kicked = True
                 os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
@@ -284,6 +290,7 @@ class Connection:
                     timeout = None if self.connected else int(_REFRESH_INTERVAL * 1000)
                 ready = dict(poller.poll(timeout))
                 if self._wake in ready:
+                    self._kicked = False  # before the flush: what is queued after it kicks again
                     try:
                         os.eventfd_read(self._wake)
                     except BlockingIOError:

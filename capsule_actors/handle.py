@@ -7,7 +7,6 @@ import concurrent.futures
 import dataclasses
 import enum
 import functools
-import os
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ import cloudpickle
 
 from . import errors, messages
 from .errors import RemoteTraceback, SerializationError, TaskCancelled, TaskFailed
+from .lifecycle import current_pid
 
 if TYPE_CHECKING:
     from .app import App
@@ -207,7 +207,7 @@ class TaskHandle:
         and learn whether the outcome will be pushed (not for a task held in the store only)."""
         if self._ack is not None:
             ack, i = self._ack
-            if ack.pid == os.getpid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
+            if ack.pid == current_pid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
                 body, _ = self._conn.wait_reply(ack, timeout)
                 self._take_ack(body, i)
             else:  # a forked child, or a connection closed since: ask with a Wait
@@ -216,7 +216,7 @@ class TaskHandle:
     async def _asettle(self) -> None:
         if self._ack is not None:
             ack, i = self._ack
-            if ack.pid == os.getpid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
+            if ack.pid == current_pid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
                 body, _ = await self._conn.await_reply(ack)
                 self._take_ack(body, i)
             else:
@@ -231,7 +231,7 @@ class TaskHandle:
         """The future the outcome is pushed to, unless its connection was closed since or this is
         a forked child (then the current connection is asked with a Wait)."""
         push = self._push
-        if push is not None and (push.pid != os.getpid()  # type: ignore[attr-defined]
+        if push is not None and (push.pid != current_pid()  # type: ignore[attr-defined]
                                  or (push.done() and push.exception() is not None)):
             self._push = push = None
         return push

@@ -19,6 +19,21 @@ EXIT_LEASE_LOST = 4  # a node's actor whose node lost its lease from the supervi
 EXIT_INJECTED_CRASH = 70
 
 _PR_SET_PDEATHSIG = 1
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def current_pid() -> int:
+    """``os.getpid()`` without a system call per use (kept right across fork): the submit path
+    asks for it several times per task."""
+    return _pid
 
 
 def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
