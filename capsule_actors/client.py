@@ -119,6 +119,8 @@ class Connection:
         self._outstanding[req] = (msg, fut)
         self._outbox.append(msg)
         self._kick()
+        if self._closed and not fut.done():  # closed meanwhile: nobody will answer on this connection
+            fut.set_exception(not_running(self.state_dir))
         return fut
 
     # ---- journaled submits -------------------------------------------------------------------
@@ -290,11 +292,14 @@ class Connection:
                     timeout = None if self.connected else int(_REFRESH_INTERVAL * 1000)
                 ready = dict(poller.poll(timeout))
                 if self._wake in ready:
-                    self._kicked = False  # before the flush: what is queued after it kicks again
                     try:
                         os.eventfd_read(self._wake)
                     except BlockingIOError:
                         pass
+                    # after the read (a kick between them would be lost with the flag still set,
+                    # and every later kick skipped) and before the flush (what is queued after
+                    # this line kicks again; what was queued before is flushed now)
+                    self._kicked = False
                 self._flush(sock)
                 if sock in ready:
                     self._receive(sock)

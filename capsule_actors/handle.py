@@ -205,22 +205,26 @@ class TaskHandle:
     def _settle(self, timeout: float | None) -> None:
         """Take a journaled submit's ack: raise the supervisor's refusal (the submit's error),
         and learn whether the outcome will be pushed (not for a task held in the store only)."""
-        if self._ack is not None:
-            ack, i = self._ack
-            if ack.pid == current_pid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
-                body, _ = self._conn.wait_reply(ack, timeout)
-                self._take_ack(body, i)
-            else:  # a forked child, or a connection closed since: ask with a Wait
-                self._ack = self._push = None
+        pending = self._live_ack()
+        if pending is not None:
+            body, _ = self._conn.wait_reply(pending[0], timeout)
+            self._take_ack(body, pending[1])
 
     async def _asettle(self) -> None:
+        pending = self._live_ack()
+        if pending is not None:
+            body, _ = await self._conn.await_reply(pending[0])
+            self._take_ack(body, pending[1])
+
+    def _live_ack(self) -> tuple[concurrent.futures.Future[Any], int] | None:
+        """The journaled ack still to take, if this process can wait for it; in a forked child,
+        or after its connection closed, drop it (and the push): the outcome is asked with a Wait."""
         if self._ack is not None:
-            ack, i = self._ack
+            ack = self._ack[0]
             if ack.pid == current_pid() and not (ack.done() and ack.exception() is not None):  # type: ignore[attr-defined]
-                body, _ = await self._conn.await_reply(ack)
-                self._take_ack(body, i)
-            else:
-                self._ack = self._push = None
+                return self._ack
+            self._ack = self._push = None
+        return None
 
     def _take_ack(self, body: dict[str, Any], i: int) -> None:
         self._ack = None

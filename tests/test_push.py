@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -141,3 +142,28 @@ def test_a_forked_child_waits_through_its_own_connection(start):
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
     assert h.result(timeout=20) == 0.3
+
+
+def test_requests_from_many_threads_each_get_their_answer(start):
+    """Callers in several threads share one connection; a burst wakes its I/O thread once, and
+    no request may be left unsent (a lost wake-up used to hang them all)."""
+    start(app)
+    conn = app.connection()
+    failures: list[BaseException] = []
+
+    def caller(k: int) -> None:
+        try:
+            for i in range(150):
+                conn.call(lambda req: messages.Status(req), timeout=10)
+                if i % 10 == 0:
+                    assert add.submit(k, i).result(timeout=10) == k + i
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "requests hung"
+    assert not failures, failures[0]
