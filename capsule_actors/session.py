@@ -18,9 +18,12 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .errors import CapsuleError, ConfigError, SerializationError
+
+T = TypeVar("T")
+_LOCK_WAIT = 30.0  # seconds a local session.db operation waits for SQLite's write lock
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("capsule_session", default=None)
 
@@ -185,10 +188,27 @@ class SessionDB:
         if conn is None:
             if not self.path.exists():
                 raise ConfigError(f"no task store at {str(self.path)!r}: start the runtime once first")
-            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=0.0)
+            conn.execute("PRAGMA busy_timeout=0")  # _locally retries, more often than SQLite would
             conns[self.path] = conn
         return conn
+
+    def _locally(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """``op(db)`` on the local capsule.db, tried again every 0.2-2 ms while the supervisor
+        holds the write lock (for up to 30 s). SQLite's own busy handler sleeps up to 100 ms
+        between tries; the supervisor's write transactions are short but frequent under load, so
+        a writer could lose the race for a tenth of a second or more."""
+        db = self._db()
+        deadline = time.monotonic() + _LOCK_WAIT
+        delay = 0.0002
+        while True:
+            try:
+                return op(db)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
 
     def _ask(self, op: str, key: str = "", value: str | None = None, expected: str | None = None) -> Any:
         from . import messages
@@ -204,18 +224,21 @@ class SessionDB:
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
-        text = self._ask("get", _key(key)) if self._remote else kv_get(self._db(), self.session_id, _key(key))
+        key = _key(key)
+        text = self._ask("get", key) if self._remote else self._locally(lambda db: kv_get(db, self.session_id, key))
         return json.loads(text) if text is not None else default
 
     def __setitem__(self, key: str, value: Any) -> None:
+        key, text = _key(key), _json(value)
         if self._remote:
-            self._ask("set", _key(key), _json(value))
+            self._ask("set", key, text)
         else:
-            kv_set(self._db(), self.session_id, _key(key), _json(value))
+            self._locally(lambda db: kv_set(db, self.session_id, key, text))
 
     def __delitem__(self, key: str) -> None:
         key = _key(key)
-        if not (self._ask("del", key) if self._remote else kv_delete(self._db(), self.session_id, key)):
+        if not (self._ask("del", key) if self._remote
+                else self._locally(lambda db: kv_delete(db, self.session_id, key))):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
@@ -230,7 +253,7 @@ class SessionDB:
     def _rows(self) -> list[tuple[str, str]]:
         if self._remote:
             return [(k, v) for k, v in self._ask("items")]
-        return kv_items(self._db(), self.session_id)
+        return self._locally(lambda db: kv_items(db, self.session_id))
 
     def keys(self) -> list[str]:
         return list(self)
@@ -249,17 +272,19 @@ class SessionDB:
                 if self._ask("cas", key, _json(new), old):
                     return new
             raise CapsuleError(f"session.db.update({key!r}): 1000 attempts lost to concurrent writers")
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            old = kv_get(db, self.session_id, key)
-            new = fn(json.loads(old) if old is not None else default)
-            kv_set(db, self.session_id, key, _json(new))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return new
+        def replace(db: sqlite3.Connection) -> Any:
+            db.execute("BEGIN IMMEDIATE")  # when the lock is taken, nothing began: tried again
+            try:
+                old = kv_get(db, self.session_id, key)
+                new = fn(json.loads(old) if old is not None else default)
+                kv_set(db, self.session_id, key, _json(new))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return new
+
+        return self._locally(replace)
 
     def increment(self, key: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a number (0 when absent) and return the new value."""
