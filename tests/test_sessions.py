@@ -844,3 +844,25 @@ def test_unbound_tasks_run_with_no_session(start):
     assert all(e.kind == "state" and e.session_id is None for e in events)
     assert h.info().session_id is None
     assert math.isclose(h.info().created_at, time.time(), abs_tol=300)
+
+
+def test_a_local_session_write_waits_out_another_writer(start, state_dir):
+    import sqlite3
+
+    start(app)
+    db = app.session("waits").db
+    db["k"] = 0
+    other = sqlite3.connect(str(state_dir / "capsule.db"), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock, as the supervisor does in a turn
+    released = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    released.start()
+    try:
+        t0 = time.monotonic()
+        db["k"] = 1  # waits for the lock instead of failing with "database is locked"
+        assert db.increment("n") == 1
+        waited = time.monotonic() - t0
+    finally:
+        released.join(5)
+        other.close()
+    assert 0.25 <= waited < 5.0
+    assert db["k"] == 1 and app.session("waits").db["n"] == 1
