@@ -67,6 +67,7 @@ class Journal:
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._segment = self._open()
+        self._older: list[Segment] = []  # full segments still waiting for acks
         self._closed = False
         self.unacked_items = 0  # tasks written but not yet acknowledged, over every segment
 
@@ -90,7 +91,8 @@ class Journal:
                 raise OSError("the submit journal is closed")
             seg = self._segment
             if seg.pos >= SEGMENT_BYTES:
-                seg = self._segment = self._open()  # the old one is removed at its last ack
+                self._older.append(seg)  # removed at its last ack
+                seg = self._segment = self._open()
             record = _HEAD.pack(len(body), zlib.crc32(body), seg.epoch) + body
             written = os.pwrite(seg.fd, record, seg.pos)
             if written != len(record):
@@ -110,6 +112,7 @@ class Journal:
             if seg is self._segment:
                 seg.restart()
             else:
+                self._older.remove(seg)
                 self._remove(seg)
 
     def close(self) -> None:
@@ -119,7 +122,9 @@ class Journal:
             if self._closed:
                 return
             self._closed = True
-            self._remove(self._segment)
+            for seg in (*self._older, self._segment):
+                self._remove(seg)
+            self._older.clear()
 
     @staticmethod
     def _remove(seg: Segment) -> None:

@@ -846,7 +846,7 @@ class Supervisor:
                     log.warning("a submit in journal %s was not recorded: %s", path.name, exc)
             replayed.append(path)
         if replayed:
-            self.store.commit()  # recorded before the journals go
+            self._commit()  # recorded before the journals go
             self.store.begin()
             for path in replayed:
                 path.unlink(missing_ok=True)
