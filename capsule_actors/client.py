@@ -153,13 +153,13 @@ class Connection:
         """On the I/O thread: the supervisor recorded (or refused) a journaled submit."""
         if fut.exception() is not None:
             return  # the connection closed first: the record stays for the supervisor to replay
-        journal.acked(segment, n)
         (ok, body), _ = fut.result()
+        if ok:  # before the unacked count drops: may_journal (another thread) reads that count
+            self.room = body["room"]  # first, so it never pairs the new count with the old room
+        journal.acked(segment, n)
         for i, push in enumerate(pushes):
             if not ok or not body["items"][i][3]:  # refused, or held in the store only
                 self.discard(push)
-        if ok:
-            self.room = body["room"]
 
     def note_ack(self, name: str, body: dict[str, Any]) -> None:
         """A waited-for submit of ``name`` was accepted: it may be journaled from now on."""
