@@ -260,3 +260,27 @@ def test_a_refused_journaled_submit_raises_from_result_and_records_nothing(start
         assert not _journals(state_dir)  # the refusal was an answer: nothing left to replay
     finally:
         strict.max_payload_bytes = 2000
+
+
+def test_a_task_its_supervisor_lacks_fails_at_submit_every_time(start, tmp_path):
+    """Journaling starts only after the supervisor accepted a name, so a client whose code has a
+    task the running supervisor lacks gets UnknownTask from submit() itself, each time."""
+    rt = start(app)
+    log = tmp_path / "log"
+
+    async def newer(x: int) -> int:  # added to the client's app after its supervisor started
+        return x
+
+    late = app.task(name="late")(newer)
+    try:
+        assert record.submit(1, str(log)).result(timeout=30) == 1
+        assert record.submit(2, str(log))._ack is not None  # a known name is journaled
+        for _ in range(3):
+            with pytest.raises(cpsl.UnknownTask, match="late"):
+                late.submit(3)
+        with pytest.raises(cpsl.UnknownTask, match="late"):
+            late.map([(4,), (5,)])
+        assert sum(rt.status()["tasks"].values()) == 2  # nothing of "late" recorded
+        assert record.submit(6, str(log)).result(timeout=30) == 6  # serving on
+    finally:
+        del app.tasks["late"]
