@@ -315,6 +315,7 @@ class Run(Message):
     session_owner: str | None
     timeout: float | None
     crash: bool
+    held: bool  # a process actor runs another one first: it says Started when this one begins
 
 
 @_message(43)
@@ -338,6 +339,7 @@ class Done(Message):
     error_message: str
     traceback: str
     retryable: bool
+    began_next: str = ""  # a process actor: the held Run it begins now ("" if none)
 
     def check(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -345,6 +347,35 @@ class Done(Message):
 
 
 OUTCOMES = ("ok", "error", "cancelled", "timeout")
+
+
+@_message(56)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Started(Message):
+    """A process actor began a held Run (one sent while it ran another) that no Done announced
+    as ``began_next``: the supervisor then knows which attempt a crash, cancel or timeout hits."""
+
+    task_id: str
+    attempt: int
+
+
+@_message(57)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Withdraw(Message):
+    """Supervisor -> process actor: give back this held Run if it has not begun (another
+    process actor is idle); answered by Withdrawn, or by the Done/Started that says it began."""
+
+    task_id: str
+    attempt: int
+
+
+@_message(58)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Withdrawn(Message):
+    """A process actor gave back a held Run it had not begun: it will not run it."""
+
+    task_id: str
+    attempt: int
 
 
 @_message(45)

@@ -165,6 +165,11 @@ class Store:
                 self.add_event(row[0], row[4], "state", {"state": row[2], "attempt": 0, "name": row[1]})
         return new
 
+    def args(self, task_id: str) -> bytes:
+        """A task's pickled arguments: a process actor's Run leaves before its attempt starts."""
+        row = self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else b""
+
     def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
         """Record the attempt's start; return the task's pickled arguments (one statement)."""
         row = self.db.execute(

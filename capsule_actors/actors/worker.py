@@ -1,8 +1,11 @@
 """The actor program: connect to the supervisor, receive the registry, run attempts, report.
 
 A worker actor runs up to ``concurrency`` attempts at once on its asyncio loop (plain ``def``
-tasks in its thread pool). A process-isolated actor is the same program with concurrency 1: the
-supervisor kills and replaces it to cancel or time out its task, so a crash costs one task only.
+tasks in its thread pool). A process-isolated actor is the same program running one attempt at a
+time (``serial``): the supervisor sends it the next Run while one runs, so it starts the next task
+without waiting for a round trip. Each Done names the held Run that begins next (or a Started
+says so), so the supervisor kills and replaces it to cancel or time out exactly that task, and a
+crash costs that task only.
 """
 
 from __future__ import annotations
@@ -53,13 +56,17 @@ THREAD_POOL_SIZE = 32
 class WorkerActor:
     """Runs the attempts the supervisor sends and reports each one's outcome."""
 
-    def __init__(self, app: app_module.App, sock: zmq.asyncio.Socket, parent: int, max_payload: int) -> None:
+    def __init__(self, app: app_module.App, sock: zmq.asyncio.Socket, parent: int, max_payload: int,
+                 serial: bool = False) -> None:
         self.app = app
         self.sock = sock
         self.parent = parent
         self.max_payload = max_payload
         self.running: dict[str, asyncio.Task[None]] = {}
         self.cancelled: set[str] = set()
+        self.serial = asyncio.Lock() if serial else None  # a process actor: one body at a time, in Run order
+        self.began: set[str] = set()  # serial: attempts whose body started (Started sent)
+        self.dropped: set[str] = set()  # serial: held Runs given back at Stop (the supervisor requeues them)
         self.stopping = False
         self.idle = asyncio.Event()
         self.keys = KeyTable()
@@ -94,14 +101,38 @@ class WorkerActor:
                 if promoted is not None:
                     await self.sock.send_multipart([messages.Promote([promoted]).encode()])
             elif isinstance(msg, messages.CancelRun):
-                running = self.running.get(msg.task_id)
-                if running is not None:
-                    self.cancelled.add(msg.task_id)
-                    running.cancel()
+                self._cancel(msg)
+            elif isinstance(msg, messages.Withdraw):
+                self._withdraw(msg)
             elif isinstance(msg, messages.Stop):
-                self.stopping = True
-                if not self.running:
-                    self.idle.set()
+                self._stop()
+
+    def _cancel(self, msg: messages.CancelRun) -> None:
+        running = self.running.get(msg.task_id)
+        # A serial body that began cannot be stopped from here: the supervisor sees its Started
+        # after this cancel and kills the process.
+        if running is not None and not (self.serial is not None and msg.task_id in self.began):
+            self.cancelled.add(msg.task_id)
+            running.cancel()
+
+    def _withdraw(self, msg: messages.Withdraw) -> None:
+        """Give back a held Run that has not begun; one that began says so in its Done/Started."""
+        task = self.running.get(msg.task_id)
+        if self.serial is None or task is None or msg.task_id in self.began or msg.task_id in self.dropped:
+            return
+        self.dropped.add(msg.task_id)
+        task.cancel()
+        self.send([messages.Withdrawn(msg.task_id, msg.attempt).encode()])
+
+    def _stop(self) -> None:
+        self.stopping = True
+        if self.serial is not None:  # a held Run is not started now: give it back
+            for task_id, task in self.running.items():
+                if task_id not in self.began:
+                    self.dropped.add(task_id)
+                    task.cancel()
+        if not self.running:
+            self.idle.set()
 
     def send(self, frames: list[bytes]) -> None:
         """Queue a message without waiting; the socket keeps the order of calls."""
@@ -110,12 +141,18 @@ class WorkerActor:
     def _cancelled_before_start(self, run: messages.Run, task: asyncio.Task[None]) -> None:
         """A task cancelled before its first step never runs _execute's cleanup: report it here."""
         if task.cancelled() and self.running.get(run.task_id) is task:
-            del self.running[run.task_id]
-            self.cancelled.discard(run.task_id)
-            done = self._done(run, "cancelled", "TaskCancelled", "cancelled before it started")
-            self.send([done.encode(), b""])
-            if self.stopping and not self.running:
-                self.idle.set()
+            self._not_begun(run)
+
+    def _not_begun(self, run: messages.Run) -> None:
+        """An attempt cancelled before its body began: say so, unless it was given back at Stop."""
+        del self.running[run.task_id]
+        self.cancelled.discard(run.task_id)
+        if run.task_id in self.dropped:
+            self.dropped.discard(run.task_id)
+        else:
+            self.send([self._done(run, "cancelled", "TaskCancelled", "cancelled before it started").encode(), b""])
+        if self.stopping and not self.running:
+            self.idle.set()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -125,6 +162,15 @@ class WorkerActor:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _execute(self, run: messages.Run, payload: bytes) -> None:
+        if self.serial is not None:
+            try:
+                await self.serial.acquire()  # the attempt before it ends first
+            except asyncio.CancelledError:
+                self._not_begun(run)
+                return
+            if run.held and run.task_id not in self.began:  # no Done announced it as began_next
+                self.send([messages.Started(run.task_id, run.attempt).encode()])
+            self.began.add(run.task_id)
         if run.crash:
             os._exit(EXIT_INJECTED_CRASH)  # testing.crash_on_attempt asked for this attempt to die
         try:
@@ -132,9 +178,23 @@ class WorkerActor:
         finally:
             self.running.pop(run.task_id, None)
             self.cancelled.discard(run.task_id)
+            if self.serial is not None:
+                self.began.discard(run.task_id)
+                self.serial.release()
+        if self.serial is not None:
+            done = dataclasses.replace(done, began_next=self._next_to_begin())
         await self.sock.send_multipart([done.encode(), frame])
         if self.stopping and not self.running:
             self.idle.set()
+
+    def _next_to_begin(self) -> str:
+        """The held Run that begins once this Done is sent (the lock passes to it in Run order):
+        announced in the Done, so no Started message is needed for it."""
+        for task_id in self.running:
+            if task_id not in self.dropped and task_id not in self.cancelled:
+                self.began.add(task_id)
+                return task_id
+        return ""
 
     async def _attempt(self, run: messages.Run, payload: bytes) -> tuple[messages.Done, bytes]:
         task = self.app.get_task(run.name)
@@ -268,7 +328,7 @@ async def _serve(args: ActorArgs, app: app_module.App) -> None:
 
             await ClockActor(app, sock, welcome.config).serve()
         else:
-            actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes)
+            actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes, serial=args.role == "process")
             await actor.serve([(k, ids) for k, ids in welcome.config.get("keys", [])])
     finally:
         sock.close()

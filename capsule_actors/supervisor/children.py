@@ -21,6 +21,7 @@ ROLE_WORKER = "worker"
 ROLE_PROCESS = "process"
 ROLE_CLOCK = "clock"
 WORKER_CONCURRENCY = 100  # attempts one worker actor runs at once on its event loop
+PROCESS_PREFETCH = 1  # Runs a process actor holds beyond the one it runs: no idle gap between tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ChildSpec:
     shutdown_grace: float
     restart: str = "permanent"  # OTP: restart whatever the exit, unless we are stopping
     node: str | None = None  # the worker node it runs on; None: this host, forked by our template
+    max_tasks: int = 0  # a process actor is recycled after this many tasks (0: never)
 
     def __post_init__(self) -> None:
         if self.role not in (ROLE_WORKER, ROLE_PROCESS, ROLE_CLOCK):
@@ -86,7 +88,9 @@ class ActorProcess:
     ready: bool = False
     last_seen: float = 0.0
     stopping: bool = False  # recycled or being replaced on purpose: its exit is not a crash
-    running: dict[str, int] = dataclasses.field(default_factory=dict)  # task id -> attempt
+    running: dict[str, int] = dataclasses.field(default_factory=dict)  # task id -> attempt, in Run order
+    begun: set[str] = dataclasses.field(default_factory=set)  # a process actor's attempts it said it began
+    withdrawing: set[str] = dataclasses.field(default_factory=set)  # held Runs asked back (Withdraw sent)
     abandoned: set[str] = dataclasses.field(default_factory=set)  # cancelled, awaiting its Done
     admitting: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # Admit sent, no answer yet
     tasks_done: int = 0
@@ -97,7 +101,21 @@ class ActorProcess:
         return len(self.running) + len(self.abandoned)
 
     def has_room(self) -> bool:
-        return self.ready and not self.stopping and self.load < self.spec.concurrency
+        ahead = 0
+        if self.spec.role == ROLE_PROCESS and (not self.spec.max_tasks  # hold none it will not run
+                                               or self.tasks_done + self.load < self.spec.max_tasks):
+            ahead = PROCESS_PREFETCH
+        return self.ready and not self.stopping and self.load < self.spec.concurrency + ahead
+
+    def began(self, task_id: str) -> bool:
+        """Whether the attempt's body started: a worker actor starts each Run on arrival; a
+        process actor runs one at a time and says Started for each."""
+        return self.spec.role != ROLE_PROCESS or task_id in self.begun
+
+    @property
+    def busy(self) -> int:
+        """Attempts it is running (a process actor's held Run not counted)."""
+        return sum(1 for task_id in self.running if self.began(task_id))
 
 
 class ActorTemplate:
@@ -222,6 +240,7 @@ def actor_status(proc: ActorProcess | None, spec: ChildSpec, restarts: int, last
             rss = local_rss(proc.pid)
     return {
         "slot": spec.slot, "role": spec.role, "node": spec.node, "pid": proc.pid or None if proc else None,
-        "state": state, "restarts": restarts, "rss": rss if proc else None, "running": proc.load if proc else 0,
+        "state": state, "restarts": restarts, "rss": rss if proc else None, "running": proc.busy if proc else 0,
+        "held": len(proc.running) - proc.busy if proc else 0,
         "tasks_done": proc.tasks_done if proc else 0, "last_exit": last_exit, "keys": keys,
     }

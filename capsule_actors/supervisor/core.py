@@ -164,7 +164,8 @@ class Supervisor:
         n_workers = workers or app.workers or cpus
         n_process = process_workers or app.process_workers or cpus
         self.specs = [ChildSpec(f"w{i}", ROLE_WORKER, WORKER_CONCURRENCY, self.grace) for i in range(n_workers)]
-        self.specs += [ChildSpec(f"p{i}", ROLE_PROCESS, 1, self.grace) for i in range(n_process)]
+        self.specs += [ChildSpec(f"p{i}", ROLE_PROCESS, 1, self.grace, max_tasks=app.max_tasks_per_process or 0)
+                       for i in range(n_process)]
         self.specs.append(ChildSpec("c0", ROLE_CLOCK, 1, self.grace))
         self.wake_clock = False
         self.procs: dict[str, ActorProcess] = {}  # slot -> live incarnation
@@ -606,16 +607,7 @@ class Supervisor:
             abandoned = self.abandoned_keys.pop(task_id, None)
             if abandoned is not None:
                 self._release(abandoned)
-        for task_id, attempt in proc.running.items():
-            task = self.live.get(task_id)
-            if task is None or task.attempts != attempt or task.state != "RUNNING":
-                continue
-            if self.stopping:
-                self._requeue_unfinished(task)
-                continue
-            error = ("WorkerCrashed", f"actor {slot} (pid {proc.pid}) died with {cause} while running "
-                     f"attempt {attempt}", "")
-            self._end_attempt(task, "error", error, b"", self.app.tasks[task.name].retryable(WorkerCrashed))
+        self._settle_attempts(proc, cause)
         if self.stopping:
             return
         if proc.spec.node is not None and self.node_link.leaving(proc.spec.node):
@@ -711,6 +703,35 @@ class Supervisor:
     def _kill_all(self) -> None:
         for proc in self.procs.values():
             self._kill(proc)
+
+    def _settle_attempts(self, proc: ActorProcess, cause: str) -> None:
+        """The attempts a dead actor had: the ones it began crashed with it (or, when we are
+        stopping, run again at the next start); Runs it held but never began go back uncounted."""
+        began = [task_id for task_id in proc.running if proc.began(task_id)]
+        if proc.running and not began and not proc.stopping:  # its Started may have died with it
+            began = [next(iter(proc.running))]  # the Run it held first is the one it ran
+            self._mark_started(proc, began[0])
+        for task_id, attempt in reversed(list(proc.running.items())):
+            task = self.live.get(task_id)
+            if task is None or task.attempts != attempt or task.state != "RUNNING":
+                continue
+            if task_id not in began:
+                self._give_back(task)
+            elif self.stopping:
+                self._requeue_unfinished(task)
+            else:
+                error = ("WorkerCrashed", f"actor {proc.spec.slot} (pid {proc.pid}) died with {cause} "
+                         f"while running attempt {attempt}", "")
+                self._end_attempt(task, "error", error, b"", self.app.tasks[task.name].retryable(WorkerCrashed))
+
+    def _give_back(self, task: LiveTask) -> None:
+        """A Run a process actor held but never began: back to the head of its queue, uncounted
+        (its row still says QUEUED: an attempt is recorded only once Started)."""
+        task.attempts -= 1
+        task.state = "QUEUED"
+        task.actor = None
+        queue = self.slot_ready[task.owner] if task.owner else self.ready[self._role(task)]
+        queue.appendleft(task.id)
 
     def _requeue_unfinished(self, task: LiveTask) -> None:
         """A graceful stop ran out of time: the attempt does not count; run it at next start."""
@@ -1118,6 +1139,9 @@ class Supervisor:
         """Tasks per state, without scanning the table: live ones from memory, finished ones
         counted as they finish."""
         counts = collections.Counter(task.state for task in self.live.values() if task.state != "SCHEDULED")
+        held = sum(len(proc.running) - proc.busy for proc in self.procs.values())  # sent, not begun
+        counts["RUNNING"] -= held
+        counts["QUEUED"] += held
         counts["QUEUED"] += self.backlog
         counts.update(self.finished)
         counts["SCHEDULED"] = self.store.count_state("SCHEDULED")  # most of them live in the store only
@@ -1251,6 +1275,8 @@ class Supervisor:
         proc.last_seen = time.monotonic()
         if isinstance(msg, messages.Done):
             self._on_done(proc, msg, frames[2] if len(frames) > 2 else b"")
+        elif isinstance(msg, messages.Started | messages.Withdrawn) and proc.spec.role == ROLE_PROCESS:
+            self._on_held_run(proc, msg)
         elif isinstance(msg, messages.Emit):
             self._on_emit(proc, msg)
         elif isinstance(msg, messages.Admitted):
@@ -1325,6 +1351,11 @@ class Supervisor:
             self._announce_ready()
 
     def _on_done(self, proc: ActorProcess, msg: messages.Done, frame: bytes) -> None:
+        self._attempt_done(proc, msg, frame)
+        if msg.began_next:
+            self._begun(proc, msg.began_next, None)
+
+    def _attempt_done(self, proc: ActorProcess, msg: messages.Done, frame: bytes) -> None:
         proc.tasks_done += 1
         if msg.task_id in proc.abandoned:  # its key was kept until the body really stopped
             proc.abandoned.discard(msg.task_id)
@@ -1335,6 +1366,8 @@ class Supervisor:
         if proc.running.get(msg.task_id) != msg.attempt:
             return
         del proc.running[msg.task_id]
+        proc.begun.discard(msg.task_id)
+        proc.withdrawing.discard(msg.task_id)
         self._maybe_recycle(proc)
         task = self.live.get(msg.task_id)
         if task is None or task.attempts != msg.attempt or task.state != "RUNNING":
@@ -1342,9 +1375,65 @@ class Supervisor:
         error = (msg.error_type, msg.error_message, msg.traceback) if msg.outcome != "ok" else None
         self._end_attempt(task, msg.outcome, error, frame, msg.retryable)
 
+    def _begun(self, proc: ActorProcess, task_id: str, attempt: int | None) -> None:
+        """A process actor began a held Run (its Started, or the Done before it): record the
+        attempt's start, and start its timeout now."""
+        if task_id not in proc.running or attempt not in (None, proc.running[task_id]):
+            if task_id in proc.abandoned:  # cancelled while this news was on its way: stop the body
+                self._stop_process(proc)
+            return
+        task = self.live.get(task_id)
+        if task_id in proc.begun or task is None or task.state != "RUNNING":
+            return
+        self._mark_started(proc, task_id)
+        timeout = self.app.tasks[task.name].timeout
+        if timeout:
+            self._add_timer(timeout, self._process_timeout, task.id, task.attempts)
+
+    def _rebalance(self) -> int:
+        """Nothing queued but a process actor idle: ask back a Run another one holds behind a
+        running task, so a long task never keeps a short one waiting while a slot is free."""
+        idle = sum(1 for p in self.procs.values() if p.spec.role == ROLE_PROCESS and p.load == 0 and p.has_room())
+        asked = 0
+        for proc in self.procs.values():
+            if asked == idle:
+                break
+            if proc.spec.role != ROLE_PROCESS or len(proc.running) < 2:
+                continue
+            for task_id, attempt in proc.running.items():
+                task = self.live.get(task_id)
+                if (not proc.began(task_id) and task_id not in proc.withdrawing and task is not None
+                        and task.owner is None):  # a locked task belongs to its key's owner
+                    proc.withdrawing.add(task_id)
+                    self._send_actor(proc, messages.Withdraw(task_id, attempt).encode())
+                    asked += 1
+                    break
+        return asked
+
+    def _on_held_run(self, proc: ActorProcess, msg: messages.Started | messages.Withdrawn) -> None:
+        """A process actor began a held Run (Started), or gave it back (Withdrawn)."""
+        if isinstance(msg, messages.Started):
+            self._begun(proc, msg.task_id, msg.attempt)
+            return
+        proc.withdrawing.discard(msg.task_id)
+        if msg.task_id in proc.abandoned:  # cancelled meanwhile: this is the answer it waited for
+            proc.abandoned.discard(msg.task_id)
+            return
+        task = self.live.get(msg.task_id)
+        if proc.running.get(msg.task_id) != msg.attempt or proc.began(msg.task_id) or task is None:
+            return
+        del proc.running[msg.task_id]
+        self._give_back(task)
+
+    def _mark_started(self, proc: ActorProcess, task_id: str) -> None:
+        task = self.live[task_id]
+        proc.begun.add(task_id)
+        proc.withdrawing.discard(task_id)
+        self.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
+
     # ---- dispatch and outcomes ---------------------------------------------------------------
     def _dispatch(self) -> int:
-        """Start queued attempts on actors with room; return how many started."""
+        """Start queued attempts on actors with room; return how many messages that sent."""
         if self.stopping:
             return 0
         started = self.started_attempts
@@ -1366,7 +1455,8 @@ class Supervisor:
                     break
                 queue.popleft()
                 self._start_attempt(task, proc)
-        return self.started_attempts - started
+        withdrawn = 0 if self.ready[ROLE_PROCESS] else self._rebalance()
+        return self.started_attempts - started + withdrawn
 
     def _pick(self, role: str) -> ActorProcess | None:
         best = None
@@ -1381,15 +1471,22 @@ class Supervisor:
         task.attempts += 1
         task.state = "RUNNING"
         task.actor = proc
+        held = proc.spec.role == ROLE_PROCESS and proc.load > 0  # it runs this after the one it has
         proc.running[task.id] = task.attempts
-        # arguments live in the store only (RAM stays flat): the update that starts the attempt reads them
-        payload = self.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
+        # Arguments live in the store only (RAM stays flat): the update that starts the attempt
+        # reads them. A held Run's attempt is recorded when it begins (``_begun``).
+        if held:
+            payload = self.store.args(task.id)
+        else:
+            payload = self.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
+            if proc.spec.role == ROLE_PROCESS:
+                proc.begun.add(task.id)
         crash = task.attempts in self.crash_plan.get(task.name, ())
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
         run = messages.Run(task.id, task.attempts, task.name, task.session_id, task.session_owner,
-                           actor_timeout, crash)
+                           actor_timeout, crash, held)
         self._send_actor(proc, run.encode(), payload)
-        if spec.timeout and proc.spec.role == ROLE_PROCESS:
+        if spec.timeout and proc.spec.role == ROLE_PROCESS and not held:
             self._add_timer(spec.timeout, self._process_timeout, task.id, task.attempts)
 
     def _process_timeout(self, task_id: str, attempt: int) -> None:
@@ -1411,12 +1508,16 @@ class Supervisor:
         proc.abandoned.add(task.id)
         if task.lock_key is not None and proc.spec.role == ROLE_WORKER:
             self.abandoned_keys[task.id] = task
-        if proc.spec.role == ROLE_PROCESS:
-            proc.stopping = True
-            self._kill(proc, signal.SIGTERM)
-            self._add_timer(KILL_GRACE, self._kill_if_alive, proc)
-        else:
+        if proc.spec.role == ROLE_PROCESS and task.id in proc.begun:
+            self._stop_process(proc)
+        else:  # a process actor drops a Run it has not begun (or its Started comes and we kill it)
             self._send_actor(proc, messages.CancelRun(task.id, attempt).encode())
+
+    def _stop_process(self, proc: ActorProcess) -> None:
+        """Kill a process actor to stop the body it runs; the Run it holds is given back."""
+        proc.stopping = True
+        self._kill(proc, signal.SIGTERM)
+        self._add_timer(KILL_GRACE, self._kill_if_alive, proc)
 
     def _kill_if_alive(self, proc: ActorProcess) -> None:
         if self.procs.get(proc.spec.slot) is proc:

@@ -53,9 +53,11 @@ class RemoteNode:
                 "last_seen_ago": round(now - self.last_seen, 3), "slots": [s.slot for s in self.specs]}
 
 
-def node_specs(name: str, workers: int, process_workers: int, concurrency: int, grace: float) -> list[ChildSpec]:
+def node_specs(name: str, workers: int, process_workers: int, concurrency: int, grace: float,
+               max_tasks: int = 0) -> list[ChildSpec]:
     specs = [ChildSpec(f"{name}:w{i}", ROLE_WORKER, concurrency, grace, node=name) for i in range(workers)]
-    return specs + [ChildSpec(f"{name}:p{i}", ROLE_PROCESS, 1, grace, node=name) for i in range(process_workers)]
+    return specs + [ChildSpec(f"{name}:p{i}", ROLE_PROCESS, 1, grace, node=name, max_tasks=max_tasks)
+                    for i in range(process_workers)]
 
 
 def refusal(msg: messages.NodeHello, app: App) -> str | None:
@@ -163,7 +165,8 @@ class NodeLink:
             log.warning("refused worker node %r from %s: %s", msg.name, msg.host, why)
             self.send(ident, messages.NodeRefused(why, True))
             return
-        specs = node_specs(msg.name, msg.workers, msg.process_workers, WORKER_CONCURRENCY, sup.grace)
+        specs = node_specs(msg.name, msg.workers, msg.process_workers, WORKER_CONCURRENCY, sup.grace,
+                           sup.app.max_tasks_per_process or 0)
         node = RemoteNode(msg.name, ident, msg.host, msg.pid, specs)
         self.nodes[ident] = node
         for spec in specs:
