@@ -80,16 +80,18 @@ def test_a_held_run_waits_its_turn_and_counts_as_queued(start, tmp_path):
     first = gated.submit(str(gate), str(started))
     wait_until(started.exists)
     second = mark.submit(str(log))
-    wait_until(lambda: _held(rt) == {"p0": 1})  # sent ahead to the busy actor
-    assert rt.status()["tasks"] == {"RUNNING": 1, "QUEUED": 1}  # held is not running
+    third = mark.submit(str(log) + ".3")
+    wait_until(lambda: _held(rt) == {"p0": 2})  # sent ahead to the busy actor
+    assert rt.status()["tasks"] == {"RUNNING": 1, "QUEUED": 2}  # held is not running
     assert _actor(rt, "p0")["running"] == 1
-    info = second.info()
-    assert (info.state, info.attempts) == ("QUEUED", 0)  # no attempt until it begins
+    for h in (second, third):
+        info = h.info()
+        assert (info.state, info.attempts) == ("QUEUED", 0)  # no attempt until it begins
     assert not log.exists()
     gate.touch()
     pid = first.result(timeout=30)
-    assert second.result(timeout=30) == pid  # the same process, right after
-    assert second.info().attempts == 1 and _runs(log) == [pid]
+    assert second.result(timeout=30) == third.result(timeout=30) == pid  # the same process, right after
+    assert second.info().attempts == third.info().attempts == 1 and _runs(log) == [pid]
 
 
 def test_cancelling_a_held_run_leaves_the_running_task_alone(start, tmp_path):

@@ -21,7 +21,7 @@ ROLE_WORKER = "worker"
 ROLE_PROCESS = "process"
 ROLE_CLOCK = "clock"
 WORKER_CONCURRENCY = 100  # attempts one worker actor runs at once on its event loop
-PROCESS_PREFETCH = 1  # Runs a process actor holds beyond the one it runs: no idle gap between tasks
+PROCESS_PREFETCH = 2  # Runs a busy process actor holds: no idle gap between tasks (1 left gaps with no-ops)
 
 
 @dataclasses.dataclass(frozen=True)
