@@ -13,7 +13,7 @@ import pytest
 from conftest import wait_until
 
 import capsule_actors as cpsl
-from capsule_actors.supervisor.core import QUEUE_WINDOW
+from capsule_actors.supervisor.intake import QUEUE_WINDOW
 
 app = cpsl.App("backlog", max_queued=1_000_000)
 N = QUEUE_WINDOW * 5 // 2

@@ -46,4 +46,4 @@ def test_profile_dir_profiles_the_supervisor_and_each_actor(start, tmp_path, mon
     assert {"supervisor", "w0"} <= names
     [sup] = tmp_path.glob(f"supervisor.{rt.pid}.prof")
     functions = {f[2] for f in pstats.Stats(str(sup)).stats}  # type: ignore[attr-defined]
-    assert "_on_submit" in functions and "_dispatch" in functions
+    assert "on_submit" in functions and "dispatch" in functions

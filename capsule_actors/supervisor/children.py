@@ -13,13 +13,25 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from .. import messages
+from ..transport import DB_FILE, pid_alive
+
+if TYPE_CHECKING:
+    from .core import Supervisor
 
 log = logging.getLogger("capsule_actors.supervisor")
 
 ROLE_WORKER = "worker"
 ROLE_PROCESS = "process"
 ROLE_CLOCK = "clock"
+HEARTBEAT_TIMEOUT = 15.0  # an actor silent this long is hung: kill and restart it
+HEARTBEAT_CHECK = 1.0
+SPAWN_TIMEOUT = 30.0  # a node's actor that has not said hello this long after its Spawn is replaced
+MEMORY_CHECK = 1.0  # how often a running process actor's RSS is compared with max_process_memory_mb
 WORKER_CONCURRENCY = 100  # attempts one worker actor runs at once on its event loop
 PROCESS_PREFETCH = 2  # Runs a busy process actor holds: no idle gap between tasks (1 left gaps with no-ops)
 
@@ -244,3 +256,228 @@ def actor_status(proc: ActorProcess | None, spec: ChildSpec, restarts: int, last
         "held": len(proc.running) - proc.busy if proc else 0,
         "tasks_done": proc.tasks_done if proc else 0, "last_exit": last_exit, "keys": keys,
     }
+
+
+class Children:
+    """Supervises the actor processes: the fork template, spawns, exits and restarts (with
+    restart intensity), heartbeats, memory and task-count recycling, and the stop protocol.
+    The process table (``procs`` …) stays on the ``Supervisor``."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def kill_actor(self, proc: ActorProcess, sig: int = signal.SIGKILL) -> None:
+        """Signal an actor: ours by pid, a node's through its node."""
+        if proc.spec.node is None:
+            kill(proc, sig)
+            return
+        node = self.sup.node_link.get(proc.spec.node)
+        if node is not None:
+            self.sup.node_link.send(node.identity, messages.Kill(proc.spec.slot, proc.gen, sig))
+
+    def on_signals(self) -> None:
+        try:
+            data = self.sup.sig_r.recv(4096)
+        except BlockingIOError:
+            return
+        sigs = set(data)
+        if signal.SIGCHLD in sigs:
+            self.reap()
+        if sigs & {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}:
+            self.begin_stop()
+
+    def reap(self) -> None:
+        """SIGCHLD: our only child is the template (actors are its children; it reports them)."""
+        sup = self.sup
+        template = sup.template
+        if template is None or template.alive():
+            return
+        log.error("the actor template (pid %d) died with %s; its actors die with it",
+                  template.pid, exit_cause(template.popen.returncode))
+        self.on_template_events()
+        sup.poller.unregister(template.fd)
+        template.close(0)
+        sup.template = None
+        for proc in list(sup.procs.values()):
+            if proc.spec.node is None:  # a node's actors are its template's children, not ours
+                self.on_exit(proc, -signal.SIGKILL)
+        if not sup.stopping:
+            delay = sup.template_intensity.next_delay(time.monotonic())
+            sup.add_timer(delay, self.start_template)
+
+    def start_template(self) -> None:
+        sup = self.sup
+        if sup.template is None and not sup.stopping:
+            sup.template = ActorTemplate(sup.registry, sys.path)
+            sup.poller.register(sup.template.fd, zmq.POLLIN)
+
+    def on_template_events(self) -> None:
+        sup = self.sup
+        # restarting a slot forks at once and may read more events: loop until none is left
+        while sup.template is not None:
+            events = sup.template.events()
+            if not events:
+                return
+            for event in events:
+                by_pid = {proc.pid: proc for proc in sup.procs.values() if proc.spec.node is None}
+                proc = by_pid.get(event.get("pid", -1))
+                if event.get("op") == "exit" and proc is not None:
+                    self.on_exit(proc, event["code"])
+
+    def start_actor(self, spec: ChildSpec) -> None:
+        sup = self.sup
+        if sup.stopping or spec.slot in sup.procs:
+            return
+        sup.backoff_until[spec.slot] = None
+        if spec.node is not None:  # the node forks it; it says Hello on the TCP socket
+            node = sup.node_link.get(spec.node)
+            if node is None or node.leaving or spec not in node.specs:
+                return
+            gen, now = next(sup.gens), time.monotonic()
+            remote = ActorProcess(spec, gen, 0, now, f"{spec.slot}.{gen}".encode(), last_seen=now)
+            sup.procs[spec.slot] = remote
+            sup.by_identity[remote.identity] = remote
+            sup.node_link.send(node.identity, messages.Spawn(spec.slot, gen, spec.role))
+            return
+        proc = None
+        if sup.template is not None:
+            proc = sup.template.spawn(spec, next(sup.gens), sup.actor_addr, sup.server_public,
+                                           str(sup.state_dir))
+        if proc is None:  # no template right now: try again once it is back
+            sup.add_timer(0.2, self.start_actor, spec)
+            return
+        sup.procs[spec.slot] = proc
+        sup.by_identity[proc.identity] = proc
+
+    def on_exit(self, proc: ActorProcess, code: int, cause: str | None = None) -> None:
+        sup = self.sup
+        slot = proc.spec.slot
+        del sup.procs[slot]
+        sup.by_identity.pop(proc.identity, None)
+        cause = cause or exit_cause(code)
+        sup.last_exit[slot] = cause
+        for item in proc.admitting.values():  # resent to the key's owner (this slot's next incarnation)
+            sup.keys.admit(item)
+        for task_id in proc.abandoned:  # its body died with it: the key is free
+            abandoned = sup.abandoned_keys.pop(task_id, None)
+            if abandoned is not None:
+                sup.keys.release(abandoned)
+        sup.attempts.settle(proc, cause)
+        if sup.stopping:
+            return
+        if proc.spec.node is not None and sup.node_link.leaving(proc.spec.node):
+            node = sup.node_link.get(proc.spec.node)  # leaving (forgotten once its last actor is gone) or lost
+            if node is not None and not any(s.slot in sup.procs for s in node.specs):
+                sup.node_link.forget(node)
+            return
+        deliberate = proc.stopping  # recycled by us (hard cancel, timeout): not a crash
+        if not deliberate:
+            sup.restarts[slot] += 1
+            log.warning("actor %s (pid %d) exited with %s; restarting", slot, proc.pid, cause)
+        delay = 0.0 if deliberate else sup.intensity[slot].next_delay(time.monotonic())
+        if delay:
+            log.error("actor %s restarted more than %d times in %.0f s; next restart in %.1f s",
+                      slot, sup.app.max_restarts, sup.app.restart_window, delay)
+            sup.backoff_until[slot] = time.time() + delay
+            sup.add_timer(delay, self.start_actor, proc.spec)
+        else:
+            self.start_actor(proc.spec)
+
+    def check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for proc in list(self.sup.procs.values()):
+            if proc.spec.node is not None:  # a node's actor: its node reports exits, or is lost
+                if not proc.ready and now - proc.started > SPAWN_TIMEOUT:
+                    self.kill_actor(proc)
+                    self.on_exit(proc, -signal.SIGKILL, f"did not say hello within {SPAWN_TIMEOUT:.0f} s")
+                elif proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
+                    log.error("actor %s sent no heartbeat for %.0f s; killing it", proc.spec.slot,
+                              now - proc.last_seen)
+                    self.kill_actor(proc)
+                continue
+            if not pid_alive(proc.pid):  # its exit report never came: never leave a dead slot
+                proc.missing_checks += 1
+                if proc.missing_checks >= 2:
+                    log.error("actor %s (pid %d) is gone but its exit was not reported; restarting it",
+                              proc.spec.slot, proc.pid)
+                    self.on_exit(proc, -signal.SIGKILL)
+                continue
+            if proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
+                log.error("actor %s (pid %d) sent no heartbeat for %.0f s; killing it",
+                          proc.spec.slot, proc.pid, now - proc.last_seen)
+                self.kill_actor(proc)
+        self.sup.add_timer(HEARTBEAT_CHECK, self.check_heartbeats)
+
+    def check_memory(self) -> None:
+        for proc in list(self.sup.procs.values()):
+            if proc.running:
+                self.maybe_recycle(proc)
+        self.sup.add_timer(MEMORY_CHECK, self.check_memory)
+
+    def maybe_recycle(self, proc: ActorProcess) -> None:
+        """Replace a process actor after max_tasks_per_process tasks or past max_process_memory_mb.
+        The recycle is graceful: the attempt it is running finishes first, nothing is lost."""
+        sup = self.sup
+        if proc.spec.role != ROLE_PROCESS or proc.stopping or not proc.ready:
+            return
+        reason = None
+        max_tasks, max_mb = sup.app.max_tasks_per_process, sup.app.max_process_memory_mb
+        if max_tasks and proc.tasks_done >= max_tasks:
+            reason = f"it ran {proc.tasks_done} tasks (max_tasks_per_process={max_tasks})"
+        elif max_mb:
+            rss = self.rss_of(proc)
+            if rss is None:
+                return
+            if rss > max_mb * 2**20:
+                reason = f"its RSS is {rss / 2**20:.0f} MB (max_process_memory_mb={max_mb})"
+        if reason:
+            log.info("recycling actor %s (pid %d): %s", proc.spec.slot, proc.pid, reason)
+            proc.stopping = True
+            sup.send_actor(proc, messages.Stop(sup.grace).encode())
+
+    def rss_of(self, proc: ActorProcess) -> int | None:
+        if proc.spec.node is None:
+            return local_rss(proc.pid)
+        node = self.sup.node_link.get(proc.spec.node)
+        return node.rss.get(proc.spec.slot) if node is not None else None
+
+    def begin_stop(self) -> None:
+        sup = self.sup
+        if sup.stopping:
+            log.warning("second stop signal: killing the actors now")
+            self.kill_all()
+            return
+        log.info("stopping: running tasks get %.1f s to finish", sup.grace)
+        sup.stopping = True
+        for proc in sup.procs.values():
+            proc.stopping = True
+            if proc.ready:
+                sup.send_actor(proc, messages.Stop(sup.grace).encode())
+            else:
+                self.kill_actor(proc)
+        sup.add_timer(sup.grace, self.kill_all)
+
+    def kill_all(self) -> None:
+        for proc in self.sup.procs.values():
+            self.kill_actor(proc)
+
+    def on_hello(self, proc: ActorProcess) -> None:
+        """Welcome the actor with the registry and the live keys of its slot (read from the
+        store), then the admission requests that waited for it."""
+        sup = self.sup
+        proc.ready = True
+        slot = proc.spec.slot
+        config: dict[str, Any] = {"state_dir": str(sup.state_dir), "concurrency": proc.spec.concurrency}
+        if proc.spec.role == ROLE_CLOCK:
+            config.update(schedules=sup.store.schedule_marks(), db=str(sup.state_dir / DB_FILE))
+            sup.wake_clock = False
+        else:
+            config["keys"] = sup.keys.key_rows().get(slot, [])
+        if proc.spec.node is not None:
+            config.update(state_dir="", node=proc.spec.node)
+        sup.send_actor(proc, messages.Welcome(config).encode())
+        waiting, sup.pending_admits[slot] = sup.pending_admits.get(slot, []), []
+        for item in waiting:
+            sup.keys.admit(item)
+        if all(p.ready for p in sup.procs.values()) and len(sup.procs) == len(sup.specs):
+            sup._announce_ready()

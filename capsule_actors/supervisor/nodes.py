@@ -139,7 +139,7 @@ class NodeLink:
                 proc.pid = msg.pid
         elif isinstance(msg, messages.Exited):
             if proc is not None:
-                self.sup._on_exit(proc, msg.code)
+                self.sup.children.on_exit(proc, msg.code)
         elif isinstance(msg, messages.NodeBye):
             self._on_bye(node, msg.grace)
         else:
@@ -180,8 +180,8 @@ class NodeLink:
                  msg.pid, msg.workers, msg.process_workers)
         self.send(ident, messages.NodeWelcome(self._config(node)))
         for spec in specs:
-            sup._start_actor(spec)
-        sup._pools_changed()
+            sup.children.start_actor(spec)
+        sup.keys.pools_changed()
 
     @staticmethod
     def _config(node: RemoteNode) -> dict[str, Any]:
@@ -200,12 +200,12 @@ class NodeLink:
                 continue
             proc.stopping = True
             if proc.ready:
-                sup._send_actor(proc, messages.Stop(min(grace, sup.grace)).encode())
+                sup.send_actor(proc, messages.Stop(min(grace, sup.grace)).encode())
             else:
-                sup._kill(proc)
+                sup.children.kill_actor(proc)
         if not any(s.slot in sup.procs for s in node.specs):
             self.forget(node)
-        sup._pools_changed()
+        sup.keys.pools_changed()
 
     def check(self) -> None:
         """Timer: a node silent for NODE_LOSS is lost."""
@@ -213,7 +213,7 @@ class NodeLink:
         for node in list(self.nodes.values()):
             if now - node.last_seen > NODE_LOSS:
                 self.lose(node, f"the loss of node {node.name} (nothing heard for {now - node.last_seen:.1f} s)")
-        self.sup._add_timer(NODE_CHECK, self.check)
+        self.sup.add_timer(NODE_CHECK, self.check)
 
     def lose(self, node: RemoteNode, cause: str) -> None:
         """Its lease ran out (it fenced its actors): their attempts end with WorkerCrashed and are
@@ -223,8 +223,8 @@ class NodeLink:
         for spec in node.specs:
             proc = self.sup.procs.get(spec.slot)
             if proc is not None:
-                self.sup._on_exit(proc, -signal.SIGKILL, cause)
-        self.sup._pools_changed()
+                self.sup.children.on_exit(proc, -signal.SIGKILL, cause)
+        self.sup.keys.pools_changed()
 
     def forget(self, node: RemoteNode) -> None:
         self.nodes.pop(node.identity, None)
