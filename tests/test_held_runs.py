@@ -182,3 +182,21 @@ def test_an_actor_recycled_while_holding_a_run_gives_it_back(start, tmp_path):
     assert pid != big_pid
     assert held.info().attempts == 1 and _runs(log) == [pid]
     assert _actor(rt, "p0")["restarts"] == 0
+
+
+def test_a_graceful_stop_gives_held_runs_back_for_the_next_start(start, tmp_path):
+    """Stop while a process actor runs one task past the grace and holds another: neither
+    attempt counts, and the next start runs each once."""
+    rt = start(app, process_workers=1, grace=0.5)
+    gate, started, log = tmp_path / "gate", tmp_path / "started", tmp_path / "log"
+    first = gated.submit(str(gate), str(started))
+    wait_until(started.exists)
+    held = mark.submit(str(log))
+    wait_until(lambda: _held(rt) == {"p0": 1})
+    rt.stop()  # the running one is killed at the grace and re-queued; the held one is given back
+    assert not log.exists()
+    gate.touch()
+    start(app, process_workers=1)  # the same state directory
+    pid = first.result(timeout=30)
+    assert held.result(timeout=30) == pid
+    assert first.info().attempts == held.info().attempts == 1 and _runs(log) == [pid]
