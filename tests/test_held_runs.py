@@ -74,6 +74,18 @@ def _runs(log: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()] if log.exists() else []
 
 
+def _hold_one(rt: cpsl.Runtime, running: cpsl.Task, tmp_path: Path
+              ) -> tuple[cpsl.TaskHandle, int, cpsl.TaskHandle, Path, Path]:
+    """``running`` (a gated task) on p0, then a ``mark`` held behind it: (handle, its pid, held
+    handle, gate, the held task's log)."""
+    gate, started, log = tmp_path / "gate", tmp_path / "started", tmp_path / "log"
+    first = running.submit(str(gate), str(started))
+    wait_until(started.exists)
+    held = mark.submit(str(log))
+    wait_until(lambda: _held(rt) == {"p0": 1})
+    return first, int(started.read_text()), held, gate, log
+
+
 def test_a_held_run_waits_its_turn_and_counts_as_queued(start, tmp_path):
     rt = start(app, process_workers=1)
     gate, started, log = tmp_path / "gate", tmp_path / "started", tmp_path / "log"
@@ -96,12 +108,7 @@ def test_a_held_run_waits_its_turn_and_counts_as_queued(start, tmp_path):
 
 def test_cancelling_a_held_run_leaves_the_running_task_alone(start, tmp_path):
     rt = start(app, process_workers=1)
-    gate, started, log = tmp_path / "gate", tmp_path / "started", tmp_path / "log"
-    first = gated.submit(str(gate), str(started))
-    wait_until(started.exists)
-    pid = int(started.read_text())
-    held = mark.submit(str(log))
-    wait_until(lambda: _held(rt) == {"p0": 1})
+    first, pid, held, gate, log = _hold_one(rt, gated, tmp_path)
     assert held.cancel()
     with pytest.raises(cpsl.TaskCancelled):
         held.result(timeout=10)
@@ -115,12 +122,7 @@ def test_cancelling_a_held_run_leaves_the_running_task_alone(start, tmp_path):
 
 def test_a_crash_charges_the_running_task_not_the_held_one(start, tmp_path):
     rt = start(app, process_workers=1)
-    gate, started, log = tmp_path / "gate", tmp_path / "started", tmp_path / "log"
-    doomed = crashes_at_gate.submit(str(gate), str(started))
-    wait_until(started.exists)
-    crashed_pid = int(started.read_text())
-    held = mark.submit(str(log))
-    wait_until(lambda: _held(rt) == {"p0": 1})
+    doomed, crashed_pid, held, gate, log = _hold_one(rt, crashes_at_gate, tmp_path)
     gate.touch()
     with pytest.raises(cpsl.WorkerCrashed):
         doomed.result(timeout=30)
@@ -188,11 +190,7 @@ def test_a_graceful_stop_gives_held_runs_back_for_the_next_start(start, tmp_path
     """Stop while a process actor runs one task past the grace and holds another: neither
     attempt counts, and the next start runs each once."""
     rt = start(app, process_workers=1, grace=0.5)
-    gate, started, log = tmp_path / "gate", tmp_path / "started", tmp_path / "log"
-    first = gated.submit(str(gate), str(started))
-    wait_until(started.exists)
-    held = mark.submit(str(log))
-    wait_until(lambda: _held(rt) == {"p0": 1})
+    first, _, held, gate, log = _hold_one(rt, gated, tmp_path)
     rt.stop()  # the running one is killed at the grace and re-queued; the held one is given back
     assert not log.exists()
     gate.touch()
@@ -200,3 +198,23 @@ def test_a_graceful_stop_gives_held_runs_back_for_the_next_start(start, tmp_path
     pid = first.result(timeout=30)
     assert held.result(timeout=30) == pid
     assert first.info().attempts == held.info().attempts == 1 and _runs(log) == [pid]
+
+
+budgeted = cpsl.App("held-budget", max_tasks_per_process=2)
+budgeted_gated = budgeted.task(process=True, name="gated")(gated.fn)
+budgeted_mark = budgeted.task(process=True, name="mark")(mark.fn)
+
+
+def test_no_process_runs_more_than_max_tasks_per_process_with_runs_held(start, tmp_path):
+    """SPEC: recycled after max_tasks_per_process tasks. A process is never sent, ahead, a Run
+    it would have to run past that count."""
+    start(budgeted, process_workers=1)
+    gate, started, log = tmp_path / "gate", tmp_path / "started", tmp_path / "log"
+    first = budgeted_gated.submit(str(gate), str(started))
+    wait_until(started.exists)
+    rest = [budgeted_mark.submit(str(log)) for _ in range(5)]
+    gate.touch()
+    pids = [first.result(timeout=30)] + [h.result(timeout=30) for h in rest]
+    assert max(pids.count(pid) for pid in set(pids)) == 2, pids
+    assert sorted(_runs(log)) == sorted(pids[1:])  # each ran once
+

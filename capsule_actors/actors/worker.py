@@ -65,7 +65,7 @@ class WorkerActor:
         self.running: dict[str, asyncio.Task[None]] = {}
         self.cancelled: set[str] = set()
         self.serial = asyncio.Lock() if serial else None  # a process actor: one body at a time, in Run order
-        self.began: set[str] = set()  # serial: attempts whose body started (Started sent)
+        self.began: set[str] = set()  # serial: attempts begun or announced as a Done's began_next
         self.dropped: set[str] = set()  # serial: held Runs given back at Stop (the supervisor requeues them)
         self.stopping = False
         self.idle = asyncio.Event()

@@ -114,13 +114,14 @@ class Attempts:
         """Nothing queued but a process actor idle: ask back a Run another one holds behind a
         running task, so a long task never keeps a short one waiting while a slot is free."""
         sup = self.sup
+        holders = [p for p in sup.procs.values() if p.spec.role == ROLE_PROCESS and len(p.running) > 1]
+        if not holders:  # the common case, checked first: this runs on every turn
+            return 0
         idle = sum(1 for p in sup.procs.values() if p.spec.role == ROLE_PROCESS and p.load == 0 and p.has_room())
         asked = 0
-        for proc in sup.procs.values():
+        for proc in holders:
             if asked == idle:
                 break
-            if proc.spec.role != ROLE_PROCESS or len(proc.running) < 2:
-                continue
             for task_id, attempt in proc.running.items():
                 task = sup.live.get(task_id)
                 if (not proc.began(task_id) and task_id not in proc.withdrawing and task is not None
@@ -196,7 +197,7 @@ class Attempts:
         held = proc.spec.role == ROLE_PROCESS and proc.load > 0  # it runs this after the one it has
         proc.running[task.id] = task.attempts
         # Arguments live in the store only (RAM stays flat): the update that starts the attempt
-        # reads them. A held Run's attempt is recorded when it begins (``_begun``).
+        # reads them. A held Run's attempt is recorded when it begins (``begun``).
         if held:
             payload = sup.store.args(task.id)
         else:

@@ -147,7 +147,7 @@ class Supervisor:
         self.requests = ClientRequests(self)  # every other client request
         self.children = Children(self)  # the actor processes: spawns, exits, restarts, recycling
         # Unlocked QUEUED tasks beyond QUEUE_WINDOW stay in the store only: all of them have a
-        # rowid above backlog_after, and _page_in loads them in submit order as the queue drains.
+        # rowid above backlog_after, and Intake.page_in loads them in submit order as the queue drains.
         self.backlog = 0
         self.backlog_after = 0
         self.rekeying = False  # the pools changed: admissions wait until every owner has the new keys
