@@ -30,6 +30,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "int | None": (int, _NONE),
 }
 
+# The version of the messages between the supervisor, its actors and its worker nodes, raised
+# whenever one of them changes: a node of another version is refused at its hello, instead of
+# joining and having its actors' messages dropped as malformed. 1: before held Runs (Started,
+# Withdraw, Withdrawn, Run.held, Done.began_next); 2: with them.
+PROTOCOL = 2
+
 M = TypeVar("M", bound="Message")
 _BY_OP: dict[int, type[Message]] = {}
 
@@ -61,8 +67,7 @@ def _message(op: int):  # type: ignore[no-untyped-def]
     return register
 
 
-def decode(raw: bytes, max_len: int = 1 << 20) -> Message:
-    """Decode and validate one header; raise ProtocolError naming what is wrong."""
+def _items(raw: bytes, max_len: int) -> list[Any]:
     if len(raw) > max_len:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {max_len}")
     try:
@@ -71,6 +76,20 @@ def decode(raw: bytes, max_len: int = 1 << 20) -> Message:
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(items, list) or not items or type(items[0]) is not int:
         raise ProtocolError("header must be a msgpack array starting with an int op code")
+    return items
+
+
+def op_code(raw: bytes, max_len: int = 1 << 20) -> int | None:
+    """The op code of a header that :func:`decode` refused (say, one from another version)."""
+    try:
+        return int(_items(raw, max_len)[0])
+    except ProtocolError:
+        return None
+
+
+def decode(raw: bytes, max_len: int = 1 << 20) -> Message:
+    """Decode and validate one header; raise ProtocolError naming what is wrong."""
+    items = _items(raw, max_len)
     cls = _BY_OP.get(items[0])
     if cls is None:
         raise ProtocolError(f"unknown op code {items[0]!r}")
@@ -518,6 +537,7 @@ class NodeHello(Message):
     process_workers: int
     host: str
     pid: int
+    protocol: int  # PROTOCOL of the node's capsule_actors
 
     def check(self) -> None:
         _check_str_list("NodeHello.tasks", self.tasks)

@@ -80,6 +80,7 @@ class WorkerNode:
         self.sock: zmq.Socket | None = None  # type: ignore[type-arg]
         self.joined = False
         self.hello_at = 0.0
+        self.unanswered = False  # a hello went unanswered since the last join (warned once)
         self.lease = 0.0  # seconds, from NodeWelcome
         self.lease_until = 0.0
         self.next_ping = 0.0
@@ -157,6 +158,13 @@ class WorkerNode:
         if self.joined and now > self.lease_until:
             self._fence(f"no Lease from the supervisor for {now - self.lease_until + self.lease:.1f} s")
         elif self.sock is not None and not self.joined and now - self.hello_at > HELLO_RETRY:
+            if not self.unanswered:  # once until it joins: a supervisor that is down says nothing either
+                from . import __version__
+
+                log.warning("node %s: no answer to its hello from %s in %.0f s; trying again (is the supervisor "
+                            "up, does it authorize this key, and does it run capsule_actors %s?)", self.name,
+                            self.endpoint.address, HELLO_RETRY, __version__)
+            self.unanswered = True
             self._close_socket()  # no answer: try again with a fresh connection
         if self.stopping and (not self.actors or now > self.stop_deadline):
             if self.actors:
@@ -206,7 +214,7 @@ class WorkerNode:
         self.hello_at = time.monotonic()
         tasks = sorted(self.app.tasks)
         sock.send_multipart([messages.NodeHello(self.name, self.app.name, tasks, self.workers, self.process_workers,
-                                                socket.gethostname(), os.getpid()).encode()])
+                                                socket.gethostname(), os.getpid(), messages.PROTOCOL).encode()])
 
     def _close_socket(self) -> None:
         if self.sock is not None:
@@ -250,6 +258,7 @@ class WorkerNode:
         elif isinstance(msg, messages.NodeWelcome):
             if not self.joined:
                 self.joined = True
+                self.unanswered = False
                 self.lease = float(msg.config["lease"])
                 self._renew(self.hello_at + self.lease)
                 self.next_ping = 0.0

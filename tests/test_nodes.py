@@ -24,12 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil
 import pytest
+import zmq
 from conftest import ROOT, cli, kill_tree, spawn_cli, wait_running, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import messages
+from capsule_actors.transport import NODE_PREFIX, RemoteEndpoint, connect
 
 MODULE = '''
 import asyncio, os, time, uuid
@@ -470,11 +473,46 @@ def test_a_node_with_other_code_a_taken_name_or_an_unknown_key_is_refused(cluste
     while time.monotonic() < deadline:
         assert stranger.poll() is None and {n["name"] for n in cluster.status()["nodes"]} == {"n1"}
         time.sleep(0.2)
+    stranger.terminate()
+    assert b"no answer to its hello" in stranger.communicate(timeout=30)[1]  # says what may be wrong
 
     bad = cli("worker", "nodes_mod:app", "--connect", cluster.address, "--key", str(cluster.keys / "n1.key_secret"),
               "--name", "no spaces", cwd=cluster.root)
     assert bad.returncode == 1 and "node name 'no spaces'" in bad.stderr
     assert cluster.supervisor.poll() is None and cluster.mod.where.submit().result(timeout=30) in (None, "n1")
+
+
+def test_a_node_of_another_protocol_version_is_refused_at_its_hello_and_told_why(cluster):
+    cluster.start_supervisor()
+    keys = RemoteEndpoint.with_keys(cluster.address, cluster.keys / "n1.key_secret")
+    ctx = zmq.Context()
+
+    def hello(fields: list[Any]) -> messages.Message:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.identity = NODE_PREFIX + f"n1/{os.getpid()}{len(fields)}".encode()
+        connect(sock, keys.address, keys.server_public, (keys.client_public, keys.client_secret))
+        try:
+            sock.send(msgpack.packb([messages.NodeHello.OP, *fields]))
+            assert sock.poll(20_000), "no answer to the hello"
+            return messages.decode(sock.recv_multipart()[0])
+        finally:
+            sock.close(0)
+
+    try:
+        fields = ["n1", cluster.mod.app.name, sorted(cluster.mod.app.tasks), 1, 0, "elsewhere", 4242]
+        before = hello(fields)  # a node from before the protocol field: its hello has one field less
+        older = hello([*fields, messages.PROTOCOL - 1])
+    finally:
+        ctx.term()
+    for refused, theirs in ((before, "another version"), (older, f"protocol {messages.PROTOCOL - 1}")):
+        assert isinstance(refused, messages.NodeRefused) and refused.fatal, refused
+        assert theirs in refused.reason and f"speaks protocol {messages.PROTOCOL}" in refused.reason
+        assert "install the same capsule_actors version" in refused.reason
+    assert cluster.status()["nodes"] == []  # neither joined
+    cluster.start_node("n1")  # this version's node joins, and the supervisor serves
+    cluster.wait_nodes("n1")
+    assert cluster.mod.where.submit().result(timeout=30) in (None, "n1")
 
 
 # ---- key ownership moving -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import messages
 from ..app import App
 from ..errors import ProtocolError
-from ..transport import NODE_NAME_PATTERN
+from ..transport import NODE_NAME_PATTERN, NODE_PREFIX
 from .children import ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ChildSpec, RestartIntensity
 
 if TYPE_CHECKING:
@@ -60,8 +60,18 @@ def node_specs(name: str, workers: int, process_workers: int, concurrency: int, 
                     for i in range(process_workers)]
 
 
+def other_version(node: str, theirs: str) -> str:
+    from .. import __version__
+
+    return (f"node {node} speaks {theirs} of the actor protocol; this supervisor speaks protocol "
+            f"{messages.PROTOCOL} (capsule_actors {__version__}): install the same capsule_actors "
+            f"version on the node and the supervisor")
+
+
 def refusal(msg: messages.NodeHello, app: App) -> str | None:
-    """Why this node cannot join (its name, app or sizes), or None when it can."""
+    """Why this node cannot join (its version, name, app or sizes), or None when it can."""
+    if msg.protocol != messages.PROTOCOL:
+        return other_version(repr(msg.name), f"protocol {msg.protocol}")
     if not re.fullmatch(NODE_NAME_PATTERN, msg.name):
         return f"node name {msg.name!r} is not valid: use letters, digits, '_', '.', '-'"
     if msg.app != app.name:
@@ -118,7 +128,18 @@ class NodeLink:
             self.send(ident, messages.NodeRefused("the supervisor stopped", False))
 
     def on_message(self, frames: Frames) -> None:
-        ident, msg = frames[0], messages.decode(frames[1] if len(frames) > 1 else b"")
+        ident, raw = frames[0], frames[1] if len(frames) > 1 else b""
+        try:
+            msg = messages.decode(raw)
+        except ProtocolError as exc:
+            if messages.op_code(raw) != messages.NodeHello.OP:
+                raise
+            # a hello we cannot read: most likely a node of another version, so say why it cannot join
+            why = other_version(repr(ident[len(NODE_PREFIX):].split(b"/")[0].decode(errors="replace")),
+                                f"another version ({exc})")
+            log.warning("refused a worker node: %s", why)
+            self.send(ident, messages.NodeRefused(why, True))
+            return
         if isinstance(msg, messages.NodeHello):
             self._on_hello(ident, msg)
             return
