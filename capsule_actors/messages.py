@@ -87,6 +87,27 @@ def op_code(raw: bytes, max_len: int = 1 << 20) -> int | None:
         return None
 
 
+def version_hint() -> str:
+    """What to do about a peer whose messages this version cannot read (or that cannot read ours)."""
+    from . import __version__
+
+    return (f"this supervisor speaks protocol {PROTOCOL} (capsule_actors {__version__}): install the same "
+            f"capsule_actors version on every machine that talks to it")
+
+
+def request_id(raw: bytes, max_len: int = 1 << 20) -> int | None:
+    """The ``req`` of a client request that :func:`decode` refused, when it can still be read,
+    so the client gets an error instead of waiting for an answer that never comes."""
+    try:
+        items = _items(raw, max_len)
+    except ProtocolError:
+        return None
+    cls = _BY_OP.get(items[0])
+    if cls is None or not cls._CHECKS or cls._CHECKS[0][0] != "req" or len(items) < 2:
+        return None
+    return items[1] if type(items[1]) is int else None
+
+
 def decode(raw: bytes, max_len: int = 1 << 20) -> Message:
     """Decode and validate one header; raise ProtocolError naming what is wrong."""
     items = _items(raw, max_len)

@@ -234,6 +234,30 @@ def test_headers_are_validated_before_payloads(start, state_dir, tmp_path):
     assert add.submit(20, 22).result(timeout=30) == 42
 
 
+def test_a_request_from_another_version_gets_an_error_naming_the_versions(start, state_dir, tmp_path):
+    start(app)
+    info = read_runtime_file(state_dir)
+    assert info is not None
+    marker = tmp_path / "unpickled-by"
+    evil = pickle.dumps(WritesPidWhenUnpickled(marker), protocol=5)
+    task_id = new_task_id()
+    # a Submit with a field this version does not know, and a Wait with one missing
+    newer = msgpack.packb([messages.Submit.OP, 8, [[task_id, "add", None, None, None, None]], [], False, "extra"])
+    older = msgpack.packb([messages.Wait.OP, 9])
+    with RawDealer(info.client) as raw:
+        raw.send([newer, evil])
+        raw.send([older])
+        for req in (8, 9):
+            reply, _ = raw.reply_to(req, timeout=10)
+            assert not reply.ok and reply.body[0] == "ProtocolError", reply
+            assert "fields" in reply.body[1] and f"speaks protocol {messages.PROTOCOL}" in reply.body[1]
+            assert f"capsule_actors {cpsl.__version__}" in reply.body[1]
+    assert not marker.exists()  # refused on its header alone
+    with pytest.raises(cpsl.UnknownTask):
+        cpsl.TaskHandle(app, task_id, "add").info()
+    assert add.submit(1, 2).result(timeout=30) == 3
+
+
 def test_supervisor_never_unpickles_a_payload(start, state_dir, tmp_path):
     rt = start(app)
     info = read_runtime_file(state_dir)

@@ -61,11 +61,7 @@ def node_specs(name: str, workers: int, process_workers: int, concurrency: int, 
 
 
 def other_version(node: str, theirs: str) -> str:
-    from .. import __version__
-
-    return (f"node {node} speaks {theirs} of the actor protocol; this supervisor speaks protocol "
-            f"{messages.PROTOCOL} (capsule_actors {__version__}): install the same capsule_actors "
-            f"version on the node and the supervisor")
+    return f"node {node} speaks {theirs} of the actor protocol; {messages.version_hint()}"
 
 
 def refusal(msg: messages.NodeHello, app: App) -> str | None:

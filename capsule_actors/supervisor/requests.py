@@ -52,7 +52,15 @@ class ClientRequests:
         sup = self.sup
         if len(frames) < 2:
             raise ProtocolError("client message without a header frame")
-        ident, msg, payload = frames[0], messages.decode(frames[1]), frames[2:]
+        ident, payload = frames[0], frames[2:]
+        try:
+            msg = messages.decode(frames[1])
+        except ProtocolError as exc:  # answered when it says which request it is: e.g. another version
+            req = messages.request_id(frames[1])
+            if req is not None:
+                sup.error_reply(ident, req, ProtocolError(f"the supervisor cannot read this request: {exc}; "
+                                                          f"{messages.version_hint()}"))
+            raise
         handler = self.handlers.get(type(msg))
         if handler is None:
             raise ProtocolError(f"{type(msg).__name__} is not a client request")
