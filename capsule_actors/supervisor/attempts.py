@@ -1,11 +1,13 @@
 """Attempts: dispatch queued tasks to actors with room, start them, and settle how each ends
 (result, error and retry, timeout, cancel, crash), including a process actor's held Runs.
 
-State (queues, live tasks, actor processes) stays on the ``Supervisor``; this is behaviour.
+The queues, live tasks and actor processes it reads stay on the ``Supervisor`` (every part uses
+them); its own counters and the crash plan of tests are here.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import time
@@ -29,6 +31,9 @@ class Attempts:
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        self.started_attempts = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # tasks ended, by state
+        self.crash_plan: dict[str, set[int]] = {}  # task id -> attempts to crash (tests: InjectCrash)
 
     def settle(self, proc: ActorProcess, cause: str) -> None:
         """The attempts a dead actor had: the ones it began crashed with it (or, when we are
@@ -158,7 +163,7 @@ class Attempts:
         sup = self.sup
         if sup.stopping:
             return 0
-        started = sup.started_attempts
+        started = self.started_attempts
         sup.intake.page_in()
         for slot, queue in sup.slot_ready.items():
             proc = sup.procs.get(slot)
@@ -178,7 +183,7 @@ class Attempts:
                 queue.popleft()
                 self.start(task, proc)
         withdrawn = 0 if sup.ready[ROLE_PROCESS] else self.rebalance()
-        return sup.started_attempts - started + withdrawn
+        return self.started_attempts - started + withdrawn
 
     def pick(self, role: str) -> ActorProcess | None:
         best = None
@@ -190,7 +195,7 @@ class Attempts:
     def start(self, task: LiveTask, proc: ActorProcess) -> None:
         sup = self.sup
         spec = sup.app.tasks[task.name]
-        sup.started_attempts += 1
+        self.started_attempts += 1
         task.attempts += 1
         task.state = "RUNNING"
         task.actor = proc
@@ -204,7 +209,7 @@ class Attempts:
             payload = sup.store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
             if proc.spec.role == ROLE_PROCESS:
                 proc.begun.add(task.id)
-        crash = task.attempts in sup.crash_plan.get(task.name, ())
+        crash = task.attempts in self.crash_plan.get(task.name, ())
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
         run = messages.Run(task.id, task.attempts, task.name, task.session_id, task.session_owner,
                            actor_timeout, crash, held)
@@ -268,13 +273,13 @@ class Attempts:
     def finish(self, task: LiveTask, state: str, result: bytes, error: tuple[str, str, str] | None) -> None:
         sup = self.sup
         sup.store.finish(task.id, task.session_id, state, result or None, error, time.time())
-        sup.finished[state] += 1
+        self.finished[state] += 1
         sup.live.pop(task.id, None)
         task.state = state
         if task.lock_key is not None and task.id not in sup.abandoned_keys:
             sup.keys.release(task)  # else: when its abandoned attempt reports, or its actor is replaced
         body = [state, *(error or (None, None, None))]
         for ident, req in task.waiters:
-            sup.waiter_index.pop((ident, req), None)
+            sup.requests.waiter_index.pop((ident, req), None)
             sup.reply(ident, req, True, body, [result or b""])
         task.waiters.clear()

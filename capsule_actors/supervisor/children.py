@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -76,6 +77,16 @@ class RestartIntensity:
             return 0.0
         self._over += 1
         return float(min(self.max_delay, self.base_delay * 2 ** (self._over - 1)))
+
+
+@dataclasses.dataclass
+class SlotRecord:
+    """What the supervisor keeps about a slot across its incarnations (for restarts and status)."""
+
+    intensity: RestartIntensity
+    restarts: int = 0  # crashes (not deliberate replacements)
+    last_exit: str | None = None
+    backoff_until: float | None = None  # wall time of a restart delayed by the restart intensity
 
 
 def exit_cause(returncode: int) -> str:
@@ -242,29 +253,45 @@ def local_rss(pid: int) -> int | None:
         return None
 
 
-def actor_status(proc: ActorProcess | None, spec: ChildSpec, restarts: int, last_exit: str | None,
-                 backoff_until: float | None, keys: int = 0, rss: int | None = None) -> dict[str, Any]:
+def actor_status(proc: ActorProcess | None, spec: ChildSpec, record: SlotRecord, keys: int = 0,
+                 rss: int | None = None) -> dict[str, Any]:
     """One row of ``capsule-actors status`` (``rss``: what a worker node reported for it)."""
-    state = "restarting" if backoff_until else "down"
+    state = "restarting" if record.backoff_until else "down"
     if proc is not None:
         state = "stopping" if proc.stopping else ("ready" if proc.ready else "starting")
         if spec.node is None:
             rss = local_rss(proc.pid)
     return {
         "slot": spec.slot, "role": spec.role, "node": spec.node, "pid": proc.pid or None if proc else None,
-        "state": state, "restarts": restarts, "rss": rss if proc else None, "running": proc.busy if proc else 0,
-        "held": len(proc.running) - proc.busy if proc else 0,
-        "tasks_done": proc.tasks_done if proc else 0, "last_exit": last_exit, "keys": keys,
+        "state": state, "restarts": record.restarts, "rss": rss if proc else None,
+        "running": proc.busy if proc else 0, "held": len(proc.running) - proc.busy if proc else 0,
+        "tasks_done": proc.tasks_done if proc else 0, "last_exit": record.last_exit, "keys": keys,
     }
 
 
 class Children:
     """Supervises the actor processes: the fork template, spawns, exits and restarts (with
     restart intensity), heartbeats, memory and task-count recycling, and the stop protocol.
-    The process table (``procs`` …) stays on the ``Supervisor``."""
+    The table of live incarnations (``Supervisor.procs``) is read by every part, so it stays there."""
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        self.template: ActorTemplate | None = None
+        self.template_intensity = RestartIntensity(sup.app.max_restarts, sup.app.restart_window)
+        self.gens = itertools.count(1)  # incarnation numbers: a message from a buried one is ignored
+        self.by_identity: dict[bytes, ActorProcess] = {}  # the actors' ZeroMQ routing ids
+        self.slots: dict[str, SlotRecord] = {}
+        for spec in sup.specs:
+            self.add_slot(spec)
+
+    def add_slot(self, spec: ChildSpec) -> None:
+        """A slot to supervise (a worker node's slots when it joins; kept when it rejoins)."""
+        record = self.slots.get(spec.slot)
+        if record is None:
+            app = self.sup.app
+            self.slots[spec.slot] = SlotRecord(RestartIntensity(app.max_restarts, app.restart_window))
+        else:
+            record.backoff_until = None
 
     def kill_actor(self, proc: ActorProcess, sig: int = signal.SIGKILL) -> None:
         """Signal an actor: ours by pid, a node's through its node."""
@@ -289,7 +316,7 @@ class Children:
     def reap(self) -> None:
         """SIGCHLD: our only child is the template (actors are its children; it reports them)."""
         sup = self.sup
-        template = sup.template
+        template = self.template
         if template is None or template.alive():
             return
         log.error("the actor template (pid %d) died with %s; its actors die with it",
@@ -297,25 +324,25 @@ class Children:
         self.on_template_events()
         sup.poller.unregister(template.fd)
         template.close(0)
-        sup.template = None
+        self.template = None
         for proc in list(sup.procs.values()):
             if proc.spec.node is None:  # a node's actors are its template's children, not ours
                 self.on_exit(proc, -signal.SIGKILL)
         if not sup.stopping:
-            delay = sup.template_intensity.next_delay(time.monotonic())
+            delay = self.template_intensity.next_delay(time.monotonic())
             sup.add_timer(delay, self.start_template)
 
     def start_template(self) -> None:
         sup = self.sup
-        if sup.template is None and not sup.stopping:
-            sup.template = ActorTemplate(sup.registry, sys.path)
-            sup.poller.register(sup.template.fd, zmq.POLLIN)
+        if self.template is None and not sup.stopping:
+            self.template = ActorTemplate(sup.registry, sys.path)
+            sup.poller.register(self.template.fd, zmq.POLLIN)
 
     def on_template_events(self) -> None:
         sup = self.sup
         # restarting a slot forks at once and may read more events: loop until none is left
-        while sup.template is not None:
-            events = sup.template.events()
+        while self.template is not None:
+            events = self.template.events()
             if not events:
                 return
             for event in events:
@@ -328,34 +355,35 @@ class Children:
         sup = self.sup
         if sup.stopping or spec.slot in sup.procs:
             return
-        sup.backoff_until[spec.slot] = None
+        self.slots[spec.slot].backoff_until = None
         if spec.node is not None:  # the node forks it; it says Hello on the TCP socket
             node = sup.node_link.get(spec.node)
             if node is None or node.leaving or spec not in node.specs:
                 return
-            gen, now = next(sup.gens), time.monotonic()
+            gen, now = next(self.gens), time.monotonic()
             remote = ActorProcess(spec, gen, 0, now, f"{spec.slot}.{gen}".encode(), last_seen=now)
             sup.procs[spec.slot] = remote
-            sup.by_identity[remote.identity] = remote
+            self.by_identity[remote.identity] = remote
             sup.node_link.send(node.identity, messages.Spawn(spec.slot, gen, spec.role))
             return
         proc = None
-        if sup.template is not None:
-            proc = sup.template.spawn(spec, next(sup.gens), sup.actor_addr, sup.server_public,
+        if self.template is not None:
+            proc = self.template.spawn(spec, next(self.gens), sup.actor_addr, sup.server_public,
                                            str(sup.state_dir))
         if proc is None:  # no template right now: try again once it is back
             sup.add_timer(0.2, self.start_actor, spec)
             return
         sup.procs[spec.slot] = proc
-        sup.by_identity[proc.identity] = proc
+        self.by_identity[proc.identity] = proc
 
     def on_exit(self, proc: ActorProcess, code: int, cause: str | None = None) -> None:
         sup = self.sup
         slot = proc.spec.slot
         del sup.procs[slot]
-        sup.by_identity.pop(proc.identity, None)
+        self.by_identity.pop(proc.identity, None)
         cause = cause or exit_cause(code)
-        sup.last_exit[slot] = cause
+        record = self.slots[slot]
+        record.last_exit = cause
         for item in proc.admitting.values():  # resent to the key's owner (this slot's next incarnation)
             sup.keys.admit(item)
         for task_id in proc.abandoned:  # its body died with it: the key is free
@@ -372,13 +400,13 @@ class Children:
             return
         deliberate = proc.stopping  # recycled by us (hard cancel, timeout): not a crash
         if not deliberate:
-            sup.restarts[slot] += 1
+            record.restarts += 1
             log.warning("actor %s (pid %d) exited with %s; restarting", slot, proc.pid, cause)
-        delay = 0.0 if deliberate else sup.intensity[slot].next_delay(time.monotonic())
+        delay = 0.0 if deliberate else record.intensity.next_delay(time.monotonic())
         if delay:
             log.error("actor %s restarted more than %d times in %.0f s; next restart in %.1f s",
                       slot, sup.app.max_restarts, sup.app.restart_window, delay)
-            sup.backoff_until[slot] = time.time() + delay
+            record.backoff_until = time.time() + delay
             sup.add_timer(delay, self.start_actor, proc.spec)
         else:
             self.start_actor(proc.spec)
@@ -476,7 +504,7 @@ class Children:
         if proc.spec.node is not None:
             config.update(state_dir="", node=proc.spec.node)
         sup.send_actor(proc, messages.Welcome(config).encode())
-        waiting, sup.pending_admits[slot] = sup.pending_admits.get(slot, []), []
+        waiting, sup.keys.pending_admits[slot] = sup.keys.pending_admits.get(slot, []), []
         for item in waiting:
             sup.keys.admit(item)
         if all(p.ready for p in sup.procs.values()) and len(sup.procs) == len(sup.specs):

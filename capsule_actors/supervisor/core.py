@@ -63,14 +63,12 @@ from .children import (
     ROLE_WORKER,
     WORKER_CONCURRENCY,
     ActorProcess,
-    ActorTemplate,
     Children,
     ChildSpec,
-    RestartIntensity,
 )
 from .intake import Intake
 from .keys import KeyRouting
-from .live import LiveTask, PendingSubmit
+from .live import LiveTask
 from .nodes import NODE_CHECK, NODE_LOSS, NodeLink
 from .requests import ClientRequests
 from .router import owner
@@ -111,47 +109,25 @@ class Supervisor:
         self.specs.append(ChildSpec("c0", ROLE_CLOCK, 1, self.grace))
         self.wake_clock = False
         self.procs: dict[str, ActorProcess] = {}  # slot -> live incarnation
-        self.by_identity: dict[bytes, ActorProcess] = {}
-        self.intensity = {s.slot: RestartIntensity(app.max_restarts, app.restart_window) for s in self.specs}
-        self.template_intensity = RestartIntensity(app.max_restarts, app.restart_window)
-        self.template: ActorTemplate | None = None
-        self.restarts = dict.fromkeys((s.slot for s in self.specs), 0)
-        self.last_exit: dict[str, str | None] = dict.fromkeys(s.slot for s in self.specs)
-        self.backoff_until: dict[str, float | None] = dict.fromkeys(s.slot for s in self.specs)
-        self.gens = itertools.count(1)
         self.live: dict[str, LiveTask] = {}
         self.ready = {ROLE_WORKER: collections.deque[str](), ROLE_PROCESS: collections.deque[str]()}
         self.pools = {role: [s.slot for s in self.specs if s.role == role] for role in self.ready}
         self.slot_ready = {s.slot: collections.deque[str]() for s in self.specs}  # locked tasks
-        self.pending_admits: dict[str, list[list[str]]] = {s.slot: [] for s in self.specs}
-        self.admissions: dict[str, tuple[PendingSubmit, int, tuple[Any, ...]]] = {}
         self.abandoned_keys: dict[str, LiveTask] = {}  # cancelled/timed-out locked tasks still unwinding
-        self.waiter_index: dict[tuple[bytes, int], str] = {}
-        # long polls of h.events() ("t", task id) and app.subscribe() ("s", session id)
-        self.event_waiters: dict[tuple[str, str], list[tuple[bytes, int, int]]] = {}
-        self.crash_plan: dict[str, set[int]] = {}
         self.timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self.timer_seq = itertools.count()
         self.outbox: list[tuple[zmq.Socket, Frames]] = []  # type: ignore[type-arg]
         self.after_commit: list[tuple[zmq.Socket, Frames]] = []  # type: ignore[type-arg]  # journaled acks
         self.stopping = False
-        self.started_attempts = 0
-        self.finished: collections.Counter[str] = collections.Counter()
-        self.parked: dict[str, list[tuple[bytes, int]]] = {}  # waits on tasks held in the store only
         self.lazy_commit_at: float | None = None
         self.node_link = NodeLink(self)  # worker nodes on other machines
-        # behaviour by role, each part in its own module; the state above stays here
+        # behaviour by role, each part in its own module with the state only it keeps; the state
+        # above is read and written by several parts
         self.intake = Intake(self)  # submits, journals, firings, the backlog
         self.keys = KeyRouting(self)  # lock-key admissions and re-keying
         self.attempts = Attempts(self)  # dispatch and outcomes
         self.requests = ClientRequests(self)  # every other client request
         self.children = Children(self)  # the actor processes: spawns, exits, restarts, recycling
-        # Unlocked QUEUED tasks beyond QUEUE_WINDOW stay in the store only: all of them have a
-        # rowid above backlog_after, and Intake.page_in loads them in submit order as the queue drains.
-        self.backlog = 0
-        self.backlog_after = 0
-        self.rekeying = False  # the pools changed: admissions wait until every owner has the new keys
-        self.held_admits: list[list[str]] = []
         self.started_at = time.time()
         self.announced_ready = False
         self.dropped = 0
@@ -174,7 +150,7 @@ class Supervisor:
             self._recover()
             self.intake.replay_journals()
             self.store.commit()
-            self.finished = collections.Counter(
+            self.attempts.finished = collections.Counter(
                 {k: v for k, v in self.store.counts().items() if k in ("SUCCEEDED", "FAILED", "CANCELLED")})
             self.children.start_template()
             for spec in self.specs:
@@ -285,8 +261,8 @@ class Supervisor:
         for proc in list(self.procs.values()):
             self.children.kill_actor(proc)
         self.node_link.stop()
-        if self.template is not None:
-            self.template.close()
+        if self.children.template is not None:
+            self.children.template.close()
         if hasattr(self, "store"):
             try:
                 self.commit()
@@ -339,7 +315,7 @@ class Supervisor:
         # clock's wake-up): everything acknowledged is durable. A turn with nothing to say (say,
         # results nobody waits for) leaves its writes to the next commit, at most LAZY_COMMIT away.
         lazy_due = self.lazy_commit_at is not None and time.monotonic() >= self.lazy_commit_at
-        if self.outbox or self.wake_clock or self.event_waiters or self.stopping or lazy_due:
+        if self.outbox or self.wake_clock or self.requests.event_waiters or self.stopping or lazy_due:
             self._commit_and_send()
         elif self.lazy_commit_at is None and self.store.dirty():
             self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
@@ -366,7 +342,8 @@ class Supervisor:
         """Everything that is waiting: signals, child exits, messages, due timers."""
         if self.sig_r.fileno() in ready:
             self.children.on_signals()
-        if self.template is not None and (self.template.fd in ready or self.template.pending()):
+        template = self.children.template
+        if template is not None and (template.fd in ready or template.pending()):
             self.children.on_template_events()
         if self.actor_sock in ready:
             self._drain(self.actor_sock, self._on_actor)
@@ -375,7 +352,7 @@ class Supervisor:
         if self.remote_sock is not None and self.remote_sock in ready:
             self._drain(self.remote_sock, self._on_remote)
         self._run_timers()
-        if self.rekeying:
+        if self.keys.rekeying:
             self.keys.finish_rekey()
 
     def commit(self) -> None:
@@ -447,7 +424,7 @@ class Supervisor:
 
     def _on_remote(self, frames: Frames) -> None:
         """The TCP socket carries remote clients, worker nodes and the nodes' actors."""
-        proc = self.by_identity.get(frames[0])
+        proc = self.children.by_identity.get(frames[0])
         if proc is not None and proc.spec.node is not None:
             self._on_actor(frames)
         elif frames[0].startswith(NODE_PREFIX):
@@ -532,7 +509,7 @@ class Supervisor:
     def _on_actor(self, frames: Frames) -> None:
         if len(frames) < 2:
             raise ProtocolError("actor message without a header frame")
-        proc = self.by_identity.get(frames[0])
+        proc = self.children.by_identity.get(frames[0])
         if proc is None:
             return  # an incarnation we already buried
         msg = messages.decode(frames[1])

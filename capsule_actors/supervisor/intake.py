@@ -30,6 +30,10 @@ class Intake:
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        # Unlocked QUEUED tasks beyond QUEUE_WINDOW stay in the store only: all of them have a
+        # rowid above backlog_after, and page_in loads them in submit order as the queue drains.
+        self.backlog = 0
+        self.backlog_after = 0
 
     def on_submit(self, ident: bytes, msg: messages.Submit, payload: Frames) -> None:
         sup = self.sup
@@ -39,9 +43,9 @@ class Intake:
             sup.app.get_task(item[1])
             if len(frame) > sup.app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
-        if not msg.journaled and len(sup.live) + sup.backlog + len(msg.items) > sup.app.max_queued:
+        if not msg.journaled and len(sup.live) + self.backlog + len(msg.items) > sup.app.max_queued:
             raise Backpressure(
-                f"{len(sup.live) + sup.backlog} tasks are queued, scheduled or running and this submit adds "
+                f"{len(sup.live) + self.backlog} tasks are queued, scheduled or running and this submit adds "
                 f"{len(msg.items)}: over max_queued={sup.app.max_queued}; retry later or raise App(max_queued=...)")
         self.submit(PendingSubmit(ident, msg.req, len(msg.items), push=msg.push, journaled=msg.journaled),
                     msg.items, payload)
@@ -59,7 +63,7 @@ class Intake:
                 rows.append(row)  # unlocked, or a resent submit that is already recorded
                 continue
             pending.remaining += 1
-            sup.admissions[task_id] = (pending, i, row)
+            sup.keys.admissions[task_id] = (pending, i, row)
             sup.keys.admit([task_id, lock_key, sup.app.tasks[name].on_conflict])
         self.record(rows, None, False)
         if not pending.remaining:
@@ -101,11 +105,11 @@ class Intake:
             task = sup.live.get(result[0])
             if push_req is not None and task is not None and not result[2]:  # as if Wait(push_req, id) came now
                 task.waiters.append((pending.ident, push_req))
-                sup.waiter_index[(pending.ident, push_req)] = task.id
+                sup.requests.waiter_index[(pending.ident, push_req)] = task.id
                 result.append(True)
             else:  # rejected, or in the store only (backlog, delayed): nothing kept in RAM for it
                 result.append(False)
-        room = max(0, sup.app.max_queued - len(sup.live) - sup.backlog)
+        room = max(0, sup.app.max_queued - len(sup.live) - self.backlog)
         sup.reply(pending.ident, pending.req, True, {"items": pending.results, "room": room},
                   outbox=sup.after_commit if pending.journaled else sup.outbox)
 
@@ -129,35 +133,35 @@ class Intake:
         """Leave a new unlocked QUEUED task in the store only when the in-memory queue is full
         (or a backlog is already waiting: submit order is kept). True when it was left there."""
         sup = self.sup
-        if not sup.backlog and len(sup.ready[ROLE_WORKER]) + len(sup.ready[ROLE_PROCESS]) < QUEUE_WINDOW:
+        if not self.backlog and len(sup.ready[ROLE_WORKER]) + len(sup.ready[ROLE_PROCESS]) < QUEUE_WINDOW:
             return False
-        if not sup.backlog:
-            sup.backlog_after = rowid - 1
-        sup.backlog += 1
+        if not self.backlog:
+            self.backlog_after = rowid - 1
+        self.backlog += 1
         return True
 
     def page_in(self) -> None:
         """Load the oldest backlog tasks once the in-memory queue is half empty."""
         sup = self.sup
         queued = len(sup.ready[ROLE_WORKER]) + len(sup.ready[ROLE_PROCESS])
-        if not sup.backlog or queued > QUEUE_WINDOW // 2:
+        if not self.backlog or queued > QUEUE_WINDOW // 2:
             return
         limit = QUEUE_WINDOW - queued
-        rows = sup.store.backlog_rows(sup.backlog_after, limit)
+        rows = sup.store.backlog_rows(self.backlog_after, limit)
         for row in rows:
-            sup.backlog_after = row["rowid"]
+            self.backlog_after = row["rowid"]
             if row["id"] in sup.live:  # e.g. a delayed task that came due: it is already here
                 continue
-            sup.backlog -= 1
+            self.backlog -= 1
             self.load(row, "QUEUED")
             sup.due(row["id"])
         if len(rows) < limit:
-            sup.backlog = 0
+            self.backlog = 0
 
     def load(self, row: Any, state: str) -> LiveTask:
         task = LiveTask(row["id"], row["name"], state, row["attempts"], None, row["session_id"],
                         row["session_owner"], run_at=row["run_at"])
-        task.waiters = self.sup.parked.pop(task.id, [])
+        task.waiters = self.sup.requests.parked.pop(task.id, [])
         self.sup.live[task.id] = task
         return task
 
@@ -171,7 +175,7 @@ class Intake:
         if row is None or row["state"] not in ("SCHEDULED", "QUEUED") or row["lock_key"] is not None:
             return None
         if row["state"] == "QUEUED":
-            sup.backlog -= 1
+            self.backlog -= 1
         return self.load(row, row["state"])
 
     def on_fire(self, msg: messages.Fire) -> None:

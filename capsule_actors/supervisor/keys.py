@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import messages
 from .children import ROLE_CLOCK, ActorProcess
-from .live import LiveTask
+from .live import LiveTask, PendingSubmit
 
 if TYPE_CHECKING:
     from .core import Supervisor
@@ -24,21 +24,25 @@ class KeyRouting:
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        self.admissions: dict[str, tuple[PendingSubmit, int, tuple[Any, ...]]] = {}  # task id -> its submit
+        self.pending_admits: dict[str, list[list[str]]] = {}  # slot -> admissions waiting for its actor
+        self.rekeying = False  # the pools changed: admissions wait until every owner has the new keys
+        self.held_admits: list[list[str]] = []  # admissions that came during a re-keying
 
     def admit(self, item: list[str]) -> None:
         """Ask the key's owner actor to decide ``[task_id, key, policy]``; hold the request while
         that actor is down, or while the pools are being re-keyed."""
         sup = self.sup
-        entry = sup.admissions.get(item[0])
+        entry = self.admissions.get(item[0])
         if entry is None:
             return  # decided already
-        if sup.rekeying:
-            sup.held_admits.append(item)
+        if self.rekeying:
+            self.held_admits.append(item)
             return
         slot = sup.owner_of(entry[2][1], item[1])
         proc = sup.procs.get(slot)
         if proc is None or not proc.ready:
-            sup.pending_admits.setdefault(slot, []).append(item)
+            self.pending_admits.setdefault(slot, []).append(item)
             return
         proc.admitting[item[0]] = item
         sup.send_actor(proc, messages.Admit([item]).encode())
@@ -48,7 +52,7 @@ class KeyRouting:
         for task_id, verdict, holder in msg.decisions:
             if proc.admitting.pop(task_id, None) is None:
                 continue
-            entry = sup.admissions.pop(task_id, None)
+            entry = self.admissions.pop(task_id, None)
             if entry is None:
                 continue
             pending, i, row = entry
@@ -100,19 +104,19 @@ class KeyRouting:
         if pools == sup.pools:
             return
         sup.pools = pools
-        sup.rekeying = True
+        self.rekeying = True
         self.finish_rekey()
 
     def finish_rekey(self) -> None:
         sup = self.sup
         if any(proc.admitting for proc in sup.procs.values()):
             return  # wait for the answers: they were decided under the old owners
-        sup.rekeying = False
-        held = [item for items in sup.pending_admits.values() for item in items] + sup.held_admits
-        sup.held_admits = []
+        self.rekeying = False
+        held = [item for items in self.pending_admits.values() for item in items] + self.held_admits
+        self.held_admits = []
         queued = [task_id for queue in sup.slot_ready.values() for task_id in queue]
         slots = {s.slot for s in sup.all_specs()}
-        sup.pending_admits = {slot: [] for slot in slots}
+        self.pending_admits = {slot: [] for slot in slots}
         sup.slot_ready = {slot: collections.deque() for slot in slots}
         for task in itertools.chain(sup.live.values(), sup.abandoned_keys.values()):
             if task.lock_key is not None:

@@ -20,7 +20,7 @@ from .. import messages
 from ..app import App
 from ..errors import ProtocolError
 from ..transport import NODE_NAME_PATTERN, NODE_PREFIX
-from .children import ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ChildSpec, RestartIntensity
+from .children import ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ChildSpec
 
 if TYPE_CHECKING:
     from .core import Frames, Supervisor
@@ -187,11 +187,7 @@ class NodeLink:
         node = RemoteNode(msg.name, ident, msg.host, msg.pid, specs)
         self.nodes[ident] = node
         for spec in specs:
-            sup.intensity.setdefault(spec.slot, RestartIntensity(sup.app.max_restarts, sup.app.restart_window))
-            sup.restarts.setdefault(spec.slot, 0)
-            sup.last_exit.setdefault(spec.slot, None)
-            sup.backoff_until[spec.slot] = None
-            sup.pending_admits.setdefault(spec.slot, [])
+            sup.children.add_slot(spec)
             sup.slot_ready.setdefault(spec.slot, collections.deque())
         log.info("worker node %s joined from %s (pid %d): %d workers, %d process workers", msg.name, msg.host,
                  msg.pid, msg.workers, msg.process_workers)
@@ -246,4 +242,4 @@ class NodeLink:
     def forget(self, node: RemoteNode) -> None:
         self.nodes.pop(node.identity, None)
         for spec in node.specs:
-            self.sup.backoff_until[spec.slot] = None
+            self.sup.children.slots[spec.slot].backoff_until = None

@@ -1,7 +1,8 @@
 """The supervisor's answers to client requests other than submits: waits, cancels, info,
 listings, status, event long-polls, retries, session.db for worker nodes.
 
-State (the live tasks, waiters, event waiters) stays on the ``Supervisor``; this is behaviour.
+The waits it answers (``waiter_index``, ``parked``, ``event_waiters``) are kept here; the live
+tasks stay on the ``Supervisor``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class ClientRequests:
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        self.waiter_index: dict[tuple[bytes, int], str] = {}  # (client, req) -> the task it waits for
+        self.parked: dict[str, list[tuple[bytes, int]]] = {}  # waits on tasks held in the store only
+        # long polls of h.events() ("t", task id) and app.subscribe() ("s", session id)
+        self.event_waiters: dict[tuple[str, str], list[tuple[bytes, int, int]]] = {}
         self.handlers: dict[type, Callable[[bytes, Any, Frames], None]] = {
             messages.Submit: sup.intake.on_submit, messages.Wait: self.on_wait, messages.Forget: self.on_forget,
             messages.Info: self.on_info, messages.Cancel: self.on_cancel, messages.ListTasks: self.on_list,
@@ -77,29 +82,29 @@ class ClientRequests:
         task = sup.live.get(msg.task_id)
         if task is not None:
             task.waiters.append((ident, msg.req))
-            sup.waiter_index[(ident, msg.req)] = task.id
+            self.waiter_index[(ident, msg.req)] = task.id
             return
         outcome = sup.store.outcome(msg.task_id)
         if outcome is None:
             raise self.unknown(msg.task_id)
         state, result, error = outcome
         if state in ("SCHEDULED", "QUEUED"):  # delayed, or in the backlog: in the store only for now
-            sup.parked.setdefault(msg.task_id, []).append((ident, msg.req))
-            sup.waiter_index[(ident, msg.req)] = msg.task_id
+            self.parked.setdefault(msg.task_id, []).append((ident, msg.req))
+            self.waiter_index[(ident, msg.req)] = msg.task_id
             return
         sup.reply(ident, msg.req, True, [state, *error], [result or b""])
 
     def on_forget(self, ident: bytes, msg: messages.Forget, payload: Frames) -> None:
         sup = self.sup
-        task_id = sup.waiter_index.pop((ident, msg.req), None)
+        task_id = self.waiter_index.pop((ident, msg.req), None)
         task = sup.live.get(task_id) if task_id else None
         if task is not None:
             task.waiters = [w for w in task.waiters if w != (ident, msg.req)]
-        elif task_id in sup.parked:
-            sup.parked[task_id] = [w for w in sup.parked[task_id] if w != (ident, msg.req)]
-            if not sup.parked[task_id]:
-                del sup.parked[task_id]
-        for waiters in sup.event_waiters.values():
+        elif task_id in self.parked:
+            self.parked[task_id] = [w for w in self.parked[task_id] if w != (ident, msg.req)]
+            if not self.parked[task_id]:
+                del self.parked[task_id]
+        for waiters in self.event_waiters.values():
             waiters[:] = [w for w in waiters if (w[0], w[1]) != (ident, msg.req)]
 
     def on_info(self, ident: bytes, msg: messages.Info, payload: Frames) -> None:
@@ -136,16 +141,15 @@ class ClientRequests:
         actors = []
         for spec in sup.all_specs():
             proc = sup.procs.get(spec.slot)
-            actors.append(actor_status(proc, spec, sup.restarts[spec.slot], sup.last_exit[spec.slot],
-                                       sup.backoff_until[spec.slot], keys[spec.slot],
+            actors.append(actor_status(proc, spec, sup.children.slots[spec.slot], keys[spec.slot],
                                        sup.children.rss_of(proc) if proc is not None and spec.node else None))
         now = time.monotonic()
         body = {
             "supervisor": {"pid": os.getpid(), "state": "stopping" if sup.stopping else "running",
                            "started_at": sup.started_at, "state_dir": str(sup.state_dir),
                            "rss": psutil.Process().memory_info().rss, "endpoint": sup.client_addr,
-                           "live_tasks": len(sup.live) + sup.backlog, "in_memory": len(sup.live),
-                           "backlog": sup.backlog},
+                           "live_tasks": len(sup.live) + sup.intake.backlog, "in_memory": len(sup.live),
+                           "backlog": sup.intake.backlog},
             "actors": actors,
             "nodes": sup.node_link.status(now),
             "tasks": self.task_counts(),
@@ -160,8 +164,8 @@ class ClientRequests:
         held = sum(len(proc.running) - proc.busy for proc in sup.procs.values())  # sent, not begun
         counts["RUNNING"] -= held
         counts["QUEUED"] += held
-        counts["QUEUED"] += sup.backlog
-        counts.update(sup.finished)
+        counts["QUEUED"] += sup.intake.backlog
+        counts.update(sup.attempts.finished)
         counts["SCHEDULED"] = sup.store.count_state("SCHEDULED")  # most of them live in the store only
         return {state: n for state, n in counts.items() if n}
 
@@ -220,8 +224,8 @@ class ClientRequests:
 
     def poll_events(self, ident: bytes, req: int, key: tuple[str, str], after: int) -> None:
         if not self.send_events(ident, req, key, after):
-            self.sup.event_waiters.setdefault(key, []).append((ident, req, after))
-            self.sup.waiter_index[(ident, req)] = key[1]
+            self.event_waiters.setdefault(key, []).append((ident, req, after))
+            self.waiter_index[(ident, req)] = key[1]
 
     def send_events(self, ident: bytes, req: int, key: tuple[str, str], after: int) -> bool:
         """Reply with events after ``after`` if there are any (or the task has ended)."""
@@ -243,9 +247,9 @@ class ClientRequests:
         sup = self.sup
         tasks, sessions, any_event = sup.store.take_touched()
         touched = {("t", t) for t in tasks} | {("s", s) for s in sessions} | ({("a", "")} if any_event else set())
-        for key in touched & sup.event_waiters.keys():
-            for ident, req, after in sup.event_waiters.pop(key):
-                sup.waiter_index.pop((ident, req), None)
+        for key in touched & self.event_waiters.keys():
+            for ident, req, after in self.event_waiters.pop(key):
+                self.waiter_index.pop((ident, req), None)
                 if not self.send_events(ident, req, key, after):
                     self.poll_events(ident, req, key, after)
 
@@ -256,7 +260,7 @@ class ClientRequests:
         if sup.app.result_ttl is not None:
             pruned = sup.store.prune_finished(time.time() - sup.app.result_ttl)
             if pruned:  # rare: recount the finished tasks rather than track each pruned state
-                sup.finished = collections.Counter({k: v for k, v in sup.store.counts().items()
+                sup.attempts.finished = collections.Counter({k: v for k, v in sup.store.counts().items()
                                                     if k in ("SUCCEEDED", "FAILED", "CANCELLED")})
             removed += pruned
         if removed:
@@ -267,7 +271,7 @@ class ClientRequests:
     def on_inject_crash(self, ident: bytes, msg: messages.InjectCrash, payload: Frames) -> None:
         sup = self.sup
         sup.app.get_task(msg.name)
-        sup.crash_plan.setdefault(msg.name, set()).add(msg.attempt)
+        sup.attempts.crash_plan.setdefault(msg.name, set()).add(msg.attempt)
         sup.reply(ident, msg.req, True, True)
 
     @staticmethod
