@@ -59,6 +59,15 @@ def grow(mb: int, gate: str) -> int:
 
 
 limited_mark = limited.task(process=True, name="mark")(mark.fn)
+_KEPT: list[bytearray] = []
+
+
+@limited.task(process=True)
+def grow_at_the_end(mb: int, gate: str) -> int:
+    """Wait for ``gate``, then grow by ``mb`` and keep it: the process stays big after the task."""
+    _wait_for(gate)
+    _KEPT.append(bytearray(os.urandom(1024)) * (mb * 1024))
+    return os.getpid()
 
 
 def _actor(rt: cpsl.Runtime, slot: str) -> dict:
@@ -184,6 +193,24 @@ def test_an_actor_recycled_while_holding_a_run_gives_it_back(start, tmp_path):
     assert pid != big_pid
     assert held.info().attempts == 1 and _runs(log) == [pid]
     assert _actor(rt, "p0")["restarts"] == 0
+
+
+def test_a_process_that_grew_past_its_limit_in_its_last_moments_begins_no_held_run(start, tmp_path):
+    """The task grows past max_process_memory_mb just before it ends, so no periodic memory check
+    saw it running: the actor does not begin the Run it holds, the supervisor's check at the Done
+    recycles it, and the held Run runs on the replacement (once, never in the bloated process)."""
+    rt = start(limited, process_workers=1)
+    gate, log = tmp_path / "gate", tmp_path / "log"
+    big = grow_at_the_end.submit(200, str(gate))
+    wait_until(lambda: _actor(rt, "p0")["running"] == 1)
+    held = limited_mark.submit(str(log))
+    wait_until(lambda: _held(rt) == {"p0": 1})
+    gate.touch()
+    big_pid = big.result(timeout=30)
+    pid = held.result(timeout=30)
+    assert pid != big_pid
+    assert held.info().attempts == 1 and _runs(log) == [pid]
+    assert _actor(rt, "p0")["restarts"] == 0  # recycled, not crashed
 
 
 def test_a_graceful_stop_gives_held_runs_back_for_the_next_start(start, tmp_path):

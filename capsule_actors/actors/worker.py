@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import psutil
 import zmq
 import zmq.asyncio
 
@@ -49,6 +50,7 @@ from .keys import KeyTable
 log = logging.getLogger("capsule_actors.actor")
 
 HEARTBEAT_INTERVAL = 1.0
+RECYCLE_WAIT = 5.0  # past max_process_memory_mb: how long held Runs wait for the supervisor's Stop
 WELCOME_TIMEOUT = 30.0
 THREAD_POOL_SIZE = 32
 
@@ -67,6 +69,8 @@ class WorkerActor:
         self.serial = asyncio.Lock() if serial else None  # a process actor: one body at a time, in Run order
         self.began: set[str] = set()  # serial: attempts begun or announced as a Done's began_next
         self.dropped: set[str] = set()  # serial: held Runs given back at Stop (the supervisor requeues them)
+        self.paused = False  # serial: past max_process_memory_mb after a task, so no held Run begins here
+        self.me = psutil.Process()
         self.stopping = False
         self.idle = asyncio.Event()
         self.keys = KeyTable()
@@ -199,12 +203,31 @@ class WorkerActor:
             self.cancelled.discard(run.task_id)
             if self.serial is not None:
                 self.began.discard(run.task_id)
-                self.serial.release()
+                if self.running and not self.stopping and self._over_memory():
+                    self._pause()
+                else:
+                    self.serial.release()
         if self.serial is not None:
-            done = dataclasses.replace(done, began_next=self._next_to_begin())
+            done = dataclasses.replace(done, began_next="" if self.paused else self._next_to_begin())
         self.send([done.encode(), frame])
         if self.stopping and not self.running:
             self.idle.set()
+
+    def _over_memory(self) -> bool:
+        limit = self.app.max_process_memory_mb
+        return limit is not None and self.me.memory_info().rss > limit * 2**20
+
+    def _pause(self) -> None:
+        """Past max_process_memory_mb with Runs held: keep the lock, so none begins here. The
+        supervisor's memory check at this Done sends Stop, which gives them back to run on the
+        replacement. Should that check disagree (no Stop within RECYCLE_WAIT), go on."""
+        self.paused = True
+        self.loop.call_later(RECYCLE_WAIT, self._resume)
+
+    def _resume(self) -> None:
+        if self.paused and self.serial is not None:
+            self.paused = False
+            self.serial.release()
 
     def _next_to_begin(self) -> str:
         """The held Run that begins once this Done is sent (the lock passes to it in Run order):
