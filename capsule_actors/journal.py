@@ -34,6 +34,7 @@ import msgpack
 
 JOURNAL_DIR = "journal"
 SUFFIX = ".journal"
+UNREADABLE = ".unreadable"  # a journal set aside (its name + this): never replayed, never removed
 SEGMENT_BYTES = 4 * 2**20  # past this, new records go to a new file; the old one goes once acked
 _MAGIC = b"CPSLJRN1"
 _FILE_HEAD = struct.Struct("<8sQ")
@@ -133,9 +134,10 @@ class Journal:
         os.close(seg.fd)
 
 
-def orphaned(state_dir: Path) -> Iterator[tuple[Path, list[list[bytes]]]]:
-    """Journals whose writer is gone: (path, the messages in them). The caller records the
-    messages, commits, then unlinks the path (a crash before that replays them again)."""
+def orphaned(state_dir: Path) -> Iterator[tuple[Path, list[list[bytes]], str | None]]:
+    """Journals whose writer is gone: (path, the messages in them, what makes the file unreadable
+    or None). The caller records the messages, commits, then unlinks the path (a crash before that
+    replays them again), or sets the file aside (``set_aside``) when it cannot read all of it."""
     directory = state_dir / JOURNAL_DIR
     try:
         paths = sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
@@ -153,17 +155,31 @@ def orphaned(state_dir: Path) -> Iterator[tuple[Path, list[list[bytes]]]]:
                 continue  # its writer is alive: it sends (or resends) these itself
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
-            yield path, list(_records(data))
+            yield path, *_records(data)
         finally:
             os.close(fd)
 
 
-def _records(data: bytes) -> Iterator[list[bytes]]:
+def set_aside(path: Path) -> Path:
+    """Keep a journal that could not be read whole (another version's, say) as ``NAME.unreadable``,
+    out of the replay, so its tasks are not lost with it: renamed back, the version that wrote it
+    replays it."""
+    kept = path.with_name(path.name + UNREADABLE)
+    path.rename(kept)
+    return kept
+
+
+def _records(data: bytes) -> tuple[list[list[bytes]], str | None]:
+    """The records of one file, and what makes it unreadable (None when nothing does)."""
     if len(data) < _FILE_HEAD.size:
-        return
+        return [], None  # made, never written: nothing was journaled in it
     magic, epoch = _FILE_HEAD.unpack_from(data, 0)
     if magic != _MAGIC:
-        return
+        return [], f"its header is {magic!r}, not this version's {_MAGIC!r}"
+    return list(_valid_records(data, epoch)), None
+
+
+def _valid_records(data: bytes, epoch: int) -> Iterator[list[bytes]]:
     pos = _FILE_HEAD.size
     while pos + _HEAD.size <= len(data):
         length, crc, record_epoch = _HEAD.unpack_from(data, pos)

@@ -113,7 +113,7 @@ def test_journaled_submits_are_acked_later_and_the_file_is_emptied(start, state_
     assert [h.result(timeout=30) for h in handles] == list(range(200))
     assert sorted(_runs(log)) == list(range(-1, 200))
     # every record acknowledged: the file starts a new epoch, nothing in it would be replayed
-    wait_until(lambda: not list(journal_module._records(path.read_bytes())), 10)
+    wait_until(lambda: journal_module._records(path.read_bytes()) == ([], None), 10)
     size = path.stat().st_size
     assert [record.submit(i, str(log)).result(timeout=30) for i in range(200, 210)] == list(range(200, 210))
     assert path.stat().st_size == size  # written over, not grown (no metadata churn per task)
@@ -226,13 +226,39 @@ def test_replay_validates_records_and_stops_at_a_torn_tail(start, state_dir, tmp
     with open(path, "ab") as f:
         f.write(b"\x40\x00\x00\x00\x01\x02")  # a record cut short by a crash
     os.close(journal._segment.fd)  # as if the writer died: its lock goes
-    wait_until(lambda: not path.exists(), 10)  # replayed within the sweep's second, then removed
+    written = path.read_bytes()
+    kept = path.with_name(path.name + ".unreadable")
+    wait_until(lambda: not path.exists(), 10)  # replayed within the sweep's second
+    # a record it could not read (another version's, say): the file is kept aside, not removed
+    assert kept.read_bytes() == written
     assert app.handle("a" * 32).result(timeout=30) == 7
     assert sorted(_runs(log)) == [-1, 7]
     with pytest.raises(cpsl.UnknownTask):
         app.handle("b" * 32).info()
     assert rt.status()["supervisor"]["pid"] == rt.pid  # and it goes on serving
     assert record.submit(8, str(log)).result(timeout=30) == 8
+
+
+def test_a_journal_of_another_format_is_kept_aside_not_replayed_or_removed(start, state_dir, tmp_path):
+    rt = start(app)
+    log = tmp_path / "runs"
+    journal = Journal(state_dir)
+    payload = cloudpickle.dumps(((5, str(log)), {}), protocol=5)
+    journal.append([messages.Submit(1, [["c" * 32, "record", None, None, None, None]], [], True).encode(),
+                    payload], 1)
+    path = journal._segment.path
+    with open(path, "r+b") as f:
+        f.write(b"CPSLJRN9")  # the header of a journal format this version does not know
+    os.close(journal._segment.fd)  # the writer is gone
+    written = path.read_bytes()
+    kept = path.with_name(path.name + ".unreadable")
+    wait_until(kept.exists, 10)
+    assert not path.exists() and kept.read_bytes() == written
+    time.sleep(1.5)  # past another sweep: a kept file is never replayed
+    assert kept.exists() and not log.exists()
+    with pytest.raises(cpsl.UnknownTask):
+        app.handle("c" * 32).info()
+    assert record.submit(6, str(log)).result(timeout=30) == 6 and rt.status()["supervisor"]["pid"] == rt.pid
 
 
 strict = cpsl.App("journal-strict", max_payload_bytes=2000)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import journal, messages
@@ -73,22 +74,30 @@ class Intake:
         """Record what clients that died left in their submit journals (``journal.py``), through
         the same validation as a Submit; ids already recorded are ignored. Runs every second."""
         sup = self.sup
-        replayed = []
-        for path, records in journal.orphaned(sup.state_dir):
+        replayed: list[tuple[Path, str | None]] = []
+        unreadable: list[tuple[Path, str | None]] = []
+        for path, records, problem in journal.orphaned(sup.state_dir):
             for frames in records:
                 try:
                     msg = messages.decode(frames[0])
                     if not isinstance(msg, messages.Submit):
                         raise ProtocolError(f"{type(msg).__name__} is not a submit")
                     self.on_submit(b"", msg, frames[1:])
-                except CapsuleError as exc:
+                except ProtocolError as exc:  # not a record this version can read
+                    problem = problem or f"a record in it does not decode: {exc}"
+                except CapsuleError as exc:  # readable, refused (say, its task is gone from the app)
                     log.warning("a submit in journal %s was not recorded: %s", path.name, exc)
-            replayed.append(path)
-        if replayed:
+            (unreadable if problem else replayed).append((path, problem))
+        if replayed or unreadable:
             sup.commit()  # recorded before the journals go
             sup.store.begin()
-            for path in replayed:
+            for path, _ in replayed:
                 path.unlink(missing_ok=True)
+            for path, problem in unreadable:
+                log.error("journal %s cannot be replayed whole (%s); its readable submits are recorded and the "
+                          "file is kept as %s: to replay it, rename it back and start the capsule_actors version "
+                          "that wrote it (%s)", path.name, problem, journal.set_aside(path).name,
+                          messages.version_hint())
         sup.add_timer(JOURNAL_SWEEP, self.replay_journals)
 
     def complete(self, pending: PendingSubmit) -> None:
