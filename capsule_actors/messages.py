@@ -9,6 +9,7 @@ supervisor never unpickles them, and the processes that do only do so after the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -95,15 +96,15 @@ def version_hint() -> str:
             f"capsule_actors version on every machine that talks to it")
 
 
-def request_id(raw: bytes, max_len: int = 1 << 20) -> int | None:
-    """The ``req`` of a client request that :func:`decode` refused, when it can still be read,
-    so the client gets an error instead of waiting for an answer that never comes."""
+def request_id(raw: bytes, requests: Collection[type[Message]], max_len: int = 1 << 20) -> int | None:
+    """The ``req`` of a header that :func:`decode` refused, when it has the op code of one of
+    ``requests`` and an int where their ``req`` goes, so the client gets an error instead of
+    waiting for an answer that never comes."""
     try:
         items = _items(raw, max_len)
     except ProtocolError:
         return None
-    cls = _BY_OP.get(items[0])
-    if cls is None or not cls._CHECKS or cls._CHECKS[0][0] != "req" or len(items) < 2:
+    if _BY_OP.get(items[0]) not in requests or len(items) < 2:
         return None
     return items[1] if type(items[1]) is int else None
 

@@ -61,7 +61,7 @@ class ClientRequests:
         try:
             msg = messages.decode(frames[1])
         except ProtocolError as exc:  # answered when it says which request it is: e.g. another version
-            req = messages.request_id(frames[1])
+            req = messages.request_id(frames[1], self.handlers)
             if req is not None:
                 sup.error_reply(ident, req, ProtocolError(f"the supervisor cannot read this request: {exc}; "
                                                           f"{messages.version_hint()}"))
