@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,6 +38,21 @@ if str(HERE.parent) not in sys.path:  # the package from the checkout when it is
 from _common import median, print_machine, stop_pid, temp_dir  # noqa: E402
 
 STOP = b"\xff"
+
+
+def _one_way(n: int, ping: Callable[[], object], answer_fd: int, take: Callable[[], object], what: str) -> float:
+    """Median of ``n`` round trips (``ping``, wait until ``answer_fd`` is readable, ``take``), halved."""
+    poll = select.poll()
+    poll.register(answer_fd, select.POLLIN)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ping()
+        if not poll.poll(5000):
+            raise TimeoutError(f"{what}: no answer in 5 s")
+        take()
+        samples.append(time.perf_counter() - t0)
+    return median(samples) / 2
 
 
 def thread_handoff(n: int) -> float:
@@ -54,23 +70,14 @@ def thread_handoff(n: int) -> float:
 
     thread = threading.Thread(target=echo, daemon=True)
     thread.start()
-    poll = select.poll()
-    poll.register(back, select.POLLIN)
-    samples = []
     try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            os.eventfd_write(there, 1)
-            if not poll.poll(5000):
-                raise TimeoutError("thread hand-off: no answer in 5 s")
-            os.eventfd_read(back)
-            samples.append(time.perf_counter() - t0)
+        return _one_way(n, lambda: os.eventfd_write(there, 1), back, lambda: os.eventfd_read(back),
+                        "thread hand-off")
     finally:
         os.eventfd_write(there, 2)
         thread.join(5)
         os.close(there)
         os.close(back)
-    return median(samples) / 2
 
 
 def _echo_pipe(rfd: int, wfd: int) -> None:
@@ -89,23 +96,14 @@ def pipe_hop(n: int) -> float:
                             pass_fds=(there_r, back_w))
     os.close(there_r)
     os.close(back_w)
-    poll = select.poll()
-    poll.register(back_r, select.POLLIN)
-    samples = []
     try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            os.write(there_w, b"x")
-            if not poll.poll(5000):
-                raise TimeoutError("pipe hop: no answer in 5 s")
-            os.read(back_r, 1)
-            samples.append(time.perf_counter() - t0)
+        one_way = _one_way(n, lambda: os.write(there_w, b"x"), back_r, lambda: os.read(back_r, 1), "pipe hop")
         os.write(there_w, STOP)
+        return one_way
     finally:
         stop_pid(proc)
         os.close(there_w)
         os.close(back_r)
-    return median(samples) / 2
 
 
 def _echo_zmq(endpoint: str) -> None:

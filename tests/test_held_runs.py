@@ -177,19 +177,27 @@ def test_a_held_run_moves_to_an_actor_that_frees_up(start, tmp_path):
     assert long_ones[1 - free].result(timeout=30) == holder_pid
 
 
+def _grow_holding_one(rt: cpsl.Runtime, grower: cpsl.Task, tmp_path: Path, *, seen_growing: bool
+                      ) -> tuple[int, int, cpsl.TaskHandle, Path]:
+    """``grower`` (200 MB, past ``limited``'s 120) on p0 with a ``mark`` held behind it; its gate
+    opens once the memory check has marked p0 stopping (``seen_growing``) or at once. Returns
+    (the grower's pid, the held task's pid, its handle, its log)."""
+    gate, log = tmp_path / "gate", tmp_path / "log"
+    big = grower.submit(200, str(gate))
+    wait_until(lambda: _actor(rt, "p0")["running"] == 1)
+    held = limited_mark.submit(str(log))
+    wait_until(lambda: _held(rt) == {"p0": 1})
+    if seen_growing:
+        wait_until(lambda: _actor(rt, "p0")["state"] == "stopping")  # the memory check saw it grow
+    gate.touch()
+    return big.result(timeout=30), held.result(timeout=30), held, log
+
+
 def test_an_actor_recycled_while_holding_a_run_gives_it_back(start, tmp_path):
     """Past max_process_memory_mb the actor is told to stop after its task: the Run it holds is
     not run there but given back, and runs once on the replacement."""
     rt = start(limited, process_workers=1)
-    gate, log = tmp_path / "gate", tmp_path / "log"
-    big = grow.submit(200, str(gate))
-    wait_until(lambda: _actor(rt, "p0")["running"] == 1)
-    held = limited_mark.submit(str(log))
-    wait_until(lambda: _held(rt) == {"p0": 1})
-    wait_until(lambda: _actor(rt, "p0")["state"] == "stopping")  # the memory check saw it grow
-    gate.touch()
-    big_pid = big.result(timeout=30)
-    pid = held.result(timeout=30)
+    big_pid, pid, held, log = _grow_holding_one(rt, grow, tmp_path, seen_growing=True)
     assert pid != big_pid
     assert held.info().attempts == 1 and _runs(log) == [pid]
     assert _actor(rt, "p0")["restarts"] == 0
@@ -200,14 +208,7 @@ def test_a_process_that_grew_past_its_limit_in_its_last_moments_begins_no_held_r
     saw it running: the actor does not begin the Run it holds, the supervisor's check at the Done
     recycles it, and the held Run runs on the replacement (once, never in the bloated process)."""
     rt = start(limited, process_workers=1)
-    gate, log = tmp_path / "gate", tmp_path / "log"
-    big = grow_at_the_end.submit(200, str(gate))
-    wait_until(lambda: _actor(rt, "p0")["running"] == 1)
-    held = limited_mark.submit(str(log))
-    wait_until(lambda: _held(rt) == {"p0": 1})
-    gate.touch()
-    big_pid = big.result(timeout=30)
-    pid = held.result(timeout=30)
+    big_pid, pid, held, log = _grow_holding_one(rt, grow_at_the_end, tmp_path, seen_growing=False)
     assert pid != big_pid
     assert held.info().attempts == 1 and _runs(log) == [pid]
     assert _actor(rt, "p0")["restarts"] == 0  # recycled, not crashed
