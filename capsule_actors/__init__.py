@@ -1,34 +1,34 @@
 """capsule_actors: background tasks, schedules and live task UI without a broker.
 
-    import capsule_actors as cpsl
-    app = cpsl.App("reports")
+import capsule_actors as cpsl
+app = cpsl.App("reports")
 
-    @app.task(retries=3)
-    async def build_report(report_id: int) -> str: ...
+@app.task(retries=3)
+async def build_report(report_id: int) -> str: ...
 
-    with app.start():
-        print(build_report.submit(7).result())
+with app.start():
+    print(build_report.submit(7).result())
 """
 
 from . import ui
 from .app import App, Backoff, Task, default_app, schedule, task
 from .errors import (
-                     AlreadyRunning,
-                     Backpressure,
-                     CapsuleError,
-                     CapsuleInternalError,
-                     ConfigError,
-                     LockConflict,
-                     NotRunning,
-                     ProtocolError,
-                     SerializationError,
-                     StateDirError,
-                     TaskCancelled,
-                     TaskError,
-                     TaskFailed,
-                     TaskTimeout,
-                     UnknownTask,
-                     WorkerCrashed,
+    AlreadyRunning,
+    Backpressure,
+    CapsuleError,
+    CapsuleInternalError,
+    ConfigError,
+    LockConflict,
+    NotRunning,
+    ProtocolError,
+    SerializationError,
+    StateDirError,
+    TaskCancelled,
+    TaskError,
+    TaskFailed,
+    TaskTimeout,
+    UnknownTask,
+    WorkerCrashed,
 )
 from .handle import TaskEvent, TaskHandle, TaskInfo, TaskState, await_all, wait_all
 from .runtime import Runtime
@@ -38,13 +38,39 @@ __version__ = "0.1.0"
 
 __all__ = [
     # declaring and running
-    "App", "Task", "Backoff", "Runtime", "default_app", "task", "schedule",
+    "App",
+    "Task",
+    "Backoff",
+    "Runtime",
+    "default_app",
+    "task",
+    "schedule",
     # handles and records
-    "TaskHandle", "TaskInfo", "TaskState", "TaskEvent", "wait_all", "await_all",
+    "TaskHandle",
+    "TaskInfo",
+    "TaskState",
+    "TaskEvent",
+    "wait_all",
+    "await_all",
     # sessions and task UI
-    "Session", "current_session", "ui",
+    "Session",
+    "current_session",
+    "ui",
     # errors
-    "CapsuleError", "ConfigError", "SerializationError", "NotRunning", "AlreadyRunning",
-    "StateDirError", "UnknownTask", "LockConflict", "Backpressure", "ProtocolError", "TaskError", "TaskFailed",
-    "TaskCancelled", "WorkerCrashed", "TaskTimeout", "CapsuleInternalError",
+    "CapsuleError",
+    "ConfigError",
+    "SerializationError",
+    "NotRunning",
+    "AlreadyRunning",
+    "StateDirError",
+    "UnknownTask",
+    "LockConflict",
+    "Backpressure",
+    "ProtocolError",
+    "TaskError",
+    "TaskFailed",
+    "TaskCancelled",
+    "WorkerCrashed",
+    "TaskTimeout",
+    "CapsuleInternalError",
 ]

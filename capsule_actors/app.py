@@ -95,10 +95,20 @@ def _lock_fields(template: str) -> list[str]:
 class Task(Generic[P, R]):
     """A function registered with an App; call it directly or send it with submit()."""
 
-    def __init__(self, app: App, fn: Callable[P, R], *, name: str | None, lock: str | None,
-                 on_conflict: str, retries: int, backoff: Backoff | None,
-                 retry_on: tuple[type[BaseException], ...] | None, timeout: float | None,
-                 process: bool) -> None:
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, R],
+        *,
+        name: str | None,
+        lock: str | None,
+        on_conflict: str,
+        retries: int,
+        backoff: Backoff | None,
+        retry_on: tuple[type[BaseException], ...] | None,
+        timeout: float | None,
+        process: bool,
+    ) -> None:
         self.app = app
         self.fn = fn
         self.name = name or fn.__name__
@@ -168,8 +178,9 @@ class Task(Generic[P, R]):
         except (KeyError, IndexError, AttributeError) as exc:
             raise ConfigError(f"task {self.name!r}: lock template {self.lock!r} needs {exc}") from None
 
-    def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any], session: Session | None,
-                run_at: float | None) -> tuple[list[Any], bytes]:
+    def prepare(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], session: Session | None, run_at: float | None
+    ) -> tuple[list[Any], bytes]:
         """Validate and serialize one submit: (header item, payload). Raises before anything is sent."""
         if session is not None and not isinstance(session, Session):
             raise ConfigError(f"session={session!r}: expected a capsule_actors.Session or None")
@@ -186,20 +197,28 @@ class Task(Generic[P, R]):
                 f"task {self.name!r}: arguments are {len(payload)} bytes pickled, over "
                 f"max_payload_bytes={limit}; pass a reference (path, key) instead of the data"
             )
-        item = [new_task_id(), self.name, lock_key, session.id if session else None,
-                session.owner if session else None, run_at]
+        item = [
+            new_task_id(),
+            self.name,
+            lock_key,
+            session.id if session else None,
+            session.owner if session else None,
+            run_at,
+        ]
         return item, payload
 
-    def _handles(self, items: list[list[Any]], ack: dict[str, Any],
-                 pushes: list[concurrent.futures.Future[Any]]) -> list[TaskHandle]:
+    def _handles(
+        self, items: list[list[Any]], ack: dict[str, Any], pushes: list[concurrent.futures.Future[Any]]
+    ) -> list[TaskHandle]:
         """Handles from the supervisor's ``[id, deduplicated, conflict, pushed]`` answers, each
         holding the reply its outcome will be pushed to (when pushed); a conflict
         (on_conflict="reject" and the key is held) raises LockConflict."""
         conn = self.app.connection()
         conn.note_ack(self.name, ack)
         body = ack["items"]
-        handles = [TaskHandle(self.app, tid, self.name, item[2], bool(dedup))
-                   for item, (tid, dedup, *_) in zip(items, body)]
+        handles = [
+            TaskHandle(self.app, tid, self.name, item[2], bool(dedup)) for item, (tid, dedup, *_) in zip(items, body)
+        ]
         for handle, fut, (_, _, _, pushed) in zip(handles, pushes, body):
             if pushed:
                 handle._push = fut
@@ -208,8 +227,9 @@ class Task(Generic[P, R]):
         conflicts = [(item[2], tid) for item, (tid, _, conflict, _) in zip(items, body) if conflict]
         if conflicts:
             key, holder = conflicts[0]
-            exc = LockConflict(f"task {self.name!r}: lock key {key!r} is held by live task {holder} "
-                               f"(on_conflict='reject')")
+            exc = LockConflict(
+                f"task {self.name!r}: lock key {key!r} is held by live task {holder} (on_conflict='reject')"
+            )
             exc.handles = [h for h, (_, _, c, _) in zip(handles, body) if not c]  # type: ignore[attr-defined]
             exc.holder_id = holder  # type: ignore[attr-defined]
             raise exc
@@ -224,13 +244,25 @@ class Task(Generic[P, R]):
         """submit() without blocking the event loop."""
         return (await self._asend([self.prepare(args, kwargs, session, None)]))[0]
 
-    def schedule(self, *args: Any, delay: float | None = None, at: _dt.datetime | None = None,
-                 session: Session | None = None, **kwargs: Any) -> TaskHandle:
+    def schedule(
+        self,
+        *args: Any,
+        delay: float | None = None,
+        at: _dt.datetime | None = None,
+        session: Session | None = None,
+        **kwargs: Any,
+    ) -> TaskHandle:
         """Submit to run after ``delay`` seconds or at ``at``; the handle starts SCHEDULED."""
         return self._send([self.prepare(args, kwargs, session, _run_at(delay, at))])[0]
 
-    async def aschedule(self, *args: Any, delay: float | None = None, at: _dt.datetime | None = None,
-                        session: Session | None = None, **kwargs: Any) -> TaskHandle:
+    async def aschedule(
+        self,
+        *args: Any,
+        delay: float | None = None,
+        at: _dt.datetime | None = None,
+        session: Session | None = None,
+        **kwargs: Any,
+    ) -> TaskHandle:
         return (await self._asend([self.prepare(args, kwargs, session, _run_at(delay, at))]))[0]
 
     def map(self, arg_list: Iterable[Any], session: Session | None = None) -> list[TaskHandle]:
@@ -312,8 +344,10 @@ def _batches(prepared: list[tuple[list[Any], bytes]]) -> Iterator[list[tuple[lis
     for p in prepared:
         cost = 16 + sum(len(v) for v in p[0] if isinstance(v, str))
         if cost > _ITEM_MAX_BYTES:
-            raise ConfigError(f"task {p[0][1]!r}: its lock key and session id take {cost} bytes; keep them "
-                              f"under {_ITEM_MAX_BYTES} (they are routing keys, not data: pass data as arguments)")
+            raise ConfigError(
+                f"task {p[0][1]!r}: its lock key and session id take {cost} bytes; keep them "
+                f"under {_ITEM_MAX_BYTES} (they are routing keys, not data: pass data as arguments)"
+            )
         if batch and (len(batch) >= _BATCH_ITEMS or size + cost > _BATCH_HEADER_BYTES):
             yield batch
             batch, size = [], 0
@@ -323,23 +357,30 @@ def _batches(prepared: list[tuple[list[Any], bytes]]) -> Iterator[list[tuple[lis
         yield batch
 
 
-def _submit_of(batch: list[tuple[list[Any], bytes]], pushes: list[concurrent.futures.Future[Any]],
-               journaled: bool = False) -> Callable[[int], messages.Message]:
+def _submit_of(
+    batch: list[tuple[list[Any], bytes]], pushes: list[concurrent.futures.Future[Any]], journaled: bool = False
+) -> Callable[[int], messages.Message]:
     items = [p[0] for p in batch]
     push = [fut.req for fut in pushes]  # type: ignore[attr-defined]
     return lambda req: messages.Submit(req, items, push, journaled)
 
 
-def _failed(conn: Connection, exc: BaseException, unanswered: list[list[concurrent.futures.Future[Any]]],
-            handles: list[TaskHandle]) -> None:
+def _failed(
+    conn: Connection,
+    exc: BaseException,
+    unanswered: list[list[concurrent.futures.Future[Any]]],
+    handles: list[TaskHandle],
+) -> None:
     """A Submit failed: expect no pushed outcomes for it (nor for those sent after it), and, for a
     map() larger than one message, say what was recorded before and hand it over."""
     for pushes in unanswered:
         for push in pushes:
             conn.discard(push)
     if handles and isinstance(exc, CapsuleError):
-        exc.add_note(f"the first {len(handles)} tasks of this map() were recorded before the error; "
-                     "their handles are on the exception's .handles")
+        exc.add_note(
+            f"the first {len(handles)} tasks of this map() were recorded before the error; "
+            "their handles are on the exception's .handles"
+        )
         exc.handles = handles  # type: ignore[attr-defined]
 
 
@@ -375,13 +416,22 @@ def _positive_int(name: str, value: int | None) -> int | None:
 class App:
     """A named set of tasks and the settings of the runtime that runs them."""
 
-    def __init__(self, name: str, state_dir: str | os.PathLike[str] | None = None,
-                 workers: int | None = None, process_workers: int | None = None,
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, grace: float = 10.0,
-                 owner: str | None = None, max_restarts: int = 10, restart_window: float = 60.0,
-                 max_tasks_per_process: int | None = None,
-                 max_process_memory_mb: float | None = None, max_queued: int = 100_000,
-                 result_ttl: float | None = 7 * 24 * 3600.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        state_dir: str | os.PathLike[str] | None = None,
+        workers: int | None = None,
+        process_workers: int | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+        grace: float = 10.0,
+        owner: str | None = None,
+        max_restarts: int = 10,
+        restart_window: float = 60.0,
+        max_tasks_per_process: int | None = None,
+        max_process_memory_mb: float | None = None,
+        max_queued: int = 100_000,
+        result_ttl: float | None = 7 * 24 * 3600.0,
+    ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"App name must be a non-empty string, got {name!r}")
         self.name = name
@@ -421,22 +471,50 @@ class App:
     @overload
     def task(self, fn: Callable[P, R]) -> Task[P, R]: ...
     @overload
-    def task(self, fn: None = None, *, lock: str | None = None, on_conflict: str = "join",
-             retries: int = 0, backoff: Backoff | None = None,
-             retry_on: tuple[type[BaseException], ...] | None = None, timeout: float | None = None,
-             process: bool = False, name: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    def task(
+        self,
+        fn: None = None,
+        *,
+        lock: str | None = None,
+        on_conflict: str = "join",
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        timeout: float | None = None,
+        process: bool = False,
+        name: str | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(self, fn: Callable[P, R] | None = None, *, lock: str | None = None,
-             on_conflict: str = "join", retries: int = 0, backoff: Backoff | None = None,
-             retry_on: tuple[type[BaseException], ...] | None = None, timeout: float | None = None,
-             process: bool = False, name: str | None = None) -> Any:
+    def task(
+        self,
+        fn: Callable[P, R] | None = None,
+        *,
+        lock: str | None = None,
+        on_conflict: str = "join",
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        timeout: float | None = None,
+        process: bool = False,
+        name: str | None = None,
+    ) -> Any:
         """Register a task: ``@app.task`` or ``@app.task(lock=..., retries=..., ...)``."""
+
         def register(func: Callable[P, R]) -> Task[P, R]:
             if not callable(func):
                 raise ConfigError(f"@task needs a function, got {func!r}")
-            task = Task(self, func, name=name, lock=lock, on_conflict=on_conflict, retries=retries,
-                        backoff=backoff, retry_on=tuple(retry_on) if retry_on else None,
-                        timeout=timeout, process=process)
+            task = Task(
+                self,
+                func,
+                name=name,
+                lock=lock,
+                on_conflict=on_conflict,
+                retries=retries,
+                backoff=backoff,
+                retry_on=tuple(retry_on) if retry_on else None,
+                timeout=timeout,
+                process=process,
+            )
             if task.name in self.tasks and self.tasks[task.name].fn is not func:
                 raise ConfigError(f"app {self.name!r} already has a task named {task.name!r}; pass name=")
             self.tasks[task.name] = task
@@ -444,26 +522,48 @@ class App:
 
         return register(fn) if fn is not None else register
 
-    def schedule(self, cron: str, *, tz: str = "UTC", misfire: str = "skip", lock: str | None = None,
-                 process: bool = False, name: str | None = None, retries: int = 0,
-                 timeout: float | None = None) -> Callable[[Callable[[], R]], Task[[], R]]:
+    def schedule(
+        self,
+        cron: str,
+        *,
+        tz: str = "UTC",
+        misfire: str = "skip",
+        lock: str | None = None,
+        process: bool = False,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> Callable[[Callable[[], R]], Task[[], R]]:
         """Run the decorated function on a cron schedule (5 fields, or 6 with seconds), in ``tz``.
 
         Each firing submits one task bound to the app's owner session. Its lock defaults to the
         schedule's own name with on_conflict="join", so a slow run is never stacked by the next.
         A bad cron, time zone or misfire policy raises ConfigError here, at decoration time.
         """
+
         def register(func: Callable[[], R]) -> Task[[], R]:
             task_name = str(name or getattr(func, "__name__", ""))
             spec = ScheduleSpec(task_name, cron, tz, misfire)
-            params = [p for p in inspect.signature(func).parameters.values()
-                      if p.name != "session" and p.default is inspect.Parameter.empty
-                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            params = [
+                p
+                for p in inspect.signature(func).parameters.values()
+                if p.name != "session"
+                and p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
             if params:
-                raise ConfigError(f"schedule {task_name!r}: a scheduled function takes no arguments "
-                                  f"(besides session), but it needs {[p.name for p in params]}")
-            task: Task[[], R] = self.task(lock=lock or task_name, on_conflict="join", process=process,
-                                          name=task_name, retries=retries, timeout=timeout)(func)
+                raise ConfigError(
+                    f"schedule {task_name!r}: a scheduled function takes no arguments "
+                    f"(besides session), but it needs {[p.name for p in params]}"
+                )
+            task: Task[[], R] = self.task(
+                lock=lock or task_name,
+                on_conflict="join",
+                process=process,
+                name=task_name,
+                retries=retries,
+                timeout=timeout,
+            )(func)
             self.schedules[task_name] = spec
             return task
 
@@ -519,4 +619,3 @@ def task(fn: Any = None, **options: Any) -> Any:
 def schedule(cron: str, **options: Any) -> Any:
     """``@cpsl.schedule(cron)`` on :data:`default_app`."""
     return default_app.schedule(cron, **options)
-

@@ -63,8 +63,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args, app)
     registry = cloudpickle.dumps(app, protocol=5)
     keys = Path(args.keys).absolute() if args.keys else None
-    sup = Supervisor(app, registry, state_dir, workers=args.workers, process_workers=args.process_workers,
-                     grace=args.grace, bind_tcp=args.bind, keys_dir=keys)
+    sup = Supervisor(
+        app,
+        registry,
+        state_dir,
+        workers=args.workers,
+        process_workers=args.process_workers,
+        grace=args.grace,
+        bind_tcp=args.bind,
+        keys_dir=keys,
+    )
     return profiled("supervisor", sup.run)
 
 
@@ -75,8 +83,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     key = Path(args.key).absolute()
     endpoint = RemoteEndpoint.with_keys(args.connect, key)
-    return WorkerNode(app, endpoint, key, name=args.name, workers=args.workers,
-                      process_workers=args.process_workers, grace=args.grace).run()
+    return WorkerNode(
+        app, endpoint, key, name=args.name, workers=args.workers, process_workers=args.process_workers, grace=args.grace
+    ).run()
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -84,8 +93,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     if args.add:
         secret = add_client_key(Path(args.dir).absolute(), args.add)
-        print(f"client key {args.add!r} written and authorized: copy {secret} and "
-              f"{secret.parent / 'server.key'} to the client, then for a worker node:")
+        print(
+            f"client key {args.add!r} written and authorized: copy {secret} and "
+            f"{secret.parent / 'server.key'} to the client, then for a worker node:"
+        )
         print(f"  capsule-actors worker MODULE:APP --connect tcp://HOST:PORT --key {secret.name}")
         print("  (restart the supervisor to let it in: authorized keys are read at start)")
         return 0
@@ -171,8 +182,10 @@ class _ProgressBar:
             fraction = 1.0 if self.state == "SUCCEEDED" and self.fraction is None else self.fraction
             pct = "  ?%" if fraction is None else f"{round(fraction * 100):3d}%"
             since = self.started if self.started is not None else self._t0
-            line = (f"{self._bar(fraction, 30, unicode=True)} {pct}  {self.state.lower()}  "
-                    f"{self._duration(time.monotonic() - since)}")
+            line = (
+                f"{self._bar(fraction, 30, unicode=True)} {pct}  {self.state.lower()}  "
+                f"{self._duration(time.monotonic() - since)}"
+            )
             if self.message:
                 line += f"  {self.message}"
         return line[: max(20, _terminal_width(self.stream) - 1)]
@@ -219,10 +232,24 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-_ANSI = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35",
-         "cyan": "36"}
-STATE_COLORS = {"QUEUED": "dim", "SCHEDULED": "magenta", "RUNNING": "blue", "SUCCEEDED": "green",
-                "FAILED": "red", "CANCELLED": "yellow"}
+_ANSI = {
+    "bold": "1",
+    "dim": "2",
+    "red": "31",
+    "green": "32",
+    "yellow": "33",
+    "blue": "34",
+    "magenta": "35",
+    "cyan": "36",
+}
+STATE_COLORS = {
+    "QUEUED": "dim",
+    "SCHEDULED": "magenta",
+    "RUNNING": "blue",
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "CANCELLED": "yellow",
+}
 ACTOR_COLORS = {"ready": "green", "starting": "yellow", "stopping": "yellow", "restarting": "red", "down": "red"}
 
 
@@ -240,8 +267,15 @@ def _paint(text: str, color: str | None, on: bool) -> str:
     return f"\x1b[{_ANSI[color]}m{text}\x1b[0m" if on and color and text else text
 
 
-def _table(rows: list[list[str]], header: list[str], *, colors: list[dict[str, str] | None] | None = None,
-           right: tuple[int, ...] = (), color: bool = False, max_width: int | None = None) -> str:
+def _table(
+    rows: list[list[str]],
+    header: list[str],
+    *,
+    colors: list[dict[str, str] | None] | None = None,
+    right: tuple[int, ...] = (),
+    color: bool = False,
+    max_width: int | None = None,
+) -> str:
     """Aligned columns (two spaces apart). Widths are computed on the plain text, then cells are
     colored (``colors[i]`` maps a cell's value to a color); numbers in ``right`` align right.
     With ``max_width`` the last column is cut to fit."""
@@ -282,9 +316,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
         return 0
     color = use_color(sys.stdout)
-    rows = [[t["id"], t["name"], t["state"], str(t["attempts"]), _pct(t.get("progress")), _when(t["created_at"]),
-             _elapsed(t), t["lock_key"] or "-",
-             f"{t['error_type']}: {t['error_message']}" if t["error_type"] else ""] for t in body]
+    rows = [
+        [
+            t["id"],
+            t["name"],
+            t["state"],
+            str(t["attempts"]),
+            _pct(t.get("progress")),
+            _when(t["created_at"]),
+            _elapsed(t),
+            t["lock_key"] or "-",
+            f"{t['error_type']}: {t['error_message']}" if t["error_type"] else "",
+        ]
+        for t in body
+    ]
     header = ["ID", "NAME", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "ELAPSED", "LOCK", "ERROR"]
     colors: list[dict[str, str] | None] = [None] * len(header)
     colors[2] = STATE_COLORS
@@ -301,24 +346,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     color = use_color(sys.stdout)
     sup = body["supervisor"]
     state = _paint(sup["state"], "green" if sup["state"] == "running" else "yellow", color)
-    print(f"supervisor pid {sup['pid']} {state} since {_when(sup['started_at'])}  "
-          f"rss {sup['rss'] // 2**20} MiB  state dir {sup['state_dir']}")
+    print(
+        f"supervisor pid {sup['pid']} {state} since {_when(sup['started_at'])}  "
+        f"rss {sup['rss'] // 2**20} MiB  state dir {sup['state_dir']}"
+    )
     counts = sorted(body["tasks"].items(), key=lambda kv: STATES.index(kv[0]) if kv[0] in STATES else 99)
-    print("tasks: " + (", ".join(f"{_paint(k.lower(), STATE_COLORS.get(k), color)} {v}" for k, v in counts)
-                       or "none"))
-    rows = [[a["slot"], a["role"], str(a["pid"] or "-"), a["state"], str(a["restarts"]),
-             f"{a['rss'] // 2**20} MiB" if a["rss"] else "-", str(a["running"]), a["last_exit"] or "-"]
-            for a in body["actors"]]
+    print("tasks: " + (", ".join(f"{_paint(k.lower(), STATE_COLORS.get(k), color)} {v}" for k, v in counts) or "none"))
+    rows = [
+        [
+            a["slot"],
+            a["role"],
+            str(a["pid"] or "-"),
+            a["state"],
+            str(a["restarts"]),
+            f"{a['rss'] // 2**20} MiB" if a["rss"] else "-",
+            str(a["running"]),
+            a["last_exit"] or "-",
+        ]
+        for a in body["actors"]
+    ]
     colors: list[dict[str, str] | None] = [None] * 8
     colors[3] = ACTOR_COLORS
-    print(_table(rows, ["SLOT", "ROLE", "PID", "STATE", "RESTARTS", "RSS", "RUNNING", "LAST EXIT"],
-                 colors=colors, right=(2, 4, 5, 6), color=color))
+    print(
+        _table(
+            rows,
+            ["SLOT", "ROLE", "PID", "STATE", "RESTARTS", "RSS", "RUNNING", "LAST EXIT"],
+            colors=colors,
+            right=(2, 4, 5, 6),
+            color=color,
+        )
+    )
     nodes = body.get("nodes", [])
     if nodes:
         print()
-        print(_table([[n["name"], n["host"], str(n["pid"]), n["state"], _when(n["joined_at"]),
-                       f"{n['last_seen_ago']:.1f} s ago", " ".join(n["slots"])] for n in nodes],
-                     ["NODE", "HOST", "PID", "STATE", "JOINED", "LAST SEEN", "ACTORS"], right=(2,), color=color))
+        print(
+            _table(
+                [
+                    [
+                        n["name"],
+                        n["host"],
+                        str(n["pid"]),
+                        n["state"],
+                        _when(n["joined_at"]),
+                        f"{n['last_seen_ago']:.1f} s ago",
+                        " ".join(n["slots"]),
+                    ]
+                    for n in nodes
+                ],
+                ["NODE", "HOST", "PID", "STATE", "JOINED", "LAST SEEN", "ACTORS"],
+                right=(2,),
+                color=color,
+            )
+        )
     return 0
 
 
@@ -334,9 +413,12 @@ def cmd_board(args: argparse.Namespace) -> int:
     board = TaskBoard(_state_dir(args), port=args.port)
 
     def ready(url: str) -> None:
-        print(f"capsule-actors board for {board.state_dir}\n"
-              f"    {url}\n"
-              "(the token in this URL is the board's password; Ctrl-C stops the board)", flush=True)
+        print(
+            f"capsule-actors board for {board.state_dir}\n"
+            f"    {url}\n"
+            "(the token in this URL is the board's password; Ctrl-C stops the board)",
+            flush=True,
+        )
 
     board.run(on_ready=ready)
     return 0
@@ -364,9 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker node: actors on this host that join a supervisor over TCP")
     p.add_argument("app", metavar="MODULE:APP")
     p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the supervisor's --bind address")
-    p.add_argument("--key", required=True, metavar="FILE",
-                   help="this node's NAME.key_secret from `capsule-actors keys DIR --add NAME` (server.key "
-                        "beside it), or a keys directory")
+    p.add_argument(
+        "--key",
+        required=True,
+        metavar="FILE",
+        help="this node's NAME.key_secret from `capsule-actors keys DIR --add NAME` (server.key "
+        "beside it), or a keys directory",
+    )
     p.add_argument("--name", help="node name, unique among the supervisor's nodes (default: the host name)")
     p.add_argument("--workers", type=int, help="worker actors on this node (default: CPU count)")
     p.add_argument("--process-workers", type=int, help="process-isolated actors on this node (default: CPU count)")
@@ -382,8 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args_json", metavar="ARGS_JSON", nargs="?", help="JSON array (positional) or object")
     p.add_argument("--wait", action="store_true", help="wait for the result and print it as JSON")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
-    p.add_argument("--session", metavar="ID",
-                   help="bind the task to this session (its report_progress feeds the --wait progress bar)")
+    p.add_argument(
+        "--session",
+        metavar="ID",
+        help="bind the task to this session (its report_progress feeds the --wait progress bar)",
+    )
     p.set_defaults(func=cmd_submit)
     p = add("tasks", "list tasks, newest first")
     p.add_argument("--status", choices=[s.lower() for s in STATES] + list(STATES), help="only tasks in this state")
@@ -404,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "INFO" if args.command in ("run", "worker")
-                                             else "WARNING"),
-                        format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("CAPSULE_LOG_LEVEL", "INFO" if args.command in ("run", "worker") else "WARNING"),
+        format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s",
+    )
     try:
         return int(args.func(args))
     except CapsuleError as exc:
@@ -419,5 +509,3 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         Connection.close_all()
-
-

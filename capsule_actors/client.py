@@ -40,9 +40,7 @@ _NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 JOURNAL_CREDIT = 4096  # journaled tasks a process may have unacknowledged: max_queued's leeway
 _REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
-_START_HINT = (
-    "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
-)
+_START_HINT = "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
 
 
 def not_running(state_dir: Path) -> NotRunning:
@@ -104,8 +102,9 @@ class Connection:
                 conn.close()
 
     # ---- requests ----------------------------------------------------------------------------
-    def request(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None
-                ) -> concurrent.futures.Future[Reply]:
+    def request(
+        self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None
+    ) -> concurrent.futures.Future[Reply]:
         """Send ``make(req_id)`` (plus payload frames); the future resolves with (body, frames)."""
         if self._closed:
             raise not_running(self.state_dir)
@@ -130,11 +129,20 @@ class Connection:
         still fails at submit), and room for them under max_queued by the last ack (so
         Backpressure still comes at submit)."""
         unacked = self._journal.unacked_items if self._journal is not None else 0
-        return (self._remote is None and self.connected and not self._closed and name in self.confirmed
-                and unacked + n <= min(self.room, JOURNAL_CREDIT))
+        return (
+            self._remote is None
+            and self.connected
+            and not self._closed
+            and name in self.confirmed
+            and unacked + n <= min(self.room, JOURNAL_CREDIT)
+        )
 
-    def submit_journaled(self, make: Callable[[int], messages.Message], frames: list[bytes],
-                         pushes: list[concurrent.futures.Future[Reply]]) -> concurrent.futures.Future[Reply]:
+    def submit_journaled(
+        self,
+        make: Callable[[int], messages.Message],
+        frames: list[bytes],
+        pushes: list[concurrent.futures.Future[Reply]],
+    ) -> concurrent.futures.Future[Reply]:
         """Write the Submit to this process's journal, send it, and return its ack's future
         without waiting: the task is durable once the journal write returns (``journal.py``).
         Raises OSError (nothing sent) when the journal cannot be written."""
@@ -147,9 +155,14 @@ class Connection:
         fut.add_done_callback(functools.partial(self._on_journaled_ack, journal, segment, len(frames), pushes))
         return fut
 
-    def _on_journaled_ack(self, journal: Journal, segment: Segment, n: int,
-                          pushes: list[concurrent.futures.Future[Reply]],
-                          fut: concurrent.futures.Future[Reply]) -> None:
+    def _on_journaled_ack(
+        self,
+        journal: Journal,
+        segment: Segment,
+        n: int,
+        pushes: list[concurrent.futures.Future[Reply]],
+        fut: concurrent.futures.Future[Reply],
+    ) -> None:
         """On the I/O thread: the supervisor recorded (or refused) a journaled submit."""
         if fut.exception() is not None:
             return  # the connection closed first: the record stays for the supervisor to replay
@@ -187,8 +200,7 @@ class Connection:
     async def await_reply(self, fut: concurrent.futures.Future[Reply]) -> Reply:
         return self._check(await asyncio.wrap_future(fut))
 
-    def wait_reply(self, fut: concurrent.futures.Future[Reply], timeout: float | None,
-                   must_run: bool = False) -> Reply:
+    def wait_reply(self, fut: concurrent.futures.Future[Reply], timeout: float | None, must_run: bool = False) -> Reply:
         """Wait for a reply. With ``must_run``, give up with NotRunning once no supervisor is
         left to answer (used by submits); otherwise wait through supervisor restarts."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -204,18 +216,24 @@ class Connection:
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > 5.0:
                     self._withdraw(fut)
-                    raise NotRunning(f"the supervisor for {str(self.state_dir)!r} stopped before it "
-                                     f"acknowledged this request, which was withdrawn; {_START_HINT}")
+                    raise NotRunning(
+                        f"the supervisor for {str(self.state_dir)!r} stopped before it "
+                        f"acknowledged this request, which was withdrawn; {_START_HINT}"
+                    )
             else:
                 gone_since = None
 
-    def call(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None,
-             timeout: float | None = None, must_run: bool = False) -> Reply:
+    def call(
+        self,
+        make: Callable[[int], messages.Message],
+        frames: list[bytes] | None = None,
+        timeout: float | None = None,
+        must_run: bool = False,
+    ) -> Reply:
         """request() and wait; raise the supervisor's error reply as our exception."""
         return self.wait_reply(self.request(make, frames), timeout, must_run)
 
-    async def acall(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None
-                    ) -> Reply:
+    async def acall(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None) -> Reply:
         fut = self.request(make, frames)
         try:
             return self._check(await asyncio.wrap_future(fut))

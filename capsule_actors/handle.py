@@ -61,10 +61,18 @@ class TaskInfo:
     def from_record(cls, rec: dict[str, Any]) -> TaskInfo:
         error = (rec["error_type"], rec["error_message"] or "") if rec.get("error_type") else None
         return cls(
-            id=rec["id"], name=rec["name"], state=TaskState(rec["state"]), attempts=rec["attempts"],
-            lock_key=rec["lock_key"], session_id=rec["session_id"], created_at=rec["created_at"],
-            started_at=rec["started_at"], finished_at=rec["finished_at"], error=error,
-            progress=rec["progress"], slot=rec.get("slot"),
+            id=rec["id"],
+            name=rec["name"],
+            state=TaskState(rec["state"]),
+            attempts=rec["attempts"],
+            lock_key=rec["lock_key"],
+            session_id=rec["session_id"],
+            created_at=rec["created_at"],
+            started_at=rec["started_at"],
+            finished_at=rec["finished_at"],
+            error=error,
+            progress=rec["progress"],
+            slot=rec.get("slot"),
         )
 
 
@@ -235,8 +243,10 @@ class TaskHandle:
         """The future the outcome is pushed to, unless its connection was closed since or this is
         a forked child (then the current connection is asked with a Wait)."""
         push = self._push
-        if push is not None and (push.pid != current_pid()  # type: ignore[attr-defined]
-                                 or (push.done() and push.exception() is not None)):
+        if push is not None and (
+            push.pid != current_pid()  # type: ignore[attr-defined]
+            or (push.done() and push.exception() is not None)
+        ):
             self._push = push = None
         return push
 
@@ -308,15 +318,15 @@ class SessionSubscription:
     async def __aiter__(self) -> AsyncIterator[TaskEvent]:
         while True:
             body, _ = await self._app.connection().acall(
-                lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
+                lambda req: messages.SessionEvents(req, self.session_id, self.cursor)
+            )
             for e in body["events"]:
                 self.cursor = e["seq"]  # the last event handed out: resuming from it loses nothing
                 yield TaskEvent(**e)
 
     def __iter__(self) -> Iterator[TaskEvent]:
         while True:
-            body, _ = self._app.connection().call(
-                lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
+            body, _ = self._app.connection().call(lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
             for e in body["events"]:
                 self.cursor = e["seq"]
                 yield TaskEvent(**e)
@@ -340,8 +350,9 @@ def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[An
             for h in pending:
                 h._settle(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"the submits of {len(pending)} tasks were not acknowledged "
-                               f"within {timeout} s") from None
+            raise TimeoutError(
+                f"the submits of {len(pending)} tasks were not acknowledged within {timeout} s"
+            ) from None
         futures = [(h, h._pushed() or conn.request(functools.partial(_wait_for, h.id))) for h in pending]
         try:
             for h, fut in futures:
@@ -351,8 +362,9 @@ def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[An
             for h, fut in futures:
                 if h._final is None and fut is not h._push:
                     conn.forget(fut)
-            raise TimeoutError(f"{sum(h._final is None for h in pending)} tasks did not finish "
-                               f"within {timeout} s") from None
+            raise TimeoutError(
+                f"{sum(h._final is None for h in pending)} tasks did not finish within {timeout} s"
+            ) from None
     return [h.result() for h in handles]
 
 

@@ -183,7 +183,7 @@ def _valid_records(data: bytes, epoch: int) -> Iterator[list[bytes]]:
     pos = _FILE_HEAD.size
     while pos + _HEAD.size <= len(data):
         length, crc, record_epoch = _HEAD.unpack_from(data, pos)
-        body = data[pos + _HEAD.size:pos + _HEAD.size + length]
+        body = data[pos + _HEAD.size : pos + _HEAD.size + length]
         if record_epoch != epoch or len(body) != length or zlib.crc32(body) != crc:
             return  # acknowledged before the epoch began, or torn
         pos += _HEAD.size + length

@@ -92,8 +92,10 @@ def version_hint() -> str:
     """What to do about a peer whose messages this version cannot read (or that cannot read ours)."""
     from . import __version__
 
-    return (f"this supervisor speaks protocol {PROTOCOL} (capsule_actors {__version__}): install the same "
-            f"capsule_actors version on every machine that talks to it")
+    return (
+        f"this supervisor speaks protocol {PROTOCOL} (capsule_actors {__version__}): install the same "
+        f"capsule_actors version on every machine that talks to it"
+    )
 
 
 def request_id(raw: bytes, requests: Collection[type[Message]], max_len: int = 1 << 20) -> int | None:
@@ -168,8 +170,7 @@ class Submit(Message):
     def check(self) -> None:
         if not self.items:
             raise ProtocolError("Submit.items is empty")
-        if self.push and (len(self.push) != len(self.items)
-                          or not all(type(r) is int for r in self.push)):
+        if self.push and (len(self.push) != len(self.items) or not all(type(r) is int for r in self.push)):
             raise ProtocolError("Submit.push must be empty or one int request id per item")
         for item in self.items:
             if not isinstance(item, list) or len(item) != len(SUBMIT_ITEM_TYPES):
@@ -538,8 +539,7 @@ class Rekey(Message):
 
     def check(self) -> None:
         for row in self.keys:
-            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)
-                    and isinstance(row[1], list)):
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and isinstance(row[1], list)):
                 raise ProtocolError("Rekey row must be [key, [task ids]]")
             _check_str_list("Rekey task ids", row[1])
 

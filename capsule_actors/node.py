@@ -54,17 +54,26 @@ _LEASE = struct.Struct("=d")
 
 def check_node_name(name: str) -> str:
     if not re.fullmatch(NODE_NAME_PATTERN, name):
-        raise ConfigError(f"node name {name!r}: use 1-63 letters, digits, '_', '.' or '-', starting "
-                          "with a letter or digit")
+        raise ConfigError(
+            f"node name {name!r}: use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
     return name
 
 
 class WorkerNode:
     """One node process: a socket to the supervisor, a template, the actors, and the lease."""
 
-    def __init__(self, app: App, endpoint: RemoteEndpoint, key_path: Path, *, name: str | None = None,
-                 workers: int | None = None, process_workers: int | None = None,
-                 grace: float | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        endpoint: RemoteEndpoint,
+        key_path: Path,
+        *,
+        name: str | None = None,
+        workers: int | None = None,
+        process_workers: int | None = None,
+        grace: float | None = None,
+    ) -> None:
         cpus = os.cpu_count() or 1
         self.app = app
         self.endpoint = endpoint
@@ -73,9 +82,12 @@ class WorkerNode:
         self.workers = cpus if workers is None else workers
         self.process_workers = cpus if process_workers is None else process_workers
         if not (0 <= self.workers <= 256 and 0 <= self.process_workers <= 256) or not (
-                self.workers + self.process_workers):
-            raise ConfigError(f"--workers {self.workers} --process-workers {self.process_workers}: each "
-                              "must be 0-256 and together at least 1")
+            self.workers + self.process_workers
+        ):
+            raise ConfigError(
+                f"--workers {self.workers} --process-workers {self.process_workers}: each "
+                "must be 0-256 and together at least 1"
+            )
         self.grace = app.grace if grace is None else grace
         self.sock: zmq.Socket | None = None  # type: ignore[type-arg]
         self.joined = False
@@ -113,8 +125,14 @@ class WorkerNode:
             signal.signal(sig, lambda *_: None)
         self.ctx = zmq.Context()
         self.template = ActorTemplate(cloudpickle.dumps(self.app, protocol=5), sys.path)
-        log.info("node %s (pid %d): %d workers, %d process workers, supervisor %s", self.name, os.getpid(),
-                 self.workers, self.process_workers, self.endpoint.address)
+        log.info(
+            "node %s (pid %d): %d workers, %d process workers, supervisor %s",
+            self.name,
+            os.getpid(),
+            self.workers,
+            self.process_workers,
+            self.endpoint.address,
+        )
         try:
             return self._loop()
         finally:
@@ -161,9 +179,14 @@ class WorkerNode:
             if not self.unanswered:  # once until it joins: a supervisor that is down says nothing either
                 from . import __version__
 
-                log.warning("node %s: no answer to its hello from %s in %.0f s; trying again (is the supervisor "
-                            "up, does it authorize this key, and does it run capsule_actors %s?)", self.name,
-                            self.endpoint.address, HELLO_RETRY, __version__)
+                log.warning(
+                    "node %s: no answer to its hello from %s in %.0f s; trying again (is the supervisor "
+                    "up, does it authorize this key, and does it run capsule_actors %s?)",
+                    self.name,
+                    self.endpoint.address,
+                    HELLO_RETRY,
+                    __version__,
+                )
             self.unanswered = True
             self._close_socket()  # no answer: try again with a fresh connection
         if self.stopping and (not self.actors or now > self.stop_deadline):
@@ -193,8 +216,11 @@ class WorkerNode:
         return None
 
     def _replace_template(self) -> None:
-        log.error("node %s: the actor template died with %s; its actors died with it", self.name,
-                  exit_cause(self.template.popen.returncode or 0))
+        log.error(
+            "node %s: the actor template died with %s; its actors died with it",
+            self.name,
+            exit_cause(self.template.popen.returncode or 0),
+        )
         self._on_template_events()
         for slot, (gen, _pid) in list(self.actors.items()):
             self._exited(slot, gen, -signal.SIGKILL)
@@ -208,13 +234,29 @@ class WorkerNode:
         sock.linger = 0
         sock.sndhwm = 0
         sock.rcvhwm = 0
-        connect(sock, self.endpoint.address, self.endpoint.server_public,
-                (self.endpoint.client_public, self.endpoint.client_secret))
+        connect(
+            sock,
+            self.endpoint.address,
+            self.endpoint.server_public,
+            (self.endpoint.client_public, self.endpoint.client_secret),
+        )
         self.sock = sock
         self.hello_at = time.monotonic()
         tasks = sorted(self.app.tasks)
-        sock.send_multipart([messages.NodeHello(self.name, self.app.name, tasks, self.workers, self.process_workers,
-                                                socket.gethostname(), os.getpid(), messages.PROTOCOL).encode()])
+        sock.send_multipart(
+            [
+                messages.NodeHello(
+                    self.name,
+                    self.app.name,
+                    tasks,
+                    self.workers,
+                    self.process_workers,
+                    socket.gethostname(),
+                    os.getpid(),
+                    messages.PROTOCOL,
+                ).encode()
+            ]
+        )
 
     def _close_socket(self) -> None:
         if self.sock is not None:
@@ -262,8 +304,9 @@ class WorkerNode:
                 self.lease = float(msg.config["lease"])
                 self._renew(self.hello_at + self.lease)
                 self.next_ping = 0.0
-                log.info("node %s joined the supervisor at %s (lease %.1f s)", self.name,
-                         self.endpoint.address, self.lease)
+                log.info(
+                    "node %s joined the supervisor at %s (lease %.1f s)", self.name, self.endpoint.address, self.lease
+                )
         elif isinstance(msg, messages.NodeRefused):
             if msg.fatal:
                 log.error("node %s: the supervisor refused it: %s", self.name, msg.reason)
@@ -303,9 +346,15 @@ class WorkerNode:
             self._send(messages.Exited(msg.slot, msg.gen, -signal.SIGKILL))
             return
         spec = ChildSpec(msg.slot, msg.role, 1, self.grace, node=self.name)
-        proc = self.template.spawn(spec, msg.gen, self.endpoint.address, self.endpoint.server_public, "",
-                                   client_keys=[self.endpoint.client_public, self.endpoint.client_secret],
-                                   lease_file=str(self.lease_path))
+        proc = self.template.spawn(
+            spec,
+            msg.gen,
+            self.endpoint.address,
+            self.endpoint.server_public,
+            "",
+            client_keys=[self.endpoint.client_public, self.endpoint.client_secret],
+            lease_file=str(self.lease_path),
+        )
         if proc is None:
             self._send(messages.Exited(msg.slot, msg.gen, -signal.SIGKILL))
             return
@@ -340,4 +389,3 @@ class WorkerNode:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-

@@ -26,9 +26,15 @@ START_TIMEOUT = 60.0
 class Runtime:
     """A supervisor child process owned by this process; stop() (or leaving ``with``) ends it."""
 
-    def __init__(self, app: App, state_dir: str | os.PathLike[str] | None = None,
-                 workers: int | None = None, process_workers: int | None = None,
-                 grace: float | None = None, start_timeout: float = START_TIMEOUT) -> None:
+    def __init__(
+        self,
+        app: App,
+        state_dir: str | os.PathLike[str] | None = None,
+        workers: int | None = None,
+        process_workers: int | None = None,
+        grace: float | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
         self.app = app
         self.state_dir: Path = resolve_state_dir(state_dir if state_dir is not None else app.state_dir)
         self.workers = workers
@@ -50,16 +56,29 @@ class Runtime:
             raise errors.SerializationError(f"the app's tasks cannot be pickled: {exc!r}") from exc
         ready_r, ready_w = os.pipe()
         # -P: no current directory first on sys.path, so the child imports the same package as us
-        cmd = [sys.executable, "-P", "-m", "capsule_actors.supervisor", "--state-dir", str(self.state_dir),
-               "--ready-fd", str(ready_w), "--parent", str(os.getpid()), "--grace", str(self.grace)]
+        cmd = [
+            sys.executable,
+            "-P",
+            "-m",
+            "capsule_actors.supervisor",
+            "--state-dir",
+            str(self.state_dir),
+            "--ready-fd",
+            str(ready_w),
+            "--parent",
+            str(os.getpid()),
+            "--grace",
+            str(self.grace),
+        ]
         if self.workers:
             cmd += ["--workers", str(self.workers)]
         if self.process_workers:
             cmd += ["--process-workers", str(self.process_workers)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         try:
-            self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(ready_w,), env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, pass_fds=(ready_w,), env=env, start_new_session=True
+            )
         finally:
             os.close(ready_w)
         try:
@@ -121,13 +140,15 @@ class Runtime:
     def __enter__(self) -> Runtime:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     async def __aenter__(self) -> Runtime:
         return await asyncio.get_running_loop().run_in_executor(None, self.start)
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.stop)

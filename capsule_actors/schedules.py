@@ -57,8 +57,10 @@ MISFIRE = ("skip", "run_once")
 UTC = _dt.UTC
 _HOUR_FIELD = 1  # index of the hour field in croniter's `expanded` (seconds are moved to index 5)
 _TINY = _dt.timedelta(microseconds=1)
-_CRON_HELP = ("use 5 fields 'minute hour day month weekday' or 6 fields "
-              "'second minute hour day month weekday' (seconds first), e.g. '*/5 * * * *'")
+_CRON_HELP = (
+    "use 5 fields 'minute hour day month weekday' or 6 fields "
+    "'second minute hour day month weekday' (seconds first), e.g. '*/5 * * * *'"
+)
 
 
 @functools.lru_cache(maxsize=512)

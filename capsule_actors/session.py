@@ -113,8 +113,9 @@ class Session:
         return SessionDB(Path(state_dir) if state_dir is not None else None, self.id, remote)
 
 
-def bound_session(session_id: str, owner: str | None, channel: EventChannel | None,
-                  state_dir: Path | None, remote: Any = None) -> Session:
+def bound_session(
+    session_id: str, owner: str | None, channel: EventChannel | None, state_dir: Path | None, remote: Any = None
+) -> Session:
     """A Session wired to a task's event channel and the runtime's store (``state_dir``), or on a
     worker node to the supervisor (``remote``: the App, whose connection reaches it)."""
     session = Session(session_id, owner)
@@ -214,7 +215,8 @@ class SessionDB:
         from . import messages
 
         body, _ = self._remote.connection().call(
-            lambda req: messages.SessionKV(req, self.session_id, op, key, value, expected))
+            lambda req: messages.SessionKV(req, self.session_id, op, key, value, expected)
+        )
         return body
 
     def __getitem__(self, key: str) -> Any:
@@ -237,8 +239,9 @@ class SessionDB:
 
     def __delitem__(self, key: str) -> None:
         key = _key(key)
-        if not (self._ask("del", key) if self._remote
-                else self._locally(lambda db: kv_delete(db, self.session_id, key))):
+        if not (
+            self._ask("del", key) if self._remote else self._locally(lambda db: kv_delete(db, self.session_id, key))
+        ):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
@@ -272,6 +275,7 @@ class SessionDB:
                 if self._ask("cas", key, _json(new), old):
                     return new
             raise CapsuleError(f"session.db.update({key!r}): 1000 attempts lost to concurrent writers")
+
         def replace(db: sqlite3.Connection) -> Any:
             db.execute("BEGIN IMMEDIATE")  # when the lock is taken, nothing began: tried again
             try:
@@ -301,7 +305,8 @@ def kv_set(db: sqlite3.Connection, session_id: str, key: str, text: str) -> None
     db.execute(
         "INSERT INTO session_kv(session_id, key, value, updated_at) VALUES (?,?,?,?) "
         "ON CONFLICT(session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
-        (session_id, key, text, time.time()))
+        (session_id, key, text, time.time()),
+    )
 
 
 def kv_delete(db: sqlite3.Connection, session_id: str, key: str) -> bool:

@@ -90,8 +90,10 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         if sqlite3.sqlite_version_info < (3, 35):
-            raise StateDirError(f"SQLite {sqlite3.sqlite_version} is too old: capsule_actors needs 3.35 or newer "
-                                "(UPDATE ... RETURNING); use a Python built against a newer libsqlite3")
+            raise StateDirError(
+                f"SQLite {sqlite3.sqlite_version} is too old: capsule_actors needs 3.35 or newer "
+                "(UPDATE ... RETURNING); use a Python built against a newer libsqlite3"
+            )
         try:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -114,8 +116,9 @@ class Store:
         self._any_event = False
         self._cards: dict[str, set[str]] = {}  # task id -> sessions showing its card
         for task_id, session_id in self.db.execute(
-                "SELECT c.task_id, c.session_id FROM cards c JOIN tasks t ON t.id = c.task_id "
-                "WHERE t.state IN ('QUEUED','SCHEDULED','RUNNING')"):
+            "SELECT c.task_id, c.session_id FROM cards c JOIN tasks t ON t.id = c.task_id "
+            "WHERE t.state IN ('QUEUED','SCHEDULED','RUNNING')"
+        ):
             self._cards.setdefault(task_id, set()).add(session_id)
 
     def close(self) -> None:
@@ -200,8 +203,14 @@ class Store:
             data["error"] = f"{etype}: {emsg}"
         self.add_event(task_id, session_id, "state", data)
 
-    def requeue(self, task_id: str, session_id: str | None, run_at: float | None,
-                error: tuple[str, str, str] | None, attempts: int | None = None) -> None:
+    def requeue(
+        self,
+        task_id: str,
+        session_id: str | None,
+        run_at: float | None,
+        error: tuple[str, str, str] | None,
+        attempts: int | None = None,
+    ) -> None:
         """Put a task back in the queue (a retry, or a re-run after a shutdown or crash)."""
         state = "QUEUED"
         if attempts is not None:
@@ -245,12 +254,23 @@ class Store:
     def _card(self, task_id: str) -> dict[str, Any] | None:
         row = self.db.execute(
             "SELECT name, state, attempts, progress, error_type, error_message, created_at, started_at, "
-            "finished_at FROM tasks WHERE id=?", (task_id,)).fetchone()
+            "finished_at FROM tasks WHERE id=?",
+            (task_id,),
+        ).fetchone()
         if row is None:
             return None
-        return {"card": task_id, "task_id": task_id, "name": row[0], "state": row[1], "attempts": row[2],
-                "progress": row[3], "error": f"{row[4]}: {row[5]}" if row[4] else None,
-                "created_at": row[6], "started_at": row[7], "finished_at": row[8]}
+        return {
+            "card": task_id,
+            "task_id": task_id,
+            "name": row[0],
+            "state": row[1],
+            "attempts": row[2],
+            "progress": row[3],
+            "error": f"{row[4]}: {row[5]}" if row[4] else None,
+            "created_at": row[6],
+            "started_at": row[7],
+            "finished_at": row[8],
+        }
 
     def _update_cards(self, task_id: str, state_data: dict[str, Any]) -> None:
         """A followed task changed state: every session showing its card gets an update event."""
@@ -309,9 +329,7 @@ class Store:
                 (state, limit),
             )
         else:
-            rows = self.db.execute(
-                f"SELECT {INFO_COLUMNS} FROM tasks ORDER BY rowid DESC LIMIT ?", (limit,)
-            )
+            rows = self.db.execute(f"SELECT {INFO_COLUMNS} FROM tasks ORDER BY rowid DESC LIMIT ?", (limit,))
         return [dict(r) for r in rows]
 
     def live_tasks(self) -> Iterator[sqlite3.Row]:
@@ -328,20 +346,27 @@ class Store:
         pages in as its in-memory queue drains."""
         return self.db.execute(
             "SELECT rowid, id, name, attempts, session_id, session_owner, run_at FROM tasks "
-            "WHERE rowid > ? AND state='QUEUED' AND lock_key IS NULL ORDER BY rowid LIMIT ?", (after, limit)
+            "WHERE rowid > ? AND state='QUEUED' AND lock_key IS NULL ORDER BY rowid LIMIT ?",
+            (after, limit),
         ).fetchall()
 
     def live_locked(self) -> list[tuple[str, str, str]]:
         """(id, name, lock_key) of every live locked task, in submit order (rowid)."""
-        return [tuple(r) for r in self.db.execute(
-            "SELECT id, name, lock_key FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') "
-            "AND lock_key IS NOT NULL ORDER BY rowid")]
+        return [
+            tuple(r)
+            for r in self.db.execute(
+                "SELECT id, name, lock_key FROM tasks WHERE state IN ('QUEUED','SCHEDULED','RUNNING') "
+                "AND lock_key IS NOT NULL ORDER BY rowid"
+            )
+        ]
 
     def live_row(self, task_id: str) -> dict[str, Any] | None:
         """The record of a queued, scheduled or running task (None when finished or unknown)."""
         row = self.db.execute(
             "SELECT id, name, state, attempts, lock_key, session_id, session_owner, run_at FROM tasks "
-            "WHERE id=? AND state IN ('QUEUED','SCHEDULED','RUNNING')", (task_id,)).fetchone()
+            "WHERE id=? AND state IN ('QUEUED','SCHEDULED','RUNNING')",
+            (task_id,),
+        ).fetchone()
         return dict(row) if row else None
 
     def count_state(self, state: str) -> int:
@@ -350,8 +375,9 @@ class Store:
     def exists(self, task_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone() is not None
 
-    def events_after(self, after: int, limit: int = 500, *, task_id: str | None = None,
-                     session_id: str | None = None) -> list[dict[str, Any]]:
+    def events_after(
+        self, after: int, limit: int = 500, *, task_id: str | None = None, session_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """Events with seq > ``after`` in order: of one task, of one session, or all of them."""
         args: tuple[object, ...] = (after,)
         where = "seq>?"
@@ -361,7 +387,8 @@ class Store:
             where, args = "session_id=? AND seq>?", (session_id, after)
         rows = self.db.execute(
             f"SELECT seq, task_id, session_id, kind, data, ts FROM events WHERE {where} ORDER BY seq LIMIT ?",
-            (*args, limit))
+            (*args, limit),
+        )
         return [
             {"seq": r[0], "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
             for r in rows
@@ -369,9 +396,13 @@ class Store:
 
     def prune_finished(self, before: float, batch: int = 10_000) -> int:
         """Delete finished tasks (with their events and card links) that ended before ``before``."""
-        ids = [r[0] for r in self.db.execute(
-            "SELECT id FROM tasks WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND finished_at < ? LIMIT ?",
-            (before, batch))]
+        ids = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT id FROM tasks WHERE state IN ('SUCCEEDED','FAILED','CANCELLED') AND finished_at < ? LIMIT ?",
+                (before, batch),
+            )
+        ]
         for task_id in ids:
             self.db.execute("DELETE FROM events WHERE task_id=?", (task_id,))
             self.db.execute("DELETE FROM cards WHERE task_id=?", (task_id,))
@@ -386,7 +417,8 @@ class Store:
                 "ON CONFLICT(name) DO UPDATE SET cron=excluded.cron, tz=excluded.tz, "
                 "registered_at=excluded.registered_at, last_slot=NULL "
                 "WHERE schedules.cron != excluded.cron OR schedules.tz != excluded.tz",
-                (name, cron, tz, now))
+                (name, cron, tz, now),
+            )
 
     def schedule_marks(self) -> dict[str, dict[str, float | None]]:
         """name -> {registered_at, last_slot}: where the clock resumes each schedule."""
@@ -403,8 +435,9 @@ class Store:
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
         """(name, state, lock_key, session_id, session_owner, args) of a task, to submit it again."""
-        row = self.db.execute("SELECT name, state, lock_key, session_id, session_owner, args FROM tasks WHERE id=?",
-                              (task_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT name, state, lock_key, session_id, session_owner, args FROM tasks WHERE id=?", (task_id,)
+        ).fetchone()
         return tuple(row) if row else None
 
     def counts(self) -> dict[str, int]:

@@ -1,11 +1,11 @@
 """Tools for testing your own tasks with the real runtime (no mocks needed).
 
-    from capsule_actors import testing
+from capsule_actors import testing
 
-    def test_report(tmp_path):
-        with testing.start_runtime(app, tmp_path, timeout=60) as rt:
-            testing.crash_on_attempt(build_report, attempt=1)   # first attempt's process dies
-            assert build_report.submit(7).result(timeout=30) == "ok"   # the retry succeeds
+def test_report(tmp_path):
+    with testing.start_runtime(app, tmp_path, timeout=60) as rt:
+        testing.crash_on_attempt(build_report, attempt=1)   # first attempt's process dies
+        assert build_report.submit(7).result(timeout=30) == "ok"   # the retry succeeds
 """
 
 from __future__ import annotations
@@ -26,16 +26,21 @@ from .schedules import FakeClock as FakeClock  # drives schedules through given 
 
 
 @contextlib.contextmanager
-def start_runtime(app: App, state_dir: str | os.PathLike[str], *, timeout: float = 120.0,
-                  workers: int | None = 1, process_workers: int | None = 1,
-                  grace: float = 5.0) -> Iterator[Runtime]:
+def start_runtime(
+    app: App,
+    state_dir: str | os.PathLike[str],
+    *,
+    timeout: float = 120.0,
+    workers: int | None = 1,
+    process_workers: int | None = 1,
+    grace: float = 5.0,
+) -> Iterator[Runtime]:
     """Run a supervisor for the block; it is always stopped, and anything left is killed by pid.
 
     ``timeout`` is a hard limit on the whole block: past it the supervisor and its actors are
     SIGKILLed, so waits in the test fail at once instead of hanging the suite.
     """
-    runtime = Runtime(app, state_dir=state_dir, workers=workers, process_workers=process_workers,
-                      grace=grace)
+    runtime = Runtime(app, state_dir=state_dir, workers=workers, process_workers=process_workers, grace=grace)
     runtime.start()
     children = _descendants(runtime.pid)
     watchdog = threading.Timer(timeout, _kill_tree, args=(runtime.pid,))

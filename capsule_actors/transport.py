@@ -93,7 +93,7 @@ def bind(sock: zmq.Socket, endpoint: Endpoint) -> str:  # type: ignore[type-arg]
         sock.curve_publickey = (endpoint.server_public or "").encode()
     if endpoint.address.startswith("ipc://"):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(endpoint.address[len("ipc://"):])  # stale socket; we hold the pid lock
+            os.unlink(endpoint.address[len("ipc://") :])  # stale socket; we hold the pid lock
         with private_umask():
             sock.bind(endpoint.address)
         return endpoint.address
@@ -101,8 +101,12 @@ def bind(sock: zmq.Socket, endpoint: Endpoint) -> str:  # type: ignore[type-arg]
     return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
 
-def connect(sock: zmq.Socket, address: str, server_public: str | None,  # type: ignore[type-arg]
-            client_keys: tuple[str, str] | None = None) -> None:
+def connect(
+    sock: zmq.Socket,  # type: ignore[type-arg]
+    address: str,
+    server_public: str | None,
+    client_keys: tuple[str, str] | None = None,
+) -> None:
     """Connect ``sock``; as a CURVE client when the server needs one, with ``client_keys``
     (public, secret) when the server authorizes clients, else with a fresh key pair."""
     if server_public:
@@ -193,7 +197,8 @@ class RemoteEndpoint:
         keys = os.environ.get(KEYS_ENV)
         if not keys:
             raise StateDirError(
-                f"{CONNECT_ENV}={address} needs {KEYS_ENV}=DIR with the keys from `capsule-actors keys`")
+                f"{CONNECT_ENV}={address} needs {KEYS_ENV}=DIR with the keys from `capsule-actors keys`"
+            )
         return cls.with_keys(address, Path(keys))
 
     @classmethod
@@ -214,8 +219,9 @@ class RemoteEndpoint:
 
     def runtime_file(self) -> RuntimeFile:
         """What a local client would read from supervisor.json, for this remote supervisor."""
-        return RuntimeFile(pid=0, client=self.address, actor="", server_public=self.server_public,
-                           started_at=0.0, state_dir="")
+        return RuntimeFile(
+            pid=0, client=self.address, actor="", server_public=self.server_public, started_at=0.0, state_dir=""
+        )
 
 
 def _public_only(path: Path) -> tuple[str, None]:

@@ -48,8 +48,7 @@ class ClockActor:
             mark = marks.get(name) or {}
             base = mark.get("last_slot") or mark.get("registered_at") or now.timestamp()
             self.states[name] = resume_state(spec, _utc(base), now)
-        self.db = sqlite3.connect(f"file:{Path(config['db'])}?mode=ro", uri=True, timeout=30.0,
-                                  isolation_level=None)
+        self.db = sqlite3.connect(f"file:{Path(config['db'])}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
         self.sent: dict[str, float] = {}
         self.stopping = False
 
@@ -65,7 +64,8 @@ class ClockActor:
     def _due_tasks(self, now: float) -> float:
         rows = self.db.execute(
             "SELECT id, run_at FROM tasks WHERE state='SCHEDULED' AND run_at <= ? ORDER BY run_at LIMIT ?",
-            (now, DUE_BATCH)).fetchall()
+            (now, DUE_BATCH),
+        ).fetchall()
         mono = time.monotonic()
         self.sent = {k: v for k, v in self.sent.items() if mono - v < RESEND_AFTER}
         due = [task_id for task_id, _ in rows if task_id not in self.sent]
@@ -75,8 +75,7 @@ class ClockActor:
         if len(rows) == DUE_BATCH:
             return 0.0
         # the next one not due yet; handed-over ones are looked at again if not taken in time
-        row = self.db.execute("SELECT min(run_at) FROM tasks WHERE state='SCHEDULED' AND run_at > ?",
-                              (now,)).fetchone()
+        row = self.db.execute("SELECT min(run_at) FROM tasks WHERE state='SCHEDULED' AND run_at > ?", (now,)).fetchone()
         wait = max(0.0, row[0] - now) if row and row[0] is not None else MAX_SLEEP
         return min(wait, RESEND_AFTER) if rows else wait
 

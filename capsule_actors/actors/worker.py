@@ -58,8 +58,14 @@ THREAD_POOL_SIZE = 32
 class WorkerActor:
     """Runs the attempts the supervisor sends and reports each one's outcome."""
 
-    def __init__(self, app: app_module.App, sock: zmq.Socket, parent: int, max_payload: int,  # type: ignore[type-arg]
-                 serial: bool = False) -> None:
+    def __init__(
+        self,
+        app: app_module.App,
+        sock: zmq.Socket,  # type: ignore[type-arg]
+        parent: int,
+        max_payload: int,
+        serial: bool = False,
+    ) -> None:
         self.app = app
         self.sock = sock
         self.parent = parent
@@ -244,8 +250,9 @@ class WorkerActor:
         if run.session_id:
             channel = _AttemptChannel(self, run)
             state_dir = app_module.PROCESS_STATE_DIR  # None on a worker node: session.db asks the supervisor
-            session = bound_session(run.session_id, run.session_owner, channel, state_dir,
-                                    remote=self.app if state_dir is None else None)
+            session = bound_session(
+                run.session_id, run.session_owner, channel, state_dir, remote=self.app if state_dir is None else None
+            )
         bind_session(session)
         try:
             return await self._run_body(run, task, session, payload)
@@ -253,8 +260,9 @@ class WorkerActor:
             if channel is not None:
                 channel.open = False  # a session kept past its attempt must not talk any more
 
-    async def _run_body(self, run: messages.Run, task: app_module.Task[Any, Any], session: Any,
-                        payload: bytes) -> tuple[messages.Done, bytes]:
+    async def _run_body(
+        self, run: messages.Run, task: app_module.Task[Any, Any], session: Any, payload: bytes
+    ) -> tuple[messages.Done, bytes]:
         timer = asyncio.timeout(run.timeout)
         try:
             args, kwargs = cloudpickle.loads(payload)
@@ -273,16 +281,22 @@ class WorkerActor:
             return self._done(run, "cancelled", "TaskCancelled", "cancelled by request"), b""
         except TimeoutError as exc:
             if timer.expired():
-                return self._done(run, "timeout", "TaskTimeout",
-                                  f"attempt {run.attempt} ran past timeout={run.timeout} s", retryable=True), b""
+                return self._done(
+                    run,
+                    "timeout",
+                    "TaskTimeout",
+                    f"attempt {run.attempt} ran past timeout={run.timeout} s",
+                    retryable=True,
+                ), b""
             return self._failure(run, task, exc)
         except TaskCancelled as exc:
             return self._done(run, "cancelled", "TaskCancelled", str(exc)), b""
         except BaseException as exc:  # the task's own error, whatever it is, is its outcome
             return self._failure(run, task, exc)
 
-    def _failure(self, run: messages.Run, task: app_module.Task[Any, Any],
-                 exc: BaseException) -> tuple[messages.Done, bytes]:
+    def _failure(
+        self, run: messages.Run, task: app_module.Task[Any, Any], exc: BaseException
+    ) -> tuple[messages.Done, bytes]:
         tb = "".join(traceback.format_exception(exc))
         try:
             frame = cloudpickle.dumps(exc, protocol=5)
@@ -304,8 +318,9 @@ class WorkerActor:
         return frame
 
     @staticmethod
-    def _done(run: messages.Run, outcome: str, etype: str = "", emsg: str = "", tb: str = "",
-              retryable: bool = False) -> messages.Done:
+    def _done(
+        run: messages.Run, outcome: str, etype: str = "", emsg: str = "", tb: str = "", retryable: bool = False
+    ) -> messages.Done:
         return messages.Done(run.task_id, run.attempt, outcome, etype, emsg, tb, retryable)
 
 
@@ -326,8 +341,10 @@ class _AttemptChannel:
         if not self.open:
             from ..errors import ConfigError
 
-            raise ConfigError(f"session {self.run.session_id!r}: its task attempt has ended; "
-                              "reply/notify/stream/progress work only while the task runs")
+            raise ConfigError(
+                f"session {self.run.session_id!r}: its task attempt has ended; "
+                "reply/notify/stream/progress work only while the task runs"
+            )
         frames = [messages.Emit(self.run.task_id, self.run.attempt, kind, data).encode()]
         if threading.get_ident() == self.loop_thread:
             self.actor.send(frames)
@@ -357,8 +374,9 @@ def _dealer(ctx: zmq.Context, args: ActorArgs) -> Any:  # type: ignore[type-arg]
     sock.linger = 2000  # the last results reach the supervisor before we exit
     sock.sndhwm = 0
     sock.rcvhwm = 0
-    connect(sock, args.endpoint, args.server_key,
-            (args.client_keys[0], args.client_keys[1]) if args.client_keys else None)
+    connect(
+        sock, args.endpoint, args.server_key, (args.client_keys[0], args.client_keys[1]) if args.client_keys else None
+    )
     return sock
 
 
@@ -400,8 +418,11 @@ async def _serve(args: ActorArgs, app: app_module.App) -> None:
 
 def run_actor(args: ActorArgs, app: app_module.App) -> None:
     """The life of an actor process, right after the template forked it; never returns."""
-    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"), force=True,
-                        format=f"%(asctime)s capsule-actors[%(process)d] {args.slot} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
+        force=True,
+        format=f"%(asctime)s capsule-actors[%(process)d] {args.slot} %(levelname)s %(message)s",
+    )
     die_with_parent(args.parent)
     if args.lease_file:
         watch_lease(args.lease_file)

@@ -25,13 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--process-workers", type=int)
     parser.add_argument("--grace", type=float)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s",
+    )
     die_with_parent(args.parent, signal.SIGTERM)  # embedded: stop gracefully with the app
     registry = sys.stdin.buffer.read()
     app = cloudpickle.loads(registry)
-    sup = Supervisor(app, registry, Path(args.state_dir), workers=args.workers,
-                     process_workers=args.process_workers, grace=args.grace, ready_fd=args.ready_fd)
+    sup = Supervisor(
+        app,
+        registry,
+        Path(args.state_dir),
+        workers=args.workers,
+        process_workers=args.process_workers,
+        grace=args.grace,
+        ready_fd=args.ready_fd,
+    )
     try:
         return profiled("supervisor", sup.run)
     except CapsuleError:

@@ -52,8 +52,11 @@ class Attempts:
             elif sup.stopping:
                 self.requeue_unfinished(task)
             else:
-                error = ("WorkerCrashed", f"actor {proc.spec.slot} (pid {proc.pid}) died with {cause} "
-                         f"while running attempt {attempt}", "")
+                error = (
+                    "WorkerCrashed",
+                    f"actor {proc.spec.slot} (pid {proc.pid}) died with {cause} while running attempt {attempt}",
+                    "",
+                )
                 self.end(task, "error", error, b"", sup.app.tasks[task.name].retryable(WorkerCrashed))
 
     def give_back(self, task: LiveTask) -> None:
@@ -129,8 +132,12 @@ class Attempts:
                 break
             for task_id, attempt in proc.running.items():
                 task = sup.live.get(task_id)
-                if (not proc.began(task_id) and task_id not in proc.withdrawing and task is not None
-                        and task.owner is None):  # a locked task belongs to its key's owner
+                if (
+                    not proc.began(task_id)
+                    and task_id not in proc.withdrawing
+                    and task is not None
+                    and task.owner is None
+                ):  # a locked task belongs to its key's owner
                     proc.withdrawing.add(task_id)
                     sup.send_actor(proc, messages.Withdraw(task_id, attempt).encode())
                     asked += 1
@@ -211,8 +218,9 @@ class Attempts:
                 proc.begun.add(task.id)
         crash = task.attempts in self.crash_plan.get(task.name, ())
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
-        run = messages.Run(task.id, task.attempts, task.name, task.session_id, task.session_owner,
-                           actor_timeout, crash, held)
+        run = messages.Run(
+            task.id, task.attempts, task.name, task.session_id, task.session_owner, actor_timeout, crash, held
+        )
         sup.send_actor(proc, run.encode(), payload)
         if spec.timeout and proc.spec.role == ROLE_PROCESS and not held:
             sup.add_timer(spec.timeout, self.process_timeout, task.id, task.attempts)
@@ -223,8 +231,7 @@ class Attempts:
             return
         timeout = self.sup.app.tasks[task.name].timeout
         self.abandon(task, "timeout")
-        self.end(task, "timeout", ("TaskTimeout", f"attempt {attempt} ran past timeout={timeout} s", ""),
-                 b"", True)
+        self.end(task, "timeout", ("TaskTimeout", f"attempt {attempt} ran past timeout={timeout} s", ""), b"", True)
 
     def abandon(self, task: LiveTask, why: str) -> None:
         """Stop caring about a running attempt; a process actor is killed and replaced."""
@@ -251,8 +258,9 @@ class Attempts:
         if self.sup.procs.get(proc.spec.slot) is proc:
             self.sup.children.kill_actor(proc)
 
-    def end(self, task: LiveTask, outcome: str, error: tuple[str, str, str] | None,
-            frame: bytes, retryable: bool) -> None:
+    def end(
+        self, task: LiveTask, outcome: str, error: tuple[str, str, str] | None, frame: bytes, retryable: bool
+    ) -> None:
         sup = self.sup
         task.actor = None
         if outcome == "ok":

@@ -125,8 +125,10 @@ class ActorProcess:
 
     def has_room(self) -> bool:
         ahead = 0
-        if self.spec.role == ROLE_PROCESS and (not self.spec.max_tasks  # hold none it will not run
-                                               or self.tasks_done + self.load < self.spec.max_tasks):
+        if self.spec.role == ROLE_PROCESS and (
+            not self.spec.max_tasks  # hold none it will not run
+            or self.tasks_done + self.load < self.spec.max_tasks
+        ):
             ahead = PROCESS_PREFETCH
         return self.ready and not self.stopping and self.load < self.spec.concurrency + ahead
 
@@ -147,8 +149,16 @@ class ActorTemplate:
     def __init__(self, registry: bytes, env_path: list[str], spawn_timeout: float = 30.0) -> None:
         out_r, out_w = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in env_path if p))
-        cmd = [sys.executable, "-P", "-m", "capsule_actors.actors.template", "--parent", str(os.getpid()),
-               "--out-fd", str(out_w)]
+        cmd = [
+            sys.executable,
+            "-P",
+            "-m",
+            "capsule_actors.actors.template",
+            "--parent",
+            str(os.getpid()),
+            "--out-fd",
+            str(out_w),
+        ]
         try:
             self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(out_w,), env=env)
         finally:
@@ -176,12 +186,20 @@ class ActorTemplate:
         except (BrokenPipeError, ValueError):
             return False
 
-    def spawn(self, spec: ChildSpec, gen: int, endpoint: str, server_key: str | None,
-              state_dir: str, **extra: Any) -> ActorProcess | None:
+    def spawn(
+        self, spec: ChildSpec, gen: int, endpoint: str, server_key: str | None, state_dir: str, **extra: Any
+    ) -> ActorProcess | None:
         """Fork an actor for ``spec``; None when the template is gone (it will be replaced).
         ``extra`` goes to the actor's ``ActorArgs`` (a worker node's keys and lease file)."""
-        actor = {"slot": spec.slot, "gen": gen, "role": spec.role, "endpoint": endpoint,
-                 "server_key": server_key, "state_dir": state_dir, **extra}
+        actor = {
+            "slot": spec.slot,
+            "gen": gen,
+            "role": spec.role,
+            "endpoint": endpoint,
+            "server_key": server_key,
+            "state_dir": state_dir,
+            **extra,
+        }
         if not self._write((json.dumps({"op": "spawn", "actor": actor}) + "\n").encode()):
             return None
         deadline = time.monotonic() + self.spawn_timeout
@@ -253,8 +271,9 @@ def local_rss(pid: int) -> int | None:
         return None
 
 
-def actor_status(proc: ActorProcess | None, spec: ChildSpec, record: SlotRecord, keys: int = 0,
-                 rss: int | None = None) -> dict[str, Any]:
+def actor_status(
+    proc: ActorProcess | None, spec: ChildSpec, record: SlotRecord, keys: int = 0, rss: int | None = None
+) -> dict[str, Any]:
     """One row of ``capsule-actors status`` (``rss``: what a worker node reported for it)."""
     state = "restarting" if record.backoff_until else "down"
     if proc is not None:
@@ -262,10 +281,18 @@ def actor_status(proc: ActorProcess | None, spec: ChildSpec, record: SlotRecord,
         if spec.node is None:
             rss = local_rss(proc.pid)
     return {
-        "slot": spec.slot, "role": spec.role, "node": spec.node, "pid": proc.pid or None if proc else None,
-        "state": state, "restarts": record.restarts, "rss": rss if proc else None,
-        "running": proc.busy if proc else 0, "held": len(proc.running) - proc.busy if proc else 0,
-        "tasks_done": proc.tasks_done if proc else 0, "last_exit": record.last_exit, "keys": keys,
+        "slot": spec.slot,
+        "role": spec.role,
+        "node": spec.node,
+        "pid": proc.pid or None if proc else None,
+        "state": state,
+        "restarts": record.restarts,
+        "rss": rss if proc else None,
+        "running": proc.busy if proc else 0,
+        "held": len(proc.running) - proc.busy if proc else 0,
+        "tasks_done": proc.tasks_done if proc else 0,
+        "last_exit": record.last_exit,
+        "keys": keys,
     }
 
 
@@ -319,8 +346,11 @@ class Children:
         template = self.template
         if template is None or template.alive():
             return
-        log.error("the actor template (pid %d) died with %s; its actors die with it",
-                  template.pid, exit_cause(template.popen.returncode))
+        log.error(
+            "the actor template (pid %d) died with %s; its actors die with it",
+            template.pid,
+            exit_cause(template.popen.returncode),
+        )
         self.on_template_events()
         sup.poller.unregister(template.fd)
         template.close(0)
@@ -368,8 +398,7 @@ class Children:
             return
         proc = None
         if self.template is not None:
-            proc = self.template.spawn(spec, next(self.gens), sup.actor_addr, sup.server_public,
-                                           str(sup.state_dir))
+            proc = self.template.spawn(spec, next(self.gens), sup.actor_addr, sup.server_public, str(sup.state_dir))
         if proc is None:  # no template right now: try again once it is back
             sup.add_timer(0.2, self.start_actor, spec)
             return
@@ -404,8 +433,13 @@ class Children:
             log.warning("actor %s (pid %d) exited with %s; restarting", slot, proc.pid, cause)
         delay = 0.0 if deliberate else record.intensity.next_delay(time.monotonic())
         if delay:
-            log.error("actor %s restarted more than %d times in %.0f s; next restart in %.1f s",
-                      slot, sup.app.max_restarts, sup.app.restart_window, delay)
+            log.error(
+                "actor %s restarted more than %d times in %.0f s; next restart in %.1f s",
+                slot,
+                sup.app.max_restarts,
+                sup.app.restart_window,
+                delay,
+            )
             record.backoff_until = time.time() + delay
             sup.add_timer(delay, self.start_actor, proc.spec)
         else:
@@ -419,20 +453,26 @@ class Children:
                     self.kill_actor(proc)
                     self.on_exit(proc, -signal.SIGKILL, f"did not say hello within {SPAWN_TIMEOUT:.0f} s")
                 elif proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
-                    log.error("actor %s sent no heartbeat for %.0f s; killing it", proc.spec.slot,
-                              now - proc.last_seen)
+                    log.error("actor %s sent no heartbeat for %.0f s; killing it", proc.spec.slot, now - proc.last_seen)
                     self.kill_actor(proc)
                 continue
             if not pid_alive(proc.pid):  # its exit report never came: never leave a dead slot
                 proc.missing_checks += 1
                 if proc.missing_checks >= 2:
-                    log.error("actor %s (pid %d) is gone but its exit was not reported; restarting it",
-                              proc.spec.slot, proc.pid)
+                    log.error(
+                        "actor %s (pid %d) is gone but its exit was not reported; restarting it",
+                        proc.spec.slot,
+                        proc.pid,
+                    )
                     self.on_exit(proc, -signal.SIGKILL)
                 continue
             if proc.ready and now - proc.last_seen > HEARTBEAT_TIMEOUT:
-                log.error("actor %s (pid %d) sent no heartbeat for %.0f s; killing it",
-                          proc.spec.slot, proc.pid, now - proc.last_seen)
+                log.error(
+                    "actor %s (pid %d) sent no heartbeat for %.0f s; killing it",
+                    proc.spec.slot,
+                    proc.pid,
+                    now - proc.last_seen,
+                )
                 self.kill_actor(proc)
         self.sup.add_timer(HEARTBEAT_CHECK, self.check_heartbeats)
 

@@ -87,10 +87,19 @@ _REMOTE = b"\x01tcp:"  # prefix of remote client identities (local ROUTER identi
 class Supervisor:
     """Owns the state directory, the store, the sockets and every actor process."""
 
-    def __init__(self, app: App, registry: bytes, state_dir: Path, *, workers: int | None = None,
-                 process_workers: int | None = None, grace: float | None = None,
-                 ready_fd: int | None = None, bind_tcp: str | None = None,
-                 keys_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        registry: bytes,
+        state_dir: Path,
+        *,
+        workers: int | None = None,
+        process_workers: int | None = None,
+        grace: float | None = None,
+        ready_fd: int | None = None,
+        bind_tcp: str | None = None,
+        keys_dir: Path | None = None,
+    ) -> None:
         cpus = os.cpu_count() or 1
         self.app = app
         self.registry = registry
@@ -104,8 +113,10 @@ class Supervisor:
         n_workers = workers or app.workers or cpus
         n_process = process_workers or app.process_workers or cpus
         self.specs = [ChildSpec(f"w{i}", ROLE_WORKER, WORKER_CONCURRENCY, self.grace) for i in range(n_workers)]
-        self.specs += [ChildSpec(f"p{i}", ROLE_PROCESS, 1, self.grace, max_tasks=app.max_tasks_per_process or 0)
-                       for i in range(n_process)]
+        self.specs += [
+            ChildSpec(f"p{i}", ROLE_PROCESS, 1, self.grace, max_tasks=app.max_tasks_per_process or 0)
+            for i in range(n_process)
+        ]
         self.specs.append(ChildSpec("c0", ROLE_CLOCK, 1, self.grace))
         self.wake_clock = False
         self.procs: dict[str, ActorProcess] = {}  # slot -> live incarnation
@@ -139,8 +150,9 @@ class Supervisor:
             try:
                 self._setup()
             except OSError as exc:  # full or read-only disk, and the like: say so, plainly
-                raise StateDirError(f"cannot set up the state directory {str(self.state_dir)!r}: "
-                                    f"{exc.strerror or exc}") from None
+                raise StateDirError(
+                    f"cannot set up the state directory {str(self.state_dir)!r}: {exc.strerror or exc}"
+                ) from None
         except CapsuleError as exc:
             self._announce(f"error {type(exc).__name__}: {exc}")
             raise
@@ -151,7 +163,8 @@ class Supervisor:
             self.intake.replay_journals()
             self.store.commit()
             self.attempts.finished = collections.Counter(
-                {k: v for k, v in self.store.counts().items() if k in ("SUCCEEDED", "FAILED", "CANCELLED")})
+                {k: v for k, v in self.store.counts().items() if k in ("SUCCEEDED", "FAILED", "CANCELLED")}
+            )
             self.children.start_template()
             for spec in self.specs:
                 self.children.start_actor(spec)
@@ -179,8 +192,9 @@ class Supervisor:
         client_ep = local_endpoint(self.state_dir, "client")
         actor_ep = local_endpoint(self.state_dir, "actor")
         if actor_ep.server_secret:  # one key pair for both sockets keeps supervisor.json small
-            actor_ep = dataclasses.replace(actor_ep, server_public=client_ep.server_public,
-                                           server_secret=client_ep.server_secret)
+            actor_ep = dataclasses.replace(
+                actor_ep, server_public=client_ep.server_public, server_secret=client_ep.server_secret
+            )
         self.client_addr = bind(self.client_sock, client_ep)
         self.actor_addr = bind(self.actor_sock, actor_ep)
         self.server_public = client_ep.server_public
@@ -198,9 +212,17 @@ class Supervisor:
         if self.remote_sock is not None:
             self.poller.register(self.remote_sock, zmq.POLLIN)
         self.poller.register(self.sig_r.fileno(), zmq.POLLIN)
-        write_runtime_file(self.state_dir, RuntimeFile(
-            pid=os.getpid(), client=self.client_addr, actor=self.actor_addr,
-            server_public=self.server_public, started_at=self.started_at, state_dir=str(self.state_dir)))
+        write_runtime_file(
+            self.state_dir,
+            RuntimeFile(
+                pid=os.getpid(),
+                client=self.client_addr,
+                actor=self.actor_addr,
+                server_public=self.server_public,
+                started_at=self.started_at,
+                state_dir=str(self.state_dir),
+            ),
+        )
         log.info("supervisor pid %d serving %s on %s", os.getpid(), self.state_dir, self.client_addr)
 
     def _bind_remote(self) -> None:
@@ -279,7 +301,7 @@ class Supervisor:
             self.ctx.term()
             for addr in (self.client_addr, self.actor_addr):
                 if addr.startswith("ipc://"):
-                    Path(addr[len("ipc://"):]).unlink(missing_ok=True)
+                    Path(addr[len("ipc://") :]).unlink(missing_ok=True)
             signal.set_wakeup_fd(-1)
             remove_runtime_file(self.state_dir, os.getpid())
         if hasattr(self, "_lock_fd"):
@@ -412,15 +434,23 @@ class Supervisor:
             _, _, fn, args = heapq.heappop(self.timers)
             fn(*args)
 
-    def reply(self, ident: bytes, req: int, ok: bool, body: Any, frames: Frames = (),  # type: ignore[assignment]
-              outbox: list[tuple[zmq.Socket, Frames]] | None = None) -> None:  # type: ignore[type-arg]
+    def reply(
+        self,
+        ident: bytes,
+        req: int,
+        ok: bool,
+        body: Any,
+        frames: Frames = (),  # type: ignore[assignment]
+        outbox: list[tuple[zmq.Socket, Frames]] | None = None,  # type: ignore[type-arg]
+    ) -> None:
         """Queue a reply: in ``outbox`` (sent at this turn's commit), or in ``after_commit``
         (sent at whichever commit comes next, without forcing one)."""
         sock = self.client_sock
         if ident.startswith(_REMOTE) and self.remote_sock is not None:
-            sock, ident = self.remote_sock, ident[len(_REMOTE):]
+            sock, ident = self.remote_sock, ident[len(_REMOTE) :]
         (self.outbox if outbox is None else outbox).append(
-            (sock, [ident, messages.Reply(req, ok, body).encode(), *frames]))
+            (sock, [ident, messages.Reply(req, ok, body).encode(), *frames])
+        )
 
     def _on_remote(self, frames: Frames) -> None:
         """The TCP socket carries remote clients, worker nodes and the nodes' actors."""
@@ -445,18 +475,36 @@ class Supervisor:
         now = time.time()
         held: set[str] = set()
         for row in self.store.live_tasks():
-            task = LiveTask(row["id"], row["name"], row["state"], row["attempts"], row["lock_key"],
-                            row["session_id"], row["session_owner"], run_at=row["run_at"])
+            task = LiveTask(
+                row["id"],
+                row["name"],
+                row["state"],
+                row["attempts"],
+                row["lock_key"],
+                row["session_id"],
+                row["session_owner"],
+                run_at=row["run_at"],
+            )
             spec = self.app.tasks.get(task.name)
             if spec is not None and task.state == "SCHEDULED" and task.lock_key is None:
                 self.wake_clock = True  # stays in the store; the clock hands it over when due
                 continue
             if spec is None:
-                self.store.finish(task.id, task.session_id, "FAILED", None,
-                                  ("UnknownTask", f"the app has no task {task.name!r} any more", ""), now)
+                self.store.finish(
+                    task.id,
+                    task.session_id,
+                    "FAILED",
+                    None,
+                    ("UnknownTask", f"the app has no task {task.name!r} any more", ""),
+                    now,
+                )
                 continue
-            if task.state == "QUEUED" and task.lock_key is None and (task.run_at or 0) <= now \
-                    and self.intake.to_backlog(row["rowid"]):
+            if (
+                task.state == "QUEUED"
+                and task.lock_key is None
+                and (task.run_at or 0) <= now
+                and self.intake.to_backlog(row["rowid"])
+            ):
                 continue
             self.live[task.id] = task
             if task.lock_key is not None:
@@ -471,8 +519,12 @@ class Supervisor:
                     task.run_at = now + NODE_LOSS if on_node else None
                     self.store.requeue(task.id, task.session_id, task.run_at, crashed)
                 else:
-                    self.attempts.finish(task, "FAILED", b"", ("WorkerCrashed", "the supervisor died while the "
-                                                               "task was running and no retry remained", ""))
+                    self.attempts.finish(
+                        task,
+                        "FAILED",
+                        b"",
+                        ("WorkerCrashed", "the supervisor died while the task was running and no retry remained", ""),
+                    )
                     continue
             if not task.blocked:
                 self.queue(task, task.run_at)

@@ -47,9 +47,11 @@ class Intake:
         if not msg.journaled and len(sup.live) + self.backlog + len(msg.items) > sup.app.max_queued:
             raise Backpressure(
                 f"{len(sup.live) + self.backlog} tasks are queued, scheduled or running and this submit adds "
-                f"{len(msg.items)}: over max_queued={sup.app.max_queued}; retry later or raise App(max_queued=...)")
-        self.submit(PendingSubmit(ident, msg.req, len(msg.items), push=msg.push, journaled=msg.journaled),
-                    msg.items, payload)
+                f"{len(msg.items)}: over max_queued={sup.app.max_queued}; retry later or raise App(max_queued=...)"
+            )
+        self.submit(
+            PendingSubmit(ident, msg.req, len(msg.items), push=msg.push, journaled=msg.journaled), msg.items, payload
+        )
 
     def submit(self, pending: PendingSubmit, items: list[list[Any]], payload: Frames) -> None:
         """Record unlocked items now; send locked ones to their owners for admission first."""
@@ -94,10 +96,15 @@ class Intake:
             for path, _ in replayed:
                 path.unlink(missing_ok=True)
             for path, problem in unreadable:
-                log.error("journal %s cannot be replayed whole (%s); its readable submits are recorded and the "
-                          "file is kept as %s: to replay it, rename it back and start the capsule_actors version "
-                          "that wrote it (%s)", path.name, problem, journal.set_aside(path).name,
-                          messages.version_hint())
+                log.error(
+                    "journal %s cannot be replayed whole (%s); its readable submits are recorded and the "
+                    "file is kept as %s: to replay it, rename it back and start the capsule_actors version "
+                    "that wrote it (%s)",
+                    path.name,
+                    problem,
+                    journal.set_aside(path).name,
+                    messages.version_hint(),
+                )
         sup.add_timer(JOURNAL_SWEEP, self.replay_journals)
 
     def complete(self, pending: PendingSubmit) -> None:
@@ -119,8 +126,13 @@ class Intake:
             else:  # rejected, or in the store only (backlog, delayed): nothing kept in RAM for it
                 result.append(False)
         room = max(0, sup.app.max_queued - len(sup.live) - self.backlog)
-        sup.reply(pending.ident, pending.req, True, {"items": pending.results, "room": room},
-                  outbox=sup.after_commit if pending.journaled else sup.outbox)
+        sup.reply(
+            pending.ident,
+            pending.req,
+            True,
+            {"items": pending.results, "room": room},
+            outbox=sup.after_commit if pending.journaled else sup.outbox,
+        )
 
     def record(self, rows: list[tuple[Any, ...]], slot: str | None, blocked: bool) -> None:
         sup = self.sup
@@ -132,8 +144,9 @@ class Intake:
                 continue
             if row[3] is None and self.to_backlog(rowid):
                 continue
-            task = LiveTask(task_id, row[1], row[2], 0, row[3], row[4], row[5],
-                            owner=slot, blocked=blocked, run_at=row[8])
+            task = LiveTask(
+                task_id, row[1], row[2], 0, row[3], row[4], row[5], owner=slot, blocked=blocked, run_at=row[8]
+            )
             sup.live[task_id] = task
             if not blocked:
                 sup.queue(task, row[8])
@@ -168,8 +181,16 @@ class Intake:
             self.backlog = 0
 
     def load(self, row: Any, state: str) -> LiveTask:
-        task = LiveTask(row["id"], row["name"], state, row["attempts"], None, row["session_id"],
-                        row["session_owner"], run_at=row["run_at"])
+        task = LiveTask(
+            row["id"],
+            row["name"],
+            state,
+            row["attempts"],
+            None,
+            row["session_id"],
+            row["session_owner"],
+            run_at=row["run_at"],
+        )
         task.waiters = self.sup.requests.parked.pop(task.id, [])
         self.sup.live[task.id] = task
         return task

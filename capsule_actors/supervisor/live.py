@@ -26,9 +26,19 @@ class LiveTask:
         "waiters",
     )
 
-    def __init__(self, task_id: str, name: str, state: str, attempts: int, lock_key: str | None,
-                 session_id: str | None, session_owner: str | None,
-                 owner: str | None = None, blocked: bool = False, run_at: float | None = None) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        name: str,
+        state: str,
+        attempts: int,
+        lock_key: str | None,
+        session_id: str | None,
+        session_owner: str | None,
+        owner: str | None = None,
+        blocked: bool = False,
+        run_at: float | None = None,
+    ) -> None:
         self.id = task_id
         self.name = name
         self.state = state
@@ -48,8 +58,15 @@ class PendingSubmit:
 
     __slots__ = ("fire", "ident", "journaled", "push", "remaining", "req", "results")
 
-    def __init__(self, ident: bytes, req: int, size: int, fire: tuple[str, float] | None = None,
-                 push: list[int] | None = None, journaled: bool = False) -> None:
+    def __init__(
+        self,
+        ident: bytes,
+        req: int,
+        size: int,
+        fire: tuple[str, float] | None = None,
+        push: list[int] | None = None,
+        journaled: bool = False,
+    ) -> None:
         self.ident = ident
         self.journaled = journaled  # durable in the client's journal: its ack may wait for any commit
         self.req = req

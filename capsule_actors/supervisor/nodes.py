@@ -48,16 +48,25 @@ class RemoteNode:
     leaving: bool = False  # said NodeBye: its actors finish what they run, then it is forgotten
 
     def status(self, now: float) -> dict[str, Any]:
-        return {"name": self.name, "host": self.host, "pid": self.pid,
-                "state": "leaving" if self.leaving else "connected", "joined_at": self.joined_at,
-                "last_seen_ago": round(now - self.last_seen, 3), "slots": [s.slot for s in self.specs]}
+        return {
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "state": "leaving" if self.leaving else "connected",
+            "joined_at": self.joined_at,
+            "last_seen_ago": round(now - self.last_seen, 3),
+            "slots": [s.slot for s in self.specs],
+        }
 
 
-def node_specs(name: str, workers: int, process_workers: int, concurrency: int, grace: float,
-               max_tasks: int = 0) -> list[ChildSpec]:
+def node_specs(
+    name: str, workers: int, process_workers: int, concurrency: int, grace: float, max_tasks: int = 0
+) -> list[ChildSpec]:
     specs = [ChildSpec(f"{name}:w{i}", ROLE_WORKER, concurrency, grace, node=name) for i in range(workers)]
-    return specs + [ChildSpec(f"{name}:p{i}", ROLE_PROCESS, 1, grace, node=name, max_tasks=max_tasks)
-                    for i in range(process_workers)]
+    return specs + [
+        ChildSpec(f"{name}:p{i}", ROLE_PROCESS, 1, grace, node=name, max_tasks=max_tasks)
+        for i in range(process_workers)
+    ]
 
 
 def other_version(node: str, theirs: str) -> str:
@@ -75,8 +84,10 @@ def refusal(msg: messages.NodeHello, app: App) -> str | None:
     ours, theirs = set(app.tasks), set(msg.tasks)
     if ours != theirs:
         missing, extra = sorted(ours - theirs), sorted(theirs - ours)
-        return (f"node {msg.name!r} has a different version of app {app.name!r}: tasks missing on the "
-                f"node {missing}, tasks unknown to the supervisor {extra}; deploy the same code to both")
+        return (
+            f"node {msg.name!r} has a different version of app {app.name!r}: tasks missing on the "
+            f"node {missing}, tasks unknown to the supervisor {extra}; deploy the same code to both"
+        )
     for what, n in (("workers", msg.workers), ("process_workers", msg.process_workers)):
         if not 0 <= n <= MAX_NODE_ACTORS:
             return f"node {msg.name!r}: {what}={n} is out of range 0-{MAX_NODE_ACTORS}"
@@ -131,8 +142,9 @@ class NodeLink:
             if messages.op_code(raw) != messages.NodeHello.OP:
                 raise
             # a hello we cannot read: most likely a node of another version, so say why it cannot join
-            why = other_version(repr(ident[len(NODE_PREFIX):].split(b"/")[0].decode(errors="replace")),
-                                f"another version ({exc})")
+            why = other_version(
+                repr(ident[len(NODE_PREFIX) :].split(b"/")[0].decode(errors="replace")), f"another version ({exc})"
+            )
             log.warning("refused a worker node: %s", why)
             self.send(ident, messages.NodeRefused(why, True))
             return
@@ -171,8 +183,10 @@ class NodeLink:
         old = self.get(msg.name)
         if why is None and old is not None:
             if (old.host, old.pid) != (msg.host, msg.pid):
-                why = (f"a node named {msg.name!r} is already connected (host {old.host}, pid {old.pid}); "
-                       "give each node its own --name")
+                why = (
+                    f"a node named {msg.name!r} is already connected (host {old.host}, pid {old.pid}); "
+                    "give each node its own --name"
+                )
             else:  # the same node, fenced and back: its old actors are dead
                 self.lose(old, f"the loss of node {msg.name} (it rejoined as a new incarnation)")
         if why is None and sup.stopping:
@@ -182,15 +196,27 @@ class NodeLink:
             log.warning("refused worker node %r from %s: %s", msg.name, msg.host, why)
             self.send(ident, messages.NodeRefused(why, True))
             return
-        specs = node_specs(msg.name, msg.workers, msg.process_workers, WORKER_CONCURRENCY, sup.grace,
-                           sup.app.max_tasks_per_process or 0)
+        specs = node_specs(
+            msg.name,
+            msg.workers,
+            msg.process_workers,
+            WORKER_CONCURRENCY,
+            sup.grace,
+            sup.app.max_tasks_per_process or 0,
+        )
         node = RemoteNode(msg.name, ident, msg.host, msg.pid, specs)
         self.nodes[ident] = node
         for spec in specs:
             sup.children.add_slot(spec)
             sup.slot_ready.setdefault(spec.slot, collections.deque())
-        log.info("worker node %s joined from %s (pid %d): %d workers, %d process workers", msg.name, msg.host,
-                 msg.pid, msg.workers, msg.process_workers)
+        log.info(
+            "worker node %s joined from %s (pid %d): %d workers, %d process workers",
+            msg.name,
+            msg.host,
+            msg.pid,
+            msg.workers,
+            msg.process_workers,
+        )
         self.send(ident, messages.NodeWelcome(self._config(node)))
         for spec in specs:
             sup.children.start_actor(spec)

@@ -45,11 +45,18 @@ class ClientRequests:
         # long polls of h.events() ("t", task id) and app.subscribe() ("s", session id)
         self.event_waiters: dict[tuple[str, str], list[tuple[bytes, int, int]]] = {}
         self.handlers: dict[type, Callable[[bytes, Any, Frames], None]] = {
-            messages.Submit: sup.intake.on_submit, messages.Wait: self.on_wait, messages.Forget: self.on_forget,
-            messages.Info: self.on_info, messages.Cancel: self.on_cancel, messages.ListTasks: self.on_list,
-            messages.Status: self.on_status, messages.Events: self.on_events,
-            messages.InjectCrash: self.on_inject_crash, messages.SessionEvents: self.on_session_events,
-            messages.AllEvents: self.on_all_events, messages.Retry: self.on_retry,
+            messages.Submit: sup.intake.on_submit,
+            messages.Wait: self.on_wait,
+            messages.Forget: self.on_forget,
+            messages.Info: self.on_info,
+            messages.Cancel: self.on_cancel,
+            messages.ListTasks: self.on_list,
+            messages.Status: self.on_status,
+            messages.Events: self.on_events,
+            messages.InjectCrash: self.on_inject_crash,
+            messages.SessionEvents: self.on_session_events,
+            messages.AllEvents: self.on_all_events,
+            messages.Retry: self.on_retry,
             messages.SessionKV: self.on_session_kv,
         }
 
@@ -63,8 +70,11 @@ class ClientRequests:
         except ProtocolError as exc:  # answered when it says which request it is: e.g. another version
             req = messages.request_id(frames[1], self.handlers)
             if req is not None:
-                sup.error_reply(ident, req, ProtocolError(f"the supervisor cannot read this request: {exc}; "
-                                                          f"{messages.version_hint()}"))
+                sup.error_reply(
+                    ident,
+                    req,
+                    ProtocolError(f"the supervisor cannot read this request: {exc}; {messages.version_hint()}"),
+                )
             raise
         handler = self.handlers.get(type(msg))
         if handler is None:
@@ -141,15 +151,28 @@ class ClientRequests:
         actors = []
         for spec in sup.all_specs():
             proc = sup.procs.get(spec.slot)
-            actors.append(actor_status(proc, spec, sup.children.slots[spec.slot], keys[spec.slot],
-                                       sup.children.rss_of(proc) if proc is not None and spec.node else None))
+            actors.append(
+                actor_status(
+                    proc,
+                    spec,
+                    sup.children.slots[spec.slot],
+                    keys[spec.slot],
+                    sup.children.rss_of(proc) if proc is not None and spec.node else None,
+                )
+            )
         now = time.monotonic()
         body = {
-            "supervisor": {"pid": os.getpid(), "state": "stopping" if sup.stopping else "running",
-                           "started_at": sup.started_at, "state_dir": str(sup.state_dir),
-                           "rss": psutil.Process().memory_info().rss, "endpoint": sup.client_addr,
-                           "live_tasks": len(sup.live) + sup.intake.backlog, "in_memory": len(sup.live),
-                           "backlog": sup.intake.backlog},
+            "supervisor": {
+                "pid": os.getpid(),
+                "state": "stopping" if sup.stopping else "running",
+                "started_at": sup.started_at,
+                "state_dir": str(sup.state_dir),
+                "rss": psutil.Process().memory_info().rss,
+                "endpoint": sup.client_addr,
+                "live_tasks": len(sup.live) + sup.intake.backlog,
+                "in_memory": len(sup.live),
+                "backlog": sup.intake.backlog,
+            },
             "actors": actors,
             "nodes": sup.node_link.status(now),
             "tasks": self.task_counts(),
@@ -260,13 +283,15 @@ class ClientRequests:
         if sup.app.result_ttl is not None:
             pruned = sup.store.prune_finished(time.time() - sup.app.result_ttl)
             if pruned:  # rare: recount the finished tasks rather than track each pruned state
-                sup.attempts.finished = collections.Counter({k: v for k, v in sup.store.counts().items()
-                                                    if k in ("SUCCEEDED", "FAILED", "CANCELLED")})
+                sup.attempts.finished = collections.Counter(
+                    {k: v for k, v in sup.store.counts().items() if k in ("SUCCEEDED", "FAILED", "CANCELLED")}
+                )
             removed += pruned
         if removed:
             log.info("retention: removed %d old events and finished tasks", removed)
-        sup.add_timer(max(0.5, min(EVENT_PRUNE_INTERVAL, sup.app.result_ttl or EVENT_PRUNE_INTERVAL)),
-                      self.prune_events)
+        sup.add_timer(
+            max(0.5, min(EVENT_PRUNE_INTERVAL, sup.app.result_ttl or EVENT_PRUNE_INTERVAL)), self.prune_events
+        )
 
     def on_inject_crash(self, ident: bytes, msg: messages.InjectCrash, payload: Frames) -> None:
         sup = self.sup

@@ -59,15 +59,17 @@ DB_FILE = "capsule.db"
 TOKEN_HEADER = "x-capsule-token"
 _STATIC = {"board.js": "text/javascript", "board.css": "text/css", "card.css": "text/css"}
 _ORDER = {
-    "QUEUED": "created_at ASC, id ASC",          # next to run first
+    "QUEUED": "created_at ASC, id ASC",  # next to run first
     "SCHEDULED": "coalesce(run_at, created_at) ASC, id ASC",  # next due first
     "RUNNING": "started_at DESC, id DESC",
-    "SUCCEEDED": "finished_at DESC, id DESC",    # most recent first
+    "SUCCEEDED": "finished_at DESC, id DESC",  # most recent first
     "FAILED": "finished_at DESC, id DESC",
     "CANCELLED": "finished_at DESC, id DESC",
 }
-_ROW = ("id, name, state, attempts, lock_key, session_id, created_at, started_at, finished_at, run_at, "
-        "progress, error_type, error_message, slot")
+_ROW = (
+    "id, name, state, attempts, lock_key, session_id, created_at, started_at, finished_at, run_at, "
+    "progress, error_type, error_message, slot"
+)
 _MAX_PAGE = 200
 _DETAIL_EVENTS = 200
 _KEEPALIVE = 10.0
@@ -75,6 +77,7 @@ _ACTION_TIMEOUT = 15.0
 
 
 # ---- reading the store (read-only) -----------------------------------------------------------
+
 
 def _filters(name: str | None, session: str | None, lock: str | None) -> tuple[str, list[Any]]:
     """Substring filters (case-sensitive) on name, session id and lock key."""
@@ -126,8 +129,16 @@ class BoardStore:
         row = self._db().execute("SELECT max(seq) FROM events").fetchone()
         return int(row[0] or 0)
 
-    def board(self, *, name: str | None = None, session: str | None = None, lock: str | None = None,
-              offsets: dict[str, int] | None = None, page_size: int = 50, names: bool = False) -> dict[str, Any]:
+    def board(
+        self,
+        *,
+        name: str | None = None,
+        session: str | None = None,
+        lock: str | None = None,
+        offsets: dict[str, int] | None = None,
+        page_size: int = 50,
+        names: bool = False,
+    ) -> dict[str, Any]:
         """Every column: its count under the filters and one page of tasks."""
         db = self._db()
         where, params = _filters(name, session, lock)
@@ -135,8 +146,9 @@ class BoardStore:
         page_size = max(1, min(_MAX_PAGE, page_size))
         db.execute("BEGIN")  # one snapshot for counts and pages
         try:
-            counts = dict(db.execute(f"SELECT state, count(*) FROM tasks WHERE {where} GROUP BY state",
-                                     params).fetchall())
+            counts = dict(
+                db.execute(f"SELECT state, count(*) FROM tasks WHERE {where} GROUP BY state", params).fetchall()
+            )
             columns = []
             for state in COLUMNS:
                 count = int(counts.get(state, 0))
@@ -144,12 +156,16 @@ class BoardStore:
                 offset -= offset % page_size
                 rows = db.execute(
                     f"SELECT {_ROW} FROM tasks WHERE state=? AND {where} ORDER BY {_ORDER[state]} LIMIT ? OFFSET ?",
-                    [state, *params, page_size, offset]).fetchall()
-                columns.append({"state": state, "count": count, "offset": offset,
-                                "tasks": [_row(r) for r in rows]})
+                    [state, *params, page_size, offset],
+                ).fetchall()
+                columns.append({"state": state, "count": count, "offset": offset, "tasks": [_row(r) for r in rows]})
             seq = int(db.execute("SELECT max(seq) FROM events").fetchone()[0] or 0)
-            out: dict[str, Any] = {"columns": columns, "seq": seq, "page_size": page_size,
-                                   "total": sum(int(v) for v in counts.values())}
+            out: dict[str, Any] = {
+                "columns": columns,
+                "seq": seq,
+                "page_size": page_size,
+                "total": sum(int(v) for v in counts.values()),
+            }
             if names:
                 out["names"] = [r[0] for r in db.execute("SELECT DISTINCT name FROM tasks ORDER BY name LIMIT 500")]
         finally:
@@ -164,23 +180,37 @@ class BoardStore:
         try:
             row = db.execute(
                 f"SELECT {_ROW}, session_owner, traceback, length(args) AS args_bytes, "
-                "length(result) AS result_bytes FROM tasks WHERE id=?", (task_id,)).fetchone()
+                "length(result) AS result_bytes FROM tasks WHERE id=?",
+                (task_id,),
+            ).fetchone()
             if row is None:
                 return None
             out = _row(row)
             events = db.execute(
                 "SELECT seq, kind, data, ts, session_id FROM events WHERE task_id=? ORDER BY seq DESC LIMIT ?",
-                (task_id, _DETAIL_EVENTS + 1)).fetchall()
+                (task_id, _DETAIL_EVENTS + 1),
+            ).fetchall()
             n_events = int(db.execute("SELECT count(*) FROM events WHERE task_id=?", (task_id,)).fetchone()[0])
         finally:
             db.execute("COMMIT")
-        out["events"] = [{"seq": e[0], "kind": e[1], "data": _json(e[2]), "ts": e[3], "session_id": e[4]}
-                         for e in reversed(events[:_DETAIL_EVENTS])]
+        out["events"] = [
+            {"seq": e[0], "kind": e[1], "data": _json(e[2]), "ts": e[3], "session_id": e[4]}
+            for e in reversed(events[:_DETAIL_EVENTS])
+        ]
         out["events_total"] = n_events
-        out["message"] = next((e["data"].get("message") for e in reversed(out["events"])
-                               if e["kind"] == "progress" and isinstance(e["data"], dict)), None)
-        out["args"] = {"bytes": out.pop("args_bytes") or 0, "format": "cloudpickle",
-                       "summary": "pickled arguments (not unpickled by the board)"}
+        out["message"] = next(
+            (
+                e["data"].get("message")
+                for e in reversed(out["events"])
+                if e["kind"] == "progress" and isinstance(e["data"], dict)
+            ),
+            None,
+        )
+        out["args"] = {
+            "bytes": out.pop("args_bytes") or 0,
+            "format": "cloudpickle",
+            "summary": "pickled arguments (not unpickled by the board)",
+        }
         result_bytes = out.pop("result_bytes")
         out["result"] = None if not result_bytes else {"bytes": result_bytes, "format": "cloudpickle"}
         return out
@@ -194,6 +224,7 @@ def _json(text: str) -> Any:
 
 
 # ---- the live feed ---------------------------------------------------------------------------
+
 
 def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
@@ -270,6 +301,7 @@ class _Feed:
 
 # ---- authentication --------------------------------------------------------------------------
 
+
 class _TokenGate:
     """ASGI middleware: every HTTP request must carry the board's token (401 without, 403 wrong)."""
 
@@ -314,15 +346,22 @@ class _TokenGate:
             cookie_value = morsel.value if morsel is not None else None
         given = from_query or headers.get(TOKEN_HEADER) or bearer or cookie_value
         if not given:
-            await _plain(send, 401, "unauthorized: this board needs its access token; open the URL that "
-                                    "`capsule-actors board` printed (http://127.0.0.1:PORT/?token=...)\n",
-                         {"www-authenticate": 'Bearer realm="capsule-actors board"'})
+            await _plain(
+                send,
+                401,
+                "unauthorized: this board needs its access token; open the URL that "
+                "`capsule-actors board` printed (http://127.0.0.1:PORT/?token=...)\n",
+                {"www-authenticate": 'Bearer realm="capsule-actors board"'},
+            )
             return
         if not self._valid(given):
             await _plain(send, 403, "forbidden: wrong board token\n")
             return
-        if scope["method"] not in ("GET", "HEAD") and given == cookie_value and not any(
-                (from_query, headers.get(TOKEN_HEADER), bearer)):
+        if (
+            scope["method"] not in ("GET", "HEAD")
+            and given == cookie_value
+            and not any((from_query, headers.get(TOKEN_HEADER), bearer))
+        ):
             origin = headers.get("origin")
             if origin is not None and origin != f"http://{host}":
                 await _plain(send, 403, "forbidden: cross-origin request\n")
@@ -338,8 +377,12 @@ class _TokenGate:
 
 async def _plain(send: Any, status: int, text: str, extra: dict[str, str] | None = None) -> None:
     body = text.encode()
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), (b"referrer-policy", b"no-referrer")]
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -352,9 +395,11 @@ _SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "content-security-policy": ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
-                                "base-uri 'none'; form-action 'none'"),
+    "content-security-policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'none'"
+    ),
 }
 
 
@@ -371,8 +416,14 @@ class TaskBoard:
     a free port. ``board.url`` carries the access token; ``board.token`` is the token itself.
     """
 
-    def __init__(self, app: App | str | os.PathLike[str] | None = None, *, port: int = 0,
-                 token: str | None = None, page_size: int = 50) -> None:
+    def __init__(
+        self,
+        app: App | str | os.PathLike[str] | None = None,
+        *,
+        port: int = 0,
+        token: str | None = None,
+        page_size: int = 50,
+    ) -> None:
         from ..app import App
 
         if isinstance(app, App):
@@ -381,12 +432,15 @@ class TaskBoard:
             self.state_dir = resolve_state_dir(app)
         self.db_path = self.state_dir / DB_FILE
         if not self.db_path.is_file():
-            raise ConfigError(f"no task store at {str(self.db_path)!r}: start the runtime once first "
-                              "(`capsule-actors run MODULE:APP`, or `with app.start():`)")
+            raise ConfigError(
+                f"no task store at {str(self.db_path)!r}: start the runtime once first "
+                "(`capsule-actors run MODULE:APP`, or `with app.start():`)"
+            )
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"port={port!r}: expected 0..65535 (0 = any free port)")
-        if token is not None and not (len(token) >= 16 and all(c.isascii() and (c.isalnum() or c in "-_.~")
-                                                               for c in token)):
+        if token is not None and not (
+            len(token) >= 16 and all(c.isascii() and (c.isalnum() or c in "-_.~") for c in token)
+        ):
             raise ConfigError("a board token must be at least 16 characters of A-Z a-z 0-9 - _ . ~")
         if token is None:
             import secrets
@@ -425,8 +479,10 @@ class TaskBoard:
                 sock.bind((HOST, self._requested_port))
             except OSError as exc:
                 sock.close()
-                raise ConfigError(f"cannot listen on {HOST}:{self._requested_port}: {exc.strerror}; "
-                                  "pick another port (--port, 0 = any free port)") from None
+                raise ConfigError(
+                    f"cannot listen on {HOST}:{self._requested_port}: {exc.strerror}; "
+                    "pick another port (--port, 0 = any free port)"
+                ) from None
             sock.listen(128)
             self._sock = sock
             self._bound_port = int(sock.getsockname()[1])
@@ -462,8 +518,11 @@ class TaskBoard:
             name = request.path_params["name"]
             if name not in _STATIC:
                 return Response("not found\n", status_code=404, media_type="text/plain")
-            return Response(_static(name), media_type=f"{_STATIC[name]}; charset=utf-8",
-                            headers={"cache-control": "no-store", "x-content-type-options": "nosniff"})
+            return Response(
+                _static(name),
+                media_type=f"{_STATIC[name]}; charset=utf-8",
+                headers={"cache-control": "no-store", "x-content-type-options": "nosniff"},
+            )
 
         async def favicon(request: Request) -> Response:
             return Response(status_code=204)
@@ -479,8 +538,14 @@ class TaskBoard:
             except ValueError:
                 page_size = board.page_size
             data = await run_in_threadpool(
-                board.store.board, name=q.get("name") or None, session=q.get("session") or None,
-                lock=q.get("lock") or None, offsets=offsets, page_size=page_size, names=q.get("names") == "1")
+                board.store.board,
+                name=q.get("name") or None,
+                session=q.get("session") or None,
+                lock=q.get("lock") or None,
+                offsets=offsets,
+                page_size=page_size,
+                names=q.get("names") == "1",
+            )
             feed = board._feed
             data.update(now=time.time(), online=bool(feed and feed.online), state_dir=str(board.state_dir))
             return json_response(data)
@@ -500,8 +565,12 @@ class TaskBoard:
             conn = await asyncio.to_thread(board._connection)
             if conn is None:
                 return None, json_response(
-                    {"error": f"no supervisor is running for {str(board.state_dir)!r}: start it with "
-                              "`capsule-actors run MODULE:APP`"}, 503)
+                    {
+                        "error": f"no supervisor is running for {str(board.state_dir)!r}: start it with "
+                        "`capsule-actors run MODULE:APP`"
+                    },
+                    503,
+                )
             try:
                 body, _ = await asyncio.wait_for(conn.acall(lambda req: make(req, task_id)), _ACTION_TIMEOUT)
             except UnknownTask as exc:
@@ -511,8 +580,7 @@ class TaskBoard:
             except NotRunning as exc:
                 return None, json_response({"error": str(exc)}, 503)
             except TimeoutError:
-                return None, json_response({"error": f"the supervisor did not answer within {_ACTION_TIMEOUT} s"},
-                                           504)
+                return None, json_response({"error": f"the supervisor did not answer within {_ACTION_TIMEOUT} s"}, 504)
             except CapsuleError as exc:
                 return None, json_response({"error": f"{type(exc).__name__}: {exc}"}, 500)
             return body, None
@@ -529,10 +597,13 @@ class TaskBoard:
                 return error
             new_id, dedup, conflict, _pushed = body["items"][0]
             if conflict:
-                return json_response({"error": f"its lock key is held by live task {new_id} (on_conflict='reject')",
-                                      "holder": new_id}, 409)
-            return json_response({"ok": True, "task_id": new_id, "deduplicated": bool(dedup),
-                                  "retry_of": request.path_params["task_id"]})
+                return json_response(
+                    {"error": f"its lock key is held by live task {new_id} (on_conflict='reject')", "holder": new_id},
+                    409,
+                )
+            return json_response(
+                {"ok": True, "task_id": new_id, "deduplicated": bool(dedup), "retry_of": request.path_params["task_id"]}
+            )
 
         async def api_stream(request: Request) -> Response:
             feed = board._feed
@@ -557,8 +628,11 @@ class TaskBoard:
                 finally:
                     feed.unsubscribe(q)
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+            return StreamingResponse(
+                events(),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+            )
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Any) -> Any:
@@ -602,9 +676,18 @@ class TaskBoard:
             def capture_signals(self) -> Any:  # uvicorn >= 0.29
                 yield
 
-        config = uvicorn.Config(self.asgi(), log_level="warning", access_log=False, lifespan="on",
-                                http="h11", ws="none", loop="asyncio", server_header=False,
-                                proxy_headers=False, timeout_graceful_shutdown=3)
+        config = uvicorn.Config(
+            self.asgi(),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            http="h11",
+            ws="none",
+            loop="asyncio",
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=3,
+        )
         self._server = Server(config)
         return self._server
 
@@ -615,6 +698,7 @@ class TaskBoard:
         server = self._make_server()
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
+
             def stop(signum: int, frame: Any) -> None:
                 if server.should_exit:  # a second signal: do not wait for open connections
                     server.force_exit = True
@@ -637,8 +721,9 @@ class TaskBoard:
             return self
         sock = self._bind()
         server = self._make_server()
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                        name="capsule-board", daemon=True)
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="capsule-board", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not server.started:

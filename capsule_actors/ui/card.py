@@ -82,8 +82,7 @@ class TaskCard:
 
     __slots__ = ("_f",)
 
-    def __init__(self, source: TaskHandle | TaskInfo | TaskEvent | Mapping[str, Any], *,
-                 result: bool = True) -> None:
+    def __init__(self, source: TaskHandle | TaskInfo | TaskEvent | Mapping[str, Any], *, result: bool = True) -> None:
         """``source``: a TaskHandle (its ``info()`` is read now; with ``result`` the value of a
         task that succeeded is summarized), a TaskInfo, a card TaskEvent, or a card / record dict."""
         if isinstance(source, TaskHandle):
@@ -98,18 +97,28 @@ class TaskCard:
         elif isinstance(source, Mapping):
             fields = self._from_mapping(source)
         else:
-            raise TypeError(f"TaskCard needs a TaskHandle, TaskInfo, card TaskEvent or dict, "
-                            f"not {type(source).__name__}")
+            raise TypeError(
+                f"TaskCard needs a TaskHandle, TaskInfo, card TaskEvent or dict, not {type(source).__name__}"
+            )
         self._f = fields
 
     # ---- building ----------------------------------------------------------------------------
     @staticmethod
     def _from_info(info: TaskInfo) -> _Fields:
         error = f"{info.error[0]}: {info.error[1]}" if info.error else None
-        return _Fields(id=info.id, name=info.name, state=info.state, attempts=info.attempts,
-                       progress=info.progress, error=error, created_at=info.created_at,
-                       started_at=info.started_at, finished_at=info.finished_at,
-                       lock_key=info.lock_key, session_id=info.session_id)
+        return _Fields(
+            id=info.id,
+            name=info.name,
+            state=info.state,
+            attempts=info.attempts,
+            progress=info.progress,
+            error=error,
+            created_at=info.created_at,
+            started_at=info.started_at,
+            finished_at=info.finished_at,
+            lock_key=info.lock_key,
+            session_id=info.session_id,
+        )
 
     @staticmethod
     def _from_mapping(data: Mapping[str, Any]) -> _Fields:
@@ -122,13 +131,20 @@ class TaskCard:
             error = f"{data['error_type']}: {data.get('error_message') or ''}"
         progress = data.get("progress")
         return _Fields(
-            id=str(task_id), name=str(data.get("name") or "?"), state=TaskState(state),
+            id=str(task_id),
+            name=str(data.get("name") or "?"),
+            state=TaskState(state),
             attempts=int(data.get("attempts") or 0),
             progress=float(progress) if isinstance(progress, (int, float)) else None,
-            message=data.get("message"), error=error, result=data.get("result"),
-            created_at=data.get("created_at"), started_at=data.get("started_at"),
-            finished_at=data.get("finished_at"), lock_key=data.get("lock_key"),
-            session_id=data.get("session_id"))
+            message=data.get("message"),
+            error=error,
+            result=data.get("result"),
+            created_at=data.get("created_at"),
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+            lock_key=data.get("lock_key"),
+            session_id=data.get("session_id"),
+        )
 
     def updated(self, update: TaskEvent | Mapping[str, Any]) -> TaskCard:
         """A new card with the fields of a later card update (or any partial mapping) applied."""
@@ -210,8 +226,8 @@ class TaskCard:
     def text(self, *, now: float | None = None, unicode: bool = False, width: int = _BAR_WIDTH) -> str:
         """Three short lines (two without a result or error), plain text::
 
-            build_report  RUNNING  attempt 1  id 3f2a9c1e
-            [##########----------]  50%  rendering  elapsed 3.2s
+        build_report  RUNNING  attempt 1  id 3f2a9c1e
+        [##########----------]  50%  rendering  elapsed 3.2s
         """
         f = self._f
         head = f"{f.name}  {f.state.value}  attempt {f.attempts}  id {f.id[:8]}"
@@ -245,8 +261,11 @@ class TaskCard:
         esc = _html.escape
         pct = None if self.progress is None else round(self.progress * 100)
         meta = [f"{pct}%"] if pct is not None else []
-        meta += [self._timing(now), f"attempt {f.attempts}",
-                 f'<span class="cpsl-id" title="{esc(f.id)}">{esc(f.id[:8])}</span>']
+        meta += [
+            self._timing(now),
+            f"attempt {f.attempts}",
+            f'<span class="cpsl-id" title="{esc(f.id)}">{esc(f.id[:8])}</span>',
+        ]
         if f.lock_key:
             meta.append(f"lock {esc(f.lock_key)}")
         now_attr = "" if pct is None else f' aria-valuenow="{pct}"'
@@ -273,8 +292,20 @@ class TaskCard:
         return self.html()
 
 
-_MERGE_KEYS = {"name", "state", "attempts", "progress", "message", "error", "result", "created_at",
-               "started_at", "finished_at", "lock_key", "session_id"}
+_MERGE_KEYS = {
+    "name",
+    "state",
+    "attempts",
+    "progress",
+    "message",
+    "error",
+    "result",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "lock_key",
+    "session_id",
+}
 
 
 def _result_summary(handle: TaskHandle) -> str | None:
