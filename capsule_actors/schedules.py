@@ -12,18 +12,42 @@ Cron syntax
     croniter's 7-field (year) form and Jenkins-style ``H`` hashes are rejected; ``@hourly``-style
     aliases are accepted.
 
-DST rules (all slots are computed on the schedule's local wall clock, then mapped to instants)
-    * Spring forward: a wall time inside the gap does not exist; it fires once at the first
-      instant after the gap (e.g. "30 2 * * *" in New York fires at 03:00 EDT). Several gap slots
-      and a real slot at the gap's end collapse into that single firing.
-    * Fall back: a repeated wall time fires once, at its first occurrence -- unless the hour field
-      matches every hour ("* * * * *", "*/15 * * * *", "0 * * * *", ...): such periodic schedules
-      follow real elapsed time and also fire in the second pass of the repeated hour, so an hourly
-      schedule fires 25 times on a fall-back day (and 23 times on a spring-forward day).
-    croniter's native handling of aware datetimes is not used: croniter 7 returns the same
-    instant forever ("30 1 * * *" after the fall-back day, "30 2 * * *" after spring-forward),
-    and even goes backwards in time. We iterate croniter on naive local wall time instead (pure
-    calendar arithmetic) and resolve gaps and folds with zoneinfo ourselves.
+DST rules (slots are computed on the schedule's local wall clock, then mapped to instants)
+    Two properties of the expression decide them (see docs/schedules.md for a table):
+
+    * slots per hour: how many times the schedule fires within one hour it fires in -- the size
+      of the minute field times the size of the seconds field (a 5-field expression has the one
+      second :00). Hour, day, month and weekday fields do not change it: "*/20 1 * * *" has 3,
+      "0,30 0 * * * *" has 2, "0 * * * *" and "30 2 * * *" have 1.
+    * every hour: the hour field matches all 24 hours ("*", "0-23").
+
+    * Spring forward: a wall time inside the gap does not exist. A schedule with one slot per
+      hour that runs in some hours only (daily, "0 */2 * * *", "30 1-3 * * *") fires such a slot
+      once at the first instant after the gap, or it would lose that day's (or period's) only
+      firing: "30 2 * * *" in New York fires at 03:00 EDT. Several gap slots and a real slot at
+      the gap's end collapse into that single firing. Every other schedule (more than one slot
+      per hour, or every hour) has no slots in the gap and no catch-up, which would be a firing
+      that matches no field, often minutes before a real slot: "7 * * * *" in London fires
+      00:07 GMT then 02:07 BST, "0 * * * *" fires 23 times that day, "*/15 2 * * *" in New York
+      not at all.
+    * Fall back: a wall time repeats. A schedule replays the repeated period (fires its slots in
+      both passes, following real time) if it has more than one slot per hour OR its hour field
+      matches every hour:
+        - more than one slot per hour: "*/20 1 * * *" in New York on 2024-11-03 fires 01:00,
+          01:20, 01:40 EDT and again EST (6); "* 1-6 * * *" does not stop for an hour;
+        - every hour: "0 * * * *" fires 01:00 EDT and 01:00 EST, 25 times that day (as Vixie
+          cron, cronie, cronsim and croniter do), so an hourly job is never silent for two hours.
+      Any other schedule (one slot per hour, in some hours only) fires a repeated wall time once,
+      at its first occurrence: "30 1 * * *" fires at 01:30 EDT only, "0 1-3 * * *" at 01:00 EDT,
+      02:00 EST and 03:00 EST.
+    * Shifts of other sizes (30 minutes on Australia/Lord_Howe) follow the same rules: only the
+      length of the gap or the repeated period changes.
+
+    croniter's native handling of aware datetimes is not used: croniter 7.0.0 moves forward
+    correctly on DST days, but its rules differ from these (it fires "30 1 * * *" in both passes
+    of a repeated hour, and a sub-hourly gap slot such as "*/15 2 * * *" at the gap's end). We
+    iterate croniter on naive local wall time instead (pure calendar arithmetic) and resolve gaps
+    and folds with zoneinfo ourselves.
 """
 
 from __future__ import annotations
@@ -55,7 +79,7 @@ __all__ = [
 MISFIRE = ("skip", "run_once")
 
 UTC = _dt.UTC
-_HOUR_FIELD = 1  # index of the hour field in croniter's `expanded` (seconds are moved to index 5)
+_MINUTE_FIELD, _HOUR_FIELD, _SECOND_FIELD = 0, 1, 5  # indexes in croniter's `expanded` (6 fields only: seconds)
 _TINY = _dt.timedelta(microseconds=1)
 _CRON_HELP = (
     "use 5 fields 'minute hour day month weekday' or 6 fields "
@@ -76,12 +100,39 @@ def _wall_next(cron: str, wall: _dt.datetime) -> _dt.datetime:
     return nxt
 
 
+def _field_size(values: list[int | str], full: int) -> int:
+    """How many values a croniter-expanded field matches (``["*"]`` matches all ``full``)."""
+    return full if values == ["*"] else len(set(values))
+
+
 @functools.lru_cache(maxsize=512)
+def _slots_per_hour(cron: str) -> int:
+    """How many times the schedule fires within an hour it fires in: minutes x seconds. The hour
+    and day fields do not count, so "*/20 1 * * *" (3) is as sub-hourly as "*/20 * * * *"."""
+    expanded = _prototype(cron).expanded
+    seconds = _field_size(expanded[_SECOND_FIELD], 60) if len(expanded) > _SECOND_FIELD else 1
+    return _field_size(expanded[_MINUTE_FIELD], 60) * seconds
+
+
+@functools.lru_cache(maxsize=512)
+def _every_hour(cron: str) -> bool:
+    """True if the hour field matches all 24 hours."""
+    return _field_size(_prototype(cron).expanded[_HOUR_FIELD], 24) == 24
+
+
 def _replays_repeated_hour(cron: str) -> bool:
-    """True if the hour field matches all 24 hours: such a schedule fires in both passes of a
-    repeated (fall-back) hour, by real elapsed time."""
-    hours = _prototype(cron).expanded[_HOUR_FIELD]
-    return hours == ["*"] or set(range(24)) <= set(hours)
+    """True if the schedule fires in both passes of a repeated (fall-back) period: more than one
+    slot per hour ("*/20 1 * * *": skipping the second pass would silence it for an hour) OR an
+    hour field matching every hour ("0 * * * *": skipping it would leave two hours between
+    firings; it fires 25 times on a fall-back day). "30 1 * * *" and "0 1-3 * * *" fire once."""
+    return _slots_per_hour(cron) > 1 or _every_hour(cron)
+
+
+def _catches_up_gap(cron: str) -> bool:
+    """True if a slot in a spring-forward gap fires at the gap's end: one slot per hour in some
+    hours only, so the gap slot is the only firing of its day or period. For denser or every-hour
+    schedules a catch-up would be an extra firing that matches no field."""
+    return _slots_per_hour(cron) == 1 and not _every_hour(cron)
 
 
 def _zone(tz: str) -> ZoneInfo:
@@ -119,13 +170,37 @@ def _transition(tz: ZoneInfo, lo: _dt.datetime, hi: _dt.datetime) -> _dt.datetim
     return _dt.datetime.fromtimestamp(hi_s, UTC)
 
 
-def _primary(tz: ZoneInfo, wall: _dt.datetime) -> _dt.datetime:
-    """The instant a matching wall time fires at: itself, the end of its gap, or its first
-    occurrence."""
-    kind, u0, u1 = _classify(tz, wall)
-    if kind == "gap":
-        return _transition(tz, u1, u0)
-    return u0
+def _wall(tz: ZoneInfo, instant: _dt.datetime) -> _dt.datetime:
+    """The naive local wall time of an aware ``instant``."""
+    return instant.astimezone(tz).replace(tzinfo=None)
+
+
+def _next_primary(cron: str, tz: ZoneInfo, wall: _dt.datetime, a: _dt.datetime) -> _dt.datetime:
+    """The first firing after instant ``a`` of a wall slot after naive ``wall``, counting each
+    wall time once: itself, its first occurrence if repeated, or the end of its gap (if the
+    schedule catches gap slots up; otherwise the gap is jumped over)."""
+    for _ in range(8):  # by construction the first real candidate is > a; the loop is a guard
+        wall = _wall_next(cron, wall)
+        kind, u0, u1 = _classify(tz, wall)
+        if kind != "gap":
+            p = u0
+        elif _catches_up_gap(cron):
+            p = _transition(tz, u1, u0)
+        else:  # no slot in this gap: resume at its end
+            wall = _wall(tz, _transition(tz, u1, u0)) - _TINY
+            continue
+        if p > a:
+            return p
+    raise CapsuleInternalError(f"next_fire({cron!r}, after {a.isoformat()}) made no progress")
+
+
+def _second_pass_next(cron: str, tz: ZoneInfo, base: _dt.datetime, fold_end: _dt.datetime) -> _dt.datetime | None:
+    """The second-pass instant of the first wall slot in (base, fold_end) -- the rest of a
+    repeated period -- for schedules that replay it; None if there is none."""
+    if not _replays_repeated_hour(cron):
+        return None
+    w = _wall_next(cron, base)
+    return w.replace(tzinfo=tz, fold=1).astimezone(UTC) if w < fold_end else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +246,12 @@ class ScheduleSpec:
 def next_fire(spec: ScheduleSpec, after: _dt.datetime) -> _dt.datetime:
     """The first slot strictly after ``after`` (aware, any tz), as an aware UTC datetime.
 
-    Slots are cron matches on the schedule's local wall clock; a wall time in a spring-forward gap
-    fires once at the first instant after the gap, a repeated (fall-back) wall time fires at its
-    first occurrence, plus its second occurrence only if the hour field matches every hour (see
-    the module docstring). Work is bounded: a few croniter calls whatever ``after`` is.
+    Slots are cron matches on the schedule's local wall clock. A wall time in a spring-forward gap
+    fires once at the gap's end only for schedules with one slot per hour in some hours only
+    ("30 2 * * *"); a repeated (fall-back) wall time fires at its first occurrence, plus its second
+    for schedules with more than one slot per hour ("*/20 1 * * *") or whose hour field matches
+    every hour ("0 * * * *"), see the module docstring. Work is bounded: a few croniter calls
+    whatever ``after`` is.
     """
     a = _utc(after, "after")
     tz = _zone(spec.tz)
@@ -183,24 +260,14 @@ def next_fire(spec: ScheduleSpec, after: _dt.datetime) -> _dt.datetime:
     best: _dt.datetime | None = None
     kind, u0, u1 = _classify(tz, start)
     if kind == "fold":  # `after` lies inside a repeated period (first or second pass)
-        t = _transition(tz, u0, u1)
-        fold_start = t.astimezone(tz).replace(tzinfo=None)
+        fold_start = _wall(tz, _transition(tz, u0, u1))
         fold_end = fold_start + (u1 - u0)
         second_pass = local.fold == 1
-        if _replays_repeated_hour(spec.cron):
-            base = start if second_pass else fold_start - _TINY
-            w = _wall_next(spec.cron, base)
-            if w < fold_end:
-                best = w.replace(tzinfo=tz, fold=1).astimezone(UTC)
+        best = _second_pass_next(spec.cron, tz, start if second_pass else fold_start - _TINY, fold_end)
         if second_pass:  # first occurrences in the fold are already past: resume after it
             start = fold_end - _TINY
-    wall = start
-    for _ in range(4):  # by construction the first candidate is > a; the loop is only a guard
-        wall = _wall_next(spec.cron, wall)
-        p = _primary(tz, wall)
-        if p > a:
-            return p if best is None or p < best else best
-    raise CapsuleInternalError(f"next_fire({spec!r}, {after!r}) made no progress")
+    p = _next_primary(spec.cron, tz, start, a)
+    return p if best is None or p < best else best
 
 
 @dataclasses.dataclass

@@ -177,7 +177,7 @@ def test_spring_forward_gap_slots_collapse_into_one_firing() -> None:
     quarter = ScheduleSpec("q", "*/15 * * * *", tz="America/New_York")
     assert slots(quarter, u(2024, 3, 10, 6, 30), u(2024, 3, 10, 7, 30)) == [
         u(2024, 3, 10, 6, 45),  # 01:45 EST
-        u(2024, 3, 10, 7, 0),  # 02:00..02:45 (missing) and 03:00 EDT: one firing
+        u(2024, 3, 10, 7, 0),  # 03:00 EDT: 02:00..02:45 do not exist, no extra firing
         u(2024, 3, 10, 7, 15),
         u(2024, 3, 10, 7, 30),
     ]
@@ -208,18 +208,21 @@ def test_fall_back_new_york_repeated_time_fires_once_at_first_occurrence() -> No
     ]
     # Asked from inside the second pass, it still does not fire the repeated time.
     assert next_fire(spec, u(2024, 11, 3, 6, 10)) == u(2024, 11, 4, 6, 30)
-    pinned = ScheduleSpec("p", "*/20 1 * * *", tz="America/New_York")  # pinned to hour 1
-    assert slots(pinned, u(2024, 11, 3, 4), u(2024, 11, 3, 8)) == [
-        u(2024, 11, 3, 5, 0), u(2024, 11, 3, 5, 20), u(2024, 11, 3, 5, 40),
+    some_hours = ScheduleSpec("s", "0 1-3 * * *", tz="America/New_York")  # one slot per hour, hours 1-3
+    assert slots(some_hours, u(2024, 11, 3, 4), u(2024, 11, 3, 9)) == [
+        u(2024, 11, 3, 5), u(2024, 11, 3, 7), u(2024, 11, 3, 8),  # 01 EDT, 02 EST, 03 EST: not 01 EST
     ]
-    assert next_fire(pinned, u(2024, 11, 3, 6, 10)) == u(2024, 11, 4, 6, 0)
 
 
 def test_fall_back_new_york_periodic_schedules_follow_real_time() -> None:
-    hourly = ScheduleSpec("h", "0 * * * *", tz="America/New_York")
+    hourly = ScheduleSpec("h", "0 * * * *", tz="America/New_York")  # every hour: both passes
     assert slots(hourly, u(2024, 11, 3, 4, 30), u(2024, 11, 3, 8)) == [
         u(2024, 11, 3, 5), u(2024, 11, 3, 6), u(2024, 11, 3, 7), u(2024, 11, 3, 8),  # 01 EDT, 01 EST, 02, 03
     ]
+    assert next_fire(hourly, u(2024, 11, 3, 5, 0)) == u(2024, 11, 3, 6, 0)  # 01:00 EDT -> 01:00 EST
+    assert next_fire(hourly, u(2024, 11, 3, 5, 30)) == u(2024, 11, 3, 6, 0)
+    assert next_fire(hourly, u(2024, 11, 3, 6, 10)) == u(2024, 11, 3, 7, 0)
+    assert next_fire(hourly, u(2024, 11, 3, 6, 0)) == u(2024, 11, 3, 7, 0)  # at the transition itself
     every20 = ScheduleSpec("t", "*/20 * * * *", tz="America/New_York")
     got = slots(every20, u(2024, 11, 3, 4, 50), u(2024, 11, 3, 7, 10))
     assert got == [u(2024, 11, 3, 4, 50) + dt.timedelta(minutes=10 + 20 * i) for i in range(7)]
@@ -227,8 +230,12 @@ def test_fall_back_new_york_periodic_schedules_follow_real_time() -> None:
     assert next_fire(every20, u(2024, 11, 3, 5, 50)) == u(2024, 11, 3, 6, 0)
     # From inside the second pass.
     assert next_fire(every20, u(2024, 11, 3, 6, 10)) == u(2024, 11, 3, 6, 20)
-    assert next_fire(hourly, u(2024, 11, 3, 6, 10)) == u(2024, 11, 3, 7, 0)
-    assert next_fire(hourly, u(2024, 11, 3, 6, 0)) == u(2024, 11, 3, 7, 0)  # at the transition itself
+    pinned = ScheduleSpec("p", "*/20 1 * * *", tz="America/New_York")  # pinned to hour 1: both passes
+    assert slots(pinned, u(2024, 11, 3, 4), u(2024, 11, 3, 8)) == [
+        u(2024, 11, 3, 5, 0), u(2024, 11, 3, 5, 20), u(2024, 11, 3, 5, 40),  # EDT
+        u(2024, 11, 3, 6, 0), u(2024, 11, 3, 6, 20), u(2024, 11, 3, 6, 40),  # EST
+    ]
+    assert next_fire(pinned, u(2024, 11, 3, 6, 10)) == u(2024, 11, 3, 6, 20)
 
 
 def test_fall_back_berlin() -> None:
