@@ -77,7 +77,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import capsule_actors as cpsl  # noqa: E402
 from capsule_actors import messages  # noqa: E402
-from capsule_actors.client import Connection  # noqa: E402
+from capsule_actors.client import Client  # noqa: E402
 from capsule_actors.transport import read_runtime_file  # noqa: E402
 
 TAG_ENV = "CAPSULE_CHAOS_TAG"
@@ -356,7 +356,7 @@ class Service:
 
 def call(app: cpsl.App, make: Callable[[int], messages.Message], timeout: float) -> Any:
     """One request with a bounded wait; a request that times out is forgotten (never resent)."""
-    conn = app.connection()
+    conn = app.client()
     fut = conn.request(make)
     try:
         return conn.wait_reply(fut, timeout)[0]
@@ -572,7 +572,7 @@ class Chaos:
             self.stop_submitting.set()
             self.stop_killing.set()
             self.service.kill_all()
-            Connection.close_all(self.app.resolved_state_dir())
+            Client.close_all(self.app.resolved_state_dir())
             for t in threads:
                 t.join(15)
             sys.modules.pop(self.module_name, None)
@@ -619,7 +619,7 @@ class Chaos:
         report = self.report
         handles = list({s.handle.id: s.handle for s in self.sent}.values())
         report.acknowledged = len(handles)
-        conn = self.app.connection()
+        conn = self.app.client()
         waits = {h.id: (h, conn.request(functools.partial(_wait, h.id))) for h in handles}
         errors: dict[str, Exception] = {}
         deadline = time.monotonic() + self.cfg.drain_timeout

@@ -72,7 +72,7 @@ def _cli(tmp: Path, *args: str) -> subprocess.Popen[bytes]:
 def _status(mod: Any) -> dict[str, Any]:
     from capsule_actors import messages
 
-    body, _ = mod.app.connection().call(lambda req: messages.Status(req), timeout=10)
+    body, _ = mod.app.client().call(lambda req: messages.Status(req), timeout=10)
     return dict(body)
 
 
@@ -147,9 +147,9 @@ def measure(tmp: Path, k: int, args: argparse.Namespace, dog: Watchdog) -> dict[
                               ) if k else None
         return {"nodes": k, "map": median(runs), "share": median(shares), "local": local, "remote": remote}
     finally:
-        from capsule_actors.client import Connection
+        from capsule_actors.client import Client
 
-        Connection.close_all()
+        Client.close_all()
         for proc in reversed(procs):
             stop_tree(proc, 5.0)
 

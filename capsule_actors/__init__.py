@@ -30,9 +30,10 @@ from .errors import (
     UnknownTask,
     WorkerCrashed,
 )
-from .handle import TaskEvent, TaskHandle, TaskInfo, TaskState, await_all, wait_all
+from .handle import TaskEvent, TaskHandle, TaskInfo, await_all, wait_all
 from .runtime import Runtime
 from .session import Session, current_session
+from .states import TaskState
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime as _dt
 import functools
@@ -19,24 +18,22 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
 
-from . import messages
+from . import bootstrap
 from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
-from .handle import SessionSubscription, TaskHandle, _wait_for
+from .handle import SessionSubscription, TaskHandle
 from .lifecycle import current_pid
 from .schedules import ScheduleSpec
 from .session import DEFAULT_OWNER_ID, Session, bound_session
-from .transport import resolve_state_dir
 
 if TYPE_CHECKING:
-    from .client import Connection
+    from .bootstrap import ClientConfig
+    from .client import Client, Prepared, Submitted
     from .runtime import Runtime
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 ON_CONFLICT = ("join", "queue", "reject")
-# Set in actor processes: every App there talks to the supervisor that spawned the actor.
-PROCESS_STATE_DIR: Path | None = None
 DEFAULT_MAX_PAYLOAD = 16 * 2**20
 
 
@@ -207,33 +204,49 @@ class Task(Generic[P, R]):
         ]
         return item, payload
 
-    def _handles(
-        self, items: list[list[Any]], ack: dict[str, Any], pushes: list[concurrent.futures.Future[Any]]
-    ) -> list[TaskHandle]:
-        """Handles from the supervisor's ``[id, deduplicated, conflict, pushed]`` answers, each
-        holding the reply its outcome will be pushed to (when pushed); a conflict
-        (on_conflict="reject" and the key is held) raises LockConflict."""
-        conn = self.app.connection()
-        conn.note_ack(self.name, ack)
-        body = ack["items"]
-        handles = [
-            TaskHandle(self.app, tid, self.name, item[2], bool(dedup)) for item, (tid, dedup, *_) in zip(items, body)
-        ]
-        for handle, fut, (_, _, _, pushed) in zip(handles, pushes, body):
-            if pushed:
-                handle._push = fut
-            else:
-                conn.discard(fut)
-        conflicts = [(item[2], tid) for item, (tid, _, conflict, _) in zip(items, body) if conflict]
-        if conflicts:
-            key, holder = conflicts[0]
+    def _handles(self, prepared: list[Prepared], submitted: list[Submitted]) -> list[TaskHandle]:
+        """Handles of submitted tasks; a conflict (on_conflict="reject" and the key is held)
+        raises LockConflict, with the handles of the others on it."""
+        handles, conflict = [], None
+        for (item, _), sub in zip(prepared, submitted):
+            if not sub.conflict:
+                handles.append(TaskHandle._submitted(self.app, self.name, item[2], sub))
+            elif conflict is None:
+                conflict = (item[2], sub.task_id)
+        if conflict is not None:
+            key, holder = conflict
             exc = LockConflict(
                 f"task {self.name!r}: lock key {key!r} is held by live task {holder} (on_conflict='reject')"
             )
-            exc.handles = [h for h, (_, _, c, _) in zip(handles, body) if not c]  # type: ignore[attr-defined]
+            exc.handles = handles  # type: ignore[attr-defined]
             exc.holder_id = holder  # type: ignore[attr-defined]
             raise exc
         return handles
+
+    def _recorded(self, exc: CapsuleError, prepared: list[Prepared]) -> None:
+        """A map() failed after its first messages were recorded: their handles go on the error."""
+        submitted: list[Submitted] | None = getattr(exc, "submitted", None)
+        if submitted:
+            try:
+                exc.handles = self._handles(prepared, submitted)  # type: ignore[attr-defined]
+            except LockConflict as conflict:
+                exc.handles = conflict.handles  # type: ignore[attr-defined]
+
+    def _send(self, prepared: list[Prepared]) -> list[TaskHandle]:
+        try:
+            submitted = self.app.client().submit(self.name, prepared)
+        except CapsuleError as exc:
+            self._recorded(exc, prepared)
+            raise
+        return self._handles(prepared, submitted)
+
+    async def _asend(self, prepared: list[Prepared]) -> list[TaskHandle]:
+        try:
+            submitted = await self.app.client().asubmit(self.name, prepared)
+        except CapsuleError as exc:
+            self._recorded(exc, prepared)
+            raise
+        return self._handles(prepared, submitted)
 
     # ---- submitting --------------------------------------------------------------------------
     def submit(self, *args: Any, session: Session | None = None, **kwargs: Any) -> TaskHandle:
@@ -274,114 +287,6 @@ class Task(Generic[P, R]):
     async def amap(self, arg_list: Iterable[Any], session: Session | None = None) -> list[TaskHandle]:
         prepared = [self.prepare(*_split(item), session, None) for item in arg_list]
         return await self._asend(prepared) if prepared else []
-
-    def _journaled(self, conn: Connection, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle] | None:
-        """Unlocked tasks on this machine: durable in the submit journal, not waiting for the
-        ack (``journal.py``); None when they must wait for it instead."""
-        if any(p[0][2] is not None for p in prepared) or not conn.may_journal(self.name, len(prepared)):
-            return None
-        if sum(1 for _ in _batches(prepared)) != 1:  # more than one Submit's worth: each waits
-            return None
-        pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in prepared]
-        try:
-            ack = conn.submit_journaled(_submit_of(prepared, pushes, True), [p[1] for p in prepared], pushes)
-        except OSError:  # e.g. a full disk: the supervisor's answer will say what is wrong
-            for push in pushes:
-                conn.discard(push)
-            return None
-        handles = []
-        for i, ((item, _), push) in enumerate(zip(prepared, pushes)):
-            handle = TaskHandle(self.app, item[0], self.name)
-            handle._push, handle._ack = push, (ack, i)
-            handles.append(handle)
-        return handles
-
-    def _send(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
-        conn = self.app.connection()
-        journaled = self._journaled(conn, prepared)
-        if journaled is not None:
-            return journaled
-        sent = []
-        for batch in _batches(prepared):
-            pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in batch]
-            sent.append((batch, pushes, conn.request(_submit_of(batch, pushes), [p[1] for p in batch])))
-        handles: list[TaskHandle] = []
-        for k, (batch, pushes, fut) in enumerate(sent):
-            try:
-                body, _ = conn.wait_reply(fut, None, must_run=True)
-            except BaseException as exc:  # this batch and the later ones: expect no pushes
-                _failed(conn, exc, [pushes for _, pushes, _ in sent[k:]], handles)
-                raise
-            handles += self._handles([p[0] for p in batch], body, pushes)
-        return handles
-
-    async def _asend(self, prepared: list[tuple[list[Any], bytes]]) -> list[TaskHandle]:
-        conn = self.app.connection()
-        journaled = self._journaled(conn, prepared)  # a file write: it does not block the loop
-        if journaled is not None:
-            return journaled
-        handles: list[TaskHandle] = []
-        for batch in _batches(prepared):
-            pushes = [conn.expect(functools.partial(_wait_for, p[0][0])) for p in batch]
-            try:
-                body, _ = await conn.acall(_submit_of(batch, pushes), [p[1] for p in batch])
-            except BaseException as exc:
-                _failed(conn, exc, [pushes], handles)
-                raise
-            handles += self._handles([p[0] for p in batch], body, pushes)
-        return handles
-
-
-_BATCH_ITEMS = 4096  # tasks per Submit message: its header stays far below the 1 MiB header limit
-_BATCH_HEADER_BYTES = 512 * 1024
-_ITEM_MAX_BYTES = 64 * 1024
-
-
-def _batches(prepared: list[tuple[list[Any], bytes]]) -> Iterator[list[tuple[list[Any], bytes]]]:
-    """Split a map() into Submit messages; each one is recorded atomically by the supervisor."""
-    batch: list[tuple[list[Any], bytes]] = []
-    size = 0
-    for p in prepared:
-        cost = 16 + sum(len(v) for v in p[0] if isinstance(v, str))
-        if cost > _ITEM_MAX_BYTES:
-            raise ConfigError(
-                f"task {p[0][1]!r}: its lock key and session id take {cost} bytes; keep them "
-                f"under {_ITEM_MAX_BYTES} (they are routing keys, not data: pass data as arguments)"
-            )
-        if batch and (len(batch) >= _BATCH_ITEMS or size + cost > _BATCH_HEADER_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(p)
-        size += cost
-    if batch:
-        yield batch
-
-
-def _submit_of(
-    batch: list[tuple[list[Any], bytes]], pushes: list[concurrent.futures.Future[Any]], journaled: bool = False
-) -> Callable[[int], messages.Message]:
-    items = [p[0] for p in batch]
-    push = [fut.req for fut in pushes]  # type: ignore[attr-defined]
-    return lambda req: messages.Submit(req, items, push, journaled)
-
-
-def _failed(
-    conn: Connection,
-    exc: BaseException,
-    unanswered: list[list[concurrent.futures.Future[Any]]],
-    handles: list[TaskHandle],
-) -> None:
-    """A Submit failed: expect no pushed outcomes for it (nor for those sent after it), and, for a
-    map() larger than one message, say what was recorded before and hand it over."""
-    for pushes in unanswered:
-        for push in pushes:
-            conn.discard(push)
-    if handles and isinstance(exc, CapsuleError):
-        exc.add_note(
-            f"the first {len(handles)} tasks of this map() were recorded before the error; "
-            "their handles are on the exception's .handles"
-        )
-        exc.handles = handles  # type: ignore[attr-defined]
 
 
 def _split(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -457,14 +362,15 @@ class App:
         self.result_ttl = result_ttl
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
-        self._state_dir_override: Path | None = None
+        self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)
+        self._client: Client | None = None  # the client found for it in this process (a cache)
 
     def __repr__(self) -> str:
         return f"<App {self.name} tasks={list(self.tasks)}>"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_state_dir_override"] = None
+        state["_config"] = state["_client"] = None  # each process resolves its own (bootstrap.py)
         return state
 
     # ---- declaring ---------------------------------------------------------------------------
@@ -578,14 +484,29 @@ class App:
             raise UnknownTask(f"app {self.name!r} has no task {name!r}; it has {sorted(self.tasks)}") from None
 
     # ---- running -----------------------------------------------------------------------------
+    def bind(self, config: ClientConfig | None) -> None:
+        """Send this App's tasks to the supervisor ``config`` names (``app.start()`` and the CLI
+        do; None unbinds). Unbound, it follows the process's configuration (``bootstrap.py``)."""
+        self._config = config
+        self._client = None
+
+    def client_config(self) -> ClientConfig:
+        """Where this App's submits go: its binding, else the process's (an actor's), else its
+        ``state_dir`` or the environment's."""
+        return self._config or bootstrap.process_config() or bootstrap.from_environment(self.state_dir)
+
     def resolved_state_dir(self) -> Path:
-        return self._state_dir_override or PROCESS_STATE_DIR or resolve_state_dir(self.state_dir)
+        return self.client_config().state_dir
 
-    def connection(self) -> Connection:
-        """This process's connection to the app's running supervisor (NotRunning if none)."""
-        from .client import Connection
+    def client(self) -> Client:
+        """This process's client of the app's running supervisor (NotRunning if none): found
+        once, then kept until it closes (or the process forks)."""
+        client = self._client
+        if client is None or client.closed or client.pid != current_pid():
+            from .client import Client
 
-        return Connection.for_state_dir(self.resolved_state_dir())
+            client = self._client = Client.shared(self.client_config())
+        return client
 
     def start(self, **overrides: Any) -> Runtime:
         """Start a supervisor as a child process: ``with app.start() as runtime: ...``."""
@@ -598,14 +519,17 @@ class App:
 
     def session(self, session_id: str) -> Session:
         """A session as app code sees it: ``app.session("chat-1").db`` reads and writes its store."""
-        return bound_session(session_id, None, None, self.resolved_state_dir())
+        return bound_session(session_id, None, None, self)
 
-    def subscribe(self, session_id: str, after: int = 0) -> SessionSubscription:
+    def subscribe(self, session_id: str, after: int = 0, timeout: float | None = None) -> SessionSubscription:
         """``async for event in app.subscribe(sid, after=cursor)``: every event of the session's
-        tasks from seq ``after`` on, as they happen; keep ``event.seq`` to resume after a restart."""
+        tasks from seq ``after`` on, as they happen; keep ``event.seq`` to resume after a restart.
+        ``timeout``: an iteration lasting longer raises TimeoutError."""
         if not isinstance(session_id, str) or not session_id:
             raise ConfigError(f"subscribe() needs a session id, got {session_id!r}")
-        return SessionSubscription(self, session_id, after)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
+            raise ConfigError(f"subscribe() timeout={timeout!r}: expected seconds >= 0 or None")
+        return SessionSubscription(self, session_id, after, timeout)
 
 
 default_app = App("default")

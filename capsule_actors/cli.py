@@ -1,5 +1,5 @@
-"""The ``capsule-actors`` command. The environment (CAPSULE_STATE_DIR) is read here and in
-transport.resolve_state_dir only."""
+"""The ``capsule-actors`` command: where a CLI process starts, so where its configuration is
+resolved (``bootstrap.py`` reads the environment; the commands pass what they resolve down)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from typing import Any
 
 import cloudpickle
 
-from . import messages
+from . import bootstrap, messages, states
 from .app import App
-from .client import Connection
+from .client import Client
 from .errors import CapsuleError, ConfigError
 from .lifecycle import profiled
 from .session import Session
-from .transport import resolve_state_dir
 
-STATES = ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+STATES = tuple(s.value for s in states.ALL)
 
 
 def load_app(target: str) -> App:
@@ -52,8 +51,8 @@ def load_app(target: str) -> App:
 
 def _state_dir(args: argparse.Namespace, app: App | None = None) -> Path:
     if args.state_dir is not None:
-        return resolve_state_dir(args.state_dir)
-    return resolve_state_dir(app.state_dir if app is not None else None)
+        return bootstrap.resolve_state_dir(args.state_dir)
+    return bootstrap.resolve_state_dir(app.state_dir if app is not None else None)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -126,7 +125,7 @@ def _parse_args_json(text: str | None) -> tuple[tuple[Any, ...], dict[str, Any]]
 def cmd_submit(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     if args.state_dir is not None:
-        app._state_dir_override = resolve_state_dir(args.state_dir)
+        app.bind(bootstrap.from_environment(args.state_dir))
     task = app.get_task(args.task)
     pos, kw = _parse_args_json(args.args_json)
     session = Session(args.session) if args.session else None
@@ -153,7 +152,7 @@ class _ProgressBar:
 
         self._bar, self._duration = progress_bar, format_duration
         self.handle, self.stream = handle, stream
-        self.state, self.fraction, self.message = "QUEUED", None, ""
+        self.state, self.fraction, self.message = states.QUEUED.value, None, ""
         self.started: float | None = None
         self._t0 = time.monotonic()
         self._done = threading.Event()
@@ -169,7 +168,7 @@ class _ProgressBar:
                 with self._lock:
                     if event.kind == "state":
                         self.state = event.data.get("state", self.state)
-                        if self.state == "RUNNING" and self.started is None:
+                        if self.state == states.RUNNING and self.started is None:
                             self.started = time.monotonic()
                     elif event.kind == "progress":
                         self.fraction = event.data.get("fraction")
@@ -179,7 +178,7 @@ class _ProgressBar:
 
     def _line(self) -> str:
         with self._lock:
-            fraction = 1.0 if self.state == "SUCCEEDED" and self.fraction is None else self.fraction
+            fraction = 1.0 if self.state == states.SUCCEEDED and self.fraction is None else self.fraction
             pct = "  ?%" if fraction is None else f"{round(fraction * 100):3d}%"
             since = self.started if self.started is not None else self._t0
             line = (
@@ -222,7 +221,7 @@ def _terminal_width(stream: Any) -> int:
 def _ask(args: argparse.Namespace, make: Any) -> Any:
     """One request to the running supervisor, bounded by --timeout (a hung one is an error)."""
     try:
-        body, _ = Connection.for_state_dir(_state_dir(args)).call(make, timeout=args.timeout)
+        body, _ = Client.shared(bootstrap.from_environment(args.state_dir)).call(make, timeout=args.timeout)
     except TimeoutError:
         raise CapsuleError(f"the supervisor did not answer within {args.timeout} s") from None
     return body
@@ -242,13 +241,13 @@ _ANSI = {
     "magenta": "35",
     "cyan": "36",
 }
-STATE_COLORS = {
-    "QUEUED": "dim",
-    "SCHEDULED": "magenta",
-    "RUNNING": "blue",
-    "SUCCEEDED": "green",
-    "FAILED": "red",
-    "CANCELLED": "yellow",
+STATE_COLORS: dict[str, str] = {
+    states.QUEUED: "dim",
+    states.SCHEDULED: "magenta",
+    states.RUNNING: "blue",
+    states.SUCCEEDED: "green",
+    states.FAILED: "red",
+    states.CANCELLED: "yellow",
 }
 ACTOR_COLORS = {"ready": "green", "starting": "yellow", "stopping": "yellow", "restarting": "red", "down": "red"}
 
@@ -339,66 +338,53 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    body = _ask(args, lambda req: messages.Status(req))
+    status = messages.StatusSnapshot.from_wire(_ask(args, lambda req: messages.Status(req)))
     if args.json:
-        print(json.dumps(body, indent=2))
+        print(json.dumps(status.to_wire(), indent=2))
         return 0
     color = use_color(sys.stdout)
-    sup = body["supervisor"]
-    state = _paint(sup["state"], "green" if sup["state"] == "running" else "yellow", color)
+    sup = status.supervisor
+    state = _paint(sup.state, "green" if sup.state == "running" else "yellow", color)
     print(
-        f"supervisor pid {sup['pid']} {state} since {_when(sup['started_at'])}  "
-        f"rss {sup['rss'] // 2**20} MiB  state dir {sup['state_dir']}"
+        f"supervisor pid {sup.pid} {state} since {_when(sup.started_at)}  "
+        f"rss {sup.rss // 2**20} MiB  state dir {sup.state_dir}"
     )
-    counts = sorted(body["tasks"].items(), key=lambda kv: STATES.index(kv[0]) if kv[0] in STATES else 99)
+    counts = sorted(status.tasks.items(), key=lambda kv: STATES.index(kv[0]) if kv[0] in STATES else 99)
     print("tasks: " + (", ".join(f"{_paint(k.lower(), STATE_COLORS.get(k), color)} {v}" for k, v in counts) or "none"))
+    print(_actors_table(status.actors, color))
+    if status.nodes:
+        print()
+        print(_nodes_table(status.nodes, color))
+    return 0
+
+
+def _actors_table(actors: list[messages.ActorStatus], color: bool) -> str:
     rows = [
         [
-            a["slot"],
-            a["role"],
-            str(a["pid"] or "-"),
-            a["state"],
-            str(a["restarts"]),
-            f"{a['rss'] // 2**20} MiB" if a["rss"] else "-",
-            str(a["running"]),
-            a["last_exit"] or "-",
+            a.slot,
+            a.role,
+            str(a.pid or "-"),
+            a.state,
+            str(a.restarts),
+            f"{a.rss // 2**20} MiB" if a.rss else "-",
+            str(a.running),
+            a.last_exit or "-",
         ]
-        for a in body["actors"]
+        for a in actors
     ]
     colors: list[dict[str, str] | None] = [None] * 8
     colors[3] = ACTOR_COLORS
-    print(
-        _table(
-            rows,
-            ["SLOT", "ROLE", "PID", "STATE", "RESTARTS", "RSS", "RUNNING", "LAST EXIT"],
-            colors=colors,
-            right=(2, 4, 5, 6),
-            color=color,
-        )
-    )
-    nodes = body.get("nodes", [])
-    if nodes:
-        print()
-        print(
-            _table(
-                [
-                    [
-                        n["name"],
-                        n["host"],
-                        str(n["pid"]),
-                        n["state"],
-                        _when(n["joined_at"]),
-                        f"{n['last_seen_ago']:.1f} s ago",
-                        " ".join(n["slots"]),
-                    ]
-                    for n in nodes
-                ],
-                ["NODE", "HOST", "PID", "STATE", "JOINED", "LAST SEEN", "ACTORS"],
-                right=(2,),
-                color=color,
-            )
-        )
-    return 0
+    header = ["SLOT", "ROLE", "PID", "STATE", "RESTARTS", "RSS", "RUNNING", "LAST EXIT"]
+    return _table(rows, header, colors=colors, right=(2, 4, 5, 6), color=color)
+
+
+def _nodes_table(nodes: list[messages.NodeStatus], color: bool) -> str:
+    rows = [
+        [n.name, n.host, str(n.pid), n.state, _when(n.joined_at), f"{n.last_seen_ago:.1f} s ago", " ".join(n.slots)]
+        for n in nodes
+    ]
+    header = ["NODE", "HOST", "PID", "STATE", "JOINED", "LAST SEEN", "ACTORS"]
+    return _table(rows, header, right=(2,), color=color)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -508,4 +494,4 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        Connection.close_all()
+        Client.close_all()

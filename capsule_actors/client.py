@@ -1,227 +1,126 @@
-"""One connection per client process: a DEALER socket owned by an I/O thread.
+"""A process's client of one supervisor: submits, their acks and journal, pushed outcomes.
 
-Callers in any thread (or asyncio loop) hand requests to the I/O thread through a deque and an
-eventfd, and get a ``concurrent.futures.Future`` back, so the sync API blocks only its caller and
-the async API never blocks the event loop. Every request stays outstanding until its reply
-arrives; when the supervisor restarts, the socket reconnects and every outstanding request is
-sent again. The protocol makes that safe: task ids are made here, so a resent submit is ignored.
+``Client.shared(config)`` is the one client per (process, supervisor); ``App.client()`` finds it
+from the configuration the process was started with (``bootstrap.py``). It owns the connection
+(``connection.py``) and what the requests mean:
+
+- **Submits.** A ``map()`` is split into Submit messages that each record atomically. Each item
+  asks the supervisor to push its outcome (``push``): the reply to that request id is the
+  outcome, so ``result()`` costs no round trip of its own.
+- **The submit journal** (``journal.py``). On this host, an unlocked submit of a task name the
+  supervisor has accepted before is written to this process's journal and returns without
+  waiting for the ack, while the last ack's ``room`` covers it (``JOURNAL_CREDIT`` at most);
+  the handle takes the ack at ``result()``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import concurrent.futures
+import dataclasses
 import functools
-import itertools
-import logging
-import os
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import zmq
-from zmq.utils.monitor import recv_monitor_message
+from typing import Any, Protocol
 
 from . import messages
-from .errors import NotRunning, ProtocolError
-from .handle import raise_reply_error
+from .bootstrap import ClientConfig
+from .connection import Connection, Future, Reply
+from .errors import CapsuleError, ConfigError
 from .journal import Journal, Segment
 from .lifecycle import current_pid
-from .transport import RemoteEndpoint, RuntimeFile, connect, read_runtime_file
 
-log = logging.getLogger("capsule_actors.client")
-
-Reply = tuple[Any, list[bytes]]
-_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-_NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 JOURNAL_CREDIT = 4096  # journaled tasks a process may have unacknowledged: max_queued's leeway
-_REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
-_START_HINT = "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
+_BATCH_ITEMS = 4096  # tasks per Submit message: its header stays far below the 1 MiB header limit
+_BATCH_HEADER_BYTES = 512 * 1024
+_ITEM_MAX_BYTES = 64 * 1024
+
+Prepared = tuple[list[Any], bytes]  # a submit's header item ([id, name, lock_key, sid, owner, run_at]) and payload
 
 
-def not_running(state_dir: Path) -> NotRunning:
-    return NotRunning(f"no capsule_actors supervisor is running for state directory {str(state_dir)!r}; {_START_HINT}")
+@dataclasses.dataclass
+class Submitted:
+    """One submitted task as the client knows it once ``submit`` returns."""
+
+    task_id: str  # with ``conflict``: the live task holding the lock key
+    deduplicated: bool = False
+    conflict: bool = False
+    push: Future | None = None  # the reply its outcome is pushed to
+    ack: tuple[Future, int] | None = None  # journaled: the ack (and this item's index) to take later
 
 
-class Connection:
-    """The process's link to one supervisor; use :meth:`for_state_dir` to share it."""
+class ClientSource(Protocol):
+    """What finds this process's client of a supervisor: an App (``App.client()``). Handles and
+    sessions hold one, so they travel between processes and find the client there."""
 
-    _shared: dict[tuple[int, Path], Connection] = {}
+    def client(self) -> Client: ...
+
+
+def wait_request(task_id: str, req: int) -> messages.Message:
+    return messages.Wait(req, task_id)
+
+
+class Client:
+    """Submits and requests to one supervisor, for every thread of this process."""
+
+    _shared: dict[tuple[int, ClientConfig], Client] = {}
     _shared_lock = threading.Lock()
 
-    def __init__(self, state_dir: Path) -> None:
-        self._remote = RemoteEndpoint.from_env()
-        info = read_runtime_file(state_dir) if self._remote is None else self._remote.runtime_file()
-        if info is None:
-            raise not_running(state_dir)
-        self.state_dir = state_dir
-        self._info: RuntimeFile = info
-        self._pid = current_pid()
-        self._ids = itertools.count(1)
-        self._outstanding: dict[int, tuple[list[bytes], concurrent.futures.Future[Reply]]] = {}
-        self._expected: set[int] = set()  # outstanding replies asked for by another request (expect)
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._conn = Connection(config)
         self._journal: Journal | None = None  # made at the first journaled submit
+        self._journal_lock = threading.Lock()
         self.room = 0  # how many more tasks max_queued allowed at the last submit's ack
         self.confirmed: set[str] = set()  # task names the supervisor has accepted a submit of
-        self._outbox: collections.deque[list[bytes]] = collections.deque()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._wake_lock = threading.Lock()
-        self._kicked = False  # a wake-up is pending: the I/O thread will look at the outbox anyway
-        self._closed = False
-        self._reset = False
-        self.connected = False
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="capsule-client-io", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
 
     @classmethod
-    def for_state_dir(cls, state_dir: Path) -> Connection:
-        key = (current_pid(), state_dir)
-        conn = cls._shared.get(key)
-        if conn is not None and not conn._closed:
-            return conn
+    def shared(cls, config: ClientConfig) -> Client:
+        """This process's client for ``config`` (made at first use; a forked child makes its own)."""
+        key = (current_pid(), config)
+        client = cls._shared.get(key)
+        if client is not None and not client.closed:
+            return client
         with cls._shared_lock:
-            conn = cls._shared.get(key)
-            if conn is None or conn._closed:
-                conn = cls._shared[key] = Connection(state_dir)
-        return conn
+            client = cls._shared.get(key)
+            if client is None or client.closed:
+                client = cls._shared[key] = Client(config)
+        return client
 
     @classmethod
     def close_all(cls, state_dir: Path | None = None) -> None:
-        """Close this process's connections (to one state directory, or all)."""
+        """Close this process's clients (of one state directory, or all)."""
         with cls._shared_lock:
-            keys = [k for k in cls._shared if state_dir is None or k[1] == state_dir]
-            conns = [cls._shared.pop(k) for k in keys]
-        for conn in conns:
-            if conn._pid == current_pid():
-                conn.close()
+            keys = [k for k in cls._shared if state_dir is None or k[1].state_dir == state_dir]
+            clients = [cls._shared.pop(k) for k in keys]
+        for client in clients:
+            if client.pid == current_pid():
+                client.close()
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._journal is not None:  # unanswered records stay: the supervisor replays them
+            self._journal.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+    @property
+    def pid(self) -> int:
+        """The process it belongs to (a forked child makes its own)."""
+        return self._conn.pid
+
+    @property
+    def connected(self) -> bool:
+        return self._conn.connected
+
+    def outstanding(self) -> int:
+        """Requests (sent or expected) whose reply has not come."""
+        return self._conn.outstanding()
 
     # ---- requests ----------------------------------------------------------------------------
-    def request(
-        self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None
-    ) -> concurrent.futures.Future[Reply]:
-        """Send ``make(req_id)`` (plus payload frames); the future resolves with (body, frames)."""
-        if self._closed:
-            raise not_running(self.state_dir)
-        req = next(self._ids)
-        return self._send_request(req, [make(req).encode(), *(frames or ())])
-
-    def _send_request(self, req: int, msg: list[bytes]) -> concurrent.futures.Future[Reply]:
-        fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
-        fut.req = req  # type: ignore[attr-defined]
-        fut.pid = self._pid  # type: ignore[attr-defined]
-        self._outstanding[req] = (msg, fut)
-        self._outbox.append(msg)
-        self._kick()
-        if self._closed and not fut.done():  # closed meanwhile: nobody will answer on this connection
-            fut.set_exception(not_running(self.state_dir))
-        return fut
-
-    # ---- journaled submits -------------------------------------------------------------------
-    def may_journal(self, name: str, n: int) -> bool:
-        """Whether a submit of ``n`` unlocked ``name`` tasks may return before its ack: on this
-        machine and connected, ``name`` accepted by the supervisor before (so a code mismatch
-        still fails at submit), and room for them under max_queued by the last ack (so
-        Backpressure still comes at submit)."""
-        unacked = self._journal.unacked_items if self._journal is not None else 0
-        return (
-            self._remote is None
-            and self.connected
-            and not self._closed
-            and name in self.confirmed
-            and unacked + n <= min(self.room, JOURNAL_CREDIT)
-        )
-
-    def submit_journaled(
-        self,
-        make: Callable[[int], messages.Message],
-        frames: list[bytes],
-        pushes: list[concurrent.futures.Future[Reply]],
-    ) -> concurrent.futures.Future[Reply]:
-        """Write the Submit to this process's journal, send it, and return its ack's future
-        without waiting: the task is durable once the journal write returns (``journal.py``).
-        Raises OSError (nothing sent) when the journal cannot be written."""
-        with self._wake_lock:
-            journal = self._journal = self._journal or Journal(self.state_dir)
-        req = next(self._ids)
-        msg = [make(req).encode(), *frames]
-        segment = journal.append(msg, len(frames))
-        fut = self._send_request(req, msg)
-        fut.add_done_callback(functools.partial(self._on_journaled_ack, journal, segment, len(frames), pushes))
-        return fut
-
-    def _on_journaled_ack(
-        self,
-        journal: Journal,
-        segment: Segment,
-        n: int,
-        pushes: list[concurrent.futures.Future[Reply]],
-        fut: concurrent.futures.Future[Reply],
-    ) -> None:
-        """On the I/O thread: the supervisor recorded (or refused) a journaled submit."""
-        if fut.exception() is not None:
-            return  # the connection closed first: the record stays for the supervisor to replay
-        (ok, body), _ = fut.result()
-        if ok:  # before the unacked count drops: may_journal (another thread) reads that count
-            self.room = body["room"]  # first, so it never pairs the new count with the old room
-        journal.acked(segment, n)
-        for i, push in enumerate(pushes):
-            if not ok or not body["items"][i][3]:  # refused, or held in the store only
-                self.discard(push)
-
-    def note_ack(self, name: str, body: dict[str, Any]) -> None:
-        """A waited-for submit of ``name`` was accepted: it may be journaled from now on."""
-        self.confirmed.add(name)
-        self.room = body["room"]
-
-    def expect(self, make: Callable[[int], messages.Message]) -> concurrent.futures.Future[Reply]:
-        """A reply that another request asks for (a Submit's ``push``): not sent now, but
-        ``make(req)`` goes out like any unanswered request if the socket has to reconnect."""
-        if self._closed:
-            raise not_running(self.state_dir)
-        req = next(self._ids)
-        fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
-        fut.req = req  # type: ignore[attr-defined]
-        fut.pid = self._pid  # type: ignore[attr-defined]  # a forked child must not wait on it
-        self._expected.add(req)
-        self._outstanding[req] = ([make(req).encode()], fut)
-        return fut
-
-    def discard(self, fut: concurrent.futures.Future[Reply]) -> None:
-        """Stop expecting a reply that will not come (e.g. a rejected submit's push)."""
-        self._outstanding.pop(fut.req, None)  # type: ignore[attr-defined]
-        self._expected.discard(fut.req)  # type: ignore[attr-defined]
-
-    async def await_reply(self, fut: concurrent.futures.Future[Reply]) -> Reply:
-        return self._check(await asyncio.wrap_future(fut))
-
-    def wait_reply(self, fut: concurrent.futures.Future[Reply], timeout: float | None, must_run: bool = False) -> Reply:
-        """Wait for a reply. With ``must_run``, give up with NotRunning once no supervisor is
-        left to answer (used by submits); otherwise wait through supervisor restarts."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        gone_since: float | None = None
-        while True:
-            step = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
-            try:
-                return self._check(fut.result(step))
-            except concurrent.futures.TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            if must_run and not self.connected and self._remote is None and read_runtime_file(self.state_dir) is None:
-                gone_since = gone_since or time.monotonic()
-                if time.monotonic() - gone_since > 5.0:
-                    self._withdraw(fut)
-                    raise NotRunning(
-                        f"the supervisor for {str(self.state_dir)!r} stopped before it "
-                        f"acknowledged this request, which was withdrawn; {_START_HINT}"
-                    )
-            else:
-                gone_since = None
+    def request(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None) -> Future:
+        return self._conn.request(make, frames)
 
     def call(
         self,
@@ -230,189 +129,170 @@ class Connection:
         timeout: float | None = None,
         must_run: bool = False,
     ) -> Reply:
-        """request() and wait; raise the supervisor's error reply as our exception."""
-        return self.wait_reply(self.request(make, frames), timeout, must_run)
+        """Send and wait; the supervisor's error reply is raised as our exception."""
+        return self._conn.call(make, frames, timeout, must_run)
 
     async def acall(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None) -> Reply:
-        fut = self.request(make, frames)
+        return await self._conn.acall(make, frames)
+
+    def wait_reply(self, fut: Future, timeout: float | None, must_run: bool = False) -> Reply:
+        return self._conn.wait_reply(fut, timeout, must_run)
+
+    async def await_reply(self, fut: Future) -> Reply:
+        return await self._conn.await_reply(fut)
+
+    def forget(self, fut: Future) -> None:
+        self._conn.forget(fut)
+
+    def discard(self, fut: Future) -> None:
+        self._conn.discard(fut)
+
+    def wait(self, task_id: str) -> Future:
+        """Ask for a task's outcome (``Wait``)."""
+        return self._conn.request(functools.partial(wait_request, task_id))
+
+    # ---- submits -----------------------------------------------------------------------------
+    def submit(self, name: str, prepared: list[Prepared]) -> list[Submitted]:
+        """Record the tasks durably; return once they are (in the journal, or acknowledged)."""
+        journaled = self._journaled(name, prepared)
+        if journaled is not None:
+            return journaled
+        sent = []
+        for batch in batches(prepared):
+            pushes = self._pushes(batch)
+            sent.append((pushes, self._conn.request(_submit_of(batch, pushes), [p[1] for p in batch])))
+        done: list[Submitted] = []
+        for k, (pushes, fut) in enumerate(sent):
+            try:
+                body, _ = self._conn.wait_reply(fut, None, must_run=True)
+            except BaseException as exc:  # this batch and the later ones: expect no pushes
+                self._failed(exc, [pushes for pushes, _ in sent[k:]], done)
+                raise
+            done += self._accepted(name, body, pushes)
+        return done
+
+    async def asubmit(self, name: str, prepared: list[Prepared]) -> list[Submitted]:
+        """``submit`` without blocking the event loop (a journal write does not block it)."""
+        journaled = self._journaled(name, prepared)
+        if journaled is not None:
+            return journaled
+        done: list[Submitted] = []
+        for batch in batches(prepared):
+            pushes = self._pushes(batch)
+            try:
+                body, _ = await self._conn.acall(_submit_of(batch, pushes), [p[1] for p in batch])
+            except BaseException as exc:
+                self._failed(exc, [pushes], done)
+                raise
+            done += self._accepted(name, body, pushes)
+        return done
+
+    def _pushes(self, batch: list[Prepared]) -> list[Future]:
+        return [self._conn.expect(functools.partial(wait_request, p[0][0])) for p in batch]
+
+    def _accepted(self, name: str, body: Any, pushes: list[Future]) -> list[Submitted]:
+        """An ack: ``name`` may be journaled from now on; a task not pushed expects no push."""
+        ack = messages.SubmitAck.from_wire(body)
+        self.confirmed.add(name)
+        self.room = ack.room
+        done = []
+        for item, push in zip(ack.items, pushes):
+            if not item.pushed:
+                self._conn.discard(push)
+            done.append(Submitted(item.task_id, item.deduplicated, item.conflict, push if item.pushed else None))
+        return done
+
+    def _failed(self, exc: BaseException, unanswered: list[list[Future]], done: list[Submitted]) -> None:
+        """A Submit failed: expect no pushed outcomes for it (nor for those sent after it); for a
+        map() larger than one message, say what was recorded before (``exc.submitted``)."""
+        for pushes in unanswered:
+            for push in pushes:
+                self._conn.discard(push)
+        if done and isinstance(exc, CapsuleError):
+            exc.add_note(
+                f"the first {len(done)} tasks of this map() were recorded before the error; "
+                "their handles are on the exception's .handles"
+            )
+            exc.submitted = done  # type: ignore[attr-defined]
+
+    # ---- the submit journal ------------------------------------------------------------------
+    def _journaled(self, name: str, prepared: list[Prepared]) -> list[Submitted] | None:
+        """Unlocked tasks on this host: durable in the submit journal, not waiting for the ack;
+        None when they must wait for it instead."""
+        if any(p[0][2] is not None for p in prepared) or not self._may_journal(name, len(prepared)):
+            return None
+        if len(prepared) > _BATCH_ITEMS or sum(1 for _ in batches(prepared)) != 1:  # more than one Submit
+            return None
+        pushes = self._pushes(prepared)
+        with self._journal_lock:
+            journal = self._journal = self._journal or Journal(self.config.state_dir)
+        segment: list[Segment] = []
         try:
-            return self._check(await asyncio.wrap_future(fut))
-        except asyncio.CancelledError:
-            self.forget(fut)
-            raise
+            ack = self._conn.request(
+                _submit_of(prepared, pushes, True),
+                [p[1] for p in prepared],
+                record=lambda msg: segment.append(journal.append(msg, len(prepared))),
+            )
+        except OSError:  # e.g. a full disk: the supervisor's answer will say what is wrong
+            for push in pushes:
+                self._conn.discard(push)
+            return None
+        ack.add_done_callback(functools.partial(self._on_journaled_ack, journal, segment[0], len(prepared), pushes))
+        return [
+            Submitted(item[0], push=push, ack=(ack, i)) for i, ((item, _), push) in enumerate(zip(prepared, pushes))
+        ]
 
-    @staticmethod
-    def _check(reply: Reply) -> Reply:
-        ok, body, frames = reply[0][0], reply[0][1], reply[1]
-        if not ok:
-            raise_reply_error(body)
-        return body, frames
+    def _may_journal(self, name: str, n: int) -> bool:
+        """On this host and connected, ``name`` accepted by the supervisor before (so a code
+        mismatch still fails at submit), and room for ``n`` more under max_queued by the last
+        ack (so Backpressure still comes at submit)."""
+        unacked = self._journal.unacked_items if self._journal is not None else 0
+        conn = self._conn
+        return (
+            self.config.remote is None
+            and conn.connected
+            and not conn.closed
+            and name in self.confirmed
+            and unacked + n <= min(self.room, JOURNAL_CREDIT)
+        )
 
-    def _withdraw(self, fut: concurrent.futures.Future[Reply]) -> None:
-        """Take back an unacknowledged request: drop it from the outbox and have the I/O thread
-        open a fresh socket, discarding whatever ZeroMQ still queued for the old one, so a
-        supervisor that comes back never receives a submit its caller was told had failed.
-        (Other outstanding requests are sent again on the new socket.)"""
-        req = fut.req  # type: ignore[attr-defined]
-        entry = self._outstanding.pop(req, None)
-        if entry is not None:
-            try:
-                self._outbox.remove(entry[0])
-            except ValueError:
-                pass
-        self._reset = True
-        self._kick()
+    def _on_journaled_ack(self, journal: Journal, segment: Segment, n: int, pushes: list[Future], fut: Future) -> None:
+        """On the I/O thread: the supervisor recorded (or refused) a journaled submit."""
+        if fut.exception() is not None:
+            return  # the connection closed first: the record stays for the supervisor to replay
+        (ok, body), _ = fut.result()
+        ack = messages.SubmitAck.from_wire(body) if ok else None
+        if ack is not None:  # before the unacked count drops: _may_journal (another thread) reads
+            self.room = ack.room  # that count first, so it never pairs the new count with the old room
+        journal.acked(segment, n)
+        for i, push in enumerate(pushes):
+            if ack is None or not ack.items[i].pushed:  # refused, or held in the store only
+                self._conn.discard(push)
 
-    def forget(self, fut: concurrent.futures.Future[Reply]) -> None:
-        """Stop waiting for a request's reply and tell the supervisor to drop its waiter."""
-        req = fut.req  # type: ignore[attr-defined]
-        if self._outstanding.pop(req, None) is not None and not self._closed:
-            self._outbox.append([messages.Forget(req).encode()])
-            self._kick()
 
-    def _kick(self) -> None:
-        """Wake the I/O thread, unless a wake-up is already pending (a burst of submits then costs
-        one syscall, not one each); a no-op once it has ended (and closed the eventfd)."""
-        if self._kicked:
-            return
-        with self._wake_lock:
-            if self._wake >= 0 and not self._kicked:
-                self._kicked = True
-                os.eventfd_write(self._wake, 1)
+def batches(prepared: list[Prepared]) -> Iterator[list[Prepared]]:
+    """Split a map() into Submit messages; each one is recorded atomically by the supervisor."""
+    batch: list[Prepared] = []
+    size = 0
+    for p in prepared:
+        cost = 16 + sum(len(v) for v in p[0] if isinstance(v, str))
+        if cost > _ITEM_MAX_BYTES:
+            raise ConfigError(
+                f"task {p[0][1]!r}: its lock key and session id take {cost} bytes; keep them "
+                f"under {_ITEM_MAX_BYTES} (they are routing keys, not data: pass data as arguments)"
+            )
+        if batch and (len(batch) >= _BATCH_ITEMS or size + cost > _BATCH_HEADER_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += cost
+    if batch:
+        yield batch
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._kick()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(5)
-        for _, fut in list(self._outstanding.values()):
-            if not fut.done():
-                fut.set_exception(not_running(self.state_dir))
-        self._outstanding.clear()
-        self._expected.clear()
-        if self._journal is not None:  # unanswered records stay: the supervisor replays them
-            self._journal.close()
 
-    # ---- the I/O thread ----------------------------------------------------------------------
-    def _run(self) -> None:
-        ctx = zmq.Context()
-        poller = zmq.Poller()
-        poller.register(self._wake, zmq.POLLIN)
-        sock, monitor = self._open(ctx, poller)
-        self._ready.set()
-        try:
-            while not self._closed:
-                if self._outbox:
-                    timeout: int | None = 10
-                else:
-                    timeout = None if self.connected else int(_REFRESH_INTERVAL * 1000)
-                ready = dict(poller.poll(timeout))
-                if self._wake in ready:
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
-                    # after the read (a kick between them would be lost with the flag still set,
-                    # and every later kick skipped) and before the flush (what is queued after
-                    # this line kicks again; what was queued before is flushed now)
-                    self._kicked = False
-                self._flush(sock)
-                if sock in ready:
-                    self._receive(sock)
-                if monitor in ready:
-                    self._on_monitor(sock, monitor)
-                if self._reset or (not self.connected and self._endpoint_moved()):
-                    self._reset = False
-                    self._close_socket(sock, monitor, poller)
-                    self.connected = False
-                    self._ever_connected = True  # the new socket's first connect resends the rest
-                    sock, monitor = self._open(ctx, poller)
-        finally:
-            self._close_socket(sock, monitor, poller)
-            ctx.term()
-            self._closed = True
-            with self._wake_lock:
-                os.close(self._wake)
-                self._wake = -1
-
-    def _flush(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
-        while self._outbox:
-            frames = self._outbox[0]
-            try:  # int flags: pyzmq's send_multipart spends more on flag enums than on sending
-                sock.send(frames[0], _NOBLOCK_MORE if len(frames) > 1 else _NOBLOCK, copy=False)
-            except zmq.Again:
-                return  # no peer pipe yet: try again on the next turn
-            for i in range(1, len(frames)):  # the first part went: the rest cannot block
-                sock.send(frames[i], _NOBLOCK_MORE if i < len(frames) - 1 else _NOBLOCK, copy=False)
-            self._outbox.popleft()
-
-    def _open(self, ctx: zmq.Context, poller: zmq.Poller) -> tuple[zmq.Socket, zmq.Socket]:  # type: ignore[type-arg]
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.sndhwm = 0  # never drop or block a request; memory is bounded by the callers
-        sock.rcvhwm = 0
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        keys = (self._remote.client_public, self._remote.client_secret) if self._remote else None
-        connect(sock, self._info.client, self._info.server_public, keys)
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        return sock, monitor
-
-    @staticmethod
-    def _close_socket(sock: zmq.Socket, monitor: zmq.Socket, poller: zmq.Poller) -> None:  # type: ignore[type-arg]
-        poller.unregister(sock)
-        poller.unregister(monitor)
-        sock.disable_monitor()
-        monitor.close(0)
-        sock.close(0)
-
-    def _receive(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
-        while int(sock.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than ending on zmq.Again
-            try:
-                frames = sock.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = messages.decode(frames[0])
-            except ProtocolError as exc:
-                log.error("dropped a malformed reply: %s", exc)
-                continue
-            if not isinstance(reply, messages.Reply):
-                continue
-            entry = self._outstanding.pop(reply.req, None)
-            self._expected.discard(reply.req)
-            if entry is not None and not entry[1].done():
-                entry[1].set_result(((reply.ok, reply.body), frames[1:]))
-
-    _ever_connected = False
-
-    def _on_monitor(self, sock: zmq.Socket, monitor: zmq.Socket) -> None:  # type: ignore[type-arg]
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_CONNECTED:
-                was_lost = self._ever_connected and not self.connected
-                self.connected = self._ever_connected = True
-                if was_lost:  # a restarted supervisor: send everything still unanswered again,
-                    # the waits that submits asked for after the submits themselves
-                    unanswered = list(self._outstanding.items())
-                    self._outbox.extend(msg for req, (msg, _) in unanswered if req not in self._expected)
-                    self._outbox.extend(msg for req, (msg, _) in unanswered if req in self._expected)
-                    self._flush(sock)
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self.connected = False
-
-    def _endpoint_moved(self) -> bool:
-        """While disconnected, follow the supervisor to a new endpoint (tcp fallback ports)."""
-        if self._remote is not None:
-            return False  # a fixed tcp:// endpoint: ZeroMQ reconnects to it by itself
-        info = read_runtime_file(self.state_dir)
-        if info is None or (info.client, info.server_public) == (self._info.client, self._info.server_public):
-            return False
-        self._info = info
-        self._ever_connected = True  # the new socket's first connect must resend
-        return True
+def _submit_of(
+    batch: list[Prepared], pushes: list[Future], journaled: bool = False
+) -> Callable[[int], messages.Message]:
+    items = [p[0] for p in batch]
+    push = [fut.req for fut in pushes]  # type: ignore[attr-defined]
+    return lambda req: messages.Submit(req, items, push, journaled)

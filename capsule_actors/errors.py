@@ -84,3 +84,13 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n\n" + self.text
+
+
+def error_from_reply(body: list[str]) -> CapsuleError:
+    """The supervisor's error reply ``[type_name, message]`` as the exception it names (one of
+    ours; anything else becomes a CapsuleInternalError)."""
+    name, message = str(body[0]), str(body[1])
+    cls = globals().get(name)
+    if not (isinstance(cls, type) and issubclass(cls, CapsuleError)):
+        cls = CapsuleInternalError
+    return cls(message)

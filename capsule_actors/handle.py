@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import enum
-import functools
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,28 +14,10 @@ import cloudpickle
 from . import errors, messages
 from .errors import RemoteTraceback, SerializationError, TaskCancelled, TaskFailed
 from .lifecycle import current_pid
+from .states import TaskState
 
 if TYPE_CHECKING:
-    from .app import App
-    from .client import Connection
-
-
-class TaskState(str, enum.Enum):
-    """Where a task is in its life; the last three are terminal."""
-
-    QUEUED = "QUEUED"
-    SCHEDULED = "SCHEDULED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
-
-    def __str__(self) -> str:
-        return self.value
+    from .client import Client, ClientSource, Submitted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,25 +75,17 @@ _ERRORS_BY_NAME = {
 }
 
 
-def raise_reply_error(body: Any) -> None:
-    """Turn a supervisor error reply ``[type_name, message]`` into our exception."""
-    name, message = body[0], body[1]
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.CapsuleError)):
-        cls = errors.CapsuleInternalError
-    raise cls(message)
-
-
 def outcome_value(body: list[Any], frames: list[bytes]) -> Any:
-    """The value of a terminal task, or raise what its result() promises."""
-    state, etype, emsg, tb = body
+    """The value of a terminal task (a Wait's answer), or raise what its result() promises."""
+    outcome = messages.Outcome.from_wire(body)
+    state, etype, emsg, tb = outcome.state, outcome.error_type, outcome.error_message, outcome.traceback
     frame = frames[0] if frames else b""
-    if state == "SUCCEEDED":
+    if state == TaskState.SUCCEEDED:
         try:
             return cloudpickle.loads(frame)
         except Exception as exc:
             raise SerializationError(f"cannot unpickle the task's result: {exc!r}") from exc
-    if state == "CANCELLED":
+    if state == TaskState.CANCELLED:
         raise TaskCancelled(emsg or "task was cancelled")
     if etype in _ERRORS_BY_NAME and not frame:
         raise _ERRORS_BY_NAME[etype](emsg or etype)
@@ -136,7 +108,7 @@ class TaskHandle:
     __slots__ = ("_ack", "_app", "_final", "_push", "deduplicated", "id", "lock_key", "name")
 
     def __init__(
-        self, app: App, task_id: str, name: str, lock_key: str | None = None, deduplicated: bool = False
+        self, app: ClientSource, task_id: str, name: str, lock_key: str | None = None, deduplicated: bool = False
     ) -> None:
         self.id = task_id
         self.name = name
@@ -156,18 +128,25 @@ class TaskHandle:
         return (TaskHandle, (self._app, self.id, self.name, self.lock_key, self.deduplicated))
 
     @classmethod
-    def from_id(cls, app: App, task_id: str) -> TaskHandle:
+    def from_id(cls, app: ClientSource, task_id: str) -> TaskHandle:
         """Re-attach to a task by id, from any process that can reach the runtime."""
         info = cls(app, task_id, "").info()
         return cls(app, task_id, info.name, info.lock_key)
 
+    @classmethod
+    def _submitted(cls, app: ClientSource, name: str, lock_key: str | None, sub: Submitted) -> TaskHandle:
+        """The handle of a task this process just submitted (holding its push and journaled ack)."""
+        handle = cls(app, sub.task_id, name, lock_key, sub.deduplicated)
+        handle._push, handle._ack = sub.push, sub.ack
+        return handle
+
     @property
-    def _conn(self) -> Connection:
-        return self._app.connection()
+    def _client(self) -> Client:
+        return self._app.client()
 
     # ---- state -------------------------------------------------------------------------------
     def info(self) -> TaskInfo:
-        body, _ = self._conn.call(lambda req: messages.Info(req, [self.id]))
+        body, _ = self._client.call(lambda req: messages.Info(req, [self.id]))
         if not body or body[0] is None:
             raise errors.UnknownTask(f"no task with id {self.id!r} in this runtime")
         return TaskInfo.from_record(body[0])
@@ -180,11 +159,11 @@ class TaskHandle:
 
     def cancel(self) -> bool:
         """Cancel the task; False when it had already finished."""
-        body, _ = self._conn.call(lambda req: messages.Cancel(req, self.id))
+        body, _ = self._client.call(lambda req: messages.Cancel(req, self.id))
         return bool(body)
 
     async def acancel(self) -> bool:
-        body, _ = await self._conn.acall(lambda req: messages.Cancel(req, self.id))
+        body, _ = await self._client.acall(lambda req: messages.Cancel(req, self.id))
         return bool(body)
 
     # ---- results -----------------------------------------------------------------------------
@@ -198,13 +177,13 @@ class TaskHandle:
             try:
                 self._settle(timeout)
                 push = self._pushed()
-                fut = push or self._conn.request(lambda req: messages.Wait(req, self.id))
+                fut = push or self._client.wait(self.id)
                 try:
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    self._final = self._conn.wait_reply(fut, left)
+                    self._final = self._client.wait_reply(fut, left)
                 except concurrent.futures.TimeoutError:
                     if push is None:  # a pushed outcome stays expected: a later result() gets it
-                        self._conn.forget(fut)
+                        self._client.forget(fut)
                     raise
             except concurrent.futures.TimeoutError:
                 raise TimeoutError(f"task {self.id} did not finish within {timeout} s") from None
@@ -215,13 +194,13 @@ class TaskHandle:
         and learn whether the outcome will be pushed (not for a task held in the store only)."""
         pending = self._live_ack()
         if pending is not None:
-            body, _ = self._conn.wait_reply(pending[0], timeout)
+            body, _ = self._client.wait_reply(pending[0], timeout)
             self._take_ack(body, pending[1])
 
     async def _asettle(self) -> None:
         pending = self._live_ack()
         if pending is not None:
-            body, _ = await self._conn.await_reply(pending[0])
+            body, _ = await self._client.await_reply(pending[0])
             self._take_ack(body, pending[1])
 
     def _live_ack(self) -> tuple[concurrent.futures.Future[Any], int] | None:
@@ -236,7 +215,7 @@ class TaskHandle:
 
     def _take_ack(self, body: dict[str, Any], i: int) -> None:
         self._ack = None
-        if not body["items"][i][3]:
+        if not messages.SubmitAck.item_of(body, i).pushed:
             self._push = None
 
     def _pushed(self) -> concurrent.futures.Future[Any] | None:
@@ -258,9 +237,9 @@ class TaskHandle:
             await self._asettle()
             push = self._pushed()
             if push is not None:
-                self._final = await self._conn.await_reply(push)
+                self._final = await self._client.await_reply(push)
             else:
-                self._final = await self._conn.acall(lambda req: messages.Wait(req, self.id))
+                self._final = await self._client.acall(lambda req: messages.Wait(req, self.id))
         return outcome_value(*self._final)
 
     # ---- events ------------------------------------------------------------------------------
@@ -281,9 +260,9 @@ class TaskEventStream:
         return [TaskEvent(**e) for e in body["events"]], bool(body["terminal"]) and not body["more"]
 
     def __iter__(self) -> Iterator[TaskEvent]:
-        conn = self._handle._conn
+        client = self._handle._client
         while True:
-            body, _ = conn.call(lambda req: messages.Events(req, self._handle.id, self.cursor))
+            body, _ = client.call(lambda req: messages.Events(req, self._handle.id, self.cursor))
             events, last = self._batch(body)
             for event in events:
                 self.cursor = event.seq  # the last event handed out: resuming from it loses nothing
@@ -292,9 +271,9 @@ class TaskEventStream:
                 return
 
     async def __aiter__(self) -> AsyncIterator[TaskEvent]:
-        conn = self._handle._conn
+        client = self._handle._client
         while True:
-            body, _ = await conn.acall(lambda req: messages.Events(req, self._handle.id, self.cursor))
+            body, _ = await client.acall(lambda req: messages.Events(req, self._handle.id, self.cursor))
             events, last = self._batch(body)
             for event in events:
                 self.cursor = event.seq
@@ -306,34 +285,51 @@ class TaskEventStream:
 class SessionSubscription:
     """Every event of one session, as it happens (long-polling); ``cursor`` is the last seq seen.
 
-    Iterates forever: a chat loop breaks out when it is done and resumes later with
-    ``app.subscribe(session_id, after=cursor)``, missing nothing that is still retained.
+    Iterates until the caller breaks out: a chat loop resumes later with
+    ``app.subscribe(session_id, after=cursor)``, missing nothing that is still retained. With
+    ``timeout``, an iteration that lasts longer raises the builtin TimeoutError (so a test, or a
+    loop with its own deadline, is bounded).
     """
 
-    def __init__(self, app: App, session_id: str, after: int) -> None:
+    def __init__(self, app: ClientSource, session_id: str, after: int, timeout: float | None = None) -> None:
         self._app = app
         self.session_id = session_id
         self.cursor = after
+        self.timeout = timeout
+
+    def _request(self, req: int) -> messages.Message:
+        return messages.SessionEvents(req, self.session_id, self.cursor)
+
+    def _timed_out(self) -> TimeoutError:
+        return TimeoutError(f"no more events of session {self.session_id!r} within {self.timeout} s")
 
     async def __aiter__(self) -> AsyncIterator[TaskEvent]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            body, _ = await self._app.connection().acall(
-                lambda req: messages.SessionEvents(req, self.session_id, self.cursor)
-            )
+            client = self._app.client()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                body, _ = await asyncio.wait_for(client.acall(self._request), left)
+            except TimeoutError:  # acall forgot its request on the cancel
+                raise self._timed_out() from None
             for e in body["events"]:
                 self.cursor = e["seq"]  # the last event handed out: resuming from it loses nothing
                 yield TaskEvent(**e)
 
     def __iter__(self) -> Iterator[TaskEvent]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            body, _ = self._app.connection().call(lambda req: messages.SessionEvents(req, self.session_id, self.cursor))
+            client = self._app.client()
+            fut = client.request(self._request)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                body, _ = client.wait_reply(fut, left)
+            except concurrent.futures.TimeoutError:
+                client.forget(fut)
+                raise self._timed_out() from None
             for e in body["events"]:
                 self.cursor = e["seq"]
                 yield TaskEvent(**e)
-
-
-def _wait_for(task_id: str, req: int) -> messages.Message:
-    return messages.Wait(req, task_id)
 
 
 def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[Any]:
@@ -344,7 +340,7 @@ def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[An
     """
     pending = [h for h in handles if h._final is None]
     if pending:
-        conn = pending[0]._conn
+        client = pending[0]._client
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             for h in pending:
@@ -353,15 +349,15 @@ def wait_all(handles: list[TaskHandle], timeout: float | None = None) -> list[An
             raise TimeoutError(
                 f"the submits of {len(pending)} tasks were not acknowledged within {timeout} s"
             ) from None
-        futures = [(h, h._pushed() or conn.request(functools.partial(_wait_for, h.id))) for h in pending]
+        futures = [(h, h._pushed() or client.wait(h.id)) for h in pending]
         try:
             for h, fut in futures:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                h._final = conn.wait_reply(fut, left)
+                h._final = client.wait_reply(fut, left)
         except concurrent.futures.TimeoutError:
             for h, fut in futures:
                 if h._final is None and fut is not h._push:
-                    conn.forget(fut)
+                    client.forget(fut)
             raise TimeoutError(
                 f"{sum(h._final is None for h in pending)} tasks did not finish within {timeout} s"
             ) from None

@@ -18,6 +18,34 @@ EXIT_PARENT_GONE = 3
 EXIT_LEASE_LOST = 4  # a node's actor whose node lost its lease from the supervisor (fenced)
 EXIT_INJECTED_CRASH = 70
 
+# The one table of exit reasons: what each code means and whether it is a normal exit (OTP's
+# ``normal``: a transient child is not restarted after one). Every other code, and every death
+# by a signal, is abnormal.
+EXIT_REASONS: dict[int, tuple[str, bool]] = {
+    EXIT_OK: ("stopped", True),
+    EXIT_ERROR: ("failed", False),
+    EXIT_PARENT_GONE: ("its parent died", False),
+    EXIT_LEASE_LOST: ("fenced: its node's lease ran out", False),
+    EXIT_INJECTED_CRASH: ("crashed on purpose (testing.crash_on_attempt)", False),
+}
+
+
+def exit_cause(returncode: int) -> str:
+    """'exit code 1' or 'signal SIGKILL' (subprocess's convention: a signal is negative), for
+    logs and ``status``."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def normal_exit(returncode: int) -> bool:
+    """Whether an exit is normal (an orderly stop) in the sense of OTP's restart types."""
+    return EXIT_REASONS.get(returncode, ("", False))[1]
+
+
 _PR_SET_PDEATHSIG = 1
 _pid = os.getpid()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import msgpack
 
@@ -323,6 +323,146 @@ class Reply(Message):
     body: Any
 
 
+# ---- typed answers: what some Reply bodies hold ---------------------------------------------
+# On the wire they stay plain msgpack (arrays and maps, as the CLI's --json prints them); these
+# records are what both ends build and read, so no answer is unpacked by position anywhere else.
+
+
+def _load(cls: type[R], data: Any) -> R:
+    """A record from its wire dict, each field type-checked (ProtocolError otherwise)."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{cls.__name__}: expected a map, got {type(data).__name__}")
+    values = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name not in data:
+            raise ProtocolError(f"{cls.__name__}: missing {field.name}")
+        value = data[field.name]
+        if not isinstance(value, _TYPES[str(field.type)]):
+            raise ProtocolError(f"{cls.__name__}.{field.name}: bad type {type(value).__name__}")
+        values[field.name] = value
+    return cls(**values)
+
+
+R = TypeVar("R")
+
+
+class AckItem(NamedTuple):
+    """One submitted task as the supervisor decided it (a tuple: on the wire as it is)."""
+
+    task_id: str  # the task's id, or with ``conflict`` the live task holding its lock key
+    deduplicated: bool  # joined a live task of the same lock key (on_conflict="join")
+    conflict: bool  # refused: the key is held (on_conflict="reject")
+    pushed: bool  # its outcome comes as the reply to the submit's push request
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubmitAck:
+    """The answer to a Submit: one item per task, and how many more tasks max_queued allows."""
+
+    items: list[AckItem]
+    room: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"items": self.items, "room": self.room}  # msgpack writes each item as an array
+
+    @classmethod
+    def from_wire(cls, body: Any) -> SubmitAck:
+        try:
+            return cls([AckItem(*item) for item in body["items"]], int(body["room"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed submit ack: {exc!r}") from None
+
+    @staticmethod
+    def item_of(body: Any, i: int) -> AckItem:
+        """Item ``i`` alone (a journaled handle takes its own item of a large ack)."""
+        try:
+            return AckItem(*body["items"][i])
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ProtocolError(f"malformed submit ack: {exc!r}") from None
+
+
+class Outcome(NamedTuple):
+    """How a task ended (a Wait's answer; its result or pickled exception is the reply's frame)."""
+
+    state: str
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+
+    def to_wire(self) -> tuple[Any, ...]:
+        return tuple(self)
+
+    @classmethod
+    def from_wire(cls, body: Any) -> Outcome:
+        if not isinstance(body, list) or len(body) != 4 or not isinstance(body[0], str):
+            raise ProtocolError(f"malformed outcome: {body!r:.200}")
+        return cls(*body)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SupervisorStatus:
+    pid: int
+    state: str  # running | stopping
+    started_at: float
+    state_dir: str
+    rss: int
+    endpoint: str
+    live_tasks: int  # queued, scheduled or running, in memory or in the backlog
+    in_memory: int
+    backlog: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActorStatus:
+    slot: str
+    role: str
+    node: str | None
+    pid: int | None
+    state: str  # ready | starting | stopping | restarting | down
+    restarts: int
+    rss: int | None
+    running: int
+    held: int  # a process actor's Runs sent but not begun
+    tasks_done: int
+    last_exit: str | None
+    keys: int  # live lock keys it owns
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    host: str
+    pid: int
+    state: str  # connected | leaving
+    joined_at: float
+    last_seen_ago: float
+    slots: list[Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatusSnapshot:
+    """``capsule-actors status``: the supervisor, every actor slot, worker nodes, tasks per state."""
+
+    supervisor: SupervisorStatus
+    actors: list[ActorStatus]
+    nodes: list[NodeStatus]
+    tasks: dict[str, int]
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, body: Any) -> StatusSnapshot:
+        if not isinstance(body, dict) or not isinstance(body.get("actors"), list):
+            raise ProtocolError("malformed status snapshot")
+        return cls(
+            _load(SupervisorStatus, body.get("supervisor")),
+            [_load(ActorStatus, a) for a in body["actors"]],
+            [_load(NodeStatus, n) for n in body.get("nodes") or []],
+            {str(k): int(v) for k, v in (body.get("tasks") or {}).items()},
+        )
+
+
 # ---- actor <-> supervisor -------------------------------------------------------------------
 
 
@@ -484,6 +624,9 @@ class Promote(Message):
         _check_str_list("Promote.task_ids", self.task_ids)
 
 
+EVENT_KINDS = ("reply", "notify", "stream", "progress", "card")  # what a session can emit
+
+
 @_message(51)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Emit(Message):
@@ -495,8 +638,6 @@ class Emit(Message):
     data: dict[str, Any]
 
     def check(self) -> None:
-        from .session import EVENT_KINDS
-
         if self.kind not in EVENT_KINDS:
             raise ProtocolError(f"Emit.kind {self.kind!r} not one of {EVENT_KINDS}")
 

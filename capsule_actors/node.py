@@ -39,8 +39,10 @@ import zmq
 from . import messages
 from .app import App
 from .errors import ConfigError, ProtocolError
-from .supervisor.children import ROLE_PROCESS, ROLE_WORKER, ActorTemplate, ChildSpec, exit_cause, local_rss
-from .transport import CONNECT_ENV, KEYS_ENV, NODE_NAME_PATTERN, NODE_PREFIX, RemoteEndpoint, connect
+from .lifecycle import exit_cause
+from .supervisor.specs import ROLE_PROCESS, ROLE_WORKER, ChildSpec, local_rss
+from .supervisor.template import ActorTemplate
+from .transport import NODE_NAME_PATTERN, NODE_PREFIX, RemoteEndpoint, connect
 
 log = logging.getLogger("capsule_actors.node")
 
@@ -113,10 +115,7 @@ class WorkerNode:
         fd = os.open(self.lease_path, os.O_RDWR)
         self.lease_map = mmap.mmap(fd, _LEASE.size)
         os.close(fd)
-        # tasks on this node submit to the same supervisor (their client reads these)
-        os.environ[CONNECT_ENV] = self.endpoint.address
-        os.environ[KEYS_ENV] = str(self.key_path)
-        os.environ[NODE_ENV] = self.name  # a task can tell which node it runs on
+        os.environ[NODE_ENV] = self.name  # a task can tell which node it runs on (its actors inherit it)
         self.sig_r, self.sig_w = socket.socketpair()
         self.sig_r.setblocking(False)
         self.sig_w.setblocking(False)

@@ -11,14 +11,17 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from . import errors
-from .app import App
-from .client import Connection
-from .transport import ensure_state_dir, resolve_state_dir
+from .bootstrap import ClientConfig, resolve_state_dir
+from .client import Client
+from .transport import ensure_state_dir
+
+if TYPE_CHECKING:
+    from .app import App
 
 START_TIMEOUT = 60.0
 
@@ -96,7 +99,7 @@ class Runtime:
             name, _, message = line.partition(": ")
             cls = getattr(errors, name.removeprefix("error "), errors.CapsuleError)
             raise cls(message or f"the supervisor exited before it was ready (code {self.process.returncode})")
-        self.app._state_dir_override = self.state_dir
+        self.app.bind(ClientConfig(self.state_dir))
         return self
 
     def _read_ready(self, fd: int) -> str:
@@ -118,9 +121,9 @@ class Runtime:
         proc = self.process
         if proc is None:
             return None
-        Connection.close_all(self.state_dir)
-        if self.app._state_dir_override == self.state_dir:
-            self.app._state_dir_override = None
+        Client.close_all(self.state_dir)
+        if self.app._config == ClientConfig(self.state_dir):
+            self.app.bind(None)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -134,8 +137,8 @@ class Runtime:
         """The supervisor's and every actor's status (the data of ``capsule-actors status``)."""
         from . import messages
 
-        body, _ = self.app.connection().call(lambda req: messages.Status(req))
-        return dict(body)
+        body, _ = self.app.client().call(lambda req: messages.Status(req))
+        return messages.StatusSnapshot.from_wire(body).to_wire()
 
     def __enter__(self) -> Runtime:
         return self.start()

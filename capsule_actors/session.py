@@ -4,7 +4,8 @@ Inside a task with a bound session every call becomes a TaskEvent, delivered in 
 ``h.events()`` and to ``app.subscribe(session_id)``. The calls work from async tasks, plain
 ``def`` tasks (thread pool) and ``process=True`` tasks alike: each sends at once and returns an
 awaitable that is already complete, so ``await session.reply(x)`` and ``session.reply(x)`` both
-work. ``session.db`` is a small JSON key-value store in the runtime's SQLite file.
+work. ``session.db`` is a small JSON key-value store kept by the runtime's store, reached through
+the supervisor (its only writer).
 """
 
 from __future__ import annotations
@@ -13,23 +14,19 @@ import contextvars
 import dataclasses
 import itertools
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import CapsuleError, ConfigError, SerializationError
 
-T = TypeVar("T")
-_LOCK_WAIT = 30.0  # seconds a local session.db operation waits for SQLite's write lock
+if TYPE_CHECKING:
+    from .client import ClientSource
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("capsule_session", default=None)
 
 DEFAULT_OWNER_ID = "owner"
 NOTIFY_LEVELS = ("debug", "info", "success", "warning", "error")
-EVENT_KINDS = ("reply", "notify", "stream", "progress", "card")
 
 
 class EventChannel(Protocol):
@@ -107,21 +104,20 @@ class Session:
     @property
     def db(self) -> SessionDB:
         """This session's persistent key-value store (JSON values), shared by all its tasks."""
-        state_dir, remote = self.__dict__.get("_state_dir"), self.__dict__.get("_remote")
-        if state_dir is None and remote is None:
+        source: ClientSource | None = self.__dict__.get("_runtime")
+        if source is None:
             raise ConfigError(f"session {self.id!r} has no runtime: use app.session({self.id!r}).db")
-        return SessionDB(Path(state_dir) if state_dir is not None else None, self.id, remote)
+        return SessionDB(self.id, source)
 
 
 def bound_session(
-    session_id: str, owner: str | None, channel: EventChannel | None, state_dir: Path | None, remote: Any = None
+    session_id: str, owner: str | None, channel: EventChannel | None, runtime: ClientSource | None
 ) -> Session:
-    """A Session wired to a task's event channel and the runtime's store (``state_dir``), or on a
-    worker node to the supervisor (``remote``: the App, whose connection reaches it)."""
+    """A Session wired to a task's event channel (``channel``) and to the supervisor that keeps
+    its ``db`` (``runtime``: an App, whose client reaches it)."""
     session = Session(session_id, owner)
     object.__setattr__(session, "_channel", channel)
-    object.__setattr__(session, "_state_dir", state_dir)
-    object.__setattr__(session, "_remote", remote)
+    object.__setattr__(session, "_runtime", runtime)
     return session
 
 
@@ -166,55 +162,24 @@ class SessionStream:
 
 
 class SessionDB:
-    """Dict-like JSON store of one session, in the runtime's capsule.db.
+    """Dict-like JSON store of one session, kept in the runtime's store.
 
-    In the supervisor's machine it reads and writes capsule.db directly (each write is its own
-    transaction; ``update`` holds SQLite's write lock while ``fn`` runs). In a task on a worker
-    node, where that file is not, each operation is a request to the supervisor (``SessionKV``),
-    and ``update`` is a compare-and-set loop: both lose no concurrent update.
+    Every operation is a request to the supervisor (``SessionKV``), from app code, a task on this
+    host or one on a worker node alike: the supervisor writes it in its turn's transaction and
+    answers after the commit, so it is the store's only writer. ``update`` is a compare-and-set
+    loop: no concurrent update is lost.
     """
 
-    _local = threading.local()
     _MISSING = object()
 
-    def __init__(self, state_dir: Path | None, session_id: str, remote: Any = None) -> None:
-        self.path = state_dir / "capsule.db" if state_dir is not None else None
+    def __init__(self, session_id: str, runtime: ClientSource) -> None:
         self.session_id = session_id
-        self._remote = remote  # an App whose connection() reaches the supervisor
-
-    def _db(self) -> sqlite3.Connection:
-        assert self.path is not None
-        conns: dict[Path, sqlite3.Connection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get(self.path)
-        if conn is None:
-            if not self.path.exists():
-                raise ConfigError(f"no task store at {str(self.path)!r}: start the runtime once first")
-            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=0.0)
-            conn.execute("PRAGMA busy_timeout=0")  # _locally retries, more often than SQLite would
-            conns[self.path] = conn
-        return conn
-
-    def _locally(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """``op(db)`` on the local capsule.db, tried again every 0.2-2 ms while the supervisor
-        holds the write lock (for up to 30 s). SQLite's own busy handler sleeps up to 100 ms
-        between tries; the supervisor's write transactions are short but frequent under load, so
-        a writer could lose the race for a tenth of a second or more."""
-        db = self._db()
-        deadline = time.monotonic() + _LOCK_WAIT
-        delay = 0.0002
-        while True:
-            try:
-                return op(db)
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.002)
+        self._runtime = runtime
 
     def _ask(self, op: str, key: str = "", value: str | None = None, expected: str | None = None) -> Any:
         from . import messages
 
-        body, _ = self._remote.connection().call(
+        body, _ = self._runtime.client().call(
             lambda req: messages.SessionKV(req, self.session_id, op, key, value, expected)
         )
         return body
@@ -226,22 +191,15 @@ class SessionDB:
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
-        key = _key(key)
-        text = self._ask("get", key) if self._remote else self._locally(lambda db: kv_get(db, self.session_id, key))
+        text = self._ask("get", _key(key))
         return json.loads(text) if text is not None else default
 
     def __setitem__(self, key: str, value: Any) -> None:
-        key, text = _key(key), _json(value)
-        if self._remote:
-            self._ask("set", key, text)
-        else:
-            self._locally(lambda db: kv_set(db, self.session_id, key, text))
+        self._ask("set", _key(key), _json(value))
 
     def __delitem__(self, key: str) -> None:
         key = _key(key)
-        if not (
-            self._ask("del", key) if self._remote else self._locally(lambda db: kv_delete(db, self.session_id, key))
-        ):
+        if not self._ask("del", key):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
@@ -254,9 +212,7 @@ class SessionDB:
         return len(self._rows())
 
     def _rows(self) -> list[tuple[str, str]]:
-        if self._remote:
-            return [(k, v) for k, v in self._ask("items")]
-        return self._locally(lambda db: kv_items(db, self.session_id))
+        return [(k, v) for k, v in self._ask("items")]
 
     def keys(self) -> list[str]:
         return list(self)
@@ -268,54 +224,16 @@ class SessionDB:
         """Atomically replace the value with ``fn(old)`` (``old`` is ``default`` when absent).
         Keep ``fn`` quick and free of side effects: it may run again when another writer won."""
         key = _key(key)
-        if self._remote:
-            for _ in range(1000):
-                old = self._ask("get", key)
-                new = fn(json.loads(old) if old is not None else default)
-                if self._ask("cas", key, _json(new), old):
-                    return new
-            raise CapsuleError(f"session.db.update({key!r}): 1000 attempts lost to concurrent writers")
-
-        def replace(db: sqlite3.Connection) -> Any:
-            db.execute("BEGIN IMMEDIATE")  # when the lock is taken, nothing began: tried again
-            try:
-                old = kv_get(db, self.session_id, key)
-                new = fn(json.loads(old) if old is not None else default)
-                kv_set(db, self.session_id, key, _json(new))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return new
-
-        return self._locally(replace)
+        for _ in range(1000):
+            old = self._ask("get", key)
+            new = fn(json.loads(old) if old is not None else default)
+            if self._ask("cas", key, _json(new), old):
+                return new
+        raise CapsuleError(f"session.db.update({key!r}): 1000 attempts lost to concurrent writers")
 
     def increment(self, key: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a number (0 when absent) and return the new value."""
         return self.update(key, lambda old: (old or 0) + by)  # type: ignore[no-any-return]
-
-
-# ---- the session_kv table: one copy of the SQL, for SessionDB here and the supervisor's SessionKV
-def kv_get(db: sqlite3.Connection, session_id: str, key: str) -> str | None:
-    row = db.execute("SELECT value FROM session_kv WHERE session_id=? AND key=?", (session_id, key)).fetchone()
-    return row[0] if row else None
-
-
-def kv_set(db: sqlite3.Connection, session_id: str, key: str, text: str) -> None:
-    db.execute(
-        "INSERT INTO session_kv(session_id, key, value, updated_at) VALUES (?,?,?,?) "
-        "ON CONFLICT(session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
-        (session_id, key, text, time.time()),
-    )
-
-
-def kv_delete(db: sqlite3.Connection, session_id: str, key: str) -> bool:
-    return db.execute("DELETE FROM session_kv WHERE session_id=? AND key=?", (session_id, key)).rowcount > 0
-
-
-def kv_items(db: sqlite3.Connection, session_id: str) -> list[tuple[str, str]]:
-    rows = db.execute("SELECT key, value FROM session_kv WHERE session_id=? ORDER BY key", (session_id,))
-    return [(k, v) for k, v in rows]
 
 
 def _key(key: str) -> str:

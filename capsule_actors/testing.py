@@ -59,7 +59,7 @@ def start_runtime(
 def crash_on_attempt(task: Task[Any, Any], attempt: int = 1) -> None:
     """Make attempt number ``attempt`` of ``task`` kill the actor process that runs it
     (``os._exit`` before the body starts), to test retries and WorkerCrashed paths."""
-    task.app.connection().call(lambda req: messages.InjectCrash(req, task.name, attempt))
+    task.app.client().call(lambda req: messages.InjectCrash(req, task.name, attempt))
 
 
 def join(handles: list[TaskHandle], timeout: float) -> list[Any]:

@@ -22,18 +22,9 @@ import zmq
 
 from .errors import ConfigError, StateDirError
 
-STATE_DIR_ENV = "CAPSULE_STATE_DIR"
-DEFAULT_STATE_DIR = ".capsule"
 RUNTIME_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
-DB_FILE = "capsule.db"
 _MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
-
-
-def resolve_state_dir(state_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Explicit value, else $CAPSULE_STATE_DIR, else ./.capsule -- made absolute."""
-    chosen = state_dir if state_dir is not None else os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
-    return Path(chosen).expanduser().absolute()
 
 
 def ensure_state_dir(path: Path) -> Path:
@@ -122,8 +113,6 @@ CLIENT_KEY = "client"
 AUTHORIZED_DIR = "authorized"
 NODE_PREFIX = b"node/"  # routing ids of worker nodes on the supervisor's TCP socket
 NODE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
-CONNECT_ENV = "CAPSULE_CONNECT"
-KEYS_ENV = "CAPSULE_KEYS"
 
 
 def make_keys(directory: Path) -> Path:
@@ -188,18 +177,6 @@ class RemoteEndpoint:
     server_public: str
     client_public: str
     client_secret: str
-
-    @classmethod
-    def from_env(cls) -> RemoteEndpoint | None:
-        address = os.environ.get(CONNECT_ENV)
-        if not address:
-            return None
-        keys = os.environ.get(KEYS_ENV)
-        if not keys:
-            raise StateDirError(
-                f"{CONNECT_ENV}={address} needs {KEYS_ENV}=DIR with the keys from `capsule-actors keys`"
-            )
-        return cls.with_keys(address, Path(keys))
 
     @classmethod
     def with_keys(cls, address: str, keys: Path) -> RemoteEndpoint:

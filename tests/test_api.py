@@ -327,7 +327,7 @@ def test_asubmit_never_blocks_the_event_loop(start):
 
     async def main():
         gaps: list[float] = []
-        stop = asyncio.Event()
+        stop, ticking = asyncio.Event(), asyncio.Event()
 
         async def ticker():
             last = time.monotonic()
@@ -336,9 +336,10 @@ def test_asubmit_never_blocks_the_event_loop(start):
                 now = time.monotonic()
                 gaps.append(now - last)
                 last = now
+                ticking.set()
 
         tick = asyncio.create_task(ticker())
-        await asyncio.sleep(0.01)
+        await ticking.wait()  # the ticker runs (bounded by main's wait_for)
         ticks_before = len(gaps)
         handles = await asyncio.gather(*(add.asubmit(i, 1) for i in range(300)))
         ticks_during_submits = len(gaps) - ticks_before

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, skip_or_fail, wait_until
 from test_ui import _fill, read_url
 
 import capsule_actors as cpsl
@@ -81,9 +81,12 @@ def browser() -> Iterator[Any]:
     """Headless Chromium through chromedriver (both from Debian; Selenium Manager is not used)."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
-        pytest.skip(f"browser tests need Debian's chromium and chromium-driver ({', '.join(missing)} missing; "
-                    "`apt-get install chromium chromium-driver`, as .ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="browser tests need selenium (the [test] extra)")
+        skip_or_fail(f"browser tests need Debian's chromium and chromium-driver ({', '.join(missing)} missing; "
+                     "`apt-get install chromium chromium-driver`, as .ci/run does)")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        skip_or_fail("browser tests need selenium (the [test] extra)")
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="cpsl-chromium-")
@@ -186,6 +189,11 @@ def toast_text(driver: Any) -> str:
     return driver.execute_script("const t = document.getElementById('toast'); return t.hidden ? '' : t.textContent;")
 
 
+def transitions_done(driver: Any) -> bool:
+    """No CSS transition (a progress bar's width) or animation runs on the page, or is about to."""
+    return bool(driver.execute_script("return document.getAnimations().length === 0;"))
+
+
 def open_board(driver: Any, url: str) -> None:
     driver.get(url)  # ?token=... sets the cookie and redirects to /
     wait_until(lambda: driver.execute_script("return document.body.dataset.loaded === '1'"), timeout=WAIT)
@@ -239,14 +247,15 @@ def test_cancel_needs_the_token_retry_detail_and_filters_work(browser, board, tm
     click(driver, card_selector("RUNNING", h.id) + " button[data-action=cancel]")
     wait_until(lambda: "401" in toast_text(driver), timeout=WAIT)
     assert "refused" in toast_text(driver)
-    assert h.status() is cpsl.TaskState.RUNNING
-    time.sleep(0.5)
+    # the board answers an action only once the supervisor has (a cancel is recorded before its
+    # answer): the 401 came after anything the click could have done there
     assert h.status() is cpsl.TaskState.RUNNING
 
     # ... and a fresh page without the token gets nothing at all
     driver.get(f"http://127.0.0.1:{board['port']}/")
     assert "unauthorized" in driver.find_element(By.TAG_NAME, "body").text
     assert not driver.find_elements(By.CSS_SELECTOR, ".column")
+    assert h.status() is cpsl.TaskState.RUNNING  # still, after a later request to the board
 
     # When the page is opened with the token and Cancel is clicked, then the task is cancelled
     open_board(driver, board["url"])
@@ -311,7 +320,7 @@ def test_screenshot_of_a_busy_board(browser, board, tmp_path):
     for state, h in (("SCHEDULED", later), ("RUNNING", running), ("QUEUED", queued), ("FAILED", failed),
                      ("CANCELLED", cancelled), ("SUCCEEDED", handles[0])):
         wait_card(driver, state, h.id)
-    time.sleep(0.3)  # let the progress bars finish their transition
+    wait_until(lambda: transitions_done(driver), timeout=WAIT)  # the progress bars reached their width
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "board.png"
     assert driver.save_screenshot(str(shot))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from capsule_actors.client import Connection
+from capsule_actors.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -32,7 +32,7 @@ def chaos_run() -> Iterator[chaos.Chaos]:
             run.stop_submitting.set()
             run.stop_killing.set()
             run.service.kill_all()
-            Connection.close_all()
+            Client.close_all()
 
 
 def test_chaos_loses_nothing_and_never_overlaps_a_lock(chaos_run: chaos.Chaos) -> None:

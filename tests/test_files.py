@@ -21,7 +21,8 @@ from conftest import spawn_cli, wait_running, wait_until
 import capsule_actors as cpsl
 from capsule_actors import messages
 from capsule_actors.app import new_task_id
-from capsule_actors.transport import DB_FILE, RUNTIME_FILE, read_runtime_file
+from capsule_actors.store import DB_FILE
+from capsule_actors.transport import RUNTIME_FILE, read_runtime_file
 
 app = cpsl.App("files-test", workers=1, process_workers=1)
 

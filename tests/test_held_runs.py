@@ -24,10 +24,11 @@ def _wait_for(gate: str) -> None:
 
 
 @app.task(process=True)
-def gated(gate: str, started: str) -> int:
-    """Say where it runs (its pid, in ``started``), then wait for ``gate``."""
+def gated(gate: str, started: str, then: float = 0.0) -> int:
+    """Say where it runs (its pid, in ``started``), wait for ``gate``, then work ``then`` seconds."""
     Path(started).write_text(str(os.getpid()))
     _wait_for(gate)
+    time.sleep(then)
     return os.getpid()
 
 
@@ -146,15 +147,16 @@ def test_a_held_runs_timeout_starts_when_it_begins(start, tmp_path):
     it waited behind is not killed."""
     rt = start(app, process_workers=1)
     gate, started = tmp_path / "gate", tmp_path / "started"
-    first = gated.submit(str(gate), str(started))
+    first = gated.submit(str(gate), str(started), 1.5)  # past its gate, it works 1.5 s more
     wait_until(started.exists)
     held = brief.submit(0.1)
     wait_until(lambda: _held(rt) == {"p0": 1})
-    time.sleep(1.5)
-    gate.touch()
+    gate.touch()  # the first ends 1.5 s from now: past the held Run's timeout, had it started
     assert first.result(timeout=30) == int(started.read_text())
     assert held.result(timeout=30) == "done"
-    assert held.info().attempts == 1
+    info = held.info()
+    assert info.attempts == 1
+    assert info.started_at - info.created_at > 1.5  # it was held longer than its timeout
 
 
 def test_a_held_run_moves_to_an_actor_that_frees_up(start, tmp_path):

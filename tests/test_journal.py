@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from conftest import wait_until
 import capsule_actors as cpsl
 from capsule_actors import journal as journal_module
 from capsule_actors import messages
-from capsule_actors.client import Connection
+from capsule_actors.client import Client
 from capsule_actors.journal import JOURNAL_DIR, Journal
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +57,7 @@ CLIENT = """
 import json, os, signal, sys
 sys.path[:0] = [{here!r}]
 import test_journal as t
-from capsule_actors.client import Connection
+from capsule_actors.connection import Connection
 t.app.state_dir = {state!r}
 t.record.submit(-1, {log!r}).result(timeout=30)
 print("ready", flush=True)
@@ -117,7 +116,7 @@ def test_journaled_submits_are_acked_later_and_the_file_is_emptied(start, state_
     size = path.stat().st_size
     assert [record.submit(i, str(log)).result(timeout=30) for i in range(200, 210)] == list(range(200, 210))
     assert path.stat().st_size == size  # written over, not grown (no metadata churn per task)
-    Connection.close_all()
+    Client.close_all()
     assert not path.exists()  # and gone with a clean close
 
 
@@ -173,7 +172,9 @@ def test_sent_and_journaled_is_recorded_once(start, state_dir, tmp_path):
     wait_until(lambda: len(_runs(log)) >= 41, 20)
     assert [app.handle(i).result(timeout=30) for i in ids] == list(range(40))
     wait_until(lambda: not _journals(state_dir), 10)
-    time.sleep(0.3)  # a second recording would run again: give it the time to show
+    # the sweep records a journal's submits before it removes the file: a task recorded a second
+    # time is live by now, and once nothing is live any second run of it is in the log
+    wait_until(lambda: rt.status()["supervisor"]["live_tasks"] == 0, 20)
     assert sorted(_runs(log)) == list(range(-1, 40))
     assert sum(rt.status()["tasks"].values()) == 41
 
@@ -254,7 +255,15 @@ def test_a_journal_of_another_format_is_kept_aside_not_replayed_or_removed(start
     kept = path.with_name(path.name + ".unreadable")
     wait_until(kept.exists, 10)
     assert not path.exists() and kept.read_bytes() == written
-    time.sleep(1.5)  # past another sweep: a kept file is never replayed
+    # a later sweep: the one that replays a journal whose writer died after the file was kept
+    later = Journal(state_dir)
+    marker = tmp_path / "marker"
+    later.append([messages.Submit(1, [["d" * 32, "record", None, None, None, None]], [], True).encode(),
+                  cloudpickle.dumps(((9, str(marker)), {}), protocol=5)], 1)
+    os.close(later._segment.fd)
+    wait_until(lambda: not later._segment.path.exists(), 10)  # replayed and removed at that sweep's end
+    assert app.handle("d" * 32).result(timeout=30) == 9
+    # a kept file is never replayed
     assert kept.exists() and not log.exists()
     with pytest.raises(cpsl.UnknownTask):
         app.handle("c" * 32).info()
@@ -282,7 +291,7 @@ def test_a_refused_journaled_submit_raises_from_result_and_records_nothing(start
             h.result(timeout=1)
         assert sum(rt.status()["tasks"].values()) == 1  # nothing recorded
         assert size_of.submit("z").result(timeout=30) == 1  # serving on
-        Connection.close_all()
+        Client.close_all()
         assert not _journals(state_dir)  # the refusal was an answer: nothing left to replay
     finally:
         strict.max_payload_bytes = 2000

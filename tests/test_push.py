@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from conftest import wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import messages
-from capsule_actors.client import Connection
+from capsule_actors.connection import Connection
 
 app = cpsl.App("push", grace=5.0)
 
@@ -48,10 +47,10 @@ def _count_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sent: list[int] = []
     real = Connection.request
 
-    def request(self: Connection, make, frames=None):  # type: ignore[no-untyped-def]
+    def request(self: Connection, make, frames=None, record=None):  # type: ignore[no-untyped-def]
         if isinstance(make(0), messages.Wait):
             sent.append(1)
-        return real(self, make, frames)
+        return real(self, make, frames, record)
 
     monkeypatch.setattr(Connection, "request", request)
     return sent
@@ -70,8 +69,8 @@ def test_results_arrive_without_a_wait_round_trip(start, monkeypatch):
 
     assert asyncio.run(asyncio.wait_for(gathered(), 60)) == [i + 3 for i in range(50)]
     assert waits == []
-    conn = app.connection()
-    wait_until(lambda: not conn._outstanding, 10)  # every pushed reply was taken
+    conn = app.client()
+    wait_until(lambda: not conn.outstanding(), 10)  # every pushed reply was taken
 
 
 def test_a_timeout_keeps_the_push_and_a_handle_from_elsewhere_still_waits(start, monkeypatch):
@@ -94,17 +93,17 @@ def test_joined_and_rejected_submits_leave_nothing_expected(start):
     dup = joined.submit("j", 0.0)
     assert dup.deduplicated and dup.id == holder.id
     assert first.result(timeout=30) == "k" and dup.result(timeout=30) == "j" and holder.result(timeout=30) == "j"
-    conn = app.connection()
-    wait_until(lambda: not conn._outstanding and not conn._expected, 10)
+    conn = app.client()
+    wait_until(lambda: not conn.outstanding(), 10)
 
 
 def test_dropped_handles_leave_nothing_behind(start):
     rt = start(app)
     for i in range(300):
         add.submit(i, 0)  # fire and forget
-    conn = app.connection()
+    conn = app.client()
     wait_until(lambda: rt.status()["tasks"].get("SUCCEEDED", 0) >= 300, 30)
-    wait_until(lambda: not conn._outstanding and not conn._expected, 10)
+    wait_until(lambda: not conn.outstanding(), 10)
 
 
 def test_pushed_outcomes_survive_a_supervisor_restart(start, state_dir: Path):
@@ -113,7 +112,8 @@ def test_pushed_outcomes_survive_a_supervisor_restart(start, state_dir: Path):
     wait_until(lambda: rt.status()["tasks"].get("RUNNING", 0) == 5, 20)
     os.kill(rt.pid, signal.SIGKILL)
     rt.process.wait(10)
-    time.sleep(0.2)
+    conn = app.client()
+    wait_until(lambda: not conn.connected, 10)  # this client saw the supervisor go
     start(app)
     # the pushes died with the supervisor; the client asks again on reconnect (a re-run)
     assert [h.result(timeout=60) for h in handles] == [1.0] * 5
@@ -130,17 +130,21 @@ def test_a_forked_child_waits_through_its_own_connection(start):
             code = 0 if h.result(timeout=20) == 0.3 else 1
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 40
-    while True:
+    statuses: list[int] = []
+
+    def the_forked_child_exited() -> bool:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            break
-        if time.monotonic() > deadline:
+            statuses.append(status)
+        return bool(done)
+
+    try:
+        wait_until(the_forked_child_exited, 40, interval=0.05)
+    finally:
+        if not statuses:  # it did not get the result: leave no process behind
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            pytest.fail("the forked child did not get the result")
-        time.sleep(0.05)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.waitstatus_to_exitcode(statuses[0]) == 0
     assert h.result(timeout=20) == 0.3
 
 
@@ -148,7 +152,7 @@ def test_requests_from_many_threads_each_get_their_answer(start):
     """Callers in several threads share one connection; a burst wakes its I/O thread once, and
     no request may be left unsent (a lost wake-up used to hang them all)."""
     start(app)
-    conn = app.connection()
+    conn = app.client()
     failures: list[BaseException] = []
 
     def caller(k: int) -> None:

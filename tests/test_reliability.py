@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from conftest import wait_until
+from conftest import skip_or_fail, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -164,7 +164,7 @@ def _read_only(path: Path) -> Iterator[None]:
     """Bind-mount ``path`` read-only over itself for the block (needs root, as in CI)."""
     mounted = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"a read-only bind mount needs root: {mounted.stderr.decode().strip()}")
+        skip_or_fail(f"a read-only bind mount needs root: {mounted.stderr.decode().strip()}")
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True, capture_output=True)
         yield
@@ -252,7 +252,7 @@ def test_a_full_state_dir_at_start_is_a_clear_error(tmp_path):
     area.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(area)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+        skip_or_fail(f"a small tmpfs needs root: {mounted.stderr.decode().strip()}")
     try:
         fd = os.open(area / "filler", os.O_WRONLY | os.O_CREAT)
         try:  # fill the file system to the last block

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import pytest
 from conftest import wait_until
 
@@ -846,23 +847,38 @@ def test_unbound_tasks_run_with_no_session(start):
     assert math.isclose(h.info().created_at, time.time(), abs_tol=300)
 
 
-def test_a_local_session_write_waits_out_another_writer(start, state_dir):
-    import sqlite3
-
+def test_session_db_has_one_writer_the_supervisor(start, state_dir):
+    """What if app code and tasks write session.db? Every operation goes through the
+    supervisor: this process never opens the store, and with no supervisor a write fails with
+    NotRunning and changes nothing."""
+    rt = start(app)
+    db = app.session("one-writer").db
+    db["k"] = 1
+    assert db_write.submit("t", 2, session=cpsl.Session("one-writer")).result(timeout=30) == {"k": 1, "t": 2}
+    assert db.increment("n") == 1 and db.increment("n") == 2
+    assert not [f.path for f in psutil.Process().open_files() if "capsule.db" in f.path]
+    rt.stop()
+    with pytest.raises(cpsl.NotRunning):
+        app.session("one-writer").db["k"] = 5
     start(app)
-    db = app.session("waits").db
-    db["k"] = 0
-    other = sqlite3.connect(str(state_dir / "capsule.db"), isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")  # holds the write lock, as the supervisor does in a turn
-    released = threading.Timer(0.3, lambda: other.execute("COMMIT"))
-    released.start()
-    try:
-        t0 = time.monotonic()
-        db["k"] = 1  # waits for the lock instead of failing with "database is locked"
-        assert db.increment("n") == 1
-        waited = time.monotonic() - t0
-    finally:
-        released.join(5)
-        other.close()
-    assert 0.25 <= waited < 5.0
-    assert db["k"] == 1 and app.session("waits").db["n"] == 1
+    assert dict(app.session("one-writer").db.items()) == {"k": 1, "n": 2, "t": 2}
+
+
+def test_a_subscription_with_a_timeout_is_bounded(start):
+    """What if nothing comes? With ``timeout=``, an iteration that outlasts it raises
+    TimeoutError (sync and async) and its held poll is forgotten; a subscription resumed from
+    the cursor still gets what came later."""
+    start(app)
+    sid = "quiet"
+    sub = app.subscribe(sid, timeout=0.5)
+    with pytest.raises(TimeoutError, match="quiet"):
+        for _ in sub:
+            pass
+    with pytest.raises(TimeoutError):
+        run_async(take_async(app.subscribe(sid, timeout=0.5), lambda events: False))
+    assert app.client().outstanding() == 0  # neither poll is still waiting for an answer
+    h = replies.submit(2, session=cpsl.Session(sid))
+    events = take_sync(app.subscribe(sid, after=sub.cursor, timeout=30), ended({h.id}))
+    assert [e.data["text"] for e in events if e.kind == "reply"] == ["r0", "r1"]
+    with pytest.raises(cpsl.ConfigError, match="timeout"):
+        app.subscribe(sid, timeout=-1)

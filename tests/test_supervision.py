@@ -25,9 +25,12 @@ import pytest
 from conftest import ROOT, spawn_cli, wait_until
 
 import capsule_actors as cpsl
-from capsule_actors import messages, testing
-from capsule_actors.client import Connection
-from capsule_actors.transport import DB_FILE, pid_alive, read_runtime_file
+from capsule_actors import lifecycle, messages, testing
+from capsule_actors.client import Client
+from capsule_actors.store import DB_FILE
+from capsule_actors.supervisor.router import owner
+from capsule_actors.supervisor.specs import ChildSpec
+from capsule_actors.transport import pid_alive, read_runtime_file
 
 app = cpsl.App("supervision-test", workers=2, process_workers=1, grace=5.0)
 
@@ -137,7 +140,7 @@ def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
     """Threads for blocking waits; every wait in them is bounded by its own timeout."""
     executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="test-wait")
     yield executor
-    Connection.close_all()  # fails any wait still outstanding, so the threads end
+    Client.close_all()  # fails any wait still outstanding, so the threads end
     executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -170,7 +173,7 @@ def load_module(path: Path) -> ModuleType:
 
 
 def service_status(app_: cpsl.App) -> dict[str, Any]:
-    body, _ = app_.connection().call(lambda req: messages.Status(req), timeout=10)
+    body, _ = app_.client().call(lambda req: messages.Status(req), timeout=10)
     return dict(body)
 
 
@@ -408,3 +411,55 @@ def test_a_submit_that_raised_not_running_is_never_run_later(procs, service, sta
     finally:
         db.close()
     assert rows == 2  # the first and the last submit; the withdrawn one was never recorded
+
+
+@app.task(lock="hold:{key}")
+async def hold_key(key: str, release: str, cap: float = 60.0) -> str:
+    await _hold(release, cap)
+    return key
+
+
+def test_a_graceful_stop_stops_the_children_in_reverse_start_order(start, tmp_path):
+    """What if the stop begins while a later-started actor is busy? Children stop one at a time in
+    reverse start order (c0, p0, w1, w0): the clock and the process actor go at once, w1 finishes
+    its task first, and only then is w0 told to stop."""
+    rt = start(app, workers=2, process_workers=1)
+    key = next(f"k{i}" for i in range(1000) if owner(f"hold:k{i}", ["w0", "w1"]) == "w1")
+    release = tmp_path / "release"
+    h = hold_key.submit(key, str(release))
+    wait_until(lambda: h.status() == cpsl.TaskState.RUNNING, 20)
+    # When SIGTERM reaches the supervisor
+    os.kill(rt.pid, signal.SIGTERM)
+
+    def actors() -> dict[str, str]:
+        return {a["slot"]: a["state"] for a in rt.status()["actors"]}
+
+    # Then the clock and p0 (started last) are gone, w1 is stopping, w0 has not been asked yet
+    states = wait_until(lambda: (s := actors())["c0"] == "down" and s["p0"] == "down" and s, 20)
+    assert states["w1"] == "stopping" and states["w0"] == "ready"
+    # When w1's task ends, w1 exits, then w0 is stopped, and the supervisor exits cleanly
+    release.touch()
+    assert h.result(timeout=20) == key
+    assert rt.process is not None and rt.process.wait(20) == 0
+
+
+@pytest.mark.parametrize("restart", ["permanent", "transient", "temporary"])
+@pytest.mark.parametrize(
+    "exit_kind, code",
+    [("normal", 0), ("error", 1), ("parent gone", 3), ("injected crash", 70), ("SIGTERM", -signal.SIGTERM),
+     ("SIGKILL", -signal.SIGKILL), ("segfault", -signal.SIGSEGV)],
+)
+def test_restart_types_decide_whether_an_exit_restarts_the_slot(restart: str, exit_kind: str, code: int):
+    """OTP's matrix: permanent restarts after any exit, transient after an abnormal one only,
+    temporary never (a deliberate replacement -- recycle, hard cancel -- is not a crash)."""
+    spec = ChildSpec("w0", "worker", 1, 1.0, restart=restart)
+    expected = {"permanent": True, "transient": exit_kind != "normal", "temporary": False}[restart]
+    assert spec.restarts_after(code) is expected
+
+
+def test_every_exit_code_of_ours_is_in_the_exit_table_and_a_bad_restart_type_is_refused():
+    codes = {v for k, v in vars(lifecycle).items() if k.startswith("EXIT_") and isinstance(v, int)}
+    assert codes == set(lifecycle.EXIT_REASONS)
+    assert [c for c in codes if lifecycle.normal_exit(c)] == [lifecycle.EXIT_OK]
+    with pytest.raises(ValueError, match="restart='sometimes'"):
+        ChildSpec("w0", "worker", 1, 1.0, restart="sometimes")

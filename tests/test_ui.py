@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT, cli, kill_tree, wait_until
 
 import capsule_actors as cpsl
-from capsule_actors.store import Store
+from capsule_actors.store import SQLiteStore as Store
 from capsule_actors.ui import TaskBoard, TaskCard
 from capsule_actors.ui.card import format_duration, progress_bar
 

@@ -2,8 +2,8 @@
 
 It runs no user code. Its step is the pure ``schedules.step(state, now)``; only this outer loop
 reads the real clock, and it sleeps until the next deadline (the nearest cron slot or scheduled
-task) or until the supervisor wakes it -- there is no polling loop. Delayed tasks stay in SQLite:
-the clock reads only the next due ones (an index on ``run_at`` of SCHEDULED tasks).
+task) or until the supervisor wakes it -- there is no polling loop. Delayed tasks stay in the
+store: the clock reads only the next due ones, through a read-only ``StoreReader``.
 
 Exactly once: the supervisor records a schedule's slot in the same transaction as the task the
 slot submits (or joins), and ignores a slot at or before the recorded one. A clock that dies
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .. import messages
+from .. import messages, store
 from ..schedules import ScheduleState, resume_state, seconds_until, step
 
 log = logging.getLogger("capsule_actors.clock")
@@ -48,7 +47,9 @@ class ClockActor:
             mark = marks.get(name) or {}
             base = mark.get("last_slot") or mark.get("registered_at") or now.timestamp()
             self.states[name] = resume_state(spec, _utc(base), now)
-        self.db = sqlite3.connect(f"file:{Path(config['db'])}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+        reader = store.open_reader(Path(config["state_dir"]))  # the supervisor made the store before us
+        assert reader is not None
+        self.store = reader
         self.sent: dict[str, float] = {}
         self.stopping = False
 
@@ -62,22 +63,19 @@ class ClockActor:
         return min(wait, self._due_tasks(now.timestamp()), MAX_SLEEP)
 
     def _due_tasks(self, now: float) -> float:
-        rows = self.db.execute(
-            "SELECT id, run_at FROM tasks WHERE state='SCHEDULED' AND run_at <= ? ORDER BY run_at LIMIT ?",
-            (now, DUE_BATCH),
-        ).fetchall()
+        due_now = self.store.due_scheduled(now, DUE_BATCH)
         mono = time.monotonic()
         self.sent = {k: v for k, v in self.sent.items() if mono - v < RESEND_AFTER}
-        due = [task_id for task_id, _ in rows if task_id not in self.sent]
+        due = [task_id for task_id in due_now if task_id not in self.sent]
         if due:
             self.sock.send_multipart([messages.Due(due).encode()])
             self.sent.update(dict.fromkeys(due, mono))
-        if len(rows) == DUE_BATCH:
+        if len(due_now) == DUE_BATCH:
             return 0.0
         # the next one not due yet; handed-over ones are looked at again if not taken in time
-        row = self.db.execute("SELECT min(run_at) FROM tasks WHERE state='SCHEDULED' AND run_at > ?", (now,)).fetchone()
-        wait = max(0.0, row[0] - now) if row and row[0] is not None else MAX_SLEEP
-        return min(wait, RESEND_AFTER) if rows else wait
+        next_at = self.store.next_scheduled_after(now)
+        wait = max(0.0, next_at - now) if next_at is not None else MAX_SLEEP
+        return min(wait, RESEND_AFTER) if due_now else wait
 
     async def _heartbeat(self) -> None:
         while True:  # liveness for the supervisor, not a poll: the clock's work waits on deadlines
@@ -87,15 +85,12 @@ class ClockActor:
     async def serve(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
         while not self.stopping:
-            self.db.execute("BEGIN")  # one consistent snapshot per tick
-            try:
+            with self.store.snapshot():  # one consistent view per tick
                 wait = self.tick(dt.datetime.now(dt.UTC))
-            finally:
-                self.db.execute("COMMIT")
             if await self.sock.poll(wait * 1000 + 1):
                 while await self.sock.poll(0):
                     msg = messages.decode((await self.sock.recv_multipart())[0])
                     if isinstance(msg, messages.Stop):
                         self.stopping = True
         heartbeat.cancel()
-        self.db.close()
+        self.store.close()

@@ -32,7 +32,7 @@ import zmq
 import zmq.asyncio
 
 from .. import app as app_module
-from .. import messages
+from .. import bootstrap, messages
 from ..errors import SerializationError, TaskCancelled
 from ..lifecycle import (
     EXIT_ERROR,
@@ -44,7 +44,7 @@ from ..lifecycle import (
     profiled,
 )
 from ..session import bind_session, bound_session
-from ..transport import connect
+from ..transport import RemoteEndpoint, connect
 from .keys import KeyTable
 
 log = logging.getLogger("capsule_actors.actor")
@@ -112,7 +112,7 @@ class WorkerActor:
     def _handle(self, frames: list[bytes]) -> None:
         msg = messages.decode(frames[0])
         if isinstance(msg, messages.Run):
-            task = asyncio.create_task(self._execute(msg, frames[1] if len(frames) > 1 else b""))
+            task = asyncio.create_task(self._perform(msg, frames[1] if len(frames) > 1 else b""))
             task.add_done_callback(functools.partial(self._cancelled_before_start, msg))
             self.running[msg.task_id] = task
         elif isinstance(msg, messages.Admit):
@@ -168,7 +168,7 @@ class WorkerActor:
             self.loop.call_soon(self._drain)
 
     def _cancelled_before_start(self, run: messages.Run, task: asyncio.Task[None]) -> None:
-        """A task cancelled before its first step never runs _execute's cleanup: report it here."""
+        """A task cancelled before its first step never runs _perform's cleanup: report it here."""
         if task.cancelled() and self.running.get(run.task_id) is task:
             self._not_begun(run)
 
@@ -190,7 +190,7 @@ class WorkerActor:
                 os._exit(EXIT_PARENT_GONE)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
-    async def _execute(self, run: messages.Run, payload: bytes) -> None:
+    async def _perform(self, run: messages.Run, payload: bytes) -> None:
         if self.serial is not None:
             try:
                 await self.serial.acquire()  # the attempt before it ends first
@@ -249,10 +249,7 @@ class WorkerActor:
         session = channel = None
         if run.session_id:
             channel = _AttemptChannel(self, run)
-            state_dir = app_module.PROCESS_STATE_DIR  # None on a worker node: session.db asks the supervisor
-            session = bound_session(
-                run.session_id, run.session_owner, channel, state_dir, remote=self.app if state_dir is None else None
-            )
+            session = bound_session(run.session_id, run.session_owner, channel, self.app)
         bind_session(session)
         try:
             return await self._run_body(run, task, session, payload)
@@ -366,6 +363,15 @@ class ActorArgs:
     client_keys: list[str] | None = None  # a node's CURVE key pair (public, secret) for its actors
     lease_file: str | None = None  # a node's lease: run only while it is valid (see node.py)
 
+    def client_config(self) -> bootstrap.ClientConfig:
+        """Where this actor's tasks submit (and session.db goes): its supervisor, through the
+        state directory on this host, or over the node's TCP link with the node's key pair."""
+        if self.state_dir:
+            return bootstrap.ClientConfig(Path(self.state_dir))
+        assert self.client_keys is not None and self.server_key is not None
+        remote = RemoteEndpoint(self.endpoint, self.server_key, self.client_keys[0], self.client_keys[1])
+        return bootstrap.ClientConfig(Path(), remote)
+
 
 def _dealer(ctx: zmq.Context, args: ActorArgs) -> Any:  # type: ignore[type-arg]
     """The actor's one socket to its supervisor (identity ``slot.gen``)."""
@@ -426,7 +432,7 @@ def run_actor(args: ActorArgs, app: app_module.App) -> None:
     die_with_parent(args.parent)
     if args.lease_file:
         watch_lease(args.lease_file)
-    app_module.PROCESS_STATE_DIR = Path(args.state_dir) if args.state_dir else None
+    bootstrap.configure_process(args.client_config())
     code = EXIT_OK
     try:
         profiled(args.slot, lambda: asyncio.run(_serve(args, app)))

@@ -2,14 +2,13 @@
 
 A node brings actor slots named ``NODE:w0…`` and ``NODE:p0…``; they join the worker and process
 pools (and so the lock-key owners) while the node is connected, and leave them when it goes.
-``NodeLink`` speaks the node protocol (hello and refusals, pings and leases, spawns and exits,
-leaving, loss); the actors themselves are supervised like the supervisor's own.
+``NodeTable`` (``node_table.py``) alone keeps the connected nodes; ``NodeLink`` speaks the node
+protocol (hello and refusals, pings and leases, spawns and exits, leaving, loss); the actors
+themselves are supervised like the supervisor's own (``Children``).
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
 import re
 import signal
@@ -20,10 +19,15 @@ from .. import messages
 from ..app import App
 from ..errors import ProtocolError
 from ..transport import NODE_NAME_PATTERN, NODE_PREFIX
-from .children import ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ChildSpec
+from .node_table import NodeTable, RemoteNode
+from .specs import ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ChildSpec
 
 if TYPE_CHECKING:
-    from .core import Frames, Supervisor
+    from .children import Children
+    from .keys import KeyRouting
+    from .outbox import Frames
+    from .tasks import TaskTable
+    from .timers import Timers
 
 log = logging.getLogger("capsule_actors.supervisor")
 
@@ -31,32 +35,6 @@ NODE_LEASE = 3.0  # a node's actors run at most this long past the send time of 
 NODE_LOSS = 5.0  # a node silent this long is lost; longer than the lease, so its actors are fenced
 NODE_CHECK = 0.25  # how often node silence is checked
 MAX_NODE_ACTORS = 256  # per role
-
-
-@dataclasses.dataclass(eq=False)
-class RemoteNode:
-    """One connected incarnation of a worker node."""
-
-    name: str
-    identity: bytes
-    host: str
-    pid: int
-    specs: list[ChildSpec]
-    joined_at: float = dataclasses.field(default_factory=time.time)
-    last_seen: float = dataclasses.field(default_factory=time.monotonic)
-    rss: dict[str, int | None] = dataclasses.field(default_factory=dict)
-    leaving: bool = False  # said NodeBye: its actors finish what they run, then it is forgotten
-
-    def status(self, now: float) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "host": self.host,
-            "pid": self.pid,
-            "state": "leaving" if self.leaving else "connected",
-            "joined_at": self.joined_at,
-            "last_seen_ago": round(now - self.last_seen, 3),
-            "slots": [s.slot for s in self.specs],
-        }
 
 
 def node_specs(
@@ -102,37 +80,30 @@ def clean_rss(rss: dict[str, Any]) -> dict[str, int | None]:
 
 
 class NodeLink:
-    """The connected worker nodes, by their routing id on the supervisor's TCP socket."""
+    """The node protocol: joins, pings and leases, spawns and exits, leaving, loss."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
-        self.nodes: dict[bytes, RemoteNode] = {}
-
-    def specs(self) -> list[ChildSpec]:
-        return [spec for node in self.nodes.values() for spec in node.specs]
-
-    def get(self, name: str) -> RemoteNode | None:
-        for node in self.nodes.values():
-            if node.name == name:
-                return node
-        return None
-
-    def leaving(self, name: str) -> bool:
-        """Leaving, or gone: its slots are out of the pools."""
-        node = self.get(name)
-        return node is None or node.leaving
-
-    def status(self, now: float) -> list[dict[str, Any]]:
-        return [node.status(now) for node in self.nodes.values()]
-
-    def send(self, ident: bytes, msg: messages.Message) -> None:
-        assert self.sup.remote_sock is not None
-        self.sup.outbox.append((self.sup.remote_sock, [ident, msg.encode()]))
+    def __init__(
+        self,
+        app: App,
+        grace: float,
+        nodes: NodeTable,
+        children: Children,
+        keys: KeyRouting,
+        tasks: TaskTable,
+        timers: Timers,
+    ) -> None:
+        self._app = app
+        self._grace = grace
+        self._nodes = nodes
+        self._children = children
+        self._keys = keys
+        self._tasks = tasks
+        self._timers = timers
 
     def stop(self) -> None:
         """The supervisor stops: nodes fence their actors now instead of when their lease ends."""
-        for ident in self.nodes:
-            self.send(ident, messages.NodeRefused("the supervisor stopped", False))
+        for node in self._nodes:
+            self._nodes.send(node.identity, messages.NodeRefused("the supervisor stopped", False))
 
     def on_message(self, frames: Frames) -> None:
         ident, raw = frames[0], frames[1] if len(frames) > 1 else b""
@@ -142,25 +113,24 @@ class NodeLink:
             if messages.op_code(raw) != messages.NodeHello.OP:
                 raise
             # a hello we cannot read: most likely a node of another version, so say why it cannot join
-            why = other_version(
-                repr(ident[len(NODE_PREFIX) :].split(b"/")[0].decode(errors="replace")), f"another version ({exc})"
-            )
+            name = ident[len(NODE_PREFIX) :].split(b"/")[0].decode(errors="replace")
+            why = other_version(repr(name), f"another version ({exc})")
             log.warning("refused a worker node: %s", why)
-            self.send(ident, messages.NodeRefused(why, True))
+            self._nodes.send(ident, messages.NodeRefused(why, True))
             return
         if isinstance(msg, messages.NodeHello):
             self._on_hello(ident, msg)
             return
-        node = self.nodes.get(ident)
+        node = self._nodes.by_identity(ident)
         if node is None:  # e.g. an incarnation from before our restart: it fences and joins again
-            self.send(ident, messages.NodeRefused("unknown node incarnation; say hello again", False))
+            self._nodes.send(ident, messages.NodeRefused("unknown node incarnation; say hello again", False))
             return
         node.last_seen = time.monotonic()
         if isinstance(msg, messages.NodePing):
             node.rss = clean_rss(msg.rss)
-            self.send(ident, messages.Lease(msg.seq))
+            self._nodes.send(ident, messages.Lease(msg.seq))
             return
-        proc = self.sup.procs.get(getattr(msg, "slot", ""))
+        proc = self._children.get(getattr(msg, "slot", ""))
         if proc is not None and (proc.spec.node != node.name or proc.gen != getattr(msg, "gen", -1)):
             proc = None  # an incarnation we already buried, or not this node's
         if isinstance(msg, messages.Spawned):
@@ -168,19 +138,19 @@ class NodeLink:
                 proc.pid = msg.pid
         elif isinstance(msg, messages.Exited):
             if proc is not None:
-                self.sup.children.on_exit(proc, msg.code)
+                self._children.exited(proc, msg.code)
         elif isinstance(msg, messages.NodeBye):
             self._on_bye(node, msg.grace)
         else:
             raise ProtocolError(f"{type(msg).__name__} is not a node message")
 
     def _on_hello(self, ident: bytes, msg: messages.NodeHello) -> None:
-        sup = self.sup
-        if ident in self.nodes:  # a resent hello: answer it again
-            self.send(ident, messages.NodeWelcome(self._config(self.nodes[ident])))
+        known = self._nodes.by_identity(ident)
+        if known is not None:  # a resent hello: answer it again
+            self._nodes.send(ident, messages.NodeWelcome(self._config(known)))
             return
-        why = refusal(msg, sup.app)
-        old = self.get(msg.name)
+        why = refusal(msg, self._app)
+        old = self._nodes.get(msg.name)
         if why is None and old is not None:
             if (old.host, old.pid) != (msg.host, msg.pid):
                 why = (
@@ -189,26 +159,26 @@ class NodeLink:
                 )
             else:  # the same node, fenced and back: its old actors are dead
                 self.lose(old, f"the loss of node {msg.name} (it rejoined as a new incarnation)")
-        if why is None and sup.stopping:
-            self.send(ident, messages.NodeRefused("the supervisor is stopping", False))
+        if why is None and self._children.stopping:
+            self._nodes.send(ident, messages.NodeRefused("the supervisor is stopping", False))
             return
         if why is not None:
             log.warning("refused worker node %r from %s: %s", msg.name, msg.host, why)
-            self.send(ident, messages.NodeRefused(why, True))
+            self._nodes.send(ident, messages.NodeRefused(why, True))
             return
         specs = node_specs(
             msg.name,
             msg.workers,
             msg.process_workers,
             WORKER_CONCURRENCY,
-            sup.grace,
-            sup.app.max_tasks_per_process or 0,
+            self._grace,
+            self._app.max_tasks_per_process or 0,
         )
         node = RemoteNode(msg.name, ident, msg.host, msg.pid, specs)
-        self.nodes[ident] = node
+        self._nodes.add(node)
         for spec in specs:
-            sup.children.add_slot(spec)
-            sup.slot_ready.setdefault(spec.slot, collections.deque())
+            self._children.add_slot(spec)
+            self._tasks.add_slot(spec.slot)
         log.info(
             "worker node %s joined from %s (pid %d): %d workers, %d process workers",
             msg.name,
@@ -217,10 +187,10 @@ class NodeLink:
             msg.workers,
             msg.process_workers,
         )
-        self.send(ident, messages.NodeWelcome(self._config(node)))
+        self._nodes.send(ident, messages.NodeWelcome(self._config(node)))
         for spec in specs:
-            sup.children.start_actor(spec)
-        sup.keys.pools_changed()
+            self._children.start_actor(spec)
+        self._keys.pools_changed()
 
     @staticmethod
     def _config(node: RemoteNode) -> dict[str, Any]:
@@ -232,40 +202,34 @@ class NodeLink:
             return
         log.info("worker node %s is leaving; its actors finish their tasks", node.name)
         node.leaving = True
-        sup = self.sup
+        children = self._children
         for spec in node.specs:
-            proc = sup.procs.get(spec.slot)
-            if proc is None:
-                continue
-            proc.stopping = True
-            if proc.ready:
-                sup.send_actor(proc, messages.Stop(min(grace, sup.grace)).encode())
-            else:
-                sup.children.kill_actor(proc)
-        if not any(s.slot in sup.procs for s in node.specs):
-            self.forget(node)
-        sup.keys.pools_changed()
+            proc = children.get(spec.slot)
+            if proc is not None:
+                children.stop_actor(proc, min(grace, self._grace))
+        if not any(children.get(s.slot) for s in node.specs):
+            self._forget(node)
+        self._keys.pools_changed()
 
     def check(self) -> None:
         """Timer: a node silent for NODE_LOSS is lost."""
         now = time.monotonic()
-        for node in list(self.nodes.values()):
+        for node in self._nodes:
             if now - node.last_seen > NODE_LOSS:
                 self.lose(node, f"the loss of node {node.name} (nothing heard for {now - node.last_seen:.1f} s)")
-        self.sup.add_timer(NODE_CHECK, self.check)
+        self._timers.add(NODE_CHECK, self.check)
 
     def lose(self, node: RemoteNode, cause: str) -> None:
         """Its lease ran out (it fenced its actors): their attempts end with WorkerCrashed and are
         retried on live slots; its keys move to the remaining owners."""
         log.error("%s: its tasks are retried elsewhere", cause)
-        self.forget(node)
+        self._forget(node)
         for spec in node.specs:
-            proc = self.sup.procs.get(spec.slot)
+            proc = self._children.get(spec.slot)
             if proc is not None:
-                self.sup.children.on_exit(proc, -signal.SIGKILL, cause)
-        self.sup.keys.pools_changed()
+                self._children.exited(proc, -signal.SIGKILL, cause)
+        self._keys.pools_changed()
 
-    def forget(self, node: RemoteNode) -> None:
-        self.nodes.pop(node.identity, None)
-        for spec in node.specs:
-            self.sup.children.slots[spec.slot].backoff_until = None
+    def _forget(self, node: RemoteNode) -> None:
+        self._nodes.forget(node)
+        self._children.forget_node_slots(node.specs)

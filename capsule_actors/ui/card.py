@@ -19,7 +19,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..handle import TaskEvent, TaskHandle, TaskInfo, TaskState
+from ..handle import TaskEvent, TaskHandle, TaskInfo
+from ..states import TaskState
 
 __all__ = ["TaskCard", "card_css", "format_duration", "progress_bar"]
 
@@ -125,7 +126,7 @@ class TaskCard:
         task_id = data.get("task_id") or data.get("card") or data.get("id")
         if not task_id:
             raise ValueError("a task card needs a task id (keys task_id, card or id)")
-        state = data.get("state") or "QUEUED"
+        state = data.get("state") or TaskState.QUEUED
         error = data.get("error")
         if error is None and data.get("error_type"):
             error = f"{data['error_type']}: {data.get('error_message') or ''}"

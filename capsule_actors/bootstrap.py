@@ -1,0 +1,78 @@
+"""Where a process's submits go: resolved once, where the process starts, and handed down.
+
+The places a process starts decide, and nothing deeper reads the environment:
+
+- the CLI and ``app.start()`` bind the App they run to their state directory
+  (``App.bind(ClientConfig)``);
+- an actor, on this host or on a worker node, configures its whole process: every App in it
+  reaches the supervisor that spawned the actor (``configure_process``);
+- any other process resolves it at its first submit from the App's ``state_dir``, else the
+  environment (``from_environment``): ``CAPSULE_CONNECT`` + ``CAPSULE_KEYS`` for a supervisor on
+  another host, else ``CAPSULE_STATE_DIR``, else ``./.capsule``.
+
+This module is the only reader of those variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .errors import StateDirError
+from .transport import RemoteEndpoint
+
+STATE_DIR_ENV = "CAPSULE_STATE_DIR"
+CONNECT_ENV = "CAPSULE_CONNECT"
+KEYS_ENV = "CAPSULE_KEYS"
+DEFAULT_STATE_DIR = ".capsule"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """One supervisor to talk to: on this host through its state directory, or over TCP."""
+
+    state_dir: Path  # the local supervisor's state directory (its sockets and submit journals)
+    remote: RemoteEndpoint | None = None  # a supervisor on another host (tcp + CURVE)
+
+    @property
+    def where(self) -> str:
+        """How the supervisor is named in errors."""
+        return self.remote.address if self.remote is not None else str(self.state_dir)
+
+
+def resolve_state_dir(state_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Explicit value, else $CAPSULE_STATE_DIR, else ./.capsule -- made absolute."""
+    chosen = state_dir if state_dir is not None else os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return Path(chosen).expanduser().absolute()
+
+
+def remote_from_environment() -> RemoteEndpoint | None:
+    """``CAPSULE_CONNECT=tcp://H:P`` with ``CAPSULE_KEYS=DIR`` (or a NAME.key_secret file)."""
+    address = os.environ.get(CONNECT_ENV)
+    if not address:
+        return None
+    keys = os.environ.get(KEYS_ENV)
+    if not keys:
+        raise StateDirError(f"{CONNECT_ENV}={address} needs {KEYS_ENV}=DIR with the keys from `capsule-actors keys`")
+    return RemoteEndpoint.with_keys(address, Path(keys))
+
+
+def from_environment(state_dir: str | os.PathLike[str] | None = None) -> ClientConfig:
+    """A plain client's configuration: a remote supervisor named by the environment, else the
+    state directory ``state_dir`` (an App's), else the environment's, else ./.capsule."""
+    return ClientConfig(resolve_state_dir(state_dir), remote_from_environment())
+
+
+_process_config: ClientConfig | None = None  # set where an actor process starts
+
+
+def configure_process(config: ClientConfig) -> None:
+    """An actor process: every App in it (the registry, and any App its tasks import) reaches
+    the supervisor that spawned it."""
+    global _process_config
+    _process_config = config
+
+
+def process_config() -> ClientConfig | None:
+    return _process_config

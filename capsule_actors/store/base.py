@@ -1,0 +1,268 @@
+"""What a task store must do: the interface the supervisor, the clock, the board and the CLI use.
+
+A store keeps tasks, their events, schedule marks, task-card followers and session key-values.
+An implementation is one module of this package (``sqlite.py`` today); its callers never see SQL.
+
+Guarantees every implementation gives (the supervisor's correctness rests on them):
+
+- **One writer, explicit transactions.** ``TaskStore`` is used from the supervisor's loop thread
+  only. ``begin()`` opens a write transaction (a no-op when one is open); every write until
+  ``commit()`` becomes durable atomically, and the supervisor sends no acknowledgement before
+  the commit that covers it. ``dirty()`` says whether anything was written since the last commit.
+- **Order.** Tasks are kept in submit order (a monotonically increasing ``rowid``); events get a
+  strictly increasing ``seq`` in the order they are added, and readers see them in that order.
+- **Idempotent inserts.** Inserting a task id that exists changes nothing (resent submits and
+  replayed journals rely on it).
+- **The hot path** (per task: ``insert_tasks``, ``mark_running`` or ``args``, ``finish``,
+  ``add_event``; per turn: ``begin``, ``commit``, ``dirty``, ``take_touched``) must not scan:
+  each is a few indexed statements. Everything else runs off the per-task path (status, lists,
+  retention, recovery at start).
+- **Readers** (``StoreReader``: the board, the clock) see committed data only, each read inside
+  ``snapshot()`` consistent with itself, and never block the writer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple
+
+from ..states import TaskState
+
+
+class NewTask(NamedTuple):
+    """A task to record (a submit's item, decided)."""
+
+    id: str
+    name: str
+    state: TaskState
+    lock_key: str | None
+    session_id: str | None
+    session_owner: str | None
+    args: bytes
+    created_at: float
+    run_at: float | None
+
+
+class StoredTask(NamedTuple):
+    """A live task as the store holds it (recovery at start, the backlog, a cancel or a due task)."""
+
+    rowid: int
+    id: str
+    name: str
+    state: TaskState
+    lock_key: str | None
+    session_id: str | None
+    session_owner: str | None
+    attempts: int
+    run_at: float | None
+    slot: str | None
+
+
+Error = tuple[str, str, str]  # (type, message, traceback)
+
+
+class TaskStore(abc.ABC):
+    """The supervisor's store: the only writer of tasks, events, schedules and session values."""
+
+    commits: int  # commits since the last checkpoint
+    slot_pending: bool  # a schedule's fired slot was written since the last commit
+
+    # ---- transactions ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def begin(self) -> None:
+        """Open the turn's write transaction (no-op when open)."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Make the transaction's writes durable (no-op when none is open)."""
+
+    @abc.abstractmethod
+    def dirty(self) -> bool:
+        """Rows were written since the last commit."""
+
+    @abc.abstractmethod
+    def checkpoint_if_needed(self, every: int = 1000) -> None:
+        """Housekeeping the supervisor runs after it has sent a turn's replies (off the ack path)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # ---- tasks -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def insert_tasks(self, rows: Iterable[NewTask]) -> list[tuple[str, int]]:
+        """Record new tasks; return (id, rowid) of those that were new (a known id is ignored)."""
+
+    @abc.abstractmethod
+    def args(self, task_id: str) -> bytes:
+        """A task's pickled arguments (a process actor's held Run leaves before it starts)."""
+
+    @abc.abstractmethod
+    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
+        """Record an attempt's start; return the task's pickled arguments."""
+
+    @abc.abstractmethod
+    def finish(
+        self,
+        task_id: str,
+        session_id: str | None,
+        state: TaskState,
+        result: bytes | None,
+        error: Error | None,
+        now: float,
+    ) -> None:
+        """Record a terminal state with its result or error."""
+
+    @abc.abstractmethod
+    def requeue(
+        self,
+        task_id: str,
+        session_id: str | None,
+        run_at: float | None,
+        error: Error | None,
+        attempts: int | None = None,
+    ) -> None:
+        """Put a task back in the queue (a retry, or a re-run after a stop or crash)."""
+
+    @abc.abstractmethod
+    def set_progress(self, task_id: str, fraction: float) -> None: ...
+
+    @abc.abstractmethod
+    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
+        """Append an event; return its seq."""
+
+    @abc.abstractmethod
+    def show_card(self, task_id: str, session_id: str) -> dict[str, Any] | None:
+        """The session follows the task's card from now on; return the card (None: unknown task)."""
+
+    @abc.abstractmethod
+    def take_touched(self) -> tuple[set[str], set[str], bool]:
+        """Task ids and session ids that got events since the last call, and whether any did."""
+
+    # ---- reads -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def info(self, task_id: str) -> dict[str, Any] | None:
+        """The task's record (the fields of ``TaskInfo``), or None."""
+
+    @abc.abstractmethod
+    def outcome(self, task_id: str) -> tuple[TaskState, bytes | None, list[str | None]] | None:
+        """(state, result, [error_type, error_message, traceback]) of one task."""
+
+    @abc.abstractmethod
+    def list_tasks(self, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
+        """Task records, newest first."""
+
+    @abc.abstractmethod
+    def live_tasks(self) -> Iterator[StoredTask]:
+        """Every queued, scheduled or running task in submit order (recovery at start)."""
+
+    @abc.abstractmethod
+    def backlog(self, after: int, limit: int) -> list[StoredTask]:
+        """Unlocked QUEUED tasks past rowid ``after``, in submit order (paged in as the queue drains)."""
+
+    @abc.abstractmethod
+    def live_locked(self) -> list[tuple[str, str, str]]:
+        """(id, name, lock_key) of every live locked task, in submit order."""
+
+    @abc.abstractmethod
+    def live_task(self, task_id: str) -> StoredTask | None:
+        """A queued, scheduled or running task (None when finished or unknown)."""
+
+    @abc.abstractmethod
+    def count_state(self, state: TaskState) -> int: ...
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Tasks per state."""
+
+    @abc.abstractmethod
+    def exists(self, task_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def events_after(
+        self, after: int, limit: int = 500, *, task_id: str | None = None, session_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Events with seq > ``after`` in order: of one task, of one session, or all."""
+
+    @abc.abstractmethod
+    def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
+        """(name, state, lock_key, session_id, session_owner, args) of a task, to submit it again."""
+
+    # ---- retention ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def prune_events(self, before: float, keep_max: int) -> int:
+        """Drop events older than ``before``, then all but the newest ``keep_max``."""
+
+    @abc.abstractmethod
+    def prune_finished(self, before: float, batch: int = 10_000) -> int:
+        """Delete finished tasks (with their events and card links) that ended before ``before``."""
+
+    # ---- schedules ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def register_schedules(self, specs: Iterable[tuple[str, str, str]], now: float) -> None:
+        """Know every declared (name, cron, tz); a changed cron or time zone starts it afresh."""
+
+    @abc.abstractmethod
+    def schedule_marks(self) -> dict[str, dict[str, float | None]]:
+        """name -> {registered_at, last_slot}: where the clock resumes each schedule."""
+
+    @abc.abstractmethod
+    def last_slot(self, name: str) -> float | None: ...
+
+    @abc.abstractmethod
+    def set_last_slot(self, name: str, slot: float) -> None:
+        """Record a fired slot (sets ``slot_pending`` until the commit)."""
+
+    # ---- session key-values ------------------------------------------------------------------
+    @abc.abstractmethod
+    def kv_get(self, session_id: str, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    def kv_set(self, session_id: str, key: str, text: str) -> None: ...
+
+    @abc.abstractmethod
+    def kv_delete(self, session_id: str, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def kv_items(self, session_id: str) -> list[tuple[str, str]]: ...
+
+
+class StoreReader(abc.ABC):
+    """Read-only access for other processes (the board, the clock): never blocks the writer."""
+
+    @abc.abstractmethod
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Reads inside see one consistent committed state."""
+
+    @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The newest event's seq (0 when none)."""
+
+    @abc.abstractmethod
+    def board(
+        self,
+        *,
+        name: str | None = None,
+        session: str | None = None,
+        lock: str | None = None,
+        offsets: dict[str, int] | None = None,
+        page_size: int = 50,
+        names: bool = False,
+    ) -> dict[str, Any]:
+        """Every state's count under the substring filters and one page of its tasks."""
+
+    @abc.abstractmethod
+    def task_detail(self, task_id: str, max_events: int = 200) -> dict[str, Any] | None:
+        """One task: its record, the sizes of its pickled arguments and result, its last events."""
+
+    @abc.abstractmethod
+    def due_scheduled(self, now: float, limit: int) -> list[str]:
+        """Ids of SCHEDULED tasks due at ``now``, soonest first."""
+
+    @abc.abstractmethod
+    def next_scheduled_after(self, now: float) -> float | None:
+        """When the next SCHEDULED task not due at ``now`` is due."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

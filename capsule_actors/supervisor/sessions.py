@@ -1,0 +1,74 @@
+"""Sessions on the supervisor's side: the events a running attempt emits (reply, notify, stream,
+progress, task cards) and ``session.db``, whose every read and write comes here, so the store has
+one writer."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .. import messages
+from ..errors import ConfigError, ProtocolError
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..store import TaskStore
+    from .outbox import Frames, Outbox
+    from .specs import ActorProcess
+    from .tasks import TaskTable
+
+
+class Sessions:
+    """Emits from actors and SessionKV requests from clients, both written in the turn's
+    transaction (so their effects are durable before anything is answered)."""
+
+    def __init__(self, app: App, store: TaskStore, tasks: TaskTable, outbox: Outbox) -> None:
+        self._app = app
+        self._store = store
+        self._tasks = tasks
+        self._outbox = outbox
+
+    def on_emit(self, proc: ActorProcess, msg: messages.Emit, payload: Frames) -> None:
+        """A running attempt's session event: record it (in order) unless the attempt is over."""
+        task = self._tasks.get(msg.task_id)
+        if task is None or proc.running.get(msg.task_id) != msg.attempt:
+            return
+        store = self._store
+        if msg.kind == "card":  # session.show_task(h): follow that task's card from now on
+            card_id = str(msg.data.get("card"))
+            card = store.show_card(card_id, task.session_id or "")
+            if card is not None and task.session_id is not None:
+                store.add_event(card_id, task.session_id, "card", card)
+            return
+        if msg.kind == "progress" and isinstance(msg.data.get("fraction"), (int, float)):
+            store.set_progress(task.id, float(msg.data["fraction"]))  # before: cards show it
+        try:
+            store.add_event(task.id, task.session_id, msg.kind, msg.data)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"Emit data is not JSON: {exc}") from None
+
+    def on_session_kv(self, ident: bytes, msg: messages.SessionKV, payload: Frames) -> None:
+        """One ``session.db`` operation (``messages.SessionKV`` says what each answers)."""
+        store, sid, key = self._store, msg.session_id, msg.key
+        if msg.value is not None:
+            if len(msg.value) > self._app.max_payload_bytes:
+                raise ConfigError(f"session.db value of {len(msg.value)} bytes is over max_payload_bytes")
+            try:
+                json.loads(msg.value)
+            except ValueError:
+                raise ProtocolError("SessionKV value is not JSON") from None
+        body: Any
+        if msg.op == "get":
+            body = store.kv_get(sid, key)
+        elif msg.op == "set":
+            store.kv_set(sid, key, msg.value or "null")
+            body = True
+        elif msg.op == "del":
+            body = store.kv_delete(sid, key)
+        elif msg.op == "items":
+            body = [list(row) for row in store.kv_items(sid)]
+        else:  # cas
+            body = store.kv_get(sid, key) == msg.expected
+            if body:
+                store.kv_set(sid, key, msg.value or "null")
+        self._outbox.reply(ident, msg.req, True, body)

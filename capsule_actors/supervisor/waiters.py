@@ -1,0 +1,97 @@
+"""The clients waiting for something: a task's outcome (``Wait``, or a submit's push), or events
+(long polls of ``h.events()``, ``app.subscribe()`` and the board's feed).
+
+``Waiters`` alone keeps them. An outcome wait is kept by task id whether the task is in memory or
+in the store only (delayed, or in the backlog), and answered when the task finishes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import messages
+
+if TYPE_CHECKING:
+    from ..store import TaskStore
+    from .outbox import Outbox
+    from .tasks import TaskTable
+
+EVENT_PAGE = 500
+PollKey = tuple[str, str]  # ("t", task id) | ("s", session id) | ("a", "")
+
+
+class Waiters:
+    """Outcome waits and event long polls, each known by the client's (identity, request id)."""
+
+    def __init__(self, store: TaskStore, tasks: TaskTable, outbox: Outbox) -> None:
+        self._store = store
+        self._tasks = tasks
+        self._outbox = outbox
+        self._by_task: dict[str, list[tuple[bytes, int]]] = {}
+        self._index: dict[tuple[bytes, int], str] = {}  # (client, req) -> the task or poll key it waits on
+        self._polls: dict[PollKey, list[tuple[bytes, int, int]]] = {}
+
+    # ---- outcomes ----------------------------------------------------------------------------
+    def wait(self, task_id: str, ident: bytes, req: int) -> None:
+        """Answer ``req`` of ``ident`` when the task ends."""
+        self._by_task.setdefault(task_id, []).append((ident, req))
+        self._index[(ident, req)] = task_id
+
+    def settle(self, task_id: str, outcome: messages.Outcome, result: bytes) -> None:
+        """The task ended: answer everyone waiting for it."""
+        waiting = self._by_task.pop(task_id, None)
+        if not waiting:
+            return
+        body = outcome.to_wire()
+        for ident, req in waiting:
+            self._index.pop((ident, req), None)
+            self._outbox.reply(ident, req, True, body, [result])
+
+    def forget(self, ident: bytes, req: int) -> None:
+        """The client gave up on ``req`` (its wait timed out, or its event loop cancelled it)."""
+        task_id = self._index.pop((ident, req), None)
+        waiting = self._by_task.get(task_id) if task_id is not None else None
+        if waiting is not None:
+            waiting[:] = [w for w in waiting if w != (ident, req)]
+            if not waiting:
+                del self._by_task[task_id]  # type: ignore[arg-type]
+        for polls in self._polls.values():
+            polls[:] = [p for p in polls if (p[0], p[1]) != (ident, req)]
+
+    # ---- events ------------------------------------------------------------------------------
+    @property
+    def polling(self) -> bool:
+        return bool(self._polls)
+
+    def poll(self, ident: bytes, req: int, key: PollKey, after: int) -> None:
+        """Answer with the events after ``after`` now, or hold the request until there are some."""
+        if not self._send_events(ident, req, key, after):
+            self._polls.setdefault(key, []).append((ident, req, after))
+            self._index[(ident, req)] = key[1]
+
+    def answer_polls(self) -> None:
+        """After a commit: the polls whose task, session or feed got events since the last one."""
+        tasks, sessions, any_event = self._store.take_touched()
+        if not self._polls:
+            return
+        touched = {("t", t) for t in tasks} | {("s", s) for s in sessions} | ({("a", "")} if any_event else set())
+        for key in touched & self._polls.keys():
+            for ident, req, after in self._polls.pop(key):
+                self._index.pop((ident, req), None)
+                self.poll(ident, req, key, after)
+
+    def _send_events(self, ident: bytes, req: int, key: PollKey, after: int) -> bool:
+        """Reply with events after ``after`` if there are any (or the task has ended)."""
+        store = self._store
+        if key[0] == "t":
+            events = store.events_after(after, EVENT_PAGE, task_id=key[1])
+            terminal = key[1] not in self._tasks and store.live_task(key[1]) is None
+        elif key[0] == "s":
+            events, terminal = store.events_after(after, EVENT_PAGE, session_id=key[1]), False
+        else:
+            events, terminal = store.events_after(after, EVENT_PAGE), False
+        if not events and not terminal:
+            return False
+        more = len(events) == EVENT_PAGE
+        self._outbox.reply(ident, req, True, {"events": events, "terminal": terminal, "more": more})
+        return True
