@@ -336,6 +336,7 @@ class App:
         max_process_memory_mb: float | None = None,
         max_queued: int = 100_000,
         result_ttl: float | None = 7 * 24 * 3600.0,
+        store: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"App name must be a non-empty string, got {name!r}")
@@ -360,6 +361,7 @@ class App:
         if result_ttl is not None and (not isinstance(result_ttl, (int, float)) or result_ttl <= 0):
             raise ConfigError(f"result_ttl={result_ttl!r}: expected seconds > 0, or None to keep results forever")
         self.result_ttl = result_ttl
+        self.store = bootstrap.check_store(store)  # None: SQLite in the state directory (bootstrap.py)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)

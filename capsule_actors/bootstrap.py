@@ -10,6 +10,10 @@ The places a process starts decide, and nothing deeper reads the environment:
   environment (``from_environment``): ``CAPSULE_CONNECT`` + ``CAPSULE_KEYS`` for a supervisor on
   another host, else ``CAPSULE_STATE_DIR``, else ``./.capsule``.
 
+The store the supervisor keeps its tasks in is resolved the same way, where the supervisor (or
+a board) starts: ``--store``, else ``App(store=)``, else ``CAPSULE_STORE``, else SQLite in the
+state directory (``store_url``).
+
 This module is the only reader of those variables.
 """
 
@@ -19,12 +23,13 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .errors import StateDirError
+from .errors import ConfigError, StateDirError
 from .transport import RemoteEndpoint
 
 STATE_DIR_ENV = "CAPSULE_STATE_DIR"
 CONNECT_ENV = "CAPSULE_CONNECT"
 KEYS_ENV = "CAPSULE_KEYS"
+STORE_ENV = "CAPSULE_STORE"
 DEFAULT_STATE_DIR = ".capsule"
 
 
@@ -76,3 +81,26 @@ def configure_process(config: ClientConfig) -> None:
 
 def process_config() -> ClientConfig | None:
     return _process_config
+
+
+def check_store(store: str | os.PathLike[str] | None) -> str | None:
+    """A store option as given: None (SQLite in the state directory), a path to an SQLite file,
+    or a ``postgresql://`` URL; ConfigError names anything else."""
+    if store is None:
+        return None
+    if isinstance(store, os.PathLike):
+        return str(Path(store).expanduser().absolute())
+    if not isinstance(store, str) or not store:
+        raise ConfigError(
+            f"store={store!r}: expected None (SQLite in the state directory), a path to an SQLite file, "
+            "or postgresql://USER@HOST:PORT/DB"
+        )
+    if "://" in store and not store.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"store={store!r}: only postgresql:// URLs (or an SQLite file path) are supported")
+    return store if "://" in store else str(Path(store).expanduser().absolute())
+
+
+def store_url(explicit: str | None, app_store: str | None) -> str | None:
+    """The store a supervisor or board opens: ``--store``, else the App's, else $CAPSULE_STORE,
+    else None (SQLite in the state directory)."""
+    return check_store(explicit) or app_store or check_store(os.environ.get(STORE_ENV) or None)

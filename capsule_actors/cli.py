@@ -21,7 +21,7 @@ import cloudpickle
 from . import bootstrap, messages, states
 from .app import App
 from .client import Client
-from .errors import CapsuleError, ConfigError
+from .errors import CapsuleError, ConfigError, NotRunning
 from .lifecycle import profiled
 from .session import Session
 
@@ -71,8 +71,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         grace=args.grace,
         bind_tcp=args.bind,
         keys_dir=keys,
+        store_url=bootstrap.store_url(_store_option(args), app.store),
     )
     return profiled("supervisor", sup.run)
+
+
+def _store_option(args: argparse.Namespace) -> str | None:
+    """``--store URL``, refused when it holds a password (``ps`` would show it to everyone)."""
+    from urllib.parse import urlsplit
+
+    if args.store and urlsplit(args.store).password:
+        raise ConfigError(
+            "--store: a password on the command line shows in `ps`; put the URL in CAPSULE_STORE, or the "
+            "password in PGPASSFILE or PGPASSWORD"
+        )
+    return str(args.store) if args.store else None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -338,7 +351,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = messages.StatusSnapshot.from_wire(_ask(args, lambda req: messages.Status(req)))
+    try:
+        body = _ask(args, lambda req: messages.Status(req))
+    except NotRunning as exc:  # an answer to "status", not a failure to report: on stdout, exit 1
+        if args.json:
+            raise
+        print(f"supervisor {_paint('not running', 'red', use_color(sys.stdout))}: {exc}")
+        return 1
+    status = messages.StatusSnapshot.from_wire(body)
     if args.json:
         print(json.dumps(status.to_wire(), indent=2))
         return 0
@@ -349,6 +369,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"supervisor pid {sup.pid} {state} since {_when(sup.started_at)}  "
         f"rss {sup.rss // 2**20} MiB  state dir {sup.state_dir}"
     )
+    print(_store_line(sup, color))
     counts = sorted(status.tasks.items(), key=lambda kv: STATES.index(kv[0]) if kv[0] in STATES else 99)
     print("tasks: " + (", ".join(f"{_paint(k.lower(), STATE_COLORS.get(k), color)} {v}" for k, v in counts) or "none"))
     print(_actors_table(status.actors, color))
@@ -356,6 +377,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
         print(_nodes_table(status.nodes, color))
     return 0
+
+
+def _store_line(sup: messages.SupervisorStatus, color: bool) -> str:
+    """The store's size (and its WAL's, and the free space, where the store knows them)."""
+    line = f"store {sup.store_bytes / 2**20:.1f} MiB"
+    if sup.wal_bytes:
+        line += f"  wal {sup.wal_bytes / 2**20:.1f} MiB"
+    if sup.free_bytes >= 0:
+        line += f"  free {sup.free_bytes / 2**20:.1f} MiB"
+    if sup.store_full:
+        line += _paint("  FULL: new tasks are refused until space is freed", "red", color)
+    return line
 
 
 def _actors_table(actors: list[messages.ActorStatus], color: bool) -> str:
@@ -396,7 +429,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_board(args: argparse.Namespace) -> int:
     from .ui.board import TaskBoard
 
-    board = TaskBoard(_state_dir(args), port=args.port)
+    board = TaskBoard(_state_dir(args), port=args.port, store=bootstrap.store_url(_store_option(args), None))
 
     def ready(url: str) -> None:
         print(
@@ -408,6 +441,12 @@ def cmd_board(args: argparse.Namespace) -> int:
 
     board.run(on_ready=ready)
     return 0
+
+
+_STORE_HELP = (
+    "postgresql://USER@HOST:PORT/DB[?schema=NAME] (default: the App's, else $CAPSULE_STORE, else SQLite in "
+    "the state directory); no password here: CAPSULE_STORE, PGPASSFILE or PGPASSWORD"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, help="seconds running tasks get at a graceful stop (default: the App's)")
     p.add_argument("--bind", metavar="tcp://HOST:PORT", help="also serve clients over TCP (CURVE keys required)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys for --bind (default: STATE_DIR/keys)")
+    p.add_argument("--store", metavar="URL", help=_STORE_HELP)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("worker", help="run a worker node: actors on this host that join a supervisor over TCP")
     p.add_argument("app", metavar="MODULE:APP")
@@ -473,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cancel)
     p = add("board", "serve the live task board on 127.0.0.1 (prints its URL with the access token)")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 = any free port)")
+    p.add_argument("--store", metavar="URL", help=_STORE_HELP)
     p.set_defaults(func=cmd_board)
     return parser
 

@@ -224,10 +224,10 @@ class Client:
         if len(prepared) > _BATCH_ITEMS or sum(1 for _ in batches(prepared)) != 1:  # more than one Submit
             return None
         pushes = self._pushes(prepared)
-        with self._journal_lock:
-            journal = self._journal = self._journal or Journal(self.config.state_dir)
         segment: list[Segment] = []
         try:
+            with self._journal_lock:
+                journal = self._journal = self._journal or Journal(self.config.state_dir)
             ack = self._conn.request(
                 _submit_of(prepared, pushes, True),
                 [p[1] for p in prepared],

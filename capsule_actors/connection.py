@@ -28,7 +28,7 @@ from . import messages
 from .bootstrap import ClientConfig
 from .errors import NotRunning, ProtocolError, error_from_reply
 from .lifecycle import current_pid
-from .transport import RuntimeFile, connect, read_runtime_file
+from .transport import LOCK_FILE, RuntimeFile, connect, read_runtime_file, stale_runtime_file
 
 log = logging.getLogger("capsule_actors.client")
 
@@ -37,12 +37,27 @@ Future = concurrent.futures.Future[Reply]
 _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+REPLY_LIMIT = 64 << 20  # a reply header from our supervisor (event pages, task lists) may pass 1 MiB
 _REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
 START_HINT = "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
 
 
-def not_running(config: ClientConfig) -> NotRunning:
-    return NotRunning(f"no capsule_actors supervisor is running for state directory {config.where!r}; {START_HINT}")
+def not_running(config: ClientConfig, why: str = "") -> NotRunning:
+    """The error for a state directory that no supervisor serves; ``why`` adds what is known."""
+    return NotRunning(
+        f"no capsule_actors supervisor is running for state directory {config.where!r}{why}; {START_HINT}"
+    )
+
+
+def stale_note(config: ClientConfig) -> str:
+    """Why a supervisor.json that is there does not count, so nobody goes looking for pid N."""
+    stale = stale_runtime_file(config.state_dir) if config.remote is None else None
+    if stale is None:
+        return ""
+    return (
+        f" (supervisor.json names pid {stale.pid}, but no supervisor holds {LOCK_FILE}: "
+        "it was left by one that did not stop, say before a reboot)"
+    )
 
 
 class Connection:
@@ -53,7 +68,7 @@ class Connection:
         self._remote = config.remote
         info = read_runtime_file(config.state_dir) if self._remote is None else self._remote.runtime_file()
         if info is None:
-            raise not_running(config)
+            raise not_running(config, stale_note(config))
         self._info: RuntimeFile = info
         self._pid = current_pid()
         self._ids = itertools.count(1)
@@ -304,7 +319,7 @@ class Connection:
             except zmq.Again:
                 return
             try:
-                reply = messages.decode(frames[0])
+                reply = messages.decode(frames[0], REPLY_LIMIT)
             except ProtocolError as exc:
                 log.error("dropped a malformed reply: %s", exc)
                 continue

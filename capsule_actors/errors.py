@@ -27,6 +27,16 @@ class StateDirError(CapsuleError):
     """The state directory cannot be created, locked or written safely."""
 
 
+class StoreFull(StateDirError):
+    """The task store's file system is (nearly) full: new tasks are refused until space is freed;
+    the tasks already accepted go on, and nothing acknowledged is lost."""
+
+
+class StoreUnavailable(CapsuleError):
+    """The task store's server could not be reached for longer than the supervisor waits for it
+    (PostgreSQL): the supervisor stops; nothing it acknowledged is lost."""
+
+
 class UnknownTask(CapsuleError, KeyError):
     """A task name or task id that the runtime does not know."""
 

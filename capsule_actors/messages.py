@@ -410,6 +410,10 @@ class SupervisorStatus:
     live_tasks: int  # queued, scheduled or running, in memory or in the backlog
     in_memory: int
     backlog: int
+    store_bytes: int  # the task store's file
+    wal_bytes: int  # its write-ahead log (bounded: checkpointed and cut back while running)
+    free_bytes: int  # free space on the store's file system
+    store_full: bool  # too little of it: new tasks are refused (StoreFull) until there is more
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from . import errors
-from .bootstrap import ClientConfig, resolve_state_dir
+from .bootstrap import ClientConfig, check_store, resolve_state_dir, store_url
 from .client import Client
 from .transport import ensure_state_dir
 
@@ -37,9 +38,11 @@ class Runtime:
         process_workers: int | None = None,
         grace: float | None = None,
         start_timeout: float = START_TIMEOUT,
+        store: str | os.PathLike[str] | None = None,
     ) -> None:
         self.app = app
         self.state_dir: Path = resolve_state_dir(state_dir if state_dir is not None else app.state_dir)
+        self.store = store_url(check_store(store), app.store)  # resolved here, where the supervisor starts
         self.workers = workers
         self.process_workers = process_workers
         self.grace = app.grace if grace is None else grace
@@ -86,7 +89,7 @@ class Runtime:
             os.close(ready_w)
         try:
             assert self.process.stdin is not None
-            self.process.stdin.write(registry)
+            self.process.stdin.write(json.dumps({"store": self.store}).encode() + b"\n" + registry)
             self.process.stdin.close()
             line = self._read_ready(ready_r)
         except BaseException:

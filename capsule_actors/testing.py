@@ -34,13 +34,17 @@ def start_runtime(
     workers: int | None = 1,
     process_workers: int | None = 1,
     grace: float = 5.0,
+    store: str | None = None,
 ) -> Iterator[Runtime]:
     """Run a supervisor for the block; it is always stopped, and anything left is killed by pid.
 
+    ``store``: a PostgreSQL URL (or SQLite file) instead of SQLite in ``state_dir``.
     ``timeout`` is a hard limit on the whole block: past it the supervisor and its actors are
     SIGKILLed, so waits in the test fail at once instead of hanging the suite.
     """
-    runtime = Runtime(app, state_dir=state_dir, workers=workers, process_workers=process_workers, grace=grace)
+    runtime = Runtime(
+        app, state_dir=state_dir, workers=workers, process_workers=process_workers, grace=grace, store=store
+    )
     runtime.start()
     children = _descendants(runtime.pid)
     watchdog = threading.Timer(timeout, _kill_tree, args=(runtime.pid,))

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .errors import ConfigError, StateDirError
 
 RUNTIME_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
+SOCKET_NAMES = ("client", "actor")  # the supervisor's sockets in the state directory
 _MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
 
 
@@ -67,11 +69,17 @@ class Endpoint:
     server_secret: str | None = None
 
 
+def ipc_fits(state_dir: Path, names: Iterable[str] = SOCKET_NAMES) -> bool:
+    """Whether the sockets ``names`` of ``state_dir`` all fit in ``sun_path``: one answer for the
+    whole directory, so its client and actor sockets never end up on different transports."""
+    return all(len(os.fsencode(str(state_dir / f"{name}.sock"))) <= _MAX_IPC_PATH for name in names)
+
+
 def local_endpoint(state_dir: Path, name: str) -> Endpoint:
-    """``ipc://<state>/<name>.sock``, or loopback TCP with CURVE when the path is too long."""
-    path = state_dir / f"{name}.sock"
-    if len(os.fsencode(str(path))) <= _MAX_IPC_PATH:
-        return Endpoint(f"ipc://{path}")
+    """``ipc://<state>/<name>.sock``, or loopback TCP with CURVE when any socket path of the
+    state directory would be too long (then every one of them is on TCP, with the same rule)."""
+    if ipc_fits(state_dir, (*SOCKET_NAMES, name)):
+        return Endpoint(f"ipc://{state_dir / f'{name}.sock'}")
     public, secret = zmq.curve_keypair()
     return Endpoint("tcp://127.0.0.1:*", public.decode(), secret.decode())
 
@@ -100,6 +108,11 @@ def connect(
 ) -> None:
     """Connect ``sock``; as a CURVE client when the server needs one, with ``client_keys``
     (public, secret) when the server authorizes clients, else with a fresh key pair."""
+    if server_public and not address.startswith("tcp://"):  # it would wait for a handshake for ever
+        raise ConfigError(
+            f"a CURVE server key was given for {address!r}: only tcp:// endpoints use CURVE "
+            "(a state directory's ipc:// sockets do not)"
+        )
     if server_public:
         public, secret = (k.encode() for k in client_keys) if client_keys else zmq.curve_keypair()
         sock.curve_serverkey = server_public.encode()
@@ -239,13 +252,54 @@ def write_runtime_file(state_dir: Path, info: RuntimeFile) -> None:
 
 
 def read_runtime_file(state_dir: Path) -> RuntimeFile | None:
-    """The running supervisor's file, or None when absent, unreadable or its pid is gone."""
+    """The running supervisor's file, or None when absent, unreadable, or left by a supervisor
+    that is gone: its pid is dead, or no process holds ``supervisor.lock`` (the pid was reused,
+    say after a reboot)."""
+    info = _parse_runtime_file(state_dir)
+    if info is None or not pid_alive(info.pid) or not supervisor_lock_held(state_dir):
+        return None
+    return info
+
+
+def stale_runtime_file(state_dir: Path) -> RuntimeFile | None:
+    """A ``supervisor.json`` that names no running supervisor (it did not stop cleanly), for
+    messages that say so; None when there is none or its supervisor runs."""
+    info = _parse_runtime_file(state_dir)
+    if info is None or (pid_alive(info.pid) and supervisor_lock_held(state_dir)):
+        return None
+    return info
+
+
+def _parse_runtime_file(state_dir: Path) -> RuntimeFile | None:
+    """supervisor.json as written, whoever wrote it; None when absent or not ours to read."""
     try:
         data: dict[str, Any] = json.loads((state_dir / RUNTIME_FILE).read_text())
-        info = RuntimeFile(**data)
+        return RuntimeFile(**data)
     except (OSError, ValueError, TypeError):
         return None
-    return info if pid_alive(info.pid) else None
+
+
+def supervisor_lock_held(state_dir: Path) -> bool:
+    """Whether a supervisor holds ``supervisor.lock`` (its ``flock(LOCK_EX)`` lasts its whole life,
+    which a reused pid cannot fake): a shared lock we can take, released at once, says none does."""
+    # Three system calls, no wait (callers: reconnects, the board's feed; never per task). A
+    # supervisor taking its lock in the microseconds we hold ours would find it busy: callers
+    # ask only once supervisor.json names a live pid, which before a start means a reused one.
+    try:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # never made: no supervisor ever ran here
+    except OSError:
+        return True  # cannot tell (say, no permission): trust the pid, as before
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True  # a file system without flock: trust the pid
+    finally:
+        os.close(fd)
+    return False
 
 
 def remove_runtime_file(state_dir: Path, pid: int) -> None:

@@ -31,12 +31,14 @@ def state_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def start(state_dir: Path) -> Iterator[Callable[..., cpsl.Runtime]]:
-    """start(app, **kw) -> a running Runtime on this test's state dir, stopped at teardown."""
+def start(state_dir: Path, store_url: str | None) -> Iterator[Callable[..., cpsl.Runtime]]:
+    """start(app, **kw) -> a running Runtime on this test's state dir (and store: see ``STORES``
+    below), stopped at teardown."""
     stack = contextlib.ExitStack()
 
     def _start(app: cpsl.App, **kw: Any) -> cpsl.Runtime:
         kw.setdefault("timeout", 110.0)
+        kw.setdefault("store", store_url)
         return stack.enter_context(testing.start_runtime(app, kw.pop("state_dir", state_dir), **kw))
 
     with stack:
@@ -117,3 +119,80 @@ def wait_running(state_dir: Path, timeout: float = 30.0) -> Any:
     from capsule_actors.transport import read_runtime_file
 
     return wait_until(lambda: read_runtime_file(state_dir), timeout)
+
+
+# ---- stores ------------------------------------------------------------------------------------
+# A module that sets ``STORES = ("sqlite", "postgresql")`` runs its tests that use ``store_kind``
+# (directly, or through ``start``) on both stores; every other module on SQLite only.
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" in metafunc.fixturenames:
+        kinds = getattr(metafunc.module, "STORES", ("sqlite",))
+        metafunc.parametrize("store_kind", kinds, ids=[f"store={k}" for k in kinds])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One real PostgreSQL server for the test session (private socket, stopped by pid)."""
+    from postgres_server import PostgresServer, binaries
+
+    if binaries() is None:
+        skip_or_fail("PostgreSQL is not installed (`apt-get install postgresql`, as .ci/run does)")
+    with PostgresServer(fsync=False) as server:
+        server.create_database("capsule")
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """A PostgreSQL store URL of its own (a fresh schema) for one test."""
+    import uuid
+
+    return postgres.url("capsule") + f"&schema=t_{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, store_kind: str) -> str | None:
+    """The store a test's runtime uses: None (SQLite in the state directory) or a PostgreSQL URL."""
+    if store_kind == "sqlite":
+        return None
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def task_store_factory(store_url: str | None, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """Open (again) this test's store directly, as the supervisor does; all closed at teardown."""
+    from capsule_actors import store
+
+    opened: list[Any] = []
+
+    def _open() -> Any:
+        opened.append(store.open_store(tmp_path, store_url, "test"))
+        return opened[-1]
+
+    yield _open
+    for db in opened:
+        db.close()
+
+
+@pytest.fixture
+def task_store(task_store_factory: Callable[[], Any]) -> Any:
+    return task_store_factory()
+
+
+@pytest.fixture
+def store_reader(store_url: str | None, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    from capsule_actors import store
+
+    opened: list[Any] = []
+
+    def _open() -> Any:
+        reader = store.open_reader(tmp_path, store_url, "test")
+        assert reader is not None
+        opened.append(reader)
+        return reader
+
+    yield _open
+    for reader in opened:
+        reader.close()

@@ -19,6 +19,8 @@ import capsule_actors as cpsl
 
 TESTS_DIR = Path(__file__).resolve().parent
 
+STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
+
 app = cpsl.App("api-tests")
 
 

@@ -5,23 +5,30 @@ and none makes it run twice."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import json
 import os
 import select
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import cloudpickle
+import msgpack
 import pytest
-from conftest import wait_until
+from conftest import skip_or_fail, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import journal as journal_module
 from capsule_actors import messages
+from capsule_actors.app import new_task_id
 from capsule_actors.client import Client
 from capsule_actors.journal import JOURNAL_DIR, Journal
 
@@ -112,7 +119,7 @@ def test_journaled_submits_are_acked_later_and_the_file_is_emptied(start, state_
     assert [h.result(timeout=30) for h in handles] == list(range(200))
     assert sorted(_runs(log)) == list(range(-1, 200))
     # every record acknowledged: the file starts a new epoch, nothing in it would be replayed
-    wait_until(lambda: journal_module._records(path.read_bytes()) == ([], None), 10)
+    wait_until(lambda: journal_module.read_contents(path.read_bytes()) == journal_module.Contents(), 10)
     size = path.stat().st_size
     assert [record.submit(i, str(log)).result(timeout=30) for i in range(200, 210)] == list(range(200, 210))
     assert path.stat().st_size == size  # written over, not grown (no metadata churn per task)
@@ -319,3 +326,205 @@ def test_a_task_its_supervisor_lacks_fails_at_submit_every_time(start, tmp_path)
         assert record.submit(6, str(log)).result(timeout=30) == 6  # serving on
     finally:
         del app.tasks["late"]
+
+
+# ---- damaged journals (issue 24, item 3) -----------------------------------------------------
+
+def _offsets(data: bytes) -> list[int]:
+    """Where each record of an intact, freshly written journal begins."""
+    offsets, pos = [], 16  # after the file's header: <8s magic><u64 epoch>
+    while pos + 16 <= len(data):
+        length, _, _ = struct.unpack_from("<IIQ", data, pos)
+        offsets.append(pos)
+        pos += 16 + length
+    assert pos == len(data), "not a freshly written journal"
+    return offsets
+
+
+def _logged(capfd: pytest.CaptureFixture[str], seen: list[str], text: str) -> str:
+    """What the supervisor (our stderr's heir) has logged so far, once it contains ``text``."""
+    seen.append(capfd.readouterr().err)
+    everything = "".join(seen)
+    return everything if text in everything else ""
+
+
+def test_a_damaged_record_costs_only_itself_and_the_file_is_kept(start, state_dir, tmp_path, capfd):
+    rt = start(app)
+    log = tmp_path / "runs"
+    try:  # frozen: nothing replays the journal before it is damaged
+        # Given a client that journaled 5 submits, sent none of them, and died
+        ids = _client(state_dir, log, 5, unsent=True, before=lambda: os.kill(rt.pid, signal.SIGSTOP))
+        [path] = _journals(state_dir)
+        offsets = _offsets(path.read_bytes())
+        assert len(offsets) == 5
+        # ... and one bit of its second record flipped (on disk, after the fact)
+        with open(path, "r+b") as f:
+            f.seek(offsets[1] + 40)
+            byte = f.read(1)[0]
+            f.seek(offsets[1] + 40)
+            f.write(bytes([byte ^ 0x01]))
+        damaged = path.read_bytes()
+    finally:
+        os.kill(rt.pid, signal.SIGCONT)
+
+    # When the supervisor replays it, then the file is kept aside, as it was
+    kept = path.with_name(path.name + ".unreadable")
+    wait_until(kept.exists, 20)
+    assert not path.exists() and kept.read_bytes() == damaged
+    # ... every intact record, before and after the damaged one, is recorded and runs once
+    assert [app.handle(ids[i]).result(timeout=30) for i in (0, 2, 3, 4)] == [0, 2, 3, 4]
+    with pytest.raises(cpsl.UnknownTask):
+        app.handle(ids[1]).info()
+    wait_until(lambda: rt.status()["supervisor"]["live_tasks"] == 0, 20)
+    assert sorted(_runs(log)) == [-1, 0, 2, 3, 4]
+    # ... and the log says what was skipped, where
+    seen: list[str] = []
+    text = wait_until(lambda: _logged(capfd, seen, " is damaged: "), 10)
+    size = offsets[2] - offsets[1]
+    assert f"journal {path.name} is damaged: skipped {size} bytes at offset {offsets[1]} (1 record)" in text
+    assert kept.name in text
+    # ... and a kept file is never replayed again (nothing runs twice)
+    time.sleep(2.5)  # two more sweeps
+    assert sorted(_runs(log)) == [-1, 0, 2, 3, 4] and kept.exists()
+
+
+def _frames(log: Path, items: list[tuple[str, int]]) -> list[bytes]:
+    """A journaled Submit of ``record(i, log)`` for each (task id, i)."""
+    header = messages.Submit(1, [[tid, "record", None, None, None, None] for tid, _ in items], [], True).encode()
+    return [header, *(cloudpickle.dumps(((i, str(log)), {}), protocol=5) for _, i in items)]
+
+
+def test_a_torn_last_record_and_acknowledged_leftovers_end_the_file_quietly(start, state_dir, tmp_path, capfd):
+    rt = start(app)
+    log = tmp_path / "runs"
+    journal = Journal(state_dir)  # as a client writes it
+    # Given three big records, all acknowledged: the file starts epoch 2 over them
+    old_ids = [new_task_id() for _ in range(24)]
+    acked = [journal.append(_frames(log, [(old_ids[8 * r + k], 100 + 8 * r + k) for k in range(8)]), 8)
+             for r in range(3)]
+    for seg in acked:
+        journal.acked(seg, 8)
+    seg = journal._segment
+    assert seg.epoch == 2 and seg.pos == 16
+    # ... then one small record of epoch 2, written over the start of the first old one
+    current, torn = new_task_id(), new_task_id()
+    journal.append(_frames(log, [(current, 1)]), 1)
+    # ... and the writer killed in the middle of its next record (its first half reached the file)
+    body = msgpack.packb(_frames(log, [(torn, 2)]), use_bin_type=True)
+    record_bytes = struct.pack("<IIQ", len(body), zlib.crc32(body), seg.epoch) + body
+    os.pwrite(seg.fd, record_bytes[: len(record_bytes) // 2], seg.pos)
+    path = seg.path
+    assert len(path.read_bytes()) > seg.pos + len(record_bytes)  # old records of epoch 1 follow
+    os.close(seg.fd)  # the writer is gone: its lock with it
+
+    # When the supervisor replays it, then the current record is recorded and the file removed:
+    # a torn tail is the normal end of a journal, not damage
+    wait_until(lambda: not path.exists(), 10)
+    assert not path.with_name(path.name + ".unreadable").exists()
+    assert app.handle(current).result(timeout=30) == 1
+    # ... and neither the torn record nor any acknowledged record of the old epoch is replayed
+    wait_until(lambda: rt.status()["supervisor"]["live_tasks"] == 0, 20)
+    assert _runs(log) == [1]
+    for task_id in (torn, *old_ids):
+        with pytest.raises(cpsl.UnknownTask):
+            app.handle(task_id).info()
+    assert " is damaged" not in "".join(capfd.readouterr())
+
+
+# ---- temporary journal files (issue 24, item 5's journal part) -------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Path:
+    """A 64 KiB tmpfs, mounted for the test and unmounted after (a disk that fills at once)."""
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a small tmpfs (to fill a real file system) needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:  # lazily if a file on it is still open (a leaked descriptor: the test fails anyway)
+        if subprocess.run(["umount", str(mount)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30, check=True)
+
+
+def _fill(mount: Path) -> Path:
+    """Write to ``mount`` until its file system is full; the file that filled it."""
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError) as full:
+            for _ in range(1000):  # 64 KiB fill in 16 writes; bounded anyway
+                os.write(fd, b"\0" * 4096)
+        assert full.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_journal_that_cannot_be_made_leaves_no_temporary_file(small_fs, monkeypatch):
+    state = small_fs / "state"
+    state.mkdir(mode=0o700)
+    journal = Journal(state)  # made while there is room
+    journal.append([b"header", b"payload"], 1)
+    directory = state / JOURNAL_DIR
+    fds = _open_fds()
+    filler = _fill(small_fs)
+
+    # When a new journal cannot be written on the full disk, then it fails and leaves nothing
+    with pytest.raises(OSError) as failed:
+        Journal(state)
+    assert failed.value.errno == errno.ENOSPC
+    # ... nor does the next segment of a journal in use, which goes on in its current one
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 0)  # the current segment is "full"
+    with pytest.raises(OSError):
+        journal.append([b"header", b"payload"], 1)
+    assert sorted(p.name for p in directory.iterdir()) == [journal._segment.path.name]
+    assert _open_fds() == fds  # and no descriptor leaks
+
+    # When space comes back, then the journal goes on, and closes cleanly
+    filler.unlink()
+    journal.append([b"header", b"payload"], 1)
+    assert len(list(directory.iterdir())) == 2 and not [p for p in directory.iterdir() if p.suffix == ".tmp"]
+    journal.close()
+
+
+def test_the_sweep_removes_stale_temporary_journals_whose_lock_is_free(start, state_dir, capfd):
+    start(app)
+    directory = state_dir / JOURNAL_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    an_hour_ago = time.time() - 3600
+
+    def temp(name: str, mtime: float | None) -> Path:
+        path = directory / f".{name}.tmp"
+        path.write_bytes(b"")
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    # Given the temporary file of a writer that died making its journal an hour ago, one being
+    # made right now, and an old one whose writer still holds its lock
+    stale = temp("4242-aaaaaaaaaaaa", an_hour_ago)
+    young = temp("4243-bbbbbbbbbbbb", None)
+    held = temp("4244-cccccccccccc", an_hour_ago)
+    fd = os.open(held, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+        # Then the supervisor's sweep removes the stale one, and says so
+        wait_until(lambda: not stale.exists(), 10)
+        seen: list[str] = []
+        wait_until(lambda: _logged(capfd, seen, f"removed {stale.name}"), 10)
+        time.sleep(2.5)  # two more sweeps
+        assert young.exists() and held.exists()
+    finally:
+        os.close(fd)  # its writer is gone now
+    wait_until(lambda: not held.exists(), 10)
+    assert young.exists()

@@ -521,7 +521,9 @@ def test_tasks_and_status_tables_are_plain_when_piped_colored_when_forced(start,
 
     status = cli("status", state_dir=state_dir, cwd=TESTS)
     assert status.returncode == 0 and "\x1b[" not in status.stdout
-    assert status.stdout.splitlines()[2].split()[:3] == ["SLOT", "ROLE", "PID"]
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("supervisor pid") and lines[1].startswith("store ")
+    assert lines[2].startswith("tasks: ") and lines[3].split()[:3] == ["SLOT", "ROLE", "PID"]
     forced = subprocess.run([sys.executable, "-m", "capsule_actors", "status", "--state-dir", str(state_dir)],
                             capture_output=True, text=True, timeout=60, env=env, cwd=TESTS)
     assert "\x1b[32mready\x1b[0m" in forced.stdout

@@ -47,7 +47,7 @@ class ClockActor:
             mark = marks.get(name) or {}
             base = mark.get("last_slot") or mark.get("registered_at") or now.timestamp()
             self.states[name] = resume_state(spec, _utc(base), now)
-        reader = store.open_reader(Path(config["state_dir"]))  # the supervisor made the store before us
+        reader = store.open_reader(Path(config["state_dir"]), config.get("store"), app.name)  # made before us
         assert reader is not None
         self.store = reader
         self.sent: dict[str, float] = {}

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,18 @@ RECYCLE_WAIT = 5.0  # past max_process_memory_mb: how long held Runs wait for th
 WELCOME_TIMEOUT = 30.0
 THREAD_POOL_SIZE = 32
 
+# What an actor sends must fit what the supervisor reads: messages.decode refuses a header over
+# HEADER_LIMIT bytes (its max_len), and the supervisor's sockets drop any frame over
+# max_payload_bytes + FRAME_SLACK (maxmsgsize). So a Done carries its error text and traceback cut
+# to these many characters (head and tail, CUT_MARK in between), and every header is measured
+# before it is sent (WorkerActor.send).
+HEADER_LIMIT = 1 << 20
+FRAME_SLACK = 1 << 16
+MAX_ERROR_CHARS = 16_384  # copied into each of the task's state events, info and list rows, cards
+MAX_TRACEBACK_CHARS = 65_536  # stored once per task, sent with its outcome
+CUT_MARK = "\n[capsule_actors: {:,} characters cut]\n"  # ui/card.py recognizes it
+ID_BATCH = 100  # items per Promote/Admitted: 100 of two 64-character task ids fit any header limit
+
 
 class WorkerActor:
     """Runs the attempts the supervisor sends and reports each one's outcome."""
@@ -83,11 +96,12 @@ class WorkerActor:
         self.pool = concurrent.futures.ThreadPoolExecutor(THREAD_POOL_SIZE, thread_name_prefix="capsule-task")
         self.loop = asyncio.get_running_loop()
         self.drain_pending = False  # a _drain is scheduled already
+        self.header_limit = header_limit(max_payload)
 
     async def serve(self, key_rows: list[tuple[str, list[str]]]) -> None:
         holders = self.keys.rebuild(key_rows)  # before admitting anything new
         if holders:
-            self.send([messages.Promote(holders).encode()])
+            self._promote(holders)
         heartbeat = asyncio.create_task(self._heartbeat())
         fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self.loop.add_reader(fd, self._drain)
@@ -117,14 +131,14 @@ class WorkerActor:
             self.running[msg.task_id] = task
         elif isinstance(msg, messages.Admit):
             decisions = [[tid, *self.keys.admit(tid, key, policy)] for tid, key, policy in msg.items]
-            self.send([messages.Admitted(decisions).encode()])
+            for batch in _batches(decisions):
+                self.send([messages.Admitted(batch).encode()])
         elif isinstance(msg, messages.Rekey):
-            holders = self.keys.rebuild([(k, ids) for k, ids in msg.keys])
-            self.send([messages.Promote(holders).encode()])
+            self._promote(self.keys.rebuild([(k, ids) for k, ids in msg.keys]))
         elif isinstance(msg, messages.Release):
             promoted = self.keys.release(msg.task_id, msg.key)
             if promoted is not None:
-                self.send([messages.Promote([promoted]).encode()])
+                self._promote([promoted])
         elif isinstance(msg, messages.CancelRun):
             self._cancel(msg)
         elif isinstance(msg, messages.Withdraw):
@@ -159,9 +173,16 @@ class WorkerActor:
         if not self.running:
             self.idle.set()
 
+    def _promote(self, holders: list[str]) -> None:
+        """Promote in batches: a Rekey can hand this actor more keys than one header holds."""
+        for batch in _batches(holders):
+            self.send([messages.Promote(batch).encode()])
+
     def send(self, frames: list[bytes]) -> None:
         """Send on the loop's thread (sndhwm=0: never blocks once connected), in call order. A
-        send can consume the fd's edge for a message that arrived meanwhile: look again."""
+        send can consume the fd's edge for a message that arrived meanwhile: look again. A header
+        the supervisor could not read is refused here, so it is never dropped there unseen."""
+        check_header(frames[0], self.header_limit, "a message")
         self.sock.send_multipart(frames)
         if not self.drain_pending and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self.drain_pending = True
@@ -179,7 +200,7 @@ class WorkerActor:
         if run.task_id in self.dropped:
             self.dropped.discard(run.task_id)
         else:
-            self.send([self._done(run, "cancelled", "TaskCancelled", "cancelled before it started").encode(), b""])
+            self._send_done(self._done(run, "cancelled", "TaskCancelled", "cancelled before it started"), b"")
         if self.stopping and not self.running:
             self.idle.set()
 
@@ -204,6 +225,8 @@ class WorkerActor:
             os._exit(EXIT_INJECTED_CRASH)  # testing.crash_on_attempt asked for this attempt to die
         try:
             done, frame = await self._attempt(run, payload)
+        except Exception as exc:  # outside the body (an unknown task, a session that cannot bind)
+            done, frame = self._done(run, "error", type(exc).__qualname__, _text(exc), _traceback(exc)), b""
         finally:
             self.running.pop(run.task_id, None)
             self.cancelled.discard(run.task_id)
@@ -215,9 +238,13 @@ class WorkerActor:
                     self.serial.release()
         if self.serial is not None:
             done = dataclasses.replace(done, began_next="" if self.paused else self._next_to_begin())
-        self.send([done.encode(), frame])
+        self._send_done(done, frame)
         if self.stopping and not self.running:
             self.idle.set()
+
+    def _send_done(self, done: messages.Done, frame: bytes) -> None:
+        """Every attempt ends with a Done the supervisor can read, or it would stay RUNNING."""
+        self.send([fitted(done, self.header_limit), frame])
 
     def _over_memory(self) -> bool:
         limit = self.app.max_process_memory_mb
@@ -294,7 +321,6 @@ class WorkerActor:
     def _failure(
         self, run: messages.Run, task: app_module.Task[Any, Any], exc: BaseException
     ) -> tuple[messages.Done, bytes]:
-        tb = "".join(traceback.format_exception(exc))
         try:
             frame = cloudpickle.dumps(exc, protocol=5)
             cloudpickle.loads(frame)  # an exception that cannot come back is sent as text only
@@ -302,8 +328,8 @@ class WorkerActor:
             frame = b""
         if len(frame) > self.max_payload:
             frame = b""
-        done = self._done(run, "error", type(exc).__qualname__, str(exc), tb, task.retryable(type(exc)))
-        return done, frame
+        retryable = task.retryable(type(exc))
+        return self._done(run, "error", type(exc).__qualname__, _text(exc), _traceback(exc), retryable), frame
 
     def _dumps(self, value: Any) -> bytes:
         try:
@@ -318,7 +344,102 @@ class WorkerActor:
     def _done(
         run: messages.Run, outcome: str, etype: str = "", emsg: str = "", tb: str = "", retryable: bool = False
     ) -> messages.Done:
-        return messages.Done(run.task_id, run.attempt, outcome, etype, emsg, tb, retryable)
+        """A Done with texts msgpack can encode; ``fitted`` cuts them to size when it is sent."""
+        return messages.Done(run.task_id, run.attempt, outcome, _utf8(etype), _utf8(emsg), _utf8(tb), retryable)
+
+
+def _batches(items: list[Any]) -> Iterator[list[Any]]:
+    """``items`` in runs of ID_BATCH; one empty run for none (every Admit and Rekey is answered)."""
+    for start in range(0, max(len(items), 1), ID_BATCH):
+        yield items[start : start + ID_BATCH]
+
+
+def header_limit(max_payload: int) -> int:
+    """The largest header the supervisor takes from an actor: what decode accepts and the socket passes."""
+    return min(HEADER_LIMIT, max_payload + FRAME_SLACK)
+
+
+def check_header(header: bytes, limit: int, what: str) -> None:
+    """Refuse a header the supervisor would drop as malformed, naming its size and the limit."""
+    if len(header) > limit:
+        raise SerializationError(
+            f"{what} would be {len(header):,} bytes as a message header, over the {limit:,}-byte limit: "
+            "send less, or a reference to it (a path, a key)"
+        )
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters: its head and its tail around a CUT_MARK that says
+    how many were cut (the head holds a traceback's frames, the tail where the error ended)."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - len(CUT_MARK.format(len(text))))  # the longest mark this cut can need
+    if keep == 0:
+        return text[:limit]
+    head = keep - keep // 2
+    return text[:head] + CUT_MARK.format(len(text) - keep) + text[len(text) - keep // 2 :]
+
+
+def fitted(done: messages.Done, limit: int) -> bytes:
+    """``done`` encoded within ``limit`` bytes: its texts cut to their bounds, tighter when the limit
+    needs it (a small max_payload_bytes), or dropped, saying why, when even its other fields leave
+    no room (a huge exception type name). The attempt ends either way; the pickled exception, a
+    frame of its own, keeps the texts whole."""
+    if len(done.error_message) <= MAX_ERROR_CHARS and len(done.traceback) <= MAX_TRACEBACK_CHARS:
+        header = done.encode()  # every Done of a task that did not fail, and most that did: one encode
+        if len(header) <= limit:
+            return header
+    bare = len(dataclasses.replace(done, error_message="", traceback="").encode())
+    room = (limit - bare - 16) // 8  # characters per text that fit whatever they are: UTF-8 <= 4 bytes each
+    if room < 1024:
+        return _oversized(done, bare, limit).encode()
+    header = _cut(done, MAX_ERROR_CHARS, MAX_TRACEBACK_CHARS).encode()
+    if len(header) > limit:
+        header = _cut(done, min(MAX_ERROR_CHARS, room), min(MAX_TRACEBACK_CHARS, room)).encode()
+    return header
+
+
+def _cut(done: messages.Done, error_chars: int, traceback_chars: int) -> messages.Done:
+    """``done`` with its error text and traceback clipped to these many characters."""
+    error, tb = clip(done.error_message, error_chars), clip(done.traceback, traceback_chars)
+    return dataclasses.replace(done, error_message=error, traceback=tb)
+
+
+def _oversized(done: messages.Done, size: int, limit: int) -> messages.Done:
+    """The Done that replaces one with no room for its texts: small whatever the task raised."""
+    name = (
+        done.error_type
+        if len(done.error_type) <= 100
+        else f"{done.error_type[:100]}… ({len(done.error_type):,} characters)"
+    )
+    error = (
+        f"the attempt ended with {name!r} ({done.outcome}), but its fields without "
+        f"the error text already take {size:,} bytes of the {limit:,}-byte limit of a message header: "
+        "the error text was dropped"
+    )
+    return dataclasses.replace(done, error_type="TaskFailed", error_message=error, traceback="")
+
+
+def _utf8(text: str) -> str:
+    """``text`` as msgpack can send it: lone surrogates (undecodable file names) escaped."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or what says it failed: an error's own __str__ must not lose its outcome."""
+    try:
+        return str(exc)
+    except Exception as err:
+        return f"<str() of {type(exc).__qualname__} failed: {type(err).__qualname__}>"
+
+
+def _traceback(exc: BaseException) -> str:
+    """The exception's traceback text (``traceback`` copes with a failing __str__ itself)."""
+    return "".join(traceback.format_exception(exc))
 
 
 class _AttemptChannel:
@@ -342,11 +463,21 @@ class _AttemptChannel:
                 f"session {self.run.session_id!r}: its task attempt has ended; "
                 "reply/notify/stream/progress work only while the task runs"
             )
-        frames = [messages.Emit(self.run.task_id, self.run.attempt, kind, data).encode()]
+        frames = [self._header(kind, data)]
         if threading.get_ident() == self.loop_thread:
             self.actor.send(frames)
         else:
             self.loop.call_soon_threadsafe(self.actor.send, frames)
+
+    def _header(self, kind: str, data: dict[str, Any]) -> bytes:
+        """The Emit header, or SerializationError in the task's own call when the supervisor
+        could not read it: nothing is sent, and the task may go on."""
+        try:
+            header = messages.Emit(self.run.task_id, self.run.attempt, kind, data).encode()
+        except (TypeError, ValueError, OverflowError) as exc:  # lone surrogates, ints past 64 bits
+            raise SerializationError(f"session {kind} cannot be sent: {exc}") from None
+        check_header(header, self.actor.header_limit, f"session {kind}")
+        return header
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,13 @@ Guarantees every implementation gives (the supervisor's correctness rests on the
   retention, recovery at start).
 - **Readers** (``StoreReader``: the board, the clock) see committed data only, each read inside
   ``snapshot()`` consistent with itself, and never block the writer.
+- **A full disk loses nothing.** A ``commit()`` that finds no room raises ``StoreFull`` with the
+  transaction still open and holding every write made since the last commit (the store redoes
+  them if the database rolled them back), so what the supervisor holds in memory stays what the
+  store holds, and a later ``commit()`` makes it durable. ``space()`` says when new tasks must be
+  refused (the store keeps room in reserve for the writes that finish the tasks it has).
+- **A damaged store is refused.** ``check()`` (before serving) raises ``StateDirError`` naming
+  the file, what is wrong and what to do.
 """
 
 from __future__ import annotations
@@ -63,10 +70,19 @@ class StoredTask(NamedTuple):
 Error = tuple[str, str, str]  # (type, message, traceback)
 
 
+class StoreSpace(NamedTuple):
+    """The store's files and the room left for them (``status``, and whether submits are refused)."""
+
+    path: str  # the store's main file
+    store_bytes: int  # its size
+    wal_bytes: int  # the size of its write-ahead log (0 where there is none)
+    free_bytes: int  # free space on their file system
+    full: bool  # too little room: new tasks are refused until there is more
+
+
 class TaskStore(abc.ABC):
     """The supervisor's store: the only writer of tasks, events, schedules and session values."""
 
-    commits: int  # commits since the last checkpoint
     slot_pending: bool  # a schedule's fired slot was written since the last commit
 
     # ---- transactions ------------------------------------------------------------------------
@@ -76,15 +92,27 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def commit(self) -> None:
-        """Make the transaction's writes durable (no-op when none is open)."""
+        """Make the transaction's writes durable (no-op when none is open). Raises ``StoreFull``
+        when there is no room: the transaction stays open with all its writes, to commit later."""
 
     @abc.abstractmethod
     def dirty(self) -> bool:
-        """Rows were written since the last commit."""
+        """Rows were written since the last commit (or the last one that found no room)."""
 
     @abc.abstractmethod
-    def checkpoint_if_needed(self, every: int = 1000) -> None:
-        """Housekeeping the supervisor runs after it has sent a turn's replies (off the ack path)."""
+    def maintain(self) -> None:
+        """Housekeeping the supervisor runs after it has sent a turn's replies (off the ack path),
+        at least once a second: keep the store's files bounded and ``space()`` up to date."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Verify the store is intact before serving it, else raise ``StateDirError`` saying
+        what is damaged and what to do (a store that fails later would fail mid-flight)."""
+
+    @abc.abstractmethod
+    def space(self) -> StoreSpace:
+        """The store's size and its file system's free space, as of the last ``maintain()``
+        (cheap enough to ask on every submit)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -190,13 +218,17 @@ class TaskStore(abc.ABC):
         """(name, state, lock_key, session_id, session_owner, args) of a task, to submit it again."""
 
     # ---- retention ---------------------------------------------------------------------------
+    # Each call does a bounded amount of work (``batch``), so the loop can spread pruning over
+    # its turns; neither scans the tables.
     @abc.abstractmethod
-    def prune_events(self, before: float, keep_max: int) -> int:
-        """Drop events older than ``before``, then all but the newest ``keep_max``."""
+    def prune_events(self, before: float, keep_max: int, batch: int) -> int:
+        """Drop up to ``batch`` of the oldest events that are older than ``before`` or not among
+        the newest ``keep_max``; return how many went."""
 
     @abc.abstractmethod
-    def prune_finished(self, before: float, batch: int = 10_000) -> int:
-        """Delete finished tasks (with their events and card links) that ended before ``before``."""
+    def prune_finished(self, before: float, batch: int) -> dict[str, int]:
+        """Delete up to ``batch`` finished tasks (with their events and card links) that ended
+        before ``before``, the longest finished first; return how many went, per state."""
 
     # ---- schedules ---------------------------------------------------------------------------
     @abc.abstractmethod

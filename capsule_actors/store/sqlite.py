@@ -6,12 +6,27 @@ every acknowledgement follows a commit and concurrent submits share one commit (
 committed; a power loss or kernel crash can lose the last commits. Other processes (the board,
 the clock actor) read through ``SQLiteReader``: read-only connections that WAL lets run beside
 the writer. ``session.db`` reaches this file through the supervisor too, so it has one writer.
+
+A bounded WAL (``maintain()``): once it passes ``WAL_CHECKPOINT``, a checkpointer thread copies
+it into the database (the slow part: tens of milliseconds for 16 MiB here), then the loop copies
+the few frames added meanwhile, so the next commit starts the WAL over and ``journal_size_limit``
+cuts the file back to ``WAL_CHECKPOINT``.
+
+A full disk (``commit()``): dirty pages never spill before COMMIT (``cache_spill=OFF``), so
+SQLite fails only at COMMIT, and then rolls the whole transaction back. The store keeps every
+write of the open transaction (``_redo``) until it commits, redoes them into a new transaction
+and tries again after releasing ``RESERVE`` (a file of its own kept for this); if that fails too
+it raises ``StoreFull`` with the writes in the open transaction. ``space()`` says the store is
+full while the reserve is spent or the file system has less than ``RESERVE`` free, and
+``maintain()`` makes the reserve again once there is twice that.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -20,12 +35,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..errors import StateDirError
+from ..errors import StateDirError, StoreFull
 from ..states import CANCELLED, FAILED, LIVE, QUEUED, RUNNING, SCHEDULED, SUCCEEDED, TaskState
-from .base import Error, NewTask, StoredTask, StoreReader, TaskStore
+from .base import Error, NewTask, StoredTask, StoreReader, StoreSpace, TaskStore
+
+log = logging.getLogger("capsule_actors.store")
 
 DB_FILE = "capsule.db"
 SCHEMA_VERSION = 1
+WAL_CHECKPOINT = 16 << 20  # bytes: a WAL past this is checkpointed; journal_size_limit cuts it back to this
+RESERVE = 8 << 20  # bytes the store keeps in RESERVE_SUFFIX for the writes that finish what it holds
+RESERVE_SUFFIX = "-reserve"
+STAT_EVERY = 0.01  # seconds between looks at the WAL's size
+SPACE_EVERY = 1.0  # seconds between looks at the file system's free space
+RETRY_EVERY = 0.5  # least seconds between COMMITs tried while the disk is full (the loop asks each 1 s)
 # Every index costs page writes on the hot path (each submit, dispatch and result): keep few.
 # Submit order is the rowid (newest first = ORDER BY rowid DESC), so created_at needs none.
 _LIVE_SQL = "('QUEUED','SCHEDULED','RUNNING')"
@@ -71,6 +94,8 @@ CREATE TABLE IF NOT EXISTS session_kv (
     PRIMARY KEY (session_id, key)
 );
 CREATE INDEX IF NOT EXISTS tasks_scheduled ON tasks(run_at) WHERE state='SCHEDULED';
+-- retention finds expired results without a scan (appended at its end as tasks finish)
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS schedules (
     name TEXT PRIMARY KEY,
     cron TEXT NOT NULL,
@@ -113,6 +138,36 @@ def _info(row: tuple[Any, ...]) -> dict[str, Any]:
     return dict(zip(INFO_FIELDS, row))
 
 
+def _damaged(path: Path, what: str) -> StateDirError:
+    return StateDirError(
+        f"task store {str(path)!r} is damaged ({what}); the supervisor will not serve it. Stop "
+        f"here and restore {path.name} from a backup, or keep what SQLite can still read: "
+        f"`sqlite3 {path} .recover > recovered.sql`, move {path.name} and its -wal aside, then "
+        f"`sqlite3 {path} < recovered.sql`"
+    )
+
+
+def _no_room(exc: sqlite3.OperationalError) -> bool:
+    """SQLite could not write for lack of space (the -shm file grows by writing, too)."""
+    return exc.sqlite_errorcode in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _free(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _check_version() -> None:
     if sqlite3.sqlite_version_info < (3, 35):
         raise StateDirError(
@@ -121,25 +176,80 @@ def _check_version() -> None:
         )
 
 
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA busy_timeout=30000",  # a reader's checkpoint can hold the file briefly
+    "PRAGMA wal_autocheckpoint=0",  # maintain() checkpoints, after the replies (not inside COMMIT)
+    f"PRAGMA journal_size_limit={WAL_CHECKPOINT}",  # each time the WAL starts over it is cut back to this
+    "PRAGMA cache_spill=OFF",  # no page is written before COMMIT: a full disk fails there only
+    "PRAGMA temp_store=MEMORY",  # nor any temporary file
+)
+
+
+class _Checkpointer:
+    """A thread with its own connection that copies the WAL into the database (page writes and a
+    sync: tens of milliseconds for 16 MiB), so the loop only finishes what was added meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._wanted = threading.Event()
+        self.done = threading.Event()
+        self.busy = False  # asked and not yet seen done (the loop's flag)
+        self.complete = False  # the last run copied every frame (no reader held one back)
+        self.error: str | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="capsule-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self.busy = True
+        self.done.clear()
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            try:  # PASSIVE: copies what no reader still needs, waits for nobody
+                blocked, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                self.complete, self.error = not blocked and frames == copied, None
+            except sqlite3.Error as exc:  # e.g. no room for the database to grow: the WAL waits
+                self.complete, self.error = False, str(exc)
+            self.done.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join(30)
+        self._db.close()
+
+
 class SQLiteStore(TaskStore):
     """``capsule.db`` for the supervisor's loop thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._wal = path.with_name(path.name + "-wal")
+        self._reserve = path.with_name(path.name + RESERVE_SUFFIX)
+        self._reserved = _size(self._reserve) >= RESERVE
+        self._free = -1  # unknown until maintain() looks
         _check_version()
         try:
-            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=30000")  # a reader's checkpoint can hold the file briefly
-            self.db.execute("PRAGMA wal_autocheckpoint=0")  # the supervisor checkpoints after replying
-            self.db.executescript(_SCHEMA)
-            self.db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-            found = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
-        except sqlite3.Error as exc:
-            raise StateDirError(f"cannot open task store {str(path)!r}: {exc}") from None
+            try:
+                found, cards = self._open()
+            except sqlite3.OperationalError as exc:  # no room even for the -shm file: use the reserve
+                if not (_no_room(exc) and self._release_reserve()):
+                    raise
+                found, cards = self._open()
+        except sqlite3.OperationalError as exc:
+            free = f" ({_mib(_free(path.parent))} free on its file system)" if _no_room(exc) else ""
+            raise StateDirError(f"cannot open task store {str(path)!r}: {exc}{free}") from None
+        except sqlite3.DatabaseError as exc:  # not a database, or a malformed one
+            raise _damaged(path, str(exc)) from None
         if found > SCHEMA_VERSION:
             self.db.close()
             raise StateDirError(
@@ -149,17 +259,35 @@ class SQLiteStore(TaskStore):
         self._in_tx = False
         self.slot_pending = False
         self._committed_changes = 0
-        self.commits = 0
+        self._redo: list[tuple[str, tuple[Any, ...]]] = []  # the open transaction's writes, in order
+        self._held = False  # a COMMIT found no room: the open transaction holds writes to commit
+        self._retry_at = 0.0
         self._touched: set[str] = set()
         self._touched_sessions: set[str] = set()
         self._any_event = False
         self._cards: dict[str, set[str]] = {}  # task id -> sessions showing its card
-        for task_id, session_id in self.db.execute(
-            f"SELECT c.task_id, c.session_id FROM cards c JOIN tasks t ON t.id = c.task_id WHERE t.state IN {_LIVE_SQL}"
-        ):
+        for task_id, session_id in cards:
             self._cards.setdefault(task_id, set()).add(session_id)
+        self._checkpointer: _Checkpointer | None = None
+        self._store_bytes = self._wal_bytes = 0
+        self._next_stat = self._next_space = 0.0
+
+    def _open(self) -> tuple[int, list[tuple[str, str]]]:
+        """Connect, set up, and read what the store keeps in memory: (schema version, cards)."""
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        for pragma in _PRAGMAS:
+            self.db.execute(pragma)
+        self.db.executescript(_SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        found = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        cards = self.db.execute(
+            f"SELECT c.task_id, c.session_id FROM cards c JOIN tasks t ON t.id = c.task_id WHERE t.state IN {_LIVE_SQL}"
+        ).fetchall()
+        return found, cards
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.db.close()
 
     # ---- transactions ------------------------------------------------------------------------
@@ -170,29 +298,157 @@ class SQLiteStore(TaskStore):
             self._in_tx = True
 
     def commit(self) -> None:
-        if self._in_tx:
+        """COMMIT; with no room, release the reserve and COMMIT again; with none still, keep the
+        writes in the open transaction and raise ``StoreFull`` (tried again RETRY_EVERY later)."""
+        if not self._in_tx:
+            self._redo.clear()
+            return
+        if self._held and time.monotonic() < self._retry_at:
+            self._no_room()
+        if not (self._try_commit() or (self._release_reserve() and self._try_commit())):
+            self._held = True
+            self._retry_at = time.monotonic() + RETRY_EVERY
+            self._no_room()
+        if self._held:
+            self._held = False
+            log.warning("the task store could commit again: every write held meanwhile is saved")
+        self._redo.clear()
+        self._in_tx = False
+        self.slot_pending = False
+        self._committed_changes = self.db.total_changes
+
+    def _try_commit(self) -> bool:
+        """COMMIT, True when it did; when it found no room, SQLite rolled the transaction back:
+        open it again with the same writes, so this store still holds what its caller believes."""
+        try:
             self.db.execute("COMMIT")
-            self._in_tx = False
-            self.slot_pending = False
-            self.commits += 1
-            self._committed_changes = self.db.total_changes
+            return True
+        except sqlite3.OperationalError as exc:
+            if not _no_room(exc):
+                raise
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        self.db.execute("BEGIN IMMEDIATE")
+        for sql, params in self._redo:
+            self.db.execute(sql, params).fetchall()
+        return False
+
+    def _no_room(self) -> None:
+        """Raise StoreFull; the writes so far count as tried (``dirty()`` says what came after)."""
+        self._committed_changes = self.db.total_changes
+        space = self.space()
+        raise StoreFull(
+            f"no room to write the task store {space.path!r}: {_mib(space.free_bytes)} free on its file "
+            "system; the writes wait in memory and are committed once there is room"
+        )
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve's room to the writes that found none (False when it is spent already)."""
+        if not self._reserved:
+            return False
+        self._reserve.unlink(missing_ok=True)
+        self._reserved = False
+        self._free = _free(self.path.parent)
+        log.warning(
+            "the file system of %s is full: the store released its %s reserve to finish the tasks it "
+            "holds; new tasks are refused until %s are free",
+            self.path,
+            _mib(RESERVE),
+            _mib(2 * RESERVE),
+        )
+        return True
 
     def dirty(self) -> bool:
         return self.db.total_changes != self._committed_changes
 
-    def checkpoint_if_needed(self, every: int = 1000) -> None:
-        """Copy the WAL back into the database every ``every`` commits (PASSIVE: never waits
-        for readers). Called after the replies are sent, so no acknowledgement waits for a
-        checkpoint (SQLite's own auto-checkpoint would run inside COMMIT)."""
-        if self.commits >= every:
-            self.commits = 0
-            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    # ---- housekeeping ------------------------------------------------------------------------
+    def maintain(self) -> None:
+        """Look at the WAL's size (each STAT_EVERY) and the free space (each SPACE_EVERY)."""
+        now = time.monotonic()
+        if now >= self._next_stat:
+            self._next_stat = now + STAT_EVERY
+            self._store_bytes, self._wal_bytes = _size(self.path), _size(self._wal)
+        if not self._in_tx:  # open: a commit found no room, and a checkpoint cannot run inside it
+            self._checkpoint()
+        if now >= self._next_space:
+            self._next_space = now + SPACE_EVERY
+            self._look_at_space()
+
+    def _checkpoint(self) -> None:
+        """A WAL past WAL_CHECKPOINT is copied into the database by the checkpointer thread; once
+        it copied every frame, the loop copies the few added since (a complete checkpoint when
+        the next write begins is what lets the WAL start over, and be cut back)."""
+        ck = self._checkpointer
+        if ck is not None and ck.busy:
+            if ck.done.is_set():
+                ck.busy = False
+                if ck.complete:
+                    self._loop_checkpoint()
+                elif ck.error:
+                    log.debug("WAL checkpoint of %s: %s", self.path, ck.error)
+        elif self._wal_bytes > WAL_CHECKPOINT:
+            self._checkpointer = ck or _Checkpointer(self.path)
+            self._checkpointer.request()
+
+    def _loop_checkpoint(self) -> None:
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.OperationalError as exc:  # no room for the database to grow: the WAL waits
+            log.debug("WAL checkpoint of %s: %s", self.path, exc)
+
+    def _look_at_space(self) -> None:
+        known, was_full = self._free >= 0, self.space().full
+        self._reserved = self._reserved and self._reserve.exists()  # an operator may delete it
+        self._free = _free(self.path.parent)
+        if not self._reserved and not self._held and self._free >= 2 * RESERVE:
+            self._make_reserve()
+        full = self.space().full
+        if known and full != was_full:
+            log.warning(
+                "task store %s: %s free on its file system: new tasks are %s",
+                self.path,
+                _mib(self._free),
+                f"refused until {_mib(2 * RESERVE)} are free" if full else "taken again",
+            )
+
+    def _make_reserve(self) -> None:
+        """Hold RESERVE bytes of the file system in a file of our own, for the day it fills up."""
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._reserve.unlink(missing_ok=True)
+            log.warning("cannot keep a reserve of %s in %s: %s", _mib(RESERVE), self._reserve, exc.strerror)
+            return
+        self._reserved = True
+        self._free = _free(self.path.parent)
+
+    def space(self) -> StoreSpace:
+        full = not self._reserved or self._free < RESERVE
+        return StoreSpace(str(self.path), self._store_bytes, self._wal_bytes, self._free, full)
+
+    def check(self) -> None:
+        """``PRAGMA quick_check``: every page's structure, the indexes' order (not their content)."""
+        try:
+            problems = [str(row[0]) for row in self.db.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            raise _damaged(self.path, "; ".join(problems))
+
+    def _w(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        """A write of the open transaction, kept until it commits (``commit()`` may redo it)."""
+        self._redo.append((sql, params))
+        return self.db.execute(sql, params)
 
     # ---- tasks -------------------------------------------------------------------------------
     def insert_tasks(self, rows: Iterable[NewTask]) -> list[tuple[str, int]]:
         new = []
         for row in rows:
-            cur = self.db.execute(
+            cur = self._w(
                 "INSERT OR IGNORE INTO tasks(id, name, state, lock_key, session_id, session_owner, "
                 "args, created_at, run_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 row,
@@ -207,7 +463,7 @@ class SQLiteStore(TaskStore):
         return bytes(row[0]) if row and row[0] is not None else b""
 
     def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
-        row = self.db.execute(
+        row = self._w(
             "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=? RETURNING args",
             (attempt, slot, now, task_id),
         ).fetchone()
@@ -224,7 +480,7 @@ class SQLiteStore(TaskStore):
         now: float,
     ) -> None:
         etype, emsg, tb = error or (None, None, None)
-        self.db.execute(
+        self._w(
             "UPDATE tasks SET state=?, result=?, error_type=?, error_message=?, traceback=?, "
             "finished_at=?, run_at=NULL WHERE id=?",
             (state, result, etype, emsg, tb, now, task_id),
@@ -243,24 +499,24 @@ class SQLiteStore(TaskStore):
         attempts: int | None = None,
     ) -> None:
         if attempts is not None:
-            self.db.execute("UPDATE tasks SET attempts=? WHERE id=?", (attempts, task_id))
+            self._w("UPDATE tasks SET attempts=? WHERE id=?", (attempts, task_id))
         if error:
-            self.db.execute(
+            self._w(
                 "UPDATE tasks SET state='QUEUED', run_at=?, error_type=?, error_message=?, traceback=? WHERE id=?",
                 (run_at, *error, task_id),
             )
         else:
-            self.db.execute("UPDATE tasks SET state='QUEUED', run_at=? WHERE id=?", (run_at, task_id))
+            self._w("UPDATE tasks SET state='QUEUED', run_at=? WHERE id=?", (run_at, task_id))
         data: dict[str, Any] = {"state": QUEUED, "retry_at": run_at}
         if error:
             data["error"] = f"{error[0]}: {error[1]}"
         self.add_event(task_id, session_id, "state", data)
 
     def set_progress(self, task_id: str, fraction: float) -> None:
-        self.db.execute("UPDATE tasks SET progress=? WHERE id=?", (fraction, task_id))
+        self._w("UPDATE tasks SET progress=? WHERE id=?", (fraction, task_id))
 
     def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
-        cur = self.db.execute(
+        cur = self._w(
             "INSERT INTO events(task_id, session_id, kind, data, ts) VALUES (?,?,?,?,?)",
             (task_id, session_id, kind, json.dumps(data), time.time()),
         )
@@ -276,7 +532,7 @@ class SQLiteStore(TaskStore):
         card = self._card(task_id)
         if card is None:
             return None
-        self.db.execute("INSERT OR IGNORE INTO cards(task_id, session_id) VALUES (?,?)", (task_id, session_id))
+        self._w("INSERT OR IGNORE INTO cards(task_id, session_id) VALUES (?,?)", (task_id, session_id))
         if card["state"] in LIVE:
             self._cards.setdefault(task_id, set()).add(session_id)
         return card
@@ -388,34 +644,37 @@ class SQLiteStore(TaskStore):
         return tuple(row) if row else None
 
     # ---- retention ---------------------------------------------------------------------------
-    def prune_events(self, before: float, keep_max: int) -> int:
-        # events are appended in time order: the first young one bounds the old ones (no ts index)
-        first = self.db.execute("SELECT seq FROM events WHERE ts >= ? ORDER BY seq LIMIT 1", (before,)).fetchone()
-        if first is None:
-            first = self.db.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
-        n = self.db.execute("DELETE FROM events WHERE seq < ?", (first[0],)).rowcount
-        row = self.db.execute("SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?", (keep_max,)).fetchone()
-        if row is not None:
-            n += self.db.execute("DELETE FROM events WHERE seq <= ?", (row[0],)).rowcount
-        return n
+    def prune_events(self, before: float, keep_max: int, batch: int) -> int:
+        # events are appended in time order: the oldest ``batch`` by seq are the candidates, and
+        # the first young one among them ends the run (no ts index); max(seq) bounds the count
+        top = self.db.execute("SELECT max(seq) FROM events").fetchone()[0]
+        if top is None:
+            return 0
+        last = None
+        for seq, ts in self.db.execute("SELECT seq, ts FROM events ORDER BY seq LIMIT ?", (batch,)).fetchall():
+            if ts >= before and seq > top - keep_max:
+                break
+            last = seq
+        return 0 if last is None else self._w("DELETE FROM events WHERE seq <= ?", (last,)).rowcount
 
-    def prune_finished(self, before: float, batch: int = 10_000) -> int:
-        ids = [
-            r[0]
-            for r in self.db.execute(
-                f"SELECT id FROM tasks WHERE state IN {_TERMINAL_SQL} AND finished_at < ? LIMIT ?", (before, batch)
-            )
-        ]
-        for task_id in ids:
-            self.db.execute("DELETE FROM events WHERE task_id=?", (task_id,))
-            self.db.execute("DELETE FROM cards WHERE task_id=?", (task_id,))
-            self.db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
-        return len(ids)
+    def prune_finished(self, before: float, batch: int) -> dict[str, int]:
+        rows = self.db.execute(  # +state: the tasks_finished index, in finishing order, not tasks_state
+            f"SELECT id, state FROM tasks WHERE finished_at < ? AND +state IN {_TERMINAL_SQL} "
+            "ORDER BY finished_at LIMIT ?",
+            (before, batch),
+        ).fetchall()
+        pruned: dict[str, int] = {}
+        for task_id, state in rows:
+            self._w("DELETE FROM events WHERE task_id=?", (task_id,))
+            self._w("DELETE FROM cards WHERE task_id=?", (task_id,))
+            self._w("DELETE FROM tasks WHERE id=?", (task_id,))
+            pruned[state] = pruned.get(state, 0) + 1
+        return pruned
 
     # ---- schedules ---------------------------------------------------------------------------
     def register_schedules(self, specs: Iterable[tuple[str, str, str]], now: float) -> None:
         for name, cron, tz in specs:
-            self.db.execute(
+            self._w(
                 "INSERT INTO schedules(name, cron, tz, registered_at) VALUES (?,?,?,?) "
                 "ON CONFLICT(name) DO UPDATE SET cron=excluded.cron, tz=excluded.tz, "
                 "registered_at=excluded.registered_at, last_slot=NULL "
@@ -433,7 +692,7 @@ class SQLiteStore(TaskStore):
 
     def set_last_slot(self, name: str, slot: float) -> None:
         self.slot_pending = True  # committed before the fired task may run (see the supervisor's turn)
-        self.db.execute("UPDATE schedules SET last_slot=max(coalesce(last_slot, 0), ?) WHERE name=?", (slot, name))
+        self._w("UPDATE schedules SET last_slot=max(coalesce(last_slot, 0), ?) WHERE name=?", (slot, name))
 
     # ---- session key-values ------------------------------------------------------------------
     def kv_get(self, session_id: str, key: str) -> str | None:
@@ -441,14 +700,14 @@ class SQLiteStore(TaskStore):
         return row[0] if row else None
 
     def kv_set(self, session_id: str, key: str, text: str) -> None:
-        self.db.execute(
+        self._w(
             "INSERT INTO session_kv(session_id, key, value, updated_at) VALUES (?,?,?,?) "
             "ON CONFLICT(session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
             (session_id, key, text, time.time()),
         )
 
     def kv_delete(self, session_id: str, key: str) -> bool:
-        return self.db.execute("DELETE FROM session_kv WHERE session_id=? AND key=?", (session_id, key)).rowcount > 0
+        return self._w("DELETE FROM session_kv WHERE session_id=? AND key=?", (session_id, key)).rowcount > 0
 
     def kv_items(self, session_id: str) -> list[tuple[str, str]]:
         rows = self.db.execute("SELECT key, value FROM session_kv WHERE session_id=? ORDER BY key", (session_id,))

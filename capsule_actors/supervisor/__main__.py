@@ -1,8 +1,10 @@
-"""Entry of an embedded supervisor started by ``app.start()``: the App arrives pickled on stdin."""
+"""Entry of an embedded supervisor started by ``app.start()``: on stdin, one JSON line of settings
+that must not show on a command line (the store URL may hold a password), then the pickled App."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s",
     )
     die_with_parent(args.parent, signal.SIGTERM)  # embedded: stop gracefully with the app
+    settings = json.loads(sys.stdin.buffer.readline())
     registry = sys.stdin.buffer.read()
     app = cloudpickle.loads(registry)
     sup = Supervisor(
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         process_workers=args.process_workers,
         grace=args.grace,
         ready_fd=args.ready_fd,
+        store_url=settings.get("store"),
     )
     try:
         return profiled("supervisor", sup.run)

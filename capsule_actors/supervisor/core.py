@@ -11,6 +11,7 @@ type to handler and the few reactions that involve several parts (an actor's hel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -26,7 +27,15 @@ import zmq
 
 from .. import messages, store
 from ..app import App
-from ..errors import AlreadyRunning, CapsuleError, ConfigError, ProtocolError, StateDirError
+from ..errors import (
+    AlreadyRunning,
+    CapsuleError,
+    ConfigError,
+    ProtocolError,
+    StateDirError,
+    StoreFull,
+    StoreUnavailable,
+)
 from ..transport import (
     LOCK_FILE,
     NODE_PREFIX,
@@ -60,6 +69,7 @@ log = logging.getLogger("capsule_actors.supervisor")
 DRAIN_LIMIT = 2000  # messages per socket per turn, so one flood cannot starve the rest
 LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next turn's commit
 READY_AFTER = 30.0  # announce "ready" by then even if an actor never says hello
+STORE_RETRY = 1.0  # seconds between commits tried while the store has no room (StoreFull)
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -78,6 +88,20 @@ def child_specs(app: App, workers: int | None, process_workers: int | None, grac
     return specs
 
 
+def _lock_soon(fd: int, wait: float = 0.1) -> None:
+    """The pid lock, exclusive; a reader checking liveness holds it shared for microseconds
+    (transport.supervisor_lock_held), so try a few times before calling it taken."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 class Supervisor:
     """Owns the state directory's lock, the sockets and the loop; the parts own the rest."""
 
@@ -93,6 +117,7 @@ class Supervisor:
         ready_fd: int | None = None,
         bind_tcp: str | None = None,
         keys_dir: Path | None = None,
+        store_url: str | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -102,11 +127,13 @@ class Supervisor:
         self.ready_fd = ready_fd
         self.bind_tcp = bind_tcp
         self.keys_dir = keys_dir
+        self.store_url = store_url  # None: SQLite in the state directory; resolved by the caller (bootstrap.py)
         self.remote_sock: Socket | None = None
         self.authenticator: Any = None
         self.started_at = time.time()
         self.announced_ready = False
         self.lazy_commit_at: float | None = None
+        self.store_held = False  # a commit found no room: its writes and what followed them wait
         self.dropped = 0
         self.timers = Timers()
 
@@ -129,18 +156,23 @@ class Supervisor:
             schedules = ((s.name, s.cron, s.tz) for s in self.app.schedules.values())
             self.store.register_schedules(schedules, time.time())
             self.intake.recover()
-            self.intake.replay_journals()
-            self.store.commit()
+            with contextlib.suppress(StoreFull):  # no room to record them: the journals stay
+                self.intake.replay_journals()
+            self.commit()
             self.attempts.count_finished()
             self.children.start()
             self.timers.add(HEARTBEAT_CHECK, self.children.check_heartbeats)
             self.timers.add(NODE_CHECK, self.node_link.check)
             self.timers.add(1.0, self.retention.prune)
+            self.timers.add(STORE_RETRY, self._retry_store)
             if self.app.max_process_memory_mb:
                 self.timers.add(MEMORY_CHECK, self.children.check_memory)
             self.timers.add(READY_AFTER, self._announce_ready)
             while not (self.children.stopping and not self.children.procs):
                 self._turn()
+        except StoreUnavailable as exc:
+            log.error("%s", exc)
+            raise
         finally:
             self._teardown()
         log.info("supervisor stopped")
@@ -150,7 +182,10 @@ class Supervisor:
         ensure_state_dir(self.state_dir)
         self._lock_fd = self._take_lock()
         with private_umask():
-            self.store = store.open_store(self.state_dir)
+            self.store = store.open_store(self.state_dir, self.store_url, self.app.name)
+            store.remember(self.state_dir, self.store_url, self.app.name)  # for boards and commands
+        self.store.check()  # a damaged store is refused before anything is served from it
+        self.store.maintain()
         self.ctx = zmq.Context()
         self.client_sock = self._router()
         self.actor_sock = self._router()
@@ -212,9 +247,11 @@ class Supervisor:
         self.waiters = waiters = Waiters(db, tasks, outbox)
         self.keys = keys = KeyRouting(app, tasks, children, db, outbox)
         self.attempts = attempts = Attempts(app, db, tasks, children, keys, waiters, outbox, timers)
-        self.intake = intake = Intake(app, db, tasks, keys, waiters, outbox, timers, self.state_dir, self.commit)
+        self.intake = intake = Intake(
+            app, db, tasks, keys, waiters, outbox, timers, self.state_dir, self._commit_durably
+        )
         self.sessions = sessions = Sessions(app, db, tasks, outbox)
-        self.retention = Retention(app, db, attempts, timers)
+        self.retention = retention = Retention(app, db, timers)
         self.node_link = NodeLink(app, self.grace, nodes, children, keys, tasks, timers)
         status = StatusReport(
             state_dir=self.state_dir,
@@ -224,6 +261,7 @@ class Supervisor:
             tasks=tasks,
             intake=intake,
             attempts=attempts,
+            retention=retention,
             children=children,
             nodes=nodes,
         )
@@ -275,7 +313,7 @@ class Supervisor:
         except OSError as exc:
             raise StateDirError(f"cannot create pid lock {str(path)!r}: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_soon(fd)
         except BlockingIOError:
             os.close(fd)
             other = read_runtime_file(self.state_dir)
@@ -302,8 +340,11 @@ class Supervisor:
             self.node_link.stop()
         if hasattr(self, "store"):
             try:
-                if hasattr(self, "outbox"):
-                    self.commit()
+                if hasattr(self, "outbox") and not self._commit_at_stop():
+                    log.error(
+                        "stopped with writes the task store had no room for: the submits among them were "
+                        "not acknowledged, and the tasks that finished meanwhile run again at the next start"
+                    )
             finally:
                 self.store.close()
         if hasattr(self, "ctx"):
@@ -323,6 +364,13 @@ class Supervisor:
             remove_runtime_file(self.state_dir, os.getpid())
         if hasattr(self, "_lock_fd"):
             os.close(self._lock_fd)
+
+    def _commit_at_stop(self) -> bool:
+        """The last commit; a store whose server is gone has nothing more to take."""
+        try:
+            return self.commit()
+        except StoreUnavailable:
+            return False
 
     def _announce(self, line: str) -> None:
         """Tell the process that started us (embedded mode) that we are ready or failed."""
@@ -363,11 +411,12 @@ class Supervisor:
         # journal), to be run again, which at-least-once allows; their actors die with the
         # supervisor anyway, a node's with its lease. Never before a schedule's fired slot: that
         # must be durable before its task runs, or a restart would fire the slot again.
+        # Nothing starts while the store has no room to record it.
         held_back = db.slot_pending
         db.begin()
-        if not self.children.stopping:
+        if not self.children.stopping and not self.store_held:
             self.intake.page_in()
-        if self.attempts.dispatch():
+        if not self.store_held and self.attempts.dispatch():
             if held_back:
                 self.commit()
             outbox.flush()
@@ -376,7 +425,7 @@ class Supervisor:
         elif self.lazy_commit_at is None:
             self.commit()
             outbox.flush()
-            db.checkpoint_if_needed()
+            db.maintain()
 
     def _handle(self, ready: dict[Any, int]) -> None:
         """Everything that is waiting: signals, child exits, messages, due timers."""
@@ -391,23 +440,59 @@ class Supervisor:
             self._drain(self.client_sock, self.requests.on_message)
         if self.remote_sock is not None and self.remote_sock in ready:
             self._drain(self.remote_sock, self._on_remote)
-        self.timers.run_due()
+        try:
+            self.timers.run_due()
+        except StoreFull as exc:  # from _commit_durably: the journal sweep keeps its files for later
+            log.warning("%s", exc)
         if self.keys.rekeying:
             self.keys.finish_rekey()
 
-    def commit(self) -> None:
-        """Commit; the acks that were waiting for any commit can go with the next flush."""
+    def commit(self) -> bool:
+        """Commit; True when the writes are durable: the acks that were waiting for any commit
+        can go with the next flush. With no room (StoreFull), the store keeps the writes in its
+        open transaction, so memory and store agree, and what this turn would send after a write
+        (an ack, an outcome) waits with those acks for the commit that makes it true."""
         self.lazy_commit_at = None
-        self.store.commit()
+        wrote = self.store.dirty()
+        try:
+            self.store.commit()
+        except StoreFull as exc:
+            self._hold(exc, wrote)
+            return False
+        if self.store_held:
+            self.store_held = False
+            log.warning("the task store has room again: what waited for it is committed and sent")
         self.outbox.committed()
+        return True
+
+    def _hold(self, exc: StoreFull, wrote: bool) -> None:
+        """Keep this turn's sends with the acks that wait for a commit; a turn that wrote nothing
+        (a status, a wait on a finished task) is answered as usual."""
+        if wrote:
+            self.outbox.hold()
+        if not self.store_held:
+            self.store_held = True
+            log.error("%s; until then no task starts, new ones are refused, replies that follow a write wait", exc)
+
+    def _retry_store(self) -> None:
+        """While the store has no room, make a turn try to commit every STORE_RETRY."""
+        if self.store_held:
+            self.lazy_commit_at = time.monotonic()
+        self.timers.add(STORE_RETRY, self._retry_store)
+
+    def _commit_durably(self) -> None:
+        """Intake's commit before it removes the journals it replayed: raise StoreFull unless
+        what they held is durable, so that they stay for a later sweep."""
+        if not self.commit():
+            raise StoreFull("no room in the task store for the submits of dead clients' journals: they stay")
 
     def _commit_and_send(self) -> None:
-        self.commit()
-        self.waiters.answer_polls()
-        if self.tasks.clock_wanted:
-            self._wake_clock()
+        if self.commit():  # the polls and the clock hear of what is durable only
+            self.waiters.answer_polls()
+            if self.tasks.clock_wanted:
+                self._wake_clock()
         self.outbox.flush()
-        self.store.checkpoint_if_needed()
+        self.store.maintain()
 
     def _wake_clock(self) -> None:
         clock = self.children.get("c0")
@@ -429,6 +514,8 @@ class Supervisor:
                 self.dropped += 1
                 if self.dropped <= 10 or self.dropped % 1000 == 0:
                     log.warning("dropped a malformed message (%d so far): %s", self.dropped, exc)
+            except StoreUnavailable:  # the store's server is gone for good: stop (nothing is lost)
+                raise
             except Exception:  # our bug: log it and keep serving everyone else
                 log.exception("internal error while handling a message; the supervisor goes on")
 
@@ -487,7 +574,7 @@ class Supervisor:
         owner the live keys of its slot, both from the store -- then send the admissions that
         waited for it."""
         if proc.spec.role == ROLE_CLOCK:
-            extra: dict[str, Any] = {"schedules": self.store.schedule_marks()}
+            extra: dict[str, Any] = {"schedules": self.store.schedule_marks(), "store": self.store_url}
             self.tasks.clock_wanted = False  # the clock reads the store as it starts
         else:
             extra = {"keys": self.keys.rows_for(proc.spec.slot)}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import journal, messages
 from ..app import new_task_id
-from ..errors import Backpressure, CapsuleError, ProtocolError, SerializationError, WorkerCrashed
+from ..errors import Backpressure, CapsuleError, ProtocolError, SerializationError, StoreFull, WorkerCrashed
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
 from .nodes import NODE_LOSS
@@ -77,6 +77,8 @@ class Intake:
             app.get_task(item[1])
             if len(frame) > app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
+        if not msg.journaled:  # a journaled one is acknowledged already (its journal has it): recorded
+            self.refuse_if_full()
         if not msg.journaled and self.live_count() + len(msg.items) > app.max_queued:
             raise Backpressure(
                 f"{self.live_count()} tasks are queued, scheduled or running and this submit adds "
@@ -84,6 +86,16 @@ class Intake:
             )
         pending = PendingSubmit(ident, msg.req, len(msg.items), push=msg.push, journaled=msg.journaled)
         self.submit(pending, msg.items, payload)
+
+    def refuse_if_full(self) -> None:
+        """New tasks wait for room: the store keeps what is left for the tasks it has."""
+        space = self._store.space()
+        if space.full:
+            raise StoreFull(
+                f"the task store {space.path!r} is out of disk space ({space.free_bytes / 2**20:.1f} MiB free "
+                "on its file system): new tasks are refused until space is freed there; the tasks already "
+                "accepted go on"
+            )
 
     def submit(self, pending: PendingSubmit, items: list[list[Any]], payload: Frames) -> None:
         """Record unlocked items now; send locked ones to their owners for admission first."""
@@ -131,7 +143,8 @@ class Intake:
             if pushed:
                 self._waiters.wait(task_id, pending.ident, push_req)  # type: ignore[arg-type]
             items.append(messages.AckItem(task_id, deduplicated, conflict, pushed))
-        room = max(0, self._app.max_queued - self.live_count())
+        # no room while the store is full: clients stop journaling and hear StoreFull at submit()
+        room = 0 if self._store.space().full else max(0, self._app.max_queued - self.live_count())
         ack = messages.SubmitAck(items, room)
         self._outbox.reply(pending.ident, pending.req, True, ack.to_wire(), after_commit=pending.journaled)
 
@@ -165,36 +178,70 @@ class Intake:
     def replay_journals(self) -> None:
         """Record what clients that died left in their submit journals (``journal.py``), through
         the same validation as a Submit; ids already recorded are ignored. Runs every second."""
-        replayed: list[tuple[Path, str | None]] = []
-        unreadable: list[tuple[Path, str | None]] = []
-        for path, records, problem in journal.orphaned(self._state_dir):
-            for frames in records:
-                try:
-                    msg = messages.decode(frames[0])
-                    if not isinstance(msg, messages.Submit):
-                        raise ProtocolError(f"{type(msg).__name__} is not a submit")
-                    self.on_submit(b"", msg, frames[1:])
-                except ProtocolError as exc:  # not a record this version can read
-                    problem = problem or f"a record in it does not decode: {exc}"
-                except CapsuleError as exc:  # readable, refused (say, its task is gone from the app)
-                    log.warning("a submit in journal %s was not recorded: %s", path.name, exc)
-            (unreadable if problem else replayed).append((path, problem))
-        if replayed or unreadable:
+        try:
+            self._replay_orphans()
+            for path in journal.remove_stale_temps(self._state_dir):
+                log.warning("removed %s, a submit journal whose making failed (it held no record)", path.name)
+        finally:  # a sweep that failed must not be the last one
+            self._timers.add(JOURNAL_SWEEP, self.replay_journals)
+
+    def _replay_orphans(self) -> None:
+        """Record the journals of dead writers, commit, then remove them, or keep aside those
+        that could not be read whole."""
+        replayed: list[Path] = []
+        kept: list[tuple[Path, str | None, str | None]] = []  # path, why it is foreign, its damage
+        for path, contents in journal.orphaned(self._state_dir):
+            foreign = self._record_journal(path, contents)
+            damage = contents.damage()
+            if foreign or damage:
+                kept.append((path, foreign, damage))
+            else:
+                replayed.append(path)
+        if replayed or kept:
             self._commit()  # recorded before the journals go
             self._store.begin()
-            for path, _ in replayed:
+            for path in replayed:
                 path.unlink(missing_ok=True)
-            for path, problem in unreadable:
-                log.error(
-                    "journal %s cannot be replayed whole (%s); its readable submits are recorded and the "
-                    "file is kept as %s: to replay it, rename it back and start the capsule_actors version "
-                    "that wrote it (%s)",
-                    path.name,
-                    problem,
-                    journal.set_aside(path).name,
-                    messages.version_hint(),
-                )
-        self._timers.add(JOURNAL_SWEEP, self.replay_journals)
+            for path, foreign, damage in kept:
+                self._keep_aside(path, foreign, damage)
+
+    def _record_journal(self, path: Path, contents: journal.Contents) -> str | None:
+        """Submit every message of one journal; what makes it another version's, or None."""
+        foreign = contents.foreign
+        for frames in contents.messages:
+            try:
+                msg = messages.decode(frames[0])
+                if not isinstance(msg, messages.Submit):
+                    raise ProtocolError(f"{type(msg).__name__} is not a submit")
+                self.on_submit(b"", msg, frames[1:])
+            except ProtocolError as exc:  # not a record this version can read
+                foreign = foreign or f"a record in it does not decode: {exc}"
+            except CapsuleError as exc:  # readable, refused (say, its task is gone from the app)
+                log.warning("a submit in journal %s was not recorded: %s", path.name, exc)
+        return foreign
+
+    @staticmethod
+    def _keep_aside(path: Path, foreign: str | None, damage: str | None) -> None:
+        """Rename a journal that could not be read whole to NAME.journal.unreadable, and say why."""
+        kept = journal.set_aside(path).name
+        if damage:
+            log.error(
+                "journal %s is damaged: %s; every intact submit in it (before and after) is recorded, "
+                "and the file is kept as %s (never replayed) for inspection",
+                path.name,
+                damage,
+                kept,
+            )
+        if foreign:
+            log.error(
+                "journal %s cannot be replayed whole (%s); its readable submits are recorded and the "
+                "file is kept as %s: to replay it, rename it back and start the capsule_actors version "
+                "that wrote it (%s)",
+                path.name,
+                foreign,
+                kept,
+                messages.version_hint(),
+            )
 
     # ---- the backlog -------------------------------------------------------------------------
     def _to_backlog(self, rowid: int) -> bool:

@@ -63,6 +63,12 @@ class Outbox:
         assert self.remote_sock is not None
         self.pending.append((self.remote_sock, [ident, msg.encode()]))
 
+    def hold(self) -> None:
+        """This turn's writes did not commit: what it would send waits with the acks that wait
+        for a commit, after them (in the order it was queued: an actor's messages keep theirs)."""
+        self.after_commit += self.pending
+        self.pending.clear()
+
     def committed(self) -> None:
         """A commit happened: the acks that waited for one go with the next flush."""
         self.pending += self.after_commit

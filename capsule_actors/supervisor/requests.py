@@ -161,6 +161,7 @@ class ClientRequests:
         if not states.TaskState(state).terminal:
             raise ConfigError(f"task {msg.task_id} is {state}: only a finished task can be retried")
         self._app.get_task(name)
+        self._intake.refuse_if_full()
         item = [new_task_id(), name, lock_key, sid, sowner, None]
         self._intake.submit(PendingSubmit(ident, msg.req, 1), [item], [bytes(args or NO_ARGS)])
 

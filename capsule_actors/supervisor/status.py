@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .children import Children
     from .intake import Intake
     from .node_table import NodeTable
+    from .retention import Retention
     from .tasks import TaskTable
 
 
@@ -61,6 +62,7 @@ class StatusReport:
         tasks: TaskTable,
         intake: Intake,
         attempts: Attempts,
+        retention: Retention,
         children: Children,
         nodes: NodeTable,
     ) -> None:
@@ -71,6 +73,7 @@ class StatusReport:
         self._tasks = tasks
         self._intake = intake
         self._attempts = attempts
+        self._retention = retention
         self._children = children
         self._nodes = nodes
 
@@ -82,6 +85,7 @@ class StatusReport:
             proc = children.get(spec.slot)
             node_rss = children.rss_of(proc) if proc is not None and spec.node else None
             actors.append(actor_status(proc, spec, children.records[spec.slot], keys[spec.slot], node_rss))
+        space = self._store.space()
         supervisor = messages.SupervisorStatus(
             pid=os.getpid(),
             state="stopping" if children.stopping else "running",
@@ -92,16 +96,20 @@ class StatusReport:
             live_tasks=intake.live_count(),
             in_memory=len(tasks),
             backlog=intake.backlog,
+            store_bytes=space.store_bytes,
+            wal_bytes=space.wal_bytes,
+            free_bytes=space.free_bytes,
+            store_full=space.full,
         )
         return messages.StatusSnapshot(supervisor, actors, self._nodes.status(time.monotonic()), self.task_counts())
 
     def task_counts(self) -> dict[str, int]:
         """Tasks per state, without scanning the table: live ones from memory, finished ones
-        counted as they finish."""
+        counted as they finish, less those pruned since."""
         counts = self._tasks.states()
         held = sum(len(proc.running) - proc.busy for proc in self._children)  # sent, not begun
         counts[RUNNING] -= held
         counts[QUEUED] += held + self._intake.backlog
-        counts.update(self._attempts.finished)
+        counts.update(self._attempts.finished - self._retention.pruned)
         counts[SCHEDULED] = self._store.count_state(SCHEDULED)  # most of them live in the store only
         return {str(state): n for state, n in counts.items() if n}

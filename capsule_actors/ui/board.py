@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode
 
 from .. import store
-from ..bootstrap import resolve_state_dir
+from ..bootstrap import resolve_state_dir, store_url
 from ..errors import CapsuleError, ConfigError
 from .data import COLUMNS, Feed
 
@@ -175,14 +175,17 @@ class TaskBoard:
         port: int = 0,
         token: str | None = None,
         page_size: int = 50,
+        store: str | None = None,
     ) -> None:
+        from .. import store as stores
         from ..app import App
 
         if isinstance(app, App):
             self.state_dir = app.resolved_state_dir()
+            reader = stores.open_reader(self.state_dir, store_url(store, app.store), app.name)
         else:
             self.state_dir = resolve_state_dir(app)
-        reader = store.open_reader(self.state_dir)
+            reader = stores.open_reader(self.state_dir, store_url(store, None))
         if reader is None:
             raise ConfigError(
                 f"no task store in {str(self.state_dir)!r}: start the runtime once first "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import html as _html
+import re
 import time
 from collections.abc import Mapping
 from functools import lru_cache
@@ -26,6 +27,8 @@ __all__ = ["TaskCard", "card_css", "format_duration", "progress_bar"]
 
 _RESULT_CHARS = 120
 _BAR_WIDTH = 20
+# the mark an actor leaves where it cut an error text to fit its message (actors/worker.py CUT_MARK)
+_CUT = re.compile(r"\[capsule_actors: ([0-9][0-9,]*) characters cut\]")
 
 
 @lru_cache(maxsize=1)
@@ -53,6 +56,11 @@ def progress_bar(fraction: float | None, width: int = _BAR_WIDTH, unicode: bool 
     full, empty = ("█", "░") if unicode else ("#", "-")
     n = 0 if fraction is None else max(0, min(width, round(float(fraction) * width)))
     return "[" + full * n + empty * (width - n) + "]"
+
+
+def _cut_chars(text: str | None) -> int:
+    """How many characters the actor cut from an error text, as its marks say (0: none)."""
+    return sum(int(m.group(1).replace(",", "")) for m in _CUT.finditer(text or ""))
 
 
 def _short(text: str, limit: int) -> str:
@@ -185,6 +193,17 @@ class TaskCard:
         return self._f.error
 
     @property
+    def error_cut(self) -> int:
+        """Characters cut from the error text to fit the actor's message (0 when it is whole);
+        the exception ``result()`` raises still has them when it could be pickled."""
+        return _cut_chars(self._f.error) if self._f.state is not TaskState.SUCCEEDED else 0
+
+    def truncation_note(self) -> str | None:
+        """The line that says the error text shown is not all of it."""
+        cut = self.error_cut
+        return f"error text truncated: {cut:,} characters cut" if cut else None
+
+    @property
     def result(self) -> str | None:
         """A short repr of the result (only for cards built from the handle of a finished task)."""
         return self._f.result
@@ -241,6 +260,9 @@ class TaskCard:
         summary = self.summary()
         if summary:
             lines.append(_short(summary, 200))
+        note = self.truncation_note()
+        if note:
+            lines.append(note)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -285,6 +307,9 @@ class TaskCard:
         if summary:
             cls = "cpsl-error" if summary.startswith("error") else "cpsl-result"
             parts.append(f'<div class="{cls}">{esc(_short(summary, 300))}</div>')
+        note = self.truncation_note()
+        if note:
+            parts.append(f'<div class="cpsl-meta cpsl-truncated">{esc(note)}</div>')
         parts.append("</div>")
         body = "".join(parts)
         return f"<style>{card_css()}</style>{body}" if styles else body

@@ -1,0 +1,823 @@
+"""The PostgreSQL store: the same tables as SQLite's, in one PostgreSQL schema per app.
+
+Chosen with ``App(store="postgresql://…")``, ``--store`` or ``CAPSULE_STORE``; the state directory
+still holds the sockets, journals and pid lock. psycopg 3 (the ``[postgres]`` extra). The
+guarantees of ``base.py`` are kept with PostgreSQL's own means:
+
+- one connection for the supervisor's loop, one transaction per turn (psycopg opens it at the
+  first statement, ``commit()`` ends it), so acknowledgements follow a commit and concurrent
+  submits share one (group commit); ``synchronous_commit`` is the server's (``on`` by default:
+  a commit is on disk before any acknowledgement);
+- submit order is ``tasks.seq`` and event order ``events.seq`` (sequences; one writer, so
+  sequence order is commit order); a known task id is an ``ON CONFLICT DO NOTHING``;
+- each per-task write is one round trip: its row and its event in one statement (a CTE), a
+  batch of submits one ``unnest`` statement;
+- readers (board, clock) use their own connections, a read-only REPEATABLE READ transaction per
+  snapshot; MVCC never makes them wait for the writer nor the writer for them.
+
+A lost connection (a restarting or failing-over server, a cut network) loses nothing: the store
+keeps every write of the open transaction (``_redo``) until it commits, and when a statement or
+the COMMIT finds the connection gone it reconnects and redoes them, waiting up to ``OUTAGE``
+seconds (the supervisor's loop waits with it: clients' requests queue, which is the
+back-pressure); past that it raises ``StoreUnavailable`` and the supervisor stops. A COMMIT that
+finds the server's disk full is redone into a new transaction and raises ``StoreFull``, as on
+SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..errors import ConfigError, StateDirError, StoreFull, StoreUnavailable
+from ..states import LIVE, RUNNING, TaskState
+from .base import Error, NewTask, StoredTask, StoreReader, StoreSpace, TaskStore
+
+log = logging.getLogger("capsule_actors.store")
+
+SCHEMA_VERSION = 1
+OUTAGE = 60.0  # seconds the supervisor waits for a lost server before it stops (StoreUnavailable)
+SIZE_EVERY = 10.0  # seconds between looks at the database's size (status)
+_LIVE_SQL = "('QUEUED','SCHEDULED','RUNNING')"
+_TERMINAL_SQL = "('SUCCEEDED','FAILED','CANCELLED')"
+_CONNECT_TIMEOUT = 10  # seconds: an unreachable server is an error at start, not a hang
+# a dead peer is noticed in ~25 s (TCP keepalives), a statement never runs longer than a minute
+_SESSION = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+_OPTIONS = "-c statement_timeout=60000 -c idle_in_transaction_session_timeout=600000"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.tasks (
+    seq bigserial UNIQUE,
+    id text PRIMARY KEY,
+    name text NOT NULL,
+    state text NOT NULL,
+    lock_key text,
+    session_id text,
+    session_owner text,
+    args bytea,
+    result bytea,
+    error_type text,
+    error_message text,
+    traceback text,
+    attempts integer NOT NULL DEFAULT 0,
+    created_at double precision NOT NULL,
+    started_at double precision,
+    finished_at double precision,
+    run_at double precision,
+    progress double precision,
+    slot text
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON {s}.tasks(state);
+CREATE INDEX IF NOT EXISTS tasks_scheduled ON {s}.tasks(run_at) WHERE state = 'SCHEDULED';
+CREATE INDEX IF NOT EXISTS tasks_backlog ON {s}.tasks(seq) WHERE state = 'QUEUED' AND lock_key IS NULL;
+CREATE INDEX IF NOT EXISTS tasks_finished ON {s}.tasks(finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.events (
+    seq bigserial PRIMARY KEY,
+    task_id text NOT NULL,
+    session_id text,
+    kind text NOT NULL,
+    data text NOT NULL,
+    ts double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_task ON {s}.events(task_id, seq);
+CREATE INDEX IF NOT EXISTS events_session ON {s}.events(session_id, seq) WHERE session_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.session_kv (
+    session_id text NOT NULL,
+    key text NOT NULL,
+    value text NOT NULL,
+    updated_at double precision NOT NULL,
+    PRIMARY KEY (session_id, key)
+);
+CREATE TABLE IF NOT EXISTS {s}.schedules (
+    name text PRIMARY KEY,
+    cron text NOT NULL,
+    tz text NOT NULL,
+    registered_at double precision NOT NULL,
+    last_slot double precision
+);
+CREATE TABLE IF NOT EXISTS {s}.cards (
+    task_id text NOT NULL,
+    session_id text NOT NULL,
+    PRIMARY KEY (task_id, session_id)
+);
+"""
+
+INFO_FIELDS = (
+    "id",
+    "name",
+    "state",
+    "attempts",
+    "lock_key",
+    "session_id",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error_type",
+    "error_message",
+    "progress",
+    "slot",
+)
+_INFO = ", ".join(INFO_FIELDS)
+_STORED = "seq, id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot"
+_EVENT = "INSERT INTO {s}.events(task_id, session_id, kind, data, ts) VALUES (%s, %s, %s, %s, %s)"
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError("a postgresql:// store needs psycopg 3: pip install 'capsule_actors[postgres]'") from None
+    return psycopg
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for errors and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def split_url(url: str, app_name: str) -> tuple[str, str]:
+    """(libpq URL, schema): ``?schema=NAME`` chooses the schema (else ``capsule_<app name>``), so
+    several apps share a database; every other parameter (``sslmode``, ``host``…) goes to libpq."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    schema = schema or "capsule_" + re.sub(r"[^a-z0-9_]", "_", app_name.lower())
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise ConfigError(f"store schema {schema!r}: use 1-63 lowercase letters, digits and '_'")
+    return urlunsplit(parts._replace(query=rest)), schema
+
+
+def _connect(url: str, app_name: str, *, autocommit: bool) -> tuple[Any, str]:
+    psycopg = _psycopg()
+    libpq_url, schema = split_url(url, app_name)
+    try:
+        conn = psycopg.connect(
+            libpq_url, autocommit=autocommit, connect_timeout=_CONNECT_TIMEOUT, options=_OPTIONS, **_SESSION
+        )
+    except psycopg.Error as exc:
+        raise StateDirError(
+            f"cannot reach the PostgreSQL store {redact(url)}: {str(exc).strip()}; check that the server runs, "
+            "the URL (user, host, port, database), and the password (PGPASSFILE, PGPASSWORD)"
+        ) from None
+    return conn, schema
+
+
+def _stored(row: tuple[Any, ...]) -> StoredTask:
+    return StoredTask(int(row[0]), row[1], row[2], TaskState(row[3]), *row[4:])
+
+
+def _info(row: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(INFO_FIELDS, row))
+
+
+class PostgresStore(TaskStore):
+    """The supervisor's store on PostgreSQL: one connection, used from the loop thread only."""
+
+    def __init__(self, url: str, app_name: str) -> None:
+        self.url = redact(url)
+        self._secret_url, self._app_name = url, app_name  # kept to reconnect
+        self.db, self.schema = _connect(url, app_name, autocommit=False)
+        self._s = self.schema
+        try:
+            self._migrate()
+        except Exception:
+            self.db.close()
+            raise
+        self._dirty = False
+        self._redo: list[tuple[str, Any]] = []  # the open transaction's writes, in order
+        self._gone = False  # the server stayed away past OUTAGE: every call raises StoreUnavailable
+        self.slot_pending = False
+        self._touched: set[str] = set()
+        self._touched_sessions: set[str] = set()
+        self._any_event = False
+        self._cards: dict[str, set[str]] = {}  # task id -> sessions showing its card
+        rows = self._q(
+            "SELECT c.task_id, c.session_id FROM {s}.cards c JOIN {s}.tasks t ON t.id = c.task_id "
+            f"WHERE t.state IN {_LIVE_SQL}"
+        ).fetchall()
+        for task_id, session_id in rows:
+            self._cards.setdefault(task_id, set()).add(session_id)
+        self.db.commit()
+        self._bytes = 0
+        self._next_size = 0.0
+
+    def _q(self, sql: str, params: Any = None) -> Any:
+        """A read of this schema (``{s}`` in ``sql`` names it), riding out a lost connection."""
+        return self._run(sql.replace("{s}", self._s), params, write=False)
+
+    def _w(self, sql: str, params: Any = None) -> Any:
+        """A write of the open transaction, kept until it commits (a lost connection redoes it)."""
+        self._dirty = True
+        return self._run(sql.replace("{s}", self._s), params, write=True)
+
+    def _run(self, sql: str, params: Any, write: bool) -> Any:
+        if self._gone:
+            raise self._unavailable("it was lost")
+        if write:
+            self._redo.append((sql, params))
+        try:
+            return self.db.execute(sql, params)
+        except Exception as exc:
+            if not self.db.broken:  # an error of the statement itself, not of the connection
+                if write:
+                    self._redo.pop()
+                raise
+            cur = self._reconnect(exc)
+            return cur if write else self.db.execute(sql, params)
+
+    def _reconnect(self, cause: BaseException) -> Any:
+        """The connection broke: connect again and redo the open transaction's writes, trying for
+        up to OUTAGE seconds; returns the last write's cursor (the statement that failed, if a write)."""
+        deadline, delay = time.monotonic() + OUTAGE, 0.1
+        log.error("lost the PostgreSQL store %s (%s): reconnecting, for up to %.0f s", self.url, cause, OUTAGE)
+        while True:
+            try:
+                self.db, _ = _connect(self._secret_url, self._app_name, autocommit=False)
+                cur = None
+                for sql, params in self._redo:
+                    cur = self.db.execute(sql, params)
+                log.warning("the PostgreSQL store %s is back: %d writes redone", self.url, len(self._redo))
+                return cur
+            except StateDirError as exc:
+                cause = exc
+            except Exception as exc:
+                if not self.db.broken:
+                    raise
+                cause = exc
+            if time.monotonic() + delay > deadline:
+                self._gone = True
+                raise self._unavailable(str(cause))
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    def _unavailable(self, why: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the PostgreSQL store {self.url} could not be reached for {OUTAGE:.0f} s ({why}); the supervisor "
+            "stops: every task it acknowledged is in the store or in a client's journal, and a restart resumes them"
+        )
+
+    def _migrate(self) -> None:
+        """Create the schema, or check the one there is: a newer version than ours is refused."""
+        self.db.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
+        self.db.execute(f"SELECT pg_advisory_xact_lock(hashtext('{self._s}'))")  # one migrator at a time
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self.db.execute(statement.replace("{s}", self._s))
+        self.db.execute(
+            f"INSERT INTO {self._s}.meta(key, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
+            (str(SCHEMA_VERSION),),
+        )
+        found = int(self.db.execute(f"SELECT value FROM {self._s}.meta WHERE key='schema_version'").fetchone()[0])
+        self.db.commit()
+        if found > SCHEMA_VERSION:
+            raise StateDirError(
+                f"the PostgreSQL store {self.url} (schema {self._s}) has schema version {found}, newer than "
+                f"this capsule_actors knows ({SCHEMA_VERSION}): run the version that wrote it"
+            )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()
+
+    # ---- transactions ------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Nothing to do: psycopg opens the turn's transaction at its first statement."""
+
+    def commit(self) -> None:
+        if self._gone:
+            raise self._unavailable("it was lost")
+        try:
+            self.db.commit()
+        except Exception as exc:
+            psycopg = _psycopg()
+            if isinstance(exc, psycopg.errors.DiskFull):  # rolled back: open it again with its writes
+                self.db.rollback()
+                for sql, params in self._redo:
+                    self.db.execute(sql, params)
+                self._dirty = False
+                raise StoreFull(f"no room on the PostgreSQL store {self.url}'s server: {exc}") from None
+            if not self.db.broken:
+                raise
+            self._reconnect(exc)  # the COMMIT may or may not have happened: redo (idempotent) and commit
+            self.db.commit()
+        self._redo.clear()
+        self._dirty = False
+        self.slot_pending = False
+
+    def dirty(self) -> bool:
+        return self._dirty
+
+    # ---- housekeeping ------------------------------------------------------------------------
+    def maintain(self) -> None:
+        """PostgreSQL checkpoints and vacuums by itself; look at the database's size now and then."""
+        now = time.monotonic()
+        if now >= self._next_size and not self._redo:
+            self._next_size = now + SIZE_EVERY
+            with contextlib.suppress(Exception):
+                self._bytes = int(self.db.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+                self.db.commit()
+
+    def check(self) -> None:
+        """The schema was checked (and its version) when the store was opened: nothing more here;
+        PostgreSQL checks its own pages (data checksums, if the cluster has them)."""
+
+    def space(self) -> StoreSpace:
+        return StoreSpace(self.url, self._bytes, 0, -1, False)  # free space: the server's to watch
+
+    # ---- tasks -------------------------------------------------------------------------------
+    def insert_tasks(self, rows: Iterable[NewTask]) -> list[tuple[str, int]]:
+        rows = list(rows)
+        if not rows:
+            return []
+        columns = list(zip(*rows))
+        now = time.time()
+        new = self._w(
+            "WITH new AS (INSERT INTO {s}.tasks(id, name, state, lock_key, session_id, session_owner, args, "
+            "created_at, run_at) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+            "%s::text[], %s::bytea[], %s::float8[], %s::float8[]) ON CONFLICT (id) DO NOTHING "
+            "RETURNING seq, id, name, state, session_id), "
+            "ev AS (INSERT INTO {s}.events(task_id, session_id, kind, data, ts) "
+            "SELECT id, session_id, 'state', json_build_object('state', state, 'attempt', 0, 'name', name)::text, %s "
+            "FROM new ORDER BY seq) "
+            "SELECT id, seq, session_id FROM new ORDER BY seq",
+            [list(c) for c in columns] + [now],
+        ).fetchall()
+        for task_id, _, session_id in new:
+            self._noted(task_id, session_id)
+        return [(task_id, int(seq)) for task_id, seq, _ in new]
+
+    def args(self, task_id: str) -> bytes:
+        row = self._q("SELECT args FROM {s}.tasks WHERE id=%s", (task_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else b""
+
+    def _with_event(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        task_id: str,
+        session_id: str | None,
+        data: dict[str, Any],
+        returning: bool = False,
+    ) -> Any:
+        """One statement: a change of the task's row (``sql``: an UPDATE) and its state event."""
+        event = (task_id, session_id, "state", json.dumps(data), time.time())
+        tail = "SELECT * FROM u" if returning else "SELECT 1"
+        cur = self._w(f"WITH u AS ({sql}), ev AS ({_EVENT}) {tail}", (*params, *event))
+        self._noted(task_id, session_id, "state")
+        return cur.fetchone()
+
+    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
+        row = self._with_event(
+            "UPDATE {s}.tasks SET state='RUNNING', attempts=%s, slot=%s, started_at=%s WHERE id=%s RETURNING args",
+            (attempt, slot, now, task_id),
+            task_id,
+            session_id,
+            {"state": RUNNING, "attempt": attempt, "slot": slot},
+            returning=True,
+        )
+        return bytes(row[0]) if row and row[0] is not None else b""
+
+    def finish(
+        self,
+        task_id: str,
+        session_id: str | None,
+        state: TaskState,
+        result: bytes | None,
+        error: Error | None,
+        now: float,
+    ) -> None:
+        etype, emsg, tb = error or (None, None, None)
+        data: dict[str, Any] = {"state": state}
+        if etype:
+            data["error"] = f"{etype}: {emsg}"
+        self._with_event(
+            "UPDATE {s}.tasks SET state=%s, result=%s, error_type=%s, error_message=%s, traceback=%s, "
+            "finished_at=%s, run_at=NULL WHERE id=%s RETURNING 1",
+            (state.value, result, etype, emsg, tb, now, task_id),
+            task_id,
+            session_id,
+            data,
+        )
+
+    def requeue(
+        self,
+        task_id: str,
+        session_id: str | None,
+        run_at: float | None,
+        error: Error | None,
+        attempts: int | None = None,
+    ) -> None:
+        etype, emsg, tb = error or (None, None, None)
+        data: dict[str, Any] = {"state": "QUEUED", "retry_at": run_at}
+        if error:
+            data["error"] = f"{etype}: {emsg}"
+        self._with_event(
+            "UPDATE {s}.tasks SET state='QUEUED', run_at=%s, attempts=coalesce(%s, attempts), "
+            "error_type=CASE WHEN %s THEN %s ELSE error_type END, "
+            "error_message=CASE WHEN %s THEN %s ELSE error_message END, "
+            "traceback=CASE WHEN %s THEN %s ELSE traceback END WHERE id=%s RETURNING 1",
+            (run_at, attempts, bool(error), etype, bool(error), emsg, bool(error), tb, task_id),
+            task_id,
+            session_id,
+            data,
+        )
+
+    def set_progress(self, task_id: str, fraction: float) -> None:
+        self._w("UPDATE {s}.tasks SET progress=%s WHERE id=%s", (fraction, task_id))
+
+    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
+        row = self._w(_EVENT + " RETURNING seq", (task_id, session_id, kind, json.dumps(data), time.time())).fetchone()
+        self._noted(task_id, session_id, kind)
+        return int(row[0])
+
+    def _noted(self, task_id: str, session_id: str | None, kind: str = "") -> None:
+        """An event was added: who to wake, and the card updates it causes."""
+        self._touched.add(task_id)
+        self._any_event = True
+        if session_id is not None:
+            self._touched_sessions.add(session_id)
+        if task_id in self._cards and kind in ("state", "progress"):
+            self._update_cards(task_id)
+
+    def show_card(self, task_id: str, session_id: str) -> dict[str, Any] | None:
+        card = self._card(task_id)
+        if card is None:
+            return None
+        self._w(
+            "INSERT INTO {s}.cards(task_id, session_id) VALUES (%s, %s) ON CONFLICT DO NOTHING", (task_id, session_id)
+        )
+        if card["state"] in LIVE:
+            self._cards.setdefault(task_id, set()).add(session_id)
+        return card
+
+    def _card(self, task_id: str) -> dict[str, Any] | None:
+        row = self._q(
+            "SELECT name, state, attempts, progress, error_type, error_message, created_at, started_at, "
+            "finished_at FROM {s}.tasks WHERE id=%s",
+            (task_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "card": task_id,
+            "task_id": task_id,
+            "name": row[0],
+            "state": row[1],
+            "attempts": row[2],
+            "progress": row[3],
+            "error": f"{row[4]}: {row[5]}" if row[4] else None,
+            "created_at": row[6],
+            "started_at": row[7],
+            "finished_at": row[8],
+        }
+
+    def _update_cards(self, task_id: str) -> None:
+        card = self._card(task_id)
+        if card is None:
+            return
+        card["update"] = True
+        sessions = self._cards[task_id]
+        if card["state"] not in LIVE:
+            del self._cards[task_id]
+        for session_id in sorted(sessions):
+            self.add_event(task_id, session_id, "card", card)
+
+    def take_touched(self) -> tuple[set[str], set[str], bool]:
+        touched, self._touched = self._touched, set()
+        sessions, self._touched_sessions = self._touched_sessions, set()
+        any_event, self._any_event = self._any_event, False
+        return touched, sessions, any_event
+
+    # ---- reads -------------------------------------------------------------------------------
+    def info(self, task_id: str) -> dict[str, Any] | None:
+        row = self._q(f"SELECT {_INFO} FROM {{s}}.tasks WHERE id=%s", (task_id,)).fetchone()
+        return _info(row) if row else None
+
+    def outcome(self, task_id: str) -> tuple[TaskState, bytes | None, list[str | None]] | None:
+        row = self._q(
+            "SELECT state, result, error_type, error_message, traceback FROM {s}.tasks WHERE id=%s", (task_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return TaskState(row[0]), bytes(row[1]) if row[1] is not None else None, [row[2], row[3], row[4]]
+
+    def list_tasks(self, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
+        if state:
+            cur = self._q(
+                f"SELECT {_INFO} FROM {{s}}.tasks WHERE state=%s ORDER BY seq DESC LIMIT %s", (state.value, limit)
+            )
+        else:
+            cur = self._q(f"SELECT {_INFO} FROM {{s}}.tasks ORDER BY seq DESC LIMIT %s", (limit,))
+        return [_info(r) for r in cur.fetchall()]
+
+    def live_tasks(self) -> Iterator[StoredTask]:
+        rows = self._q(f"SELECT {_STORED} FROM {{s}}.tasks WHERE state IN {_LIVE_SQL} ORDER BY seq").fetchall()
+        return (_stored(r) for r in rows)
+
+    def backlog(self, after: int, limit: int) -> list[StoredTask]:
+        rows = self._q(
+            f"SELECT {_STORED} FROM {{s}}.tasks WHERE seq > %s AND state='QUEUED' AND lock_key IS NULL "
+            "ORDER BY seq LIMIT %s",
+            (after, limit),
+        ).fetchall()
+        return [_stored(r) for r in rows]
+
+    def live_locked(self) -> list[tuple[str, str, str]]:
+        rows = self._q(
+            f"SELECT id, name, lock_key FROM {{s}}.tasks WHERE state IN {_LIVE_SQL} AND lock_key IS NOT NULL "
+            "ORDER BY seq"
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def live_task(self, task_id: str) -> StoredTask | None:
+        row = self._q(f"SELECT {_STORED} FROM {{s}}.tasks WHERE id=%s AND state IN {_LIVE_SQL}", (task_id,)).fetchone()
+        return _stored(row) if row else None
+
+    def count_state(self, state: TaskState) -> int:
+        return int(self._q("SELECT count(*) FROM {s}.tasks WHERE state=%s", (state.value,)).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self._q("SELECT state, count(*) FROM {s}.tasks GROUP BY state").fetchall()}
+
+    def exists(self, task_id: str) -> bool:
+        return self._q("SELECT 1 FROM {s}.tasks WHERE id=%s", (task_id,)).fetchone() is not None
+
+    def events_after(
+        self, after: int, limit: int = 500, *, task_id: str | None = None, session_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        return _events_after(self.db, self._s, after, limit, task_id, session_id)
+
+    def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
+        row = self._q(
+            "SELECT name, state, lock_key, session_id, session_owner, args FROM {s}.tasks WHERE id=%s", (task_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return (*row[:5], bytes(row[5]) if row[5] is not None else None)
+
+    # ---- retention ---------------------------------------------------------------------------
+    def prune_events(self, before: float, keep_max: int, batch: int) -> int:
+        # the oldest ``batch`` by seq are the candidates; the first young one among them ends the run
+        top = self._q("SELECT max(seq) FROM {s}.events").fetchone()[0]
+        if top is None:
+            return 0
+        last = None
+        for seq, ts in self._q("SELECT seq, ts FROM {s}.events ORDER BY seq LIMIT %s", (batch,)).fetchall():
+            if ts >= before and seq > top - keep_max:
+                break
+            last = seq
+        return 0 if last is None else int(self._w("DELETE FROM {s}.events WHERE seq <= %s", (last,)).rowcount)
+
+    def prune_finished(self, before: float, batch: int) -> dict[str, int]:
+        rows = self._q(
+            f"SELECT id, state FROM {{s}}.tasks WHERE finished_at < %s AND state IN {_TERMINAL_SQL} "
+            "ORDER BY finished_at LIMIT %s",
+            (before, batch),
+        ).fetchall()
+        pruned: dict[str, int] = {}
+        if rows:
+            ids = [r[0] for r in rows]
+            self._w("DELETE FROM {s}.events WHERE task_id = ANY(%s)", (ids,))
+            self._w("DELETE FROM {s}.cards WHERE task_id = ANY(%s)", (ids,))
+            self._w("DELETE FROM {s}.tasks WHERE id = ANY(%s)", (ids,))
+            for _, state in rows:
+                pruned[state] = pruned.get(state, 0) + 1
+        return pruned
+
+    # ---- schedules ---------------------------------------------------------------------------
+    def register_schedules(self, specs: Iterable[tuple[str, str, str]], now: float) -> None:
+        for name, cron, tz in specs:
+            self._w(
+                "INSERT INTO {s}.schedules(name, cron, tz, registered_at) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET cron=excluded.cron, tz=excluded.tz, "
+                "registered_at=excluded.registered_at, last_slot=NULL "
+                "WHERE schedules.cron != excluded.cron OR schedules.tz != excluded.tz",
+                (name, cron, tz, now),
+            )
+
+    def schedule_marks(self) -> dict[str, dict[str, float | None]]:
+        rows = self._q("SELECT name, registered_at, last_slot FROM {s}.schedules").fetchall()
+        return {r[0]: {"registered_at": r[1], "last_slot": r[2]} for r in rows}
+
+    def last_slot(self, name: str) -> float | None:
+        row = self._q("SELECT last_slot FROM {s}.schedules WHERE name=%s", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_last_slot(self, name: str, slot: float) -> None:
+        self.slot_pending = True
+        self._w("UPDATE {s}.schedules SET last_slot=greatest(coalesce(last_slot, 0), %s) WHERE name=%s", (slot, name))
+
+    # ---- session key-values ------------------------------------------------------------------
+    def kv_get(self, session_id: str, key: str) -> str | None:
+        row = self._q("SELECT value FROM {s}.session_kv WHERE session_id=%s AND key=%s", (session_id, key)).fetchone()
+        return row[0] if row else None
+
+    def kv_set(self, session_id: str, key: str, text: str) -> None:
+        self._w(
+            "INSERT INTO {s}.session_kv(session_id, key, value, updated_at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            (session_id, key, text, time.time()),
+        )
+
+    def kv_delete(self, session_id: str, key: str) -> bool:
+        cur = self._w("DELETE FROM {s}.session_kv WHERE session_id=%s AND key=%s", (session_id, key))
+        return bool(cur.rowcount)
+
+    def kv_items(self, session_id: str) -> list[tuple[str, str]]:
+        rows = self._q(
+            "SELECT key, value FROM {s}.session_kv WHERE session_id=%s ORDER BY key", (session_id,)
+        ).fetchall()
+        return [(k, v) for k, v in rows]
+
+
+def _events_after(
+    db: Any, schema: str, after: int, limit: int, task_id: str | None, session_id: str | None
+) -> list[dict[str, Any]]:
+    args: tuple[object, ...] = (after,)
+    where = "seq > %s"
+    if task_id is not None:
+        where, args = "task_id = %s AND seq > %s", (task_id, after)
+    elif session_id is not None:
+        where, args = "session_id = %s AND seq > %s", (session_id, after)
+    rows = db.execute(
+        f"SELECT seq, task_id, session_id, kind, data, ts FROM {schema}.events WHERE {where} ORDER BY seq LIMIT %s",
+        (*args, limit),
+    ).fetchall()
+    return [
+        {"seq": int(r[0]), "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
+        for r in rows
+    ]
+
+
+# ---- reading from other processes ------------------------------------------------------------
+
+_ORDER = {
+    "QUEUED": "created_at ASC, id ASC",
+    "SCHEDULED": "coalesce(run_at, created_at) ASC, id ASC",
+    "RUNNING": "started_at DESC, id DESC",
+    "SUCCEEDED": "finished_at DESC, id DESC",
+    "FAILED": "finished_at DESC, id DESC",
+    "CANCELLED": "finished_at DESC, id DESC",
+}
+_CARD_ROW = (
+    "id, name, state, attempts, lock_key, session_id, created_at, started_at, finished_at, run_at, "
+    "progress, error_type, error_message, slot"
+)
+_CARD_FIELDS = tuple(c.strip() for c in _CARD_ROW.split(","))
+MAX_PAGE = 200
+
+
+def _card_row(row: tuple[Any, ...], fields: tuple[str, ...] = _CARD_FIELDS) -> dict[str, Any]:
+    d = dict(zip(fields, row))
+    etype, emsg = d.pop("error_type"), d.pop("error_message")
+    d["error"] = f"{etype}: {emsg or ''}" if etype else None
+    return d
+
+
+class PostgresReader(StoreReader):
+    """Read-only connections (one per thread) to the app's schema."""
+
+    def __init__(self, url: str, app_name: str) -> None:
+        self._url = url
+        self._app_name = app_name
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[Any] = []
+        _, self.schema = split_url(url, app_name)
+
+    def _db(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn, _ = _connect(self._url, self._app_name, autocommit=True)
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def _q(self, sql: str, params: Any = None) -> Any:
+        return self._db().execute(sql.replace("{s}", self.schema), params)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        db = self._db()
+        if getattr(self._local, "in_snapshot", False):
+            yield
+            return
+        self._local.in_snapshot = True
+        try:
+            with db.transaction():
+                db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield
+        finally:
+            self._local.in_snapshot = False
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def last_seq(self) -> int:
+        row = self._q("SELECT max(seq) FROM {s}.events").fetchone()
+        return int(row[0] or 0)
+
+    def board(
+        self,
+        *,
+        name: str | None = None,
+        session: str | None = None,
+        lock: str | None = None,
+        offsets: dict[str, int] | None = None,
+        page_size: int = 50,
+        names: bool = False,
+    ) -> dict[str, Any]:
+        where, params = [], []
+        for column, value in (("name", name), ("session_id", session), ("lock_key", lock)):
+            if value:
+                where.append(f"strpos({column}, %s) > 0")
+                params.append(value)
+        filters = " AND ".join(where) or "true"
+        offsets = offsets or {}
+        page_size = max(1, min(MAX_PAGE, page_size))
+        with self.snapshot():
+            counts = dict(
+                self._q(f"SELECT state, count(*) FROM {{s}}.tasks WHERE {filters} GROUP BY state", params).fetchall()
+            )
+            columns = []
+            for state in TaskState:
+                count = int(counts.get(state.value, 0))
+                offset = max(0, min(int(offsets.get(state.value, 0)), max(0, count - 1)))
+                offset -= offset % page_size
+                rows = self._q(
+                    f"SELECT {_CARD_ROW} FROM {{s}}.tasks WHERE state=%s AND {filters} "
+                    f"ORDER BY {_ORDER[state.value]} LIMIT %s OFFSET %s",
+                    [state.value, *params, page_size, offset],
+                ).fetchall()
+                columns.append(
+                    {"state": state.value, "count": count, "offset": offset, "tasks": [_card_row(r) for r in rows]}
+                )
+            out: dict[str, Any] = {
+                "columns": columns,
+                "seq": self.last_seq(),
+                "page_size": page_size,
+                "total": sum(int(v) for v in counts.values()),
+            }
+            if names:
+                out["names"] = [
+                    r[0] for r in self._q("SELECT DISTINCT name FROM {s}.tasks ORDER BY name LIMIT 500").fetchall()
+                ]
+        return out
+
+    def task_detail(self, task_id: str, max_events: int = 200) -> dict[str, Any] | None:
+        fields = (*_CARD_FIELDS, "session_owner", "traceback", "args_bytes", "result_bytes")
+        with self.snapshot():
+            row = self._q(
+                f"SELECT {_CARD_ROW}, session_owner, traceback, octet_length(args), octet_length(result) "
+                "FROM {s}.tasks WHERE id=%s",
+                (task_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            out = _card_row(row, fields)
+            events = self._q(
+                "SELECT seq, kind, data, ts, session_id FROM {s}.events WHERE task_id=%s ORDER BY seq DESC LIMIT %s",
+                (task_id, max_events),
+            ).fetchall()
+            n_events = int(self._q("SELECT count(*) FROM {s}.events WHERE task_id=%s", (task_id,)).fetchone()[0])
+        out["events"] = [
+            {"seq": int(e[0]), "kind": e[1], "data": _json(e[2]), "ts": e[3], "session_id": e[4]}
+            for e in reversed(events)
+        ]
+        out["events_total"] = n_events
+        return out
+
+    def due_scheduled(self, now: float, limit: int) -> list[str]:
+        rows = self._q(
+            "SELECT id FROM {s}.tasks WHERE state='SCHEDULED' AND run_at <= %s ORDER BY run_at LIMIT %s", (now, limit)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def next_scheduled_after(self, now: float) -> float | None:
+        row = self._q("SELECT min(run_at) FROM {s}.tasks WHERE state='SCHEDULED' AND run_at > %s", (now,)).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -1,0 +1,207 @@
+"""The store interface, on every store (``store_kind``: SQLite and PostgreSQL): what the supervisor,
+the clock and the board rely on, checked directly on the store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from capsule_actors import store as stores
+from capsule_actors.states import FAILED, QUEUED, RUNNING, SCHEDULED, SUCCEEDED, TaskState
+from capsule_actors.store import NewTask
+
+STORES = ("sqlite", "postgresql")
+
+
+def new(task_id: str, name: str = "t", state: TaskState = QUEUED, lock_key: str | None = None,
+        session_id: str | None = None, run_at: float | None = None, args: bytes = b"args") -> NewTask:
+    return NewTask(task_id, name, state, lock_key, session_id, None, args, time.time(), run_at)
+
+
+def test_inserts_are_idempotent_and_keep_submit_order(task_store):
+    db = task_store
+    db.begin()
+    first = db.insert_tasks([new("a"), new("b"), new("c", lock_key="k")])
+    again = db.insert_tasks([new("b"), new("d")])  # b is known: ignored
+    db.commit()
+    assert [t for t, _ in first] == ["a", "b", "c"] and [t for t, _ in again] == ["d"]
+    rowids = [r for _, r in first + again]
+    assert rowids == sorted(rowids) and len(set(rowids)) == 4
+    assert [t.id for t in db.live_tasks()] == ["a", "b", "c", "d"]
+    assert [t.id for t in db.backlog(rowids[0], 10)] == ["b", "d"]  # unlocked, after a
+    assert db.live_locked() == [("c", "t", "k")]
+    assert not db.dirty()
+
+
+def test_an_attempt_and_its_outcome_with_events_in_order(task_store):
+    db = task_store
+    db.begin()
+    db.insert_tasks([new("x", session_id="s1", args=b"\x00\x01pickled")])
+    assert db.mark_running("x", "s1", 1, "w0", time.time()) == b"\x00\x01pickled"
+    db.finish("x", "s1", SUCCEEDED, b"result", None, time.time())
+    db.commit()
+    state, result, error = db.outcome("x")
+    assert (state, result, error) == (SUCCEEDED, b"result", [None, None, None])
+    events = db.events_after(0, task_id="x")
+    assert [e["data"]["state"] for e in events] == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    assert db.events_after(0, session_id="s1") == events
+    touched, sessions, any_event = db.take_touched()
+    assert touched == {"x"} and sessions == {"s1"} and any_event
+    assert db.take_touched() == (set(), set(), False)
+    info = db.info("x")
+    assert info is not None and info["attempts"] == 1 and info["slot"] == "w0" and info["state"] == "SUCCEEDED"
+
+
+def test_retry_requeue_and_failure_keep_the_error(task_store):
+    db = task_store
+    db.begin()
+    db.insert_tasks([new("r")])
+    db.mark_running("r", None, 1, "p0", time.time())
+    db.requeue("r", None, time.time() + 5, ("ValueError", "boom", "tb"))
+    row = db.live_task("r")
+    assert row is not None and row.state == QUEUED and row.run_at is not None and row.attempts == 1
+    db.requeue("r", None, None, None, attempts=0)  # a stop that gives the attempt back
+    assert db.live_task("r").attempts == 0 and db.info("r")["error_type"] == "ValueError"
+    db.finish("r", None, FAILED, None, ("ValueError", "boom", "tb"), time.time())
+    db.commit()
+    assert db.outcome("r") == (FAILED, None, ["ValueError", "boom", "tb"])
+    assert db.live_task("r") is None and db.counts() == {"FAILED": 1}
+
+
+def test_scheduled_tasks_are_read_by_the_clock_through_a_reader(task_store, store_reader):
+    db = task_store
+    now = time.time()
+    db.begin()
+    db.insert_tasks([new("soon", state=SCHEDULED, run_at=now - 1), new("later", state=SCHEDULED, run_at=now + 60)])
+    reader = store_reader()
+    with reader.snapshot():
+        assert reader.due_scheduled(now, 10) == []  # not committed yet: readers see commits only
+    db.commit()
+    with reader.snapshot():
+        assert reader.due_scheduled(now, 10) == ["soon"]
+        assert reader.next_scheduled_after(now) == pytest.approx(now + 60)
+    assert db.count_state(SCHEDULED) == 2
+
+
+def test_schedule_marks_slots_and_session_values(task_store):
+    db = task_store
+    db.begin()
+    db.register_schedules([("digest", "*/5 * * * *", "UTC")], 100.0)
+    db.set_last_slot("digest", 300.0)
+    assert db.slot_pending
+    db.set_last_slot("digest", 200.0)  # never backwards
+    db.commit()
+    assert not db.slot_pending and db.last_slot("digest") == 300.0
+    db.register_schedules([("digest", "*/5 * * * *", "UTC")], 500.0)  # unchanged: kept
+    assert db.schedule_marks()["digest"] == {"registered_at": 100.0, "last_slot": 300.0}
+    db.register_schedules([("digest", "0 * * * *", "UTC")], 600.0)  # changed: starts afresh
+    assert db.schedule_marks()["digest"] == {"registered_at": 600.0, "last_slot": None}
+    db.kv_set("s", "k", '{"a": 1}')
+    db.kv_set("s", "k", "2")
+    db.kv_set("s", "j", "3")
+    db.commit()
+    assert db.kv_get("s", "k") == "2" and db.kv_items("s") == [("j", "3"), ("k", "2")]
+    assert db.kv_delete("s", "k") and not db.kv_delete("s", "k") and db.kv_get("s", "k") is None
+
+
+def test_cards_follow_a_task_until_it_ends(task_store):
+    db = task_store
+    db.begin()
+    db.insert_tasks([new("c1")])
+    card = db.show_card("c1", "chat")
+    assert card is not None and card["state"] == "QUEUED" and db.show_card("missing", "chat") is None
+    db.mark_running("c1", None, 1, "w0", time.time())
+    db.finish("c1", None, SUCCEEDED, b"", None, time.time())
+    db.mark_running("c1", None, 2, "w0", time.time())  # after the end: no more card updates
+    db.commit()
+    cards = [e["data"] for e in db.events_after(0, session_id="chat") if e["kind"] == "card"]
+    assert [c["state"] for c in cards] == ["RUNNING", "SUCCEEDED"] and all(c["update"] for c in cards)
+
+
+def test_retention_prunes_old_events_and_expired_results_in_batches(task_store):
+    db = task_store
+    db.begin()
+    db.insert_tasks([new(f"t{i}") for i in range(5)])
+    db.finish("t0", None, SUCCEEDED, b"", None, 1.0)  # finished long ago, the oldest first
+    db.finish("t1", None, FAILED, None, ("E", "m", ""), 2.0)
+    db.finish("t2", None, SUCCEEDED, b"", None, 3.0)
+    db.finish("t3", None, SUCCEEDED, b"", None, time.time())  # just now: kept
+    db.commit()
+    assert db.prune_finished(time.time() - 60, batch=2) == {"SUCCEEDED": 1, "FAILED": 1}
+    assert db.prune_finished(time.time() - 60, batch=2) == {"SUCCEEDED": 1}
+    assert db.prune_finished(time.time() - 60, batch=2) == {}
+    assert [t.id for t in db.live_tasks()] == ["t4"] and db.exists("t3") and not db.exists("t0")
+    assert db.events_after(0, task_id="t0") == []
+    for _ in range(4):
+        db.add_event("t4", None, "progress", {"fraction": 0.5})
+    db.commit()
+    kept = len(db.events_after(0))  # t3's two, t4's one and its four progress events
+    assert db.prune_events(0.0, keep_max=2, batch=3) == 3  # a batch at most
+    assert db.prune_events(0.0, keep_max=2, batch=100) == kept - 5 and len(db.events_after(0)) == 2
+    assert db.prune_events(time.time() + 60, keep_max=100, batch=100) == 2  # by age
+
+
+def test_the_board_reads_pages_counts_and_details(task_store, store_reader):
+    db = task_store
+    db.begin()
+    db.insert_tasks([new(f"q{i}", name="alpha" if i % 2 else "beta") for i in range(7)])
+    db.mark_running("q0", "sess", 1, "w1", time.time())
+    db.add_event("q0", "sess", "progress", {"fraction": 0.5, "message": "half"})
+    db.commit()
+    reader = store_reader()
+    page = reader.board(page_size=2, offsets={"QUEUED": 3}, names=True)
+    columns = {c["state"]: c for c in page["columns"]}
+    assert columns["QUEUED"]["count"] == 6 and columns["QUEUED"]["offset"] == 2
+    assert len(columns["QUEUED"]["tasks"]) == 2 and columns["RUNNING"]["tasks"][0]["id"] == "q0"
+    assert page["names"] == ["alpha", "beta"] and page["total"] == 7 and page["seq"] == reader.last_seq() > 0
+    assert reader.board(name="alph")["total"] == 3
+    detail = reader.task_detail("q0")
+    assert detail is not None and detail["args_bytes"] == 4 and detail["result_bytes"] is None
+    assert [e["kind"] for e in detail["events"]] == ["state", "state", "progress"]
+    assert reader.task_detail("nope") is None
+
+
+def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_factory):
+    from capsule_actors.errors import StateDirError
+
+    db = task_store_factory()
+    db.begin()
+    if store_kind == "sqlite":
+        db.db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")  # type: ignore[attr-defined]
+    else:
+        db.db.execute(f"UPDATE {db.schema}.meta SET value='99' WHERE key='schema_version'")  # type: ignore[attr-defined]
+    db.commit()
+    db.close()
+    with pytest.raises(StateDirError, match=r"schema version 99.*\(1\)"):
+        task_store_factory()
+
+
+def test_stores_are_found_by_url_and_apps_share_a_database_by_schema(tmp_path: Path, postgres):
+    sqlite = stores.open_store(tmp_path, None, "app")
+    assert isinstance(sqlite, stores.SQLiteStore) and (tmp_path / stores.DB_FILE).is_file()
+    sqlite.close()
+    url = postgres.url("capsule")
+    one, two = stores.open_store(tmp_path, url, "Reports-1"), stores.open_store(tmp_path, url + "&schema=mine", "x")
+    try:
+        assert (one.schema, two.schema) == ("capsule_reports_1", "mine")  # type: ignore[attr-defined]
+        one.begin()
+        one.insert_tasks([new("only-in-one")])
+        one.commit()
+        assert one.exists("only-in-one") and not two.exists("only-in-one")
+    finally:
+        one.close()
+        two.close()
+
+
+def test_an_unreachable_server_or_a_bad_schema_is_a_clear_error(tmp_path: Path):
+    from capsule_actors.errors import ConfigError, StateDirError
+
+    url = f"postgresql://someone:s3cret@/capsule?host={tmp_path}&port=1"
+    with pytest.raises(StateDirError, match=r"cannot reach the PostgreSQL store postgresql://someone:\*\*\*@") as err:
+        stores.open_store(tmp_path, url, "app")
+    assert "s3cret" not in str(err.value)
+    with pytest.raises(ConfigError, match="schema 'Bad-Name'"):
+        stores.open_store(tmp_path, f"postgresql:///capsule?schema=Bad-Name&host={tmp_path}", "app")
