@@ -117,10 +117,12 @@ def stats(values: list[float]) -> tuple[float, float, float]:
 
 
 def run_ours(n: int, warmup: int, workers: int, budget: float, tmp: Path,
-             floor: bool = True, dog: Watchdog | None = None) -> list[tuple[str, list[float]]]:
-    """capsule_actors' round trips on a fresh runtime (worker and process actors), then the floor's."""
+             floor: bool = True, dog: Watchdog | None = None, store: str | None = None
+             ) -> list[tuple[str, list[float]]]:
+    """capsule_actors' round trips on a fresh runtime (worker and process actors; on ``store``, a
+    PostgreSQL URL, else SQLite), then the floor's."""
     rows: list[tuple[str, list[float]]] = []
-    runtime = app.start(state_dir=tmp / "s", workers=workers, process_workers=workers)
+    runtime = app.start(state_dir=tmp / "s", workers=workers, process_workers=workers, store=store)
     if dog is not None:
         dog.on_expire(runtime.stop)
     with runtime:

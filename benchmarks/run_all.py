@@ -124,25 +124,30 @@ def crash_cell(row: dict[str, str]) -> str:
 # ---- the measurements ----------------------------------------------------------------------------
 
 
-def measure_ours(args: argparse.Namespace, tmp: Path, dog: Watchdog) -> list[Row]:
-    """capsule_actors' A variants (throughput.py) and B (latency.py), each on a fresh runtime."""
-    (tmp / "a").mkdir()
+def measure_ours(args: argparse.Namespace, tmp: Path, dog: Watchdog, store: str | None = None,
+                 floor: bool = True) -> list[Row]:
+    """capsule_actors' A variants (throughput.py) and B (latency.py), each on a fresh runtime on
+    ``store`` (a PostgreSQL URL; None: SQLite)."""
+    where = "" if store is None else " [PostgreSQL]"
+    tmp = tmp / ("sqlite" if store is None else "postgresql")
+    (tmp / "a").mkdir(parents=True)
     (tmp / "b").mkdir()
-    print("capsule_actors: scenario A variants", file=sys.stderr, flush=True)
+    floor = floor and args.floor
+    print(f"capsule_actors{where}: scenario A variants", file=sys.stderr, flush=True)
     a = {k: r for k, _, r in throughput.run_ours(args.n, args.repeat, args.workers, args.workers,
-                                                  a_budget(args), tmp / "a", floor=args.floor, dog=dog)}
-    print("capsule_actors: scenario B", file=sys.stderr, flush=True)
-    b = dict(latency.run_ours(args.rt, args.warmup, args.workers, b_budget(args), tmp / "b", floor=args.floor,
-                              dog=dog))
+                                                  a_budget(args), tmp / "a", floor=floor, dog=dog, store=store)}
+    print(f"capsule_actors{where}: scenario B", file=sys.stderr, flush=True)
+    b = dict(latency.run_ours(args.rt, args.warmup, args.workers, b_budget(args), tmp / "b", floor=floor,
+                              dog=dog, store=store))
     rows = [
-        Row("capsule_actors submit() loop | submit().result()", a["A"], b["submit -> result"]),
-        Row("capsule_actors map(), then each result()", a["B"]),
-        Row("capsule_actors map(), wait_all()", a["B2"]),
-        Row("capsule_actors asubmit() x N, gather", a["C"]),
-        Row("capsule_actors process=True map(), wait_all() | submit().result()", a["D"],
+        Row(f"capsule_actors{where} submit() loop | submit().result()", a["A"], b["submit -> result"]),
+        Row(f"capsule_actors{where} map(), then each result()", a["B"]),
+        Row(f"capsule_actors{where} map(), wait_all()", a["B2"]),
+        Row(f"capsule_actors{where} asubmit() x N, gather", a["C"]),
+        Row(f"capsule_actors{where} process=True map(), wait_all() | submit().result()", a["D"],
             b["process=True submit -> result"]),
     ]
-    if args.floor:
+    if floor:
         rows += [Row("floor: pyzmq, acked sends | send -> ack -> result", a["floor A"],
                      b["floor: pyzmq send -> ack -> result"]),
                  Row("floor: pyzmq, pipelined sends", a["floor P"])]
@@ -189,6 +194,21 @@ def add_crash(rows: list[Row], args: argparse.Namespace, names: list[str], dog: 
         notes.append(f"crash recovery: not measured for {', '.join(skipped)} (crash_recovery.py knows "
                      f"{', '.join(CRASH_PEERS)})")
     return notes
+
+
+@contextlib.contextmanager
+def postgres(store: str) -> Any:
+    """(URL, note): ``store`` itself, or with ``temp`` a server of this run's own (stopped after)."""
+    if store != "temp":
+        yield store + ("&" if "?" in store else "?") + f"schema=bench_{os.getpid()}", f"PostgreSQL: {store}"
+        return
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from postgres_server import PostgresServer
+
+    with PostgresServer(fsync=True) as server:
+        server.create_database("bench")
+        version = subprocess.run([str(server.bin / "postgres"), "--version"], capture_output=True, text=True).stdout
+        yield server.url("bench"), f"PostgreSQL: a server of this run's own ({version.strip()}, fsync on, Unix socket)"
 
 
 def a_budget(args: argparse.Namespace) -> float:
@@ -241,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run crash_recovery.py with small settings and add its p50")
     parser.add_argument("--crash-kills", type=int, default=20, help="capsule_actors SIGKILLs for --with-crash (20)")
     parser.add_argument("--crash-peer-kills", type=int, default=3, help="SIGKILLs per peer for --with-crash (3)")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="also run capsule_actors' rows on this PostgreSQL store (postgresql://...), or on a "
+                             "server of its own with --store temp (Debian's postgresql, fsync on)")
     parser.add_argument("--hard-limit", type=float, default=None,
                         help="seconds for the whole run (default 240 + 150 per peer, + 150 (+150 per crash "
                              "peer) with --with-crash)")
@@ -249,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n, --repeat, --rt, --workers and the kill counts must be >= 1")
     names = peers.parse_list(args.compare)
     crash_peers = [p for p in names if p in CRASH_PEERS]
-    hard = args.hard_limit or (240.0 + 150.0 * len(names)
+    hard = args.hard_limit or (240.0 + (240.0 if args.store else 0.0) + 150.0 * len(names)
                                + ((150.0 + 150.0 * len(crash_peers)) if args.with_crash else 0.0))
 
     print(f"capsule_actors {cpsl.__version__}: A = {args.n} submits back to back, then every result "
@@ -263,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     with peers.HardLimit(hard, "run_all.py") as dog, temp_dir() as tmp:
         dog.on_expire(lambda: shutil.rmtree(tmp, ignore_errors=True))  # runs last
         rows = measure_ours(args, tmp, dog)
+        if args.store:
+            with postgres(args.store) as (url, note):
+                rows += measure_ours(args, tmp, dog, store=url, floor=False)
+                notes.append(note)
         peer_rows, peer_notes = measure_peers(names, args, tmp, dog)
         rows += peer_rows
         notes += peer_notes

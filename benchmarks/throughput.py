@@ -208,10 +208,12 @@ def peer_budget(n: int) -> float:
 
 
 def run_ours(n: int, repeat: int, workers: int, process_workers: int, budget: float, tmp: Path,
-             floor: bool = True, dog: Watchdog | None = None) -> list[tuple[str, str, dict[str, Any]]]:
-    """Variants A-D on a fresh runtime, then (``floor``) floor A and floor P; one row each."""
+             floor: bool = True, dog: Watchdog | None = None, store: str | None = None
+             ) -> list[tuple[str, str, dict[str, Any]]]:
+    """Variants A-D on a fresh runtime (on ``store``: a PostgreSQL URL, else SQLite), then
+    (``floor``) floor A and floor P; one row each."""
     rows: list[tuple[str, str, dict[str, Any]]] = []
-    runtime = app.start(state_dir=tmp / "s", workers=workers, process_workers=process_workers)
+    runtime = app.start(state_dir=tmp / "s", workers=workers, process_workers=process_workers, store=store)
     if dog is not None:
         dog.on_expire(runtime.stop)
     with runtime:

@@ -58,6 +58,7 @@ def _state_dir(args: argparse.Namespace, app: App | None = None) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
+    store_option = _store_option(args)  # before the app's code is imported: bad input fails first
     app = load_app(args.app)
     state_dir = _state_dir(args, app)
     registry = cloudpickle.dumps(app, protocol=5)
@@ -71,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         grace=args.grace,
         bind_tcp=args.bind,
         keys_dir=keys,
-        store_url=bootstrap.store_url(_store_option(args), app.store),
+        store_url=bootstrap.store_url(store_option, app.store),
     )
     return profiled("supervisor", sup.run)
 
@@ -86,6 +87,27 @@ def _store_option(args: argparse.Namespace) -> str | None:
             "password in PGPASSFILE or PGPASSWORD"
         )
     return str(args.store) if args.store else None
+
+
+def _check_store(args: argparse.Namespace, state_dir: Path) -> None:
+    """``--store`` on a command that talks to the running supervisor: it must name the store that
+    supervisor uses (``store.json``), so a command never reads one store while the user means another."""
+    from . import store
+
+    given = bootstrap.check_store(_store_option(args))
+    if given is None or not (state_dir / store.STORE_FILE).is_file():
+        return  # nothing said, or no supervisor ever ran here (the request says NotRunning)
+    used, _ = store.remembered(state_dir)
+
+    def key(url: str | None) -> str:
+        return str(store.without_password(url)) if store.is_postgres(url) else str(store.sqlite_path(state_dir, url))
+
+    if key(given) != key(used):
+        raise ConfigError(
+            f"--store {store.without_password(given)!r}: the supervisor of {state_dir} uses "
+            f"{store.without_password(used) or 'SQLite in the state directory'!r}; this command talks to that "
+            "supervisor, so give its state directory (--state-dir) or leave --store out"
+        )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -136,9 +158,11 @@ def _parse_args_json(text: str | None) -> tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    _store_option(args)  # before the app's code is imported: bad input fails first
     app = load_app(args.app)
     if args.state_dir is not None:
         app.bind(bootstrap.from_environment(args.state_dir))
+    _check_store(args, app.resolved_state_dir())
     task = app.get_task(args.task)
     pos, kw = _parse_args_json(args.args_json)
     session = Session(args.session) if args.session else None
@@ -233,8 +257,10 @@ def _terminal_width(stream: Any) -> int:
 
 def _ask(args: argparse.Namespace, make: Any) -> Any:
     """One request to the running supervisor, bounded by --timeout (a hung one is an error)."""
+    config = bootstrap.from_environment(args.state_dir)
+    _check_store(args, config.state_dir)
     try:
-        body, _ = Client.shared(bootstrap.from_environment(args.state_dir)).call(make, timeout=args.timeout)
+        body, _ = Client.shared(config).call(make, timeout=args.timeout)
     except TimeoutError:
         raise CapsuleError(f"the supervisor did not answer within {args.timeout} s") from None
     return body
@@ -448,6 +474,10 @@ _STORE_HELP = (
     "the state directory); no password here: CAPSULE_STORE, PGPASSFILE or PGPASSWORD"
 )
 
+_STORE_CHECK_HELP = (
+    "the store the supervisor of --state-dir uses (checked: a different one is an error); no password here"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsule-actors", description=__doc__)
@@ -458,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", help="state directory (default: $CAPSULE_STATE_DIR or ./.capsule)")
         if name in ("tasks", "status", "cancel"):
             p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the supervisor")
+        p.add_argument("--store", metavar="URL", help=_STORE_HELP if name in ("run", "board") else _STORE_CHECK_HELP)
         return p
 
     p = add("run", "run the supervisor in the foreground (SIGINT/SIGTERM: graceful stop)")
@@ -467,7 +498,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, help="seconds running tasks get at a graceful stop (default: the App's)")
     p.add_argument("--bind", metavar="tcp://HOST:PORT", help="also serve clients over TCP (CURVE keys required)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys for --bind (default: STATE_DIR/keys)")
-    p.add_argument("--store", metavar="URL", help=_STORE_HELP)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("worker", help="run a worker node: actors on this host that join a supervisor over TCP")
     p.add_argument("app", metavar="MODULE:APP")
@@ -513,7 +543,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cancel)
     p = add("board", "serve the live task board on 127.0.0.1 (prints its URL with the access token)")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 = any free port)")
-    p.add_argument("--store", metavar="URL", help=_STORE_HELP)
     p.set_defaults(func=cmd_board)
     return parser
 

@@ -62,15 +62,32 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-instructions")
+        self.resume()
+        return self
+
+    def _options(self) -> str:
         options = f"-k {self.dir} -c listen_addresses='' -p {PORT} -c fsync={'on' if self.fsync else 'off'}"
-        options += " -c max_connections=200 -c shared_buffers=64MB"
+        return options + " -c max_connections=200 -c shared_buffers=64MB"
+
+    def resume(self) -> None:
+        """Start the server (again) on its data directory; its output goes to a log file, so the
+        postmaster holds none of our pipes."""
         try:
-            self._run("pg_ctl", "start", "-D", str(self.data), "-w", "-t", "60", "-o", options, "-l", str(self.dir / "log"))
+            self._run("pg_ctl", "start", "-D", str(self.data), "-w", "-t", "60", "-o", self._options(),
+                      "-l", str(self.dir / "log"))
         except subprocess.CalledProcessError as exc:
             log = (self.dir / "log").read_text(errors="replace") if (self.dir / "log").exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {exc.stderr}\n{log[-2000:]}") from None
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        return self
+
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server (``immediate``: as if it crashed), keeping its data to ``resume``."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "60", timeout=90)
+
+    def restart(self) -> None:
+        """Every connection is cut; the server is back when this returns."""
+        self.halt("fast")
+        self.resume()
 
     @property
     def host(self) -> str:

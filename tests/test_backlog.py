@@ -15,6 +15,8 @@ from conftest import wait_until
 import capsule_actors as cpsl
 from capsule_actors.supervisor.intake import QUEUE_WINDOW
 
+STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
+
 app = cpsl.App("backlog", max_queued=1_000_000)
 N = QUEUE_WINDOW * 5 // 2
 

@@ -342,7 +342,7 @@ def test_a_board_of_5000_tasks_loads_fast_and_pages_in_the_browser(browser, stat
 
     # Given 5,000 tasks in the store (and no supervisor running)
     state_dir.mkdir(parents=True)
-    counts = _fill(state_dir / "capsule.db", 5000)
+    counts = _fill(state_dir, None, 5000)
     with TaskBoard(state_dir) as board:
         # When the page opens, then it is ready quickly and holds one page per column
         t0 = time.monotonic()

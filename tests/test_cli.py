@@ -18,6 +18,7 @@ import psutil
 import pytest
 from conftest import cli, spawn_cli, wait_running, wait_until
 
+from capsule_actors import store
 from capsule_actors.transport import RUNTIME_FILE, pid_alive, read_runtime_file
 
 MODULE = textwrap.dedent('''
@@ -45,7 +46,12 @@ MODULE = textwrap.dedent('''
 ''')
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
+STORES = ("sqlite", "postgresql")  # the tests that run a supervisor run on both stores
 
+
+def _store(url: str | None) -> list[str]:
+    """``run``'s ``--store`` for this test's store (a URL without a password: the test server trusts)."""
+    return ["--store", url] if url else []
 
 
 @pytest.fixture
@@ -83,9 +89,9 @@ def tasks_json(state_dir: Path, project: Path, *extra: str) -> list[dict[str, An
     return json.loads(r.stdout)
 
 
-def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(procs, project, state_dir):
+def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(procs, project, state_dir, store_url):
     # Given `capsule-actors run mod:app` in the background
-    run = spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=project)
+    run = spawn_cli(procs, "run", "mod:app", *_store(store_url), state_dir=state_dir, cwd=project)
     info = wait_running(state_dir)
     assert info.pid == run.pid
 
@@ -132,6 +138,17 @@ def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(procs, proje
     table = cli("tasks", "--status", "running", state_dir=state_dir, cwd=project)
     assert table.returncode == 0 and slow_id in table.stdout and add_id not in table.stdout
 
+    # `--store` on a command that talks to the supervisor must name the store that supervisor uses:
+    # the same one lists the same rows; another is refused naming both, and nothing is submitted
+    same = store_url or str(store.sqlite_path(state_dir, None))
+    assert [t["id"] for t in tasks_json(state_dir, project, "--store", same)] == [t["id"] for t in rows]
+    other = str(state_dir.parent / "other.db") if store_url else "postgresql://nobody@127.0.0.1:1/elsewhere"
+    r = cli("submit", "mod:app", "add", "[1, 1]", "--store", other, state_dir=state_dir, cwd=project)
+    assert r.returncode == 1 and other in r.stderr and "the supervisor of" in r.stderr, r.stderr
+    r = cli("tasks", "--store", "postgresql://me:s3cret@127.0.0.1/db", state_dir=state_dir, cwd=project)
+    assert r.returncode == 1 and "s3cret" not in r.stderr and "PGPASSFILE" in r.stderr, r.stderr
+    assert len(tasks_json(state_dir, project)) == 4
+
     # Then `status --json` shows the supervisor and every actor
     r = cli("status", "--json", state_dir=state_dir, cwd=project)
     assert r.returncode == 0, r.stderr
@@ -157,9 +174,9 @@ def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(procs, proje
     wait_until(lambda: not any(pid_alive(p) for p in children), timeout=10)
 
 
-def test_cancel_of_a_running_task_prints_cancelled(procs, project, state_dir):
+def test_cancel_of_a_running_task_prints_cancelled(procs, project, state_dir, store_url):
     # Given a long task running under `capsule-actors run`
-    spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=project)
+    spawn_cli(procs, "run", "mod:app", *_store(store_url), state_dir=state_dir, cwd=project)
     wait_running(state_dir)
     r = cli("submit", "mod:app", "slow", "[60]", state_dir=state_dir, cwd=project)
     assert r.returncode == 0, r.stderr
@@ -177,9 +194,9 @@ def test_cancel_of_a_running_task_prints_cancelled(procs, project, state_dir):
     assert again.stdout.strip() != "cancelled"
 
 
-def test_second_run_refuses_while_the_first_serves_and_sigint_stops_it(procs, project, state_dir):
+def test_second_run_refuses_while_the_first_serves_and_sigint_stops_it(procs, project, state_dir, store_url):
     # Given a running supervisor
-    first = spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=project)
+    first = spawn_cli(procs, "run", "mod:app", *_store(store_url), state_dir=state_dir, cwd=project)
     wait_running(state_dir)
     children = wait_until(lambda: len(actor_pids(first.pid)) == 4 and actor_pids(first.pid))
 

@@ -13,6 +13,8 @@ from conftest import wait_until
 
 import capsule_actors as cpsl
 
+STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
+
 app = cpsl.App("failure-tests")
 small_app = cpsl.App("failure-tests-small", max_payload_bytes=1000)
 

@@ -19,6 +19,8 @@ from conftest import cli, wait_until
 import capsule_actors as cpsl
 from capsule_actors.supervisor.router import owner
 
+STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
+
 app = cpsl.App("locks")
 HERE = Path(__file__).resolve().parent
 

@@ -19,6 +19,8 @@ from conftest import wait_until
 
 import capsule_actors as cpsl
 
+STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
+
 app = cpsl.App("sessions")
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}

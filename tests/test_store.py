@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from capsule_actors import store as stores
-from capsule_actors.states import FAILED, QUEUED, RUNNING, SCHEDULED, SUCCEEDED, TaskState
+from capsule_actors.states import FAILED, QUEUED, SCHEDULED, SUCCEEDED, TaskState
 from capsule_actors.store import NewTask
 
 STORES = ("sqlite", "postgresql")

@@ -32,6 +32,8 @@ from capsule_actors.supervisor.router import owner
 from capsule_actors.supervisor.specs import ChildSpec
 from capsule_actors.transport import pid_alive, read_runtime_file
 
+STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
+
 app = cpsl.App("supervision-test", workers=2, process_workers=1, grace=5.0)
 
 

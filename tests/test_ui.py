@@ -15,7 +15,6 @@ import pty
 import re
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,9 +26,10 @@ import pytest
 from conftest import ROOT, cli, kill_tree, wait_until
 
 import capsule_actors as cpsl
-from capsule_actors.store import SQLiteStore as Store
 from capsule_actors.ui import TaskBoard, TaskCard
 from capsule_actors.ui.card import format_duration, progress_bar
+
+STORES = ("sqlite", "postgresql")  # the board reads either store
 
 app = cpsl.App("ui-test")
 TESTS = Path(__file__).resolve().parent
@@ -349,32 +349,44 @@ def test_live_feed_pushes_every_change_as_server_sent_events(start, board_of):
         conn.close()
 
 
-def _fill(db: Path, n: int) -> dict[str, int]:
-    """n task records spread over the six states (as a supervisor would have written them)."""
-    Store(db).close()
+def _fill(state_dir: Path, store_url: str | None, n: int) -> dict[str, int]:
+    """n task records spread over the six states, written through the store as a supervisor
+    would have (the store remembered for the state directory, so a board given it finds them)."""
+    from capsule_actors import store
+    from capsule_actors.states import TaskState
+
     states = ["SUCCEEDED"] * 6 + ["FAILED", "CANCELLED", "QUEUED", "RUNNING", "SCHEDULED"]
     now = time.time()
-    rows, counts = [], dict.fromkeys(("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"), 0)
-    for i in range(n):
-        state = states[i % len(states)]
-        counts[state] += 1
-        started = now - n + i + 1 if state not in ("QUEUED", "SCHEDULED") else None
-        finished = now - n + i + 2 if state in ("SUCCEEDED", "FAILED", "CANCELLED") else None
-        rows.append((f"{i:032x}", f"job{i % 5}", state, f"key{i % 7}" if i % 2 else None, f"chat-{i % 3}",
-                     b"\x80\x05x" * 10, now - n + i, started, finished,
-                     now + 3600 if state == "SCHEDULED" else None, (i % 10) / 10,
-                     "ValueError" if state == "FAILED" else None, "bad" if state == "FAILED" else None))
-    with sqlite3.connect(db) as conn:
-        conn.executemany("INSERT INTO tasks(id, name, state, lock_key, session_id, args, created_at, started_at, "
-                         "finished_at, run_at, progress, error_type, error_message) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                         rows)
+    counts = dict.fromkeys(("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"), 0)
+    db = store.open_store(state_dir, store_url, "ui-fill")
+    try:
+        db.begin()
+        for i in range(n):
+            state = TaskState(states[i % len(states)])
+            counts[state.value] += 1
+            first = TaskState.SCHEDULED if state is TaskState.SCHEDULED else TaskState.QUEUED
+            run_at = now + 3600 if state is TaskState.SCHEDULED else None
+            task_id = f"{i:032x}"
+            db.insert_tasks([store.NewTask(task_id, f"job{i % 5}", first, f"key{i % 7}" if i % 2 else None,
+                                           f"chat-{i % 3}", None, b"\x80\x05x" * 10, now - n + i, run_at)])
+            if state in (TaskState.QUEUED, TaskState.SCHEDULED):
+                continue
+            db.mark_running(task_id, None, 1, "w0", now - n + i + 1)
+            db.set_progress(task_id, (i % 10) / 10)
+            if state.terminal:
+                error = ("ValueError", "bad", "") if state is TaskState.FAILED else None
+                db.finish(task_id, None, state, None, error, now - n + i + 2)
+        db.commit()
+    finally:
+        db.close()
+    store.remember(state_dir, store_url, "ui-fill")
     return counts
 
 
-def test_board_stays_responsive_with_5000_tasks_and_pages_the_columns(board_of, state_dir):
-    # Given 5,000 tasks in a store whose supervisor is not running (the board reads SQLite directly)
+def test_board_stays_responsive_with_5000_tasks_and_pages_the_columns(board_of, state_dir, store_url):
+    # Given 5,000 tasks in a store whose supervisor is not running (the board reads the store directly)
     state_dir.mkdir(parents=True)
-    counts = _fill(state_dir / "capsule.db", 5000)
+    counts = _fill(state_dir, store_url, 5000)
     _, client = board_of(state_dir, page_size=50)
 
     # When the whole board is asked for, then each column holds one page and the true count, fast
@@ -415,11 +427,11 @@ def test_board_stays_responsive_with_5000_tasks_and_pages_the_columns(board_of, 
     assert status == 503 and "capsule-actors run" in body["error"]
 
 
-def test_board_needs_a_store_and_a_free_port(state_dir, board_of):
+def test_board_needs_a_store_and_a_free_port(state_dir, board_of, store_url):
     with pytest.raises(cpsl.ConfigError, match="no task store"):
         TaskBoard(state_dir)
     state_dir.mkdir(parents=True)
-    Store(state_dir / "capsule.db").close()
+    _fill(state_dir, store_url, 0)
     for bad in ("short", "x" * 20 + "; Path=/", "é" * 20):
         with pytest.raises(cpsl.ConfigError, match="token"):
             TaskBoard(state_dir, token=bad)

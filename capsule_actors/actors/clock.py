@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from .. import messages, store
+from ..errors import StoreUnavailable
 from ..schedules import ScheduleState, resume_state, seconds_until, step
 
 log = logging.getLogger("capsule_actors.clock")
@@ -31,6 +32,7 @@ DUE_BATCH = 500  # scheduled tasks handed over per message
 RESEND_AFTER = 5.0  # a Due the supervisor has not acted on is sent again after this long
 MAX_SLEEP = 60.0  # re-read the store at least this often (belt and braces)
 HEARTBEAT_INTERVAL = 1.0
+STORE_RETRY = 1.0  # seconds before the clock reads a store again that was away
 
 
 def _utc(ts: float) -> dt.datetime:
@@ -85,8 +87,12 @@ class ClockActor:
     async def serve(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
         while not self.stopping:
-            with self.store.snapshot():  # one consistent view per tick
-                wait = self.tick(dt.datetime.now(dt.UTC))
+            try:
+                with self.store.snapshot():  # one consistent view per tick
+                    wait = self.tick(dt.datetime.now(dt.UTC))
+            except StoreUnavailable as exc:  # a store server that is away: the slots wait for it
+                log.warning("%s; the clock looks again in %.0f s", exc, STORE_RETRY)
+                wait = STORE_RETRY
             if await self.sock.poll(wait * 1000 + 1):
                 while await self.sock.poll(0):
                     msg = messages.decode((await self.sock.recv_multipart())[0])

@@ -41,16 +41,23 @@ def open_store(state_dir: Path, url: str | None = None, app_name: str = "") -> T
 STORE_FILE = "store.json"  # in the state directory: which store its supervisor used, for readers
 
 
+def without_password(url: str | None) -> str | None:
+    """``url`` as it may be written down or shown: a PostgreSQL URL loses its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not is_postgres(url):
+        return url
+    assert url is not None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1)))
+
+
 def remember(state_dir: Path, url: str | None, app_name: str) -> None:
     """Note which store this state directory's supervisor uses (never a password), so a board or
     a command given only the state directory reads the same store."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if is_postgres(url):
-        assert url is not None
-        parts = urlsplit(url)
-        if parts.password is not None:
-            url = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1)))
+    url = without_password(url)
     path = state_dir / STORE_FILE
     tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}")
     try:
@@ -98,6 +105,8 @@ __all__ = [
     "STORE_FILE",
     "is_postgres",
     "remember",
+    "sqlite_path",
+    "without_password",
     "remembered",
     "open_reader",
     "open_store",

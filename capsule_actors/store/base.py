@@ -157,8 +157,8 @@ class TaskStore(abc.ABC):
     def set_progress(self, task_id: str, fraction: float) -> None: ...
 
     @abc.abstractmethod
-    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
-        """Append an event; return its seq."""
+    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> None:
+        """Append an event (its seq follows every event added before it)."""
 
     @abc.abstractmethod
     def show_card(self, task_id: str, session_id: str) -> dict[str, Any] | None:

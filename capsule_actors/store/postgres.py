@@ -18,7 +18,7 @@ guarantees of ``base.py`` are kept with PostgreSQL's own means:
 A lost connection (a restarting or failing-over server, a cut network) loses nothing: the store
 keeps every write of the open transaction (``_redo``) until it commits, and when a statement or
 the COMMIT finds the connection gone it reconnects and redoes them, waiting up to ``OUTAGE``
-seconds (the supervisor's loop waits with it: clients' requests queue, which is the
+seconds (``?outage=SECONDS`` in the URL) (the supervisor's loop waits with it: clients' requests queue, which is the
 back-pressure); past that it raises ``StoreUnavailable`` and the supervisor stops. A COMMIT that
 finds the server's disk full is redone into a new transaction and raises ``StoreFull``, as on
 SQLite.
@@ -45,6 +45,8 @@ log = logging.getLogger("capsule_actors.store")
 SCHEMA_VERSION = 1
 OUTAGE = 60.0  # seconds the supervisor waits for a lost server before it stops (StoreUnavailable)
 SIZE_EVERY = 10.0  # seconds between looks at the database's size (status)
+ARGS_CACHE = 8 << 20  # bytes of new tasks' arguments kept for their start (no round trip to read them)
+ARGS_CACHE_TASKS = 4096
 _LIVE_SQL = "('QUEUED','SCHEDULED','RUNNING')"
 _TERMINAL_SQL = "('SUCCEEDED','FAILED','CANCELLED')"
 _CONNECT_TIMEOUT = 10  # seconds: an unreachable server is an error at start, not a hang
@@ -75,7 +77,8 @@ CREATE TABLE IF NOT EXISTS {s}.tasks (
     progress double precision,
     slot text
 );
-CREATE INDEX IF NOT EXISTS tasks_state ON {s}.tasks(state);
+-- no index on state itself (every state change would add an entry to it): the live tasks have one
+CREATE INDEX IF NOT EXISTS tasks_live ON {s}.tasks(seq) WHERE state IN ('QUEUED', 'SCHEDULED', 'RUNNING');
 CREATE INDEX IF NOT EXISTS tasks_scheduled ON {s}.tasks(run_at) WHERE state = 'SCHEDULED';
 CREATE INDEX IF NOT EXISTS tasks_backlog ON {s}.tasks(seq) WHERE state = 'QUEUED' AND lock_key IS NULL;
 CREATE INDEX IF NOT EXISTS tasks_finished ON {s}.tasks(finished_at) WHERE finished_at IS NOT NULL;
@@ -128,6 +131,11 @@ INFO_FIELDS = (
 _INFO = ", ".join(INFO_FIELDS)
 _STORED = "seq, id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot"
 _EVENT = "INSERT INTO {s}.events(task_id, session_id, kind, data, ts) VALUES (%s, %s, %s, %s, %s)"
+_ONE_ROW = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_ROWS = (
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[], "
+    "%s::float8[], %s::float8[])"
+)
 
 
 def _psycopg() -> Any:
@@ -147,17 +155,34 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+_OURS = ("schema", "outage")  # URL parameters for us, not for libpq
+
+
 def split_url(url: str, app_name: str) -> tuple[str, str]:
     """(libpq URL, schema): ``?schema=NAME`` chooses the schema (else ``capsule_<app name>``), so
-    several apps share a database; every other parameter (``sslmode``, ``host``…) goes to libpq."""
+    several apps share a database; every parameter but ours (``sslmode``, ``host``…) goes to libpq."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     schema = next((v for k, v in query if k == "schema"), None)
-    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    rest = urlencode([(k, v) for k, v in query if k not in _OURS])
     schema = schema or "capsule_" + re.sub(r"[^a-z0-9_]", "_", app_name.lower())
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
         raise ConfigError(f"store schema {schema!r}: use 1-63 lowercase letters, digits and '_'")
     return urlunsplit(parts._replace(query=rest)), schema
+
+
+def outage_of(url: str) -> float:
+    """``?outage=SECONDS``: how long the supervisor waits for a lost server (default OUTAGE)."""
+    value = next((v for k, v in parse_qsl(urlsplit(url).query) if k == "outage"), None)
+    if value is None:
+        return OUTAGE
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"store outage={value!r}: expected seconds, more than 0 and at most 3600")
+    return seconds
 
 
 def _connect(url: str, app_name: str, *, autocommit: bool) -> tuple[Any, str]:
@@ -183,6 +208,26 @@ def _info(row: tuple[Any, ...]) -> dict[str, Any]:
     return dict(zip(INFO_FIELDS, row))
 
 
+class _Rows:
+    """A statement's answer, read at once (in pipeline mode, reading it is the round trip)."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, cur: Any) -> None:
+        self.rows: list[tuple[Any, ...]] = cur.fetchall() if cur.description else []
+        self.rowcount = int(cur.rowcount)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
+
+    def value(self) -> Any:
+        """The first column of the first row (an aggregate's answer)."""
+        return self.rows[0][0]
+
+
 class PostgresStore(TaskStore):
     """The supervisor's store on PostgreSQL: one connection, used from the loop thread only."""
 
@@ -196,9 +241,11 @@ class PostgresStore(TaskStore):
         except Exception:
             self.db.close()
             raise
+        self._pipeline()
         self._dirty = False
         self._redo: list[tuple[str, Any]] = []  # the open transaction's writes, in order
-        self._gone = False  # the server stayed away past OUTAGE: every call raises StoreUnavailable
+        self._gone = False  # the server stayed away past the outage: every call raises StoreUnavailable
+        self.outage = outage_of(url)
         self.slot_pending = False
         self._touched: set[str] = set()
         self._touched_sessions: set[str] = set()
@@ -213,48 +260,106 @@ class PostgresStore(TaskStore):
         self.db.commit()
         self._bytes = 0
         self._next_size = 0.0
+        self._args: dict[str, bytes] = {}  # arguments of tasks just inserted: their start needs no round trip
+        self._args_bytes = 0
 
-    def _q(self, sql: str, params: Any = None) -> Any:
+    def _q(self, sql: str, params: Any = None) -> _Rows:
         """A read of this schema (``{s}`` in ``sql`` names it), riding out a lost connection."""
-        return self._run(sql.replace("{s}", self._s), params, write=False)
+        rows = self._run(sql.replace("{s}", self._s), params, write=False, wait=True)
+        assert rows is not None
+        return rows
 
-    def _w(self, sql: str, params: Any = None) -> Any:
-        """A write of the open transaction, kept until it commits (a lost connection redoes it)."""
+    def _w(self, sql: str, params: Any = None, *, wait: bool = False, big: bool = False) -> _Rows | None:
+        """A write of the open transaction, kept until it commits (a lost connection redoes it).
+        Sent without waiting for its answer (pipeline mode) unless ``wait``: it counts from the
+        next statement that waits, or the COMMIT. ``big`` (a map()'s batch) leaves pipeline mode
+        for that one statement: a large statement inside a pipeline can stall half-sent."""
         self._dirty = True
-        return self._run(sql.replace("{s}", self._s), params, write=True)
+        return self._run(sql.replace("{s}", self._s), params, write=True, wait=wait or big, big=big)
 
-    def _run(self, sql: str, params: Any, write: bool) -> Any:
+    def _run(self, sql: str, params: Any, write: bool, wait: bool, big: bool = False) -> _Rows | None:
         if self._gone:
             raise self._unavailable("it was lost")
         if write:
             self._redo.append((sql, params))
         try:
-            return self.db.execute(sql, params)
+            if big:
+                return self._outside_pipeline(sql, params)
+            cur = self.db.execute(sql, params)
+            if not wait:
+                return None
+            self._pipe.sync()  # the answers so far, this one's included (and errors, if any)
+            return _Rows(cur)
         except Exception as exc:
-            if not self.db.broken:  # an error of the statement itself, not of the connection
-                if write:
-                    self._redo.pop()
+            if not self._lost(exc):  # an error of a statement (this one, or one sent before it)
+                self._recover_statement_error(exc)
                 raise
             cur = self._reconnect(exc)
-            return cur if write else self.db.execute(sql, params)
+            if not write:
+                cur = self.db.execute(sql, params)
+                self._pipe.sync()
+            return _Rows(cur) if wait or big else None
+
+    def _lost(self, exc: BaseException | None = None) -> bool:
+        """The connection is gone, or going (not just a statement that failed): a broken
+        connection, or an error of class 08 (connection) or 57 (a server shutting down)."""
+        psycopg = _psycopg()
+        if exc is not None and str(getattr(exc, "sqlstate", None) or "")[:2] in ("08", "57"):
+            return True
+        return bool(self.db.broken or self.db.closed or self.db.pgconn.status == psycopg.pq.ConnStatus.BAD)
+
+    def _outside_pipeline(self, sql: str, params: Any) -> _Rows:
+        """One statement in plain mode (leaving the pipeline sends and answers what it holds)."""
+        self._pipe_mode.__exit__(None, None, None)
+        try:
+            return _Rows(self.db.execute(sql, params))
+        finally:
+            if not self._lost():
+                self._pipeline()
+
+    def _pipeline(self) -> None:
+        """Pipeline mode: statements whose answer nobody waits for go without a round trip each."""
+        self._pipe_mode = self.db.pipeline()
+        self._pipe = self._pipe_mode.__enter__()
+
+    def _recover_statement_error(self, exc: BaseException) -> None:
+        """A statement failed (our bug, or a constraint): the transaction is aborted; roll it back
+        and redo the writes that still apply, so what the supervisor believes stays recorded."""
+        log.error("a statement of the PostgreSQL store failed (%s): redoing the open transaction", exc)
+        with contextlib.suppress(Exception):
+            self._pipe_mode.__exit__(None, None, None)
+        self.db.rollback()
+        kept = []
+        for sql, params in self._redo:
+            try:
+                with self.db.transaction():  # a savepoint: a write that fails again is dropped alone
+                    self.db.execute(sql, params)
+                kept.append((sql, params))
+            except Exception as again:
+                log.error("dropped a write that fails again: %s (%s)", sql[:120], again)
+        self._redo = kept
+        self._pipeline()
 
     def _reconnect(self, cause: BaseException) -> Any:
         """The connection broke: connect again and redo the open transaction's writes, trying for
-        up to OUTAGE seconds; returns the last write's cursor (the statement that failed, if a write)."""
-        deadline, delay = time.monotonic() + OUTAGE, 0.1
-        log.error("lost the PostgreSQL store %s (%s): reconnecting, for up to %.0f s", self.url, cause, OUTAGE)
+        up to the outage; returns the last write's cursor (the statement that failed, if a write)."""
+        deadline, delay = time.monotonic() + self.outage, 0.1
+        log.error("lost the PostgreSQL store %s (%s): reconnecting, for up to %.0f s", self.url, cause, self.outage)
         while True:
+            with contextlib.suppress(Exception):
+                self.db.close()
             try:
                 self.db, _ = _connect(self._secret_url, self._app_name, autocommit=False)
                 cur = None
-                for sql, params in self._redo:
+                for sql, params in self._redo:  # in plain mode: each answered before the next
                     cur = self.db.execute(sql, params)
+                self._pipeline()
                 log.warning("the PostgreSQL store %s is back: %d writes redone", self.url, len(self._redo))
                 return cur
             except StateDirError as exc:
                 cause = exc
             except Exception as exc:
-                if not self.db.broken:
+                if not self._lost(exc):
                     raise
                 cause = exc
             if time.monotonic() + delay > deadline:
@@ -265,7 +370,7 @@ class PostgresStore(TaskStore):
 
     def _unavailable(self, why: str) -> StoreUnavailable:
         return StoreUnavailable(
-            f"the PostgreSQL store {self.url} could not be reached for {OUTAGE:.0f} s ({why}); the supervisor "
+            f"the PostgreSQL store {self.url} could not be reached for {self.outage:g} s ({why}); the supervisor "
             "stops: every task it acknowledged is in the store or in a client's journal, and a restart resumes them"
         )
 
@@ -290,6 +395,8 @@ class PostgresStore(TaskStore):
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
+            self._pipe_mode.__exit__(None, None, None)
+        with contextlib.suppress(Exception):
             self.db.close()
 
     # ---- transactions ------------------------------------------------------------------------
@@ -309,9 +416,10 @@ class PostgresStore(TaskStore):
                     self.db.execute(sql, params)
                 self._dirty = False
                 raise StoreFull(f"no room on the PostgreSQL store {self.url}'s server: {exc}") from None
-            if not self.db.broken:
-                raise
-            self._reconnect(exc)  # the COMMIT may or may not have happened: redo (idempotent) and commit
+            if self._lost(exc):  # the COMMIT may or may not have happened: redo (idempotent but for
+                self._reconnect(exc)  # a repeated event) and commit
+            else:  # a write sent before it failed: the rest is redone without it
+                self._recover_statement_error(exc)
             self.db.commit()
         self._redo.clear()
         self._dirty = False
@@ -342,24 +450,48 @@ class PostgresStore(TaskStore):
         rows = list(rows)
         if not rows:
             return []
-        columns = list(zip(*rows))
-        now = time.time()
+        params: list[Any]
+        if len(rows) == 1:  # a plain submit: no arrays to build and unpack
+            values, params = _ONE_ROW, [*rows[0]]
+        else:  # a map(): every row in one statement
+            values, params = _ROWS, [list(c) for c in zip(*rows)]
         new = self._w(
             "WITH new AS (INSERT INTO {s}.tasks(id, name, state, lock_key, session_id, session_owner, args, "
-            "created_at, run_at) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-            "%s::text[], %s::bytea[], %s::float8[], %s::float8[]) ON CONFLICT (id) DO NOTHING "
+            f"created_at, run_at) {values} ON CONFLICT (id) DO NOTHING "
             "RETURNING seq, id, name, state, session_id), "
             "ev AS (INSERT INTO {s}.events(task_id, session_id, kind, data, ts) "
             "SELECT id, session_id, 'state', json_build_object('state', state, 'attempt', 0, 'name', name)::text, %s "
             "FROM new ORDER BY seq) "
             "SELECT id, seq, session_id FROM new ORDER BY seq",
-            [list(c) for c in columns] + [now],
-        ).fetchall()
-        for task_id, _, session_id in new:
+            [*params, time.time()],
+            wait=True,
+            big=len(rows) > 1,
+        )
+        assert new is not None
+        by_id = {row.id: row for row in rows}
+        for task_id, _, session_id in new.rows:
             self._noted(task_id, session_id)
-        return [(task_id, int(seq)) for task_id, seq, _ in new]
+            self._keep_args(task_id, by_id[task_id].args)
+        return [(task_id, int(seq)) for task_id, seq, _ in new.rows]
+
+    def _keep_args(self, task_id: str, args: bytes) -> None:
+        """Keep a new task's arguments a while (bounded): its start, usually in the same turn,
+        then needs no round trip to read them back."""
+        self._args[task_id] = args
+        self._args_bytes += len(args)
+        while self._args_bytes > ARGS_CACHE or len(self._args) > ARGS_CACHE_TASKS:
+            self._args_bytes -= len(self._args.pop(next(iter(self._args))))
+
+    def _kept_args(self, task_id: str) -> bytes | None:
+        args = self._args.pop(task_id, None)
+        if args is not None:
+            self._args_bytes -= len(args)
+        return args
 
     def args(self, task_id: str) -> bytes:
+        kept = self._kept_args(task_id)
+        if kept is not None:
+            return kept
         row = self._q("SELECT args FROM {s}.tasks WHERE id=%s", (task_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else b""
 
@@ -375,19 +507,22 @@ class PostgresStore(TaskStore):
         """One statement: a change of the task's row (``sql``: an UPDATE) and its state event."""
         event = (task_id, session_id, "state", json.dumps(data), time.time())
         tail = "SELECT * FROM u" if returning else "SELECT 1"
-        cur = self._w(f"WITH u AS ({sql}), ev AS ({_EVENT}) {tail}", (*params, *event))
+        rows = self._w(f"WITH u AS ({sql}), ev AS ({_EVENT}) {tail}", (*params, *event), wait=returning)
         self._noted(task_id, session_id, "state")
-        return cur.fetchone()
+        return rows.fetchone() if rows is not None else None
 
     def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
+        kept = self._kept_args(task_id)
         row = self._with_event(
             "UPDATE {s}.tasks SET state='RUNNING', attempts=%s, slot=%s, started_at=%s WHERE id=%s RETURNING args",
             (attempt, slot, now, task_id),
             task_id,
             session_id,
             {"state": RUNNING, "attempt": attempt, "slot": slot},
-            returning=True,
+            returning=kept is None,
         )
+        if kept is not None:
+            return kept
         return bytes(row[0]) if row and row[0] is not None else b""
 
     def finish(
@@ -438,10 +573,9 @@ class PostgresStore(TaskStore):
     def set_progress(self, task_id: str, fraction: float) -> None:
         self._w("UPDATE {s}.tasks SET progress=%s WHERE id=%s", (fraction, task_id))
 
-    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
-        row = self._w(_EVENT + " RETURNING seq", (task_id, session_id, kind, json.dumps(data), time.time())).fetchone()
+    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> None:
+        self._w(_EVENT, (task_id, session_id, kind, json.dumps(data), time.time()))
         self._noted(task_id, session_id, kind)
-        return int(row[0])
 
     def _noted(self, task_id: str, session_id: str | None, kind: str = "") -> None:
         """An event was added: who to wake, and the card updates it causes."""
@@ -547,7 +681,8 @@ class PostgresStore(TaskStore):
         return _stored(row) if row else None
 
     def count_state(self, state: TaskState) -> int:
-        return int(self._q("SELECT count(*) FROM {s}.tasks WHERE state=%s", (state.value,)).fetchone()[0])
+        # the state as a literal, so a partial index (SCHEDULED, the live ones) can serve it
+        return int(self._q(f"SELECT count(*) FROM {{s}}.tasks WHERE state='{TaskState(state).value}'").value())
 
     def counts(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in self._q("SELECT state, count(*) FROM {s}.tasks GROUP BY state").fetchall()}
@@ -558,7 +693,12 @@ class PostgresStore(TaskStore):
     def events_after(
         self, after: int, limit: int = 500, *, task_id: str | None = None, session_id: str | None = None
     ) -> list[dict[str, Any]]:
-        return _events_after(self.db, self._s, after, limit, task_id, session_id)
+        where, args = _events_where(after, task_id, session_id)
+        rows = self._q(
+            f"SELECT seq, task_id, session_id, kind, data, ts FROM {{s}}.events WHERE {where} ORDER BY seq LIMIT %s",
+            (*args, limit),
+        ).fetchall()
+        return [_event(r) for r in rows]
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
         row = self._q(
@@ -571,7 +711,7 @@ class PostgresStore(TaskStore):
     # ---- retention ---------------------------------------------------------------------------
     def prune_events(self, before: float, keep_max: int, batch: int) -> int:
         # the oldest ``batch`` by seq are the candidates; the first young one among them ends the run
-        top = self._q("SELECT max(seq) FROM {s}.events").fetchone()[0]
+        top = self._q("SELECT max(seq) FROM {s}.events").value()
         if top is None:
             return 0
         last = None
@@ -579,7 +719,10 @@ class PostgresStore(TaskStore):
             if ts >= before and seq > top - keep_max:
                 break
             last = seq
-        return 0 if last is None else int(self._w("DELETE FROM {s}.events WHERE seq <= %s", (last,)).rowcount)
+        if last is None:
+            return 0
+        deleted = self._w("DELETE FROM {s}.events WHERE seq <= %s", (last,), wait=True)
+        return deleted.rowcount if deleted is not None else 0
 
     def prune_finished(self, before: float, batch: int) -> dict[str, int]:
         rows = self._q(
@@ -633,8 +776,8 @@ class PostgresStore(TaskStore):
         )
 
     def kv_delete(self, session_id: str, key: str) -> bool:
-        cur = self._w("DELETE FROM {s}.session_kv WHERE session_id=%s AND key=%s", (session_id, key))
-        return bool(cur.rowcount)
+        deleted = self._w("DELETE FROM {s}.session_kv WHERE session_id=%s AND key=%s", (session_id, key), wait=True)
+        return deleted is not None and deleted.rowcount > 0
 
     def kv_items(self, session_id: str) -> list[tuple[str, str]]:
         rows = self._q(
@@ -643,23 +786,16 @@ class PostgresStore(TaskStore):
         return [(k, v) for k, v in rows]
 
 
-def _events_after(
-    db: Any, schema: str, after: int, limit: int, task_id: str | None, session_id: str | None
-) -> list[dict[str, Any]]:
-    args: tuple[object, ...] = (after,)
-    where = "seq > %s"
+def _events_where(after: int, task_id: str | None, session_id: str | None) -> tuple[str, tuple[object, ...]]:
     if task_id is not None:
-        where, args = "task_id = %s AND seq > %s", (task_id, after)
-    elif session_id is not None:
-        where, args = "session_id = %s AND seq > %s", (session_id, after)
-    rows = db.execute(
-        f"SELECT seq, task_id, session_id, kind, data, ts FROM {schema}.events WHERE {where} ORDER BY seq LIMIT %s",
-        (*args, limit),
-    ).fetchall()
-    return [
-        {"seq": int(r[0]), "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
-        for r in rows
-    ]
+        return "task_id = %s AND seq > %s", (task_id, after)
+    if session_id is not None:
+        return "session_id = %s AND seq > %s", (session_id, after)
+    return "seq > %s", (after,)
+
+
+def _event(r: tuple[Any, ...]) -> dict[str, Any]:
+    return {"seq": int(r[0]), "task_id": r[1], "session_id": r[2], "kind": r[3], "data": json.loads(r[4]), "ts": r[5]}
 
 
 # ---- reading from other processes ------------------------------------------------------------
@@ -688,7 +824,8 @@ def _card_row(row: tuple[Any, ...], fields: tuple[str, ...] = _CARD_FIELDS) -> d
 
 
 class PostgresReader(StoreReader):
-    """Read-only connections (one per thread) to the app's schema."""
+    """Read-only connections (one per thread) to the app's schema; a lost server is a
+    ``StoreUnavailable`` for the read that met it, and the next read connects again."""
 
     def __init__(self, url: str, app_name: str) -> None:
         self._url = url
@@ -700,15 +837,24 @@ class PostgresReader(StoreReader):
 
     def _db(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn, _ = _connect(self._url, self._app_name, autocommit=True)
+        if conn is None or conn.closed or conn.broken:  # a lost server: connect again
+            try:
+                conn, _ = _connect(self._url, self._app_name, autocommit=True)
+            except StateDirError as exc:
+                raise StoreUnavailable(str(exc)) from None
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
         return conn
 
     def _q(self, sql: str, params: Any = None) -> Any:
-        return self._db().execute(sql.replace("{s}", self.schema), params)
+        db = self._db()
+        try:
+            return db.execute(sql.replace("{s}", self.schema), params)
+        except Exception as exc:
+            if db.broken:  # the next read connects again; this one says why it failed
+                raise StoreUnavailable(f"lost the PostgreSQL store {redact(self._url)}: {exc}") from None
+            raise
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -515,8 +515,8 @@ class SQLiteStore(TaskStore):
     def set_progress(self, task_id: str, fraction: float) -> None:
         self._w("UPDATE tasks SET progress=? WHERE id=?", (fraction, task_id))
 
-    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> int:
-        cur = self._w(
+    def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> None:
+        self._w(
             "INSERT INTO events(task_id, session_id, kind, data, ts) VALUES (?,?,?,?,?)",
             (task_id, session_id, kind, json.dumps(data), time.time()),
         )
@@ -526,7 +526,6 @@ class SQLiteStore(TaskStore):
             self._touched_sessions.add(session_id)
         if task_id in self._cards and kind in ("state", "progress"):
             self._update_cards(task_id)
-        return int(cur.lastrowid or 0)
 
     def show_card(self, task_id: str, session_id: str) -> dict[str, Any] | None:
         card = self._card(task_id)

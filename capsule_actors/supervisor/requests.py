@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import messages, states
 from ..app import new_task_id
-from ..errors import CapsuleError, CapsuleInternalError, ConfigError, ProtocolError, UnknownTask
+from ..errors import (
+    CapsuleError,
+    CapsuleInternalError,
+    ConfigError,
+    ProtocolError,
+    StoreUnavailable,
+    UnknownTask,
+)
 from ..states import CANCELLED, QUEUED, SCHEDULED
 from .intake import NO_ARGS
 from .tasks import PendingSubmit
@@ -92,6 +99,8 @@ class ClientRequests:
             raise ProtocolError(f"{type(msg).__name__} is not a client request")
         try:
             handler(ident, msg, payload)
+        except StoreUnavailable:  # not this request's fault: the supervisor stops, unanswered
+            raise
         except CapsuleError as exc:
             self._outbox.error(ident, msg.req, exc)  # type: ignore[attr-defined]
         except Exception as exc:
