@@ -1,6 +1,6 @@
 """What one hop and one task's store writes cost on this machine: the floor under a round trip.
 
-    /work/venv/bin/python benchmarks/hops.py [--n 3000]
+    /work/venv/bin/python benchmarks/hops.py [--n 3000] [--store postgresql://...]
 
 A ``submit()`` -> ``result()`` round trip crosses four ZeroMQ hops (client -> supervisor ->
 actor -> supervisor -> client), two thread hand-offs in the client (the caller and the
@@ -14,6 +14,7 @@ would have with no Python work at all besides these.
     of which send()     the sender's own time in a 3-frame send to an idle peer
   store, one task       the supervisor's rows for one task (insert + QUEUED event, RUNNING + event,
                         SUCCEEDED + event) in one transaction, on a WAL file, synchronous=NORMAL
+                        (or on PostgreSQL with --store: synchronous_commit on, the runtime's setting)
     of which COMMIT     the commit alone
 """
 
@@ -158,26 +159,28 @@ def zmq_hop(n: int, tmp: Path) -> tuple[float, float]:
     return median(trips) / 2, median(sends)
 
 
-def store_task(n: int, tmp: Path) -> tuple[float, float]:
-    """(one task's rows with its commit, the commit alone), seconds, on the real Store."""
-    from capsule_actors.store import Store
+def store_task(n: int, tmp: Path, url: str | None) -> tuple[float, float]:
+    """(one task's rows with its commit, the commit alone), seconds, on the real store (SQLite
+    in ``tmp``, or the PostgreSQL of ``url``)."""
+    from capsule_actors.store import NewTask, open_store
+    from capsule_actors.states import QUEUED, SUCCEEDED
 
-    store = Store(tmp / "capsule.db")
+    store = open_store(tmp, url, "bench-hops")
     whole, commits = [], []
     try:
         for i in range(n):
-            task_id = f"t{i:08d}"
+            task_id = f"{os.getpid():08x}{time.time_ns():024x}"
             t0 = time.perf_counter()
             store.begin()
-            store.insert_tasks([(task_id, "noop", "QUEUED", None, None, None, b"\x80\x05N.", time.time(), None)])
+            store.insert_tasks([NewTask(task_id, "noop", QUEUED, None, None, None, b"\x80\x05N.", time.time(), None)])
             store.mark_running(task_id, None, 1, "w0", time.time())
-            store.finish(task_id, None, "SUCCEEDED", b"\x80\x05N.", None, time.time())
+            store.finish(task_id, None, SUCCEEDED, b"\x80\x05N.", None, time.time())
             t1 = time.perf_counter()
             store.commit()
             t2 = time.perf_counter()
             whole.append(t2 - t0)
             commits.append(t2 - t1)
-            store.checkpoint_if_needed()
+            store.maintain()
     finally:
         store.close()
     return median(whole), median(commits)
@@ -186,13 +189,14 @@ def store_task(n: int, tmp: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3000, help="samples of each (default 3000)")
+    parser.add_argument("--store", metavar="URL", help="a postgresql:// URL: the store rows there (default: SQLite)")
     args = parser.parse_args()
     print_machine()
     with temp_dir("cpsl-hops-") as tmp:
         handoff = thread_handoff(args.n)
         pipe = pipe_hop(args.n)
         hop, send = zmq_hop(args.n, tmp)
-        task, commit = store_task(args.n, tmp)
+        task, commit = store_task(args.n, tmp, args.store)
     us = 1e6
     print(f"\n{'median of ' + str(args.n):<34}{'us':>8}")
     print("-" * 42)

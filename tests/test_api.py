@@ -309,6 +309,62 @@ def test_map_returns_one_handle_per_item_in_order(start):
     assert add.map([]) == []
 
 
+def test_submits_and_questions_in_one_drain_see_each_other(start):
+    """The supervisor records the Submits of one drain with one insert; a Wait or Info right
+    behind them in the same drain must still find their tasks. The supervisor is stopped
+    (SIGSTOP) while the burst is sent, so that it reads all of it in one drain."""
+    import signal
+
+    import cloudpickle
+    import zmq
+
+    from capsule_actors import messages
+    from capsule_actors.app import new_task_id
+    from capsule_actors.transport import read_runtime_file
+
+    rt = start(app)
+    add.submit(0, 0).result(timeout=30)  # running, and the task name known
+    info = read_runtime_file(rt.state_dir)
+    assert info is not None
+    ids = [new_task_id() for _ in range(40)]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    os.kill(info.pid, signal.SIGSTOP)
+    try:
+        sock.connect(info.client)
+        for req, task_id in enumerate(ids, 1):
+            item = [task_id, "add", None, None, None, None]
+            payload = cloudpickle.dumps(((req, 1000), {}), protocol=5)
+            sock.send_multipart([messages.Submit(req, [item], [], False).encode(), payload])
+        sock.send_multipart([messages.Wait(100, ids[0]).encode()])
+        sock.send_multipart([messages.Info(101, [ids[-1]]).encode()])
+    finally:
+        os.kill(info.pid, signal.SIGCONT)
+    try:
+        replies: dict[int, list] = {}
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + 30
+        while len(replies) < len(ids) + 2 and time.monotonic() < deadline:
+            if poller.poll(500):
+                frames = sock.recv_multipart()
+                reply = messages.decode(frames[0])
+                assert isinstance(reply, messages.Reply)
+                replies[reply.req] = [reply.ok, reply.body, frames[1:]]
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert sorted(replies) == [*range(1, len(ids) + 1), 100, 101]
+    acks = [replies[req] for req in range(1, len(ids) + 1)]
+    assert all(ok for ok, _, _ in acks) and [body["items"][0][0] for _, body, _ in acks] == ids
+    ok, body, frames = replies[100]  # the first task's outcome, not "no task with id ..."
+    assert ok and body[0] == "SUCCEEDED" and cloudpickle.loads(frames[0]) == 1001, body
+    ok, body, _ = replies[101]
+    assert ok and body[0] is not None and body[0]["id"] == ids[-1], body
+    assert [h.result(timeout=30) for h in (cpsl.TaskHandle.from_id(app, i) for i in ids)] == [r + 1000 for r in range(1, 41)]
+
+
 def test_asubmit_and_amap_from_an_event_loop(start):
     start(app)
 

@@ -47,6 +47,7 @@ OUTAGE = 60.0  # seconds the supervisor waits for a lost server before it stops 
 SIZE_EVERY = 10.0  # seconds between looks at the database's size (status)
 ARGS_CACHE = 8 << 20  # bytes of new tasks' arguments kept for their start (no round trip to read them)
 ARGS_CACHE_TASKS = 4096
+PIPELINED_INSERT = 64 << 10  # bytes of arguments an insert may carry inside the pipeline (more: plain mode)
 _LIVE_SQL = "('QUEUED','SCHEDULED','RUNNING')"
 _TERMINAL_SQL = "('SUCCEEDED','FAILED','CANCELLED')"
 _CONNECT_TIMEOUT = 10  # seconds: an unreachable server is an error at start, not a hang
@@ -465,7 +466,7 @@ class PostgresStore(TaskStore):
             "SELECT id, seq, session_id FROM new ORDER BY seq",
             [*params, time.time()],
             wait=True,
-            big=len(rows) > 1,
+            big=sum(len(row.args) for row in rows) > PIPELINED_INSERT,
         )
         assert new is not None
         by_id = {row.id: row for row in rows}

@@ -440,6 +440,7 @@ class Supervisor:
             self._drain(self.client_sock, self.requests.on_message)
         if self.remote_sock is not None and self.remote_sock in ready:
             self._drain(self.remote_sock, self._on_remote)
+        self.intake.flush()  # the drains' submits, recorded together
         try:
             self.timers.run_due()
         except StoreFull as exc:  # from _commit_durably: the journal sweep keeps its files for later
@@ -452,6 +453,7 @@ class Supervisor:
         can go with the next flush. With no room (StoreFull), the store keeps the writes in its
         open transaction, so memory and store agree, and what this turn would send after a write
         (an ack, an outcome) waits with those acks for the commit that makes it true."""
+        self.intake.flush()  # no commit leaves a batched submit out (a journal replay commits, then unlinks)
         self.lazy_commit_at = None
         wrote = self.store.dirty()
         try:

@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from .. import journal, messages
 from ..app import new_task_id
-from ..errors import Backpressure, CapsuleError, ProtocolError, SerializationError, StoreFull, WorkerCrashed
+from ..errors import (
+    Backpressure,
+    CapsuleError,
+    CapsuleInternalError,
+    ProtocolError,
+    SerializationError,
+    StoreFull,
+    StoreUnavailable,
+    WorkerCrashed,
+)
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
 from .nodes import NODE_LOSS
@@ -63,10 +72,14 @@ class Intake:
         # rowid above backlog_after, and page_in loads them in submit order as the queue drains.
         self.backlog = 0
         self.backlog_after = 0
+        # Unlocked items of the client Submits of this drain, recorded together by flush(): one
+        # insert for all of them (on PostgreSQL one round trip, not one per message).
+        self._batch: list[NewTask] = []
+        self._batched: list[PendingSubmit] = []
 
     def live_count(self) -> int:
-        """Queued, scheduled or running tasks: in memory, or in the backlog."""
-        return len(self._tasks) + self.backlog
+        """Queued, scheduled or running tasks: in memory, in the backlog, or batched."""
+        return len(self._tasks) + self.backlog + len(self._batch)
 
     # ---- submits -----------------------------------------------------------------------------
     def on_submit(self, ident: bytes, msg: messages.Submit, payload: Frames) -> None:
@@ -85,7 +98,35 @@ class Intake:
                 f"{len(msg.items)}: over max_queued={app.max_queued}; retry later or raise App(max_queued=...)"
             )
         pending = PendingSubmit(ident, msg.req, len(msg.items), push=msg.push, journaled=msg.journaled)
-        self.submit(pending, msg.items, payload)
+        pending.remaining += 1  # answered once flush() has recorded its unlocked items
+        self._batched.append(pending)
+        self.submit(pending, msg.items, payload, batch=self._batch)
+
+    def flush(self) -> None:
+        """Record the unlocked items of the Submits batched so far, then answer those whose
+        locked items (if any) are decided too. Called after each drain of the client sockets and
+        before any other request is handled, so nothing else ever sees a batched task missing."""
+        if not self._batched:
+            return
+        rows, pendings = self._batch, self._batched
+        self._batch, self._batched = [], []
+        try:
+            self._record(rows, None, False)
+        except StoreUnavailable:  # the supervisor stops, these unanswered (as in on_message)
+            raise
+        except Exception as exc:  # these submits fail (as each would have alone); the rest is served
+            if not isinstance(exc, CapsuleError):
+                log.exception("internal error while recording %d submitted tasks", len(rows))
+                exc = CapsuleInternalError(f"{type(exc).__name__}: {exc}")
+            for pending in pendings:
+                if pending.ident:
+                    self._outbox.error(pending.ident, pending.req, exc)
+                pending.ident = b""  # answered: its locked items' decisions answer nobody
+            return
+        for pending in pendings:
+            pending.remaining -= 1
+            if not pending.remaining:
+                self._complete(pending)
 
     def refuse_if_full(self) -> None:
         """New tasks wait for room: the store keeps what is left for the tasks it has."""
@@ -97,8 +138,11 @@ class Intake:
                 "accepted go on"
             )
 
-    def submit(self, pending: PendingSubmit, items: list[list[Any]], payload: Frames) -> None:
-        """Record unlocked items now; send locked ones to their owners for admission first."""
+    def submit(
+        self, pending: PendingSubmit, items: list[list[Any]], payload: Frames, batch: list[NewTask] | None = None
+    ) -> None:
+        """Record unlocked items now (or add them to ``batch``, for flush()); send locked ones to
+        their owners for admission first."""
         now = time.time()
         rows = []
         for i, ((task_id, name, lock_key, sid, sowner, run_at), frame) in enumerate(zip(items, payload)):
@@ -110,7 +154,10 @@ class Intake:
                 continue
             pending.remaining += 1
             self._keys.admit(task_id, lock_key, self._app.tasks[name].on_conflict, name, (pending, i, row))
-        self._record(rows, None, False)
+        if batch is not None:
+            batch.extend(rows)
+        else:
+            self._record(rows, None, False)
         if not pending.remaining:
             self._complete(pending)
 

@@ -97,6 +97,8 @@ class ClientRequests:
         handler = self.handlers.get(type(msg))
         if handler is None:
             raise ProtocolError(f"{type(msg).__name__} is not a client request")
+        if type(msg) is not messages.Submit:  # it may ask about a task submitted just before it
+            self._intake.flush()
         try:
             handler(ident, msg, payload)
         except StoreUnavailable:  # not this request's fault: the supervisor stops, unanswered
