@@ -54,8 +54,12 @@ def _close_connections() -> Iterator[None]:
 
 
 @pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts by hand; all are killed (with their children) at teardown."""
+def procs(state_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts by hand; all are killed (with their children) at teardown.
+
+    It depends on ``state_dir`` so that pytest tears it down first: the processes are gone
+    before their state directory is removed (else a supervisor still writing races the rmtree).
+    """
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
