@@ -61,6 +61,22 @@ def temp_dir(prefix: str = "cpsl-bench-") -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def postgres(store: str) -> Iterator[tuple[str, str]]:
+    """(URL, note): ``store`` itself (in a schema of this run's own), or with ``temp`` a server of
+    this run's own (Debian's postgresql, fsync on, a Unix socket; stopped after)."""
+    if store != "temp":
+        yield store + ("&" if "?" in store else "?") + f"schema=bench_{os.getpid()}", f"PostgreSQL: {store}"
+        return
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from postgres_server import PostgresServer
+
+    with PostgresServer(fsync=True) as server:
+        server.create_database("bench")
+        version = subprocess.run([str(server.bin / "postgres"), "--version"], capture_output=True, text=True).stdout
+        yield server.url("bench"), f"PostgreSQL: a server of this run's own ({version.strip()}, fsync on, Unix socket)"
+
+
 class Deadline:
     """A per-scenario time budget; ``left()`` feeds the timeouts of every blocking call."""
 

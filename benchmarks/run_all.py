@@ -50,7 +50,16 @@ if str(HERE.parent) not in sys.path:  # the package from the checkout when it is
 import latency  # noqa: E402
 import peers  # noqa: E402
 import throughput  # noqa: E402
-from _common import Watchdog, print_machine, print_package, run_script, stats_ms, stop_tree, temp_dir  # noqa: E402
+from _common import (  # noqa: E402
+    Watchdog,
+    postgres,
+    print_machine,
+    print_package,
+    run_script,
+    stats_ms,
+    stop_tree,
+    temp_dir,
+)
 
 import capsule_actors as cpsl  # noqa: E402
 
@@ -194,21 +203,6 @@ def add_crash(rows: list[Row], args: argparse.Namespace, names: list[str], dog: 
         notes.append(f"crash recovery: not measured for {', '.join(skipped)} (crash_recovery.py knows "
                      f"{', '.join(CRASH_PEERS)})")
     return notes
-
-
-@contextlib.contextmanager
-def postgres(store: str) -> Any:
-    """(URL, note): ``store`` itself, or with ``temp`` a server of this run's own (stopped after)."""
-    if store != "temp":
-        yield store + ("&" if "?" in store else "?") + f"schema=bench_{os.getpid()}", f"PostgreSQL: {store}"
-        return
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from postgres_server import PostgresServer
-
-    with PostgresServer(fsync=True) as server:
-        server.create_database("bench")
-        version = subprocess.run([str(server.bin / "postgres"), "--version"], capture_output=True, text=True).stdout
-        yield server.url("bench"), f"PostgreSQL: a server of this run's own ({version.strip()}, fsync on, Unix socket)"
 
 
 def a_budget(args: argparse.Namespace) -> float:

@@ -2,7 +2,7 @@
 
     /work/venv/bin/python benchmarks/throughput.py [--n 2000] [--repeat 3] [--workers 2]
                                                    [--process-workers N] [--no-floor]
-                                                   [--compare celery,dramatiq,rq,huey]
+                                                   [--compare celery,dramatiq,rq,huey] [--store URL|temp]
 
 Variants (each one: N tasks of a no-op that returns its argument; the clock runs from the first
 submit until the last result is in the caller's hands; every result is checked):
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -44,7 +45,7 @@ if str(HERE.parent) not in sys.path:  # the package from the checkout when it is
     sys.path.append(str(HERE.parent))
 
 import peers  # noqa: E402
-from _common import Deadline, Floor, Watchdog, median, print_machine, run_script, temp_dir  # noqa: E402
+from _common import Deadline, Floor, Watchdog, median, postgres, print_machine, run_script, temp_dir  # noqa: E402
 
 import capsule_actors as cpsl  # noqa: E402
 
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds allowed per run of one variant (default 30 + n/100; peers 30 + n/20)")
     parser.add_argument("--compare", default="", metavar="LIST",
                         help="comma-separated peers to run scenario A on too: celery,dramatiq,rq,huey")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="run capsule_actors on this PostgreSQL store (postgresql://...), or on a server of its "
+                             "own with --store temp; default SQLite in the state directory")
     args = parser.parse_args(argv)
     if args.n < 1 or args.repeat < 1 or args.workers < 1:
         parser.error("--n, --repeat and --workers must be >= 1")
@@ -307,9 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     # A hard limit on the whole run, for what has no timeout of its own (stopping peer workers).
     hard = (len(VARIANTS) + 2) * args.repeat * budget + 120.0 + len(names) * (args.repeat * p_budget + 150.0)
-    with peers.HardLimit(hard, "throughput.py") as dog, temp_dir() as tmp:
+    with peers.HardLimit(hard, "throughput.py") as dog, temp_dir() as tmp, contextlib.ExitStack() as stack:
         dog.on_expire(lambda: shutil.rmtree(tmp, ignore_errors=True))  # runs last
-        rows = run_ours(args.n, args.repeat, args.workers, process_workers, budget, tmp, floor=args.floor, dog=dog)
+        store = None
+        if args.store:
+            store, note = stack.enter_context(postgres(args.store))
+            print(note)
+        rows = run_ours(args.n, args.repeat, args.workers, process_workers, budget, tmp, floor=args.floor, dog=dog,
+                        store=store)
         peer_rows, notes = run_peers(names, args.n, args.repeat, tmp, dog, p_budget)
         rows += peer_rows
 
