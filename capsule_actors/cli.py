@@ -10,9 +10,11 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +125,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .transport import add_client_key, make_keys
+    from .transport import add_client_key, key_fingerprint, load_keys, make_keys
 
     if args.add:
         secret = add_client_key(Path(args.dir).absolute(), args.add)
+        public, _ = load_keys(secret.parent, args.add)
         print(
-            f"client key {args.add!r} written and authorized: copy {secret} and "
-            f"{secret.parent / 'server.key'} to the client, then for a worker node:"
+            f"client key {args.add!r} ({key_fingerprint(public)}) written and authorized: copy {secret} and "
+            f"{secret.parent / 'server.key'} to the client, then for a worker node (named {args.add}, like its key):"
         )
         print(f"  capsule-actors worker MODULE:APP --connect tcp://HOST:PORT --key {secret.name}")
-        print("  (restart the supervisor to let it in: authorized keys are read at start)")
+        print("  a running supervisor lets it in once it reloads its keys: kill -HUP <its pid>")
         return 0
     directory = make_keys(Path(args.dir).absolute())
     print(f"CURVE keys written to {directory} (mode 0700):")
@@ -166,18 +169,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
     task = app.get_task(args.task)
     pos, kw = _parse_args_json(args.args_json)
     session = Session(args.session) if args.session else None
-    handle = task.submit(*pos, session=session, **kw)
-    if not args.wait:
-        print(handle.id)
-        return 0
-    bar = _ProgressBar(handle, sys.stderr) if sys.stderr.isatty() else None
-    try:
-        value = handle.result(timeout=args.timeout)
-    finally:
-        if bar is not None:
-            bar.close()
+    with _time_limit(args.timeout):  # the whole command: the submit's ack too, not only the wait
+        handle = task.submit(*pos, session=session, **kw)
+        if not args.wait:
+            print(handle.id)
+            return 0
+        bar = _ProgressBar(handle, sys.stderr) if sys.stderr.isatty() else None
+        try:
+            value = handle.result(timeout=args.timeout)
+        finally:
+            if bar is not None:
+                bar.close()
     print(json.dumps(value, default=repr))
     return 0
+
+
+class CommandTimeout(CapsuleError):
+    """``--timeout`` passed (not a TimeoutError: the waits inside retry those)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise CommandTimeout in the main thread once ``seconds`` have passed (SIGALRM)."""
+    if seconds is None:
+        yield
+        return
+    if seconds <= 0:
+        raise ConfigError(f"--timeout {seconds:g}: expected seconds above 0")
+
+    def expire(signum: int, frame: Any) -> None:
+        raise CommandTimeout(f"--timeout {seconds:g} s passed before the supervisor answered")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds + 0.5)  # the result wait's own timeout speaks first
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 class _ProgressBar:
@@ -509,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node's NAME.key_secret from `capsule-actors keys DIR --add NAME` (server.key "
         "beside it), or a keys directory",
     )
-    p.add_argument("--name", help="node name, unique among the supervisor's nodes (default: the host name)")
+    p.add_argument("--name", help="node name: the NAME its key was made for (the default; a key is bound to its name)")
     p.add_argument("--workers", type=int, help="worker actors on this node (default: CPU count)")
     p.add_argument("--process-workers", type=int, help="process-isolated actors on this node (default: CPU count)")
     p.add_argument("--grace", type=float, help="seconds running tasks get when the node stops (default: the App's)")
@@ -523,7 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", metavar="TASK")
     p.add_argument("args_json", metavar="ARGS_JSON", nargs="?", help="JSON array (positional) or object")
     p.add_argument("--wait", action="store_true", help="wait for the result and print it as JSON")
-    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds (the submit, and with --wait the result)",
+    )
     p.add_argument(
         "--session",
         metavar="ID",
@@ -558,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     except CapsuleError as exc:
         print(f"capsule-actors: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except TimeoutError as exc:  # submit --timeout
+        if args.command == "submit":
+            print(f"capsule-actors: {exc}", file=sys.stderr)
+            return 1
+        raise
     except Exception as exc:  # the task's own exception from submit --wait
         if args.command == "submit":
             print(f"capsule-actors: the task raised {type(exc).__name__}: {exc}", file=sys.stderr)

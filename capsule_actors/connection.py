@@ -26,9 +26,19 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import messages
 from .bootstrap import ClientConfig
-from .errors import NotRunning, ProtocolError, error_from_reply
+from .errors import KeyRefused, NotRunning, ProtocolError, error_from_reply
 from .lifecycle import current_pid
-from .transport import LOCK_FILE, RuntimeFile, connect, read_runtime_file, stale_runtime_file
+from .transport import (
+    HANDSHAKE_EVENTS,
+    LOCK_FILE,
+    REMOTE_TIMEOUT_ENV,
+    Handshakes,
+    RuntimeFile,
+    connect,
+    handshake_refusal,
+    read_runtime_file,
+    stale_runtime_file,
+)
 
 log = logging.getLogger("capsule_actors.client")
 
@@ -81,6 +91,8 @@ class Connection:
         self.closed = False
         self._reset = False
         self.connected = False
+        self.refused: KeyRefused | None = None  # the supervisor over TCP refused our handshake
+        self._handshakes = Handshakes()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capsule-client-io", daemon=True)
         self._thread.start()
@@ -106,6 +118,8 @@ class Connection:
         ``record(message)`` runs first (the submit journal's write): if it raises, nothing is sent."""
         if self.closed:
             raise not_running(self.config)
+        if self.refused is not None:
+            raise self.refused
         req = next(self._ids)
         msg = [make(req).encode(), *(frames or ())]
         if record is not None:
@@ -143,7 +157,17 @@ class Connection:
 
     def wait_reply(self, fut: Future, timeout: float | None, must_run: bool = False) -> Reply:
         """Wait for a reply. With ``must_run``, give up with NotRunning once no supervisor is
-        left to answer (used by submits); otherwise wait through supervisor restarts."""
+        left to answer (used by submits: over TCP, after the endpoint's timeout); otherwise wait
+        through supervisor restarts."""
+        if must_run and self._remote is not None and (timeout is None or timeout > self._remote.timeout):
+            try:
+                return self.wait_reply(fut, self._remote.timeout)
+            except concurrent.futures.TimeoutError:
+                self._withdraw(fut)
+                raise NotRunning(
+                    f"no answer from the supervisor at {self._remote.address} within {self._remote.timeout:g} s "
+                    f"(${REMOTE_TIMEOUT_ENV}); the request was withdrawn: is the supervisor up and reachable?"
+                ) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         gone_since: float | None = None
         while True:
@@ -297,7 +321,7 @@ class Connection:
         sock.linger = 0
         sock.sndhwm = 0  # never drop or block a request; memory is bounded by the callers
         sock.rcvhwm = 0
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS | (HANDSHAKE_EVENTS if self._remote else 0))
         keys = (self._remote.client_public, self._remote.client_secret) if self._remote else None
         connect(sock, self._info.client, self._info.server_public, keys)
         poller.register(sock, zmq.POLLIN)
@@ -349,6 +373,22 @@ class Connection:
                     self._flush(sock)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected = False
+            elif self._remote is not None and event["event"] & HANDSHAKE_EVENTS:
+                if self._handshakes.refused(event["event"]):
+                    self._on_refused(KeyRefused(handshake_refusal(event["event"], self._remote)))
+                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.refused = None
+
+    def _on_refused(self, exc: KeyRefused) -> None:
+        """The supervisor refused our key (or we hold the wrong server key): every request waiting
+        fails now, and new ones at once, until a later handshake succeeds (ZeroMQ keeps trying)."""
+        self.refused = exc
+        for req, (_, fut) in list(self._outstanding.items()):
+            self._outstanding.pop(req, None)
+            self._expected.discard(req)
+            if not fut.done():
+                fut.set_exception(exc)
+        self._outbox.clear()
 
     def _endpoint_moved(self) -> bool:
         """While disconnected, follow the supervisor to a new endpoint (tcp fallback ports)."""

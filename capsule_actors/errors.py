@@ -19,6 +19,11 @@ class NotRunning(CapsuleError):
     """No supervisor is running for the state directory."""
 
 
+class KeyRefused(NotRunning):
+    """A supervisor over TCP refused this peer's CURVE handshake: its key is not authorized
+    there, or the server key it was given is not that supervisor's."""
+
+
 class AlreadyRunning(CapsuleError):
     """Another supervisor already holds the state directory's pid lock."""
 

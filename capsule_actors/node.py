@@ -35,6 +35,7 @@ from pathlib import Path
 
 import cloudpickle
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import messages
 from .app import App
@@ -42,7 +43,15 @@ from .errors import ConfigError, ProtocolError
 from .lifecycle import exit_cause
 from .supervisor.specs import ROLE_PROCESS, ROLE_WORKER, ChildSpec, local_rss
 from .supervisor.template import ActorTemplate
-from .transport import NODE_NAME_PATTERN, NODE_PREFIX, RemoteEndpoint, connect
+from .transport import (
+    HANDSHAKE_EVENTS,
+    NODE_NAME_PATTERN,
+    NODE_PREFIX,
+    Handshakes,
+    RemoteEndpoint,
+    connect,
+    handshake_refusal,
+)
 
 log = logging.getLogger("capsule_actors.node")
 
@@ -80,7 +89,7 @@ class WorkerNode:
         self.app = app
         self.endpoint = endpoint
         self.key_path = key_path
-        self.name = check_node_name(name or socket.gethostname().split(".")[0])
+        self.name = check_node_name(name or endpoint.key_name)  # a key is bound to its name
         self.workers = cpus if workers is None else workers
         self.process_workers = cpus if process_workers is None else process_workers
         if not (0 <= self.workers <= 256 and 0 <= self.process_workers <= 256) or not (
@@ -92,6 +101,8 @@ class WorkerNode:
             )
         self.grace = app.grace if grace is None else grace
         self.sock: zmq.Socket | None = None  # type: ignore[type-arg]
+        self.monitor: zmq.Socket | None = None  # type: ignore[type-arg]  # the handshake's outcome
+        self.handshakes = Handshakes()
         self.joined = False
         self.hello_at = 0.0
         self.unanswered = False  # a hello went unanswered since the last join (warned once)
@@ -137,6 +148,8 @@ class WorkerNode:
         finally:
             self._kill_actors(signal.SIGKILL)
             self.template.close()
+            if self.monitor is not None:
+                self.monitor.close(0)
             if self.sock is not None:
                 self.sock.close(linger=500)
             self.ctx.term()
@@ -155,7 +168,13 @@ class WorkerNode:
             poller.register(self.template.fd, zmq.POLLIN)
             if self.sock is not None:
                 poller.register(self.sock, zmq.POLLIN)
+            if self.monitor is not None:
+                poller.register(self.monitor, zmq.POLLIN)
             ready = dict(poller.poll(100 if self.template.pending() else 50))
+            if self.monitor is not None and self.monitor in ready:
+                code = self._on_handshake()
+                if code is not None:
+                    return code
             if self.sig_r.fileno() in ready:
                 code = self._on_signals()
                 if code is not None:
@@ -233,6 +252,7 @@ class WorkerNode:
         sock.linger = 0
         sock.sndhwm = 0
         sock.rcvhwm = 0
+        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         connect(
             sock,
             self.endpoint.address,
@@ -257,7 +277,25 @@ class WorkerNode:
             ]
         )
 
+    def _on_handshake(self) -> int | None:
+        """A refused CURVE handshake is for good (the key, or the server key, is wrong): exit 2."""
+        assert self.monitor is not None
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if not self.handshakes.refused(event):
+                continue
+            why = handshake_refusal(event, self.endpoint)
+            log.error("node %s: %s", self.name, why)
+            print(f"capsule-actors worker: {why}", file=sys.stderr)
+            return EXIT_REFUSED
+        return None
+
     def _close_socket(self) -> None:
+        if self.monitor is not None:
+            if self.sock is not None:
+                self.sock.disable_monitor()
+            self.monitor.close(0)
+            self.monitor = None
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = None

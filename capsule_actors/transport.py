@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.utils.z85
 
 from .errors import ConfigError, StateDirError
 
@@ -166,6 +167,38 @@ def add_client_key(directory: Path, name: str) -> Path:
     return directory / f"{name}.key_secret"
 
 
+def key_fingerprint(public: str | bytes) -> str:
+    """A short, safe-to-log name of a CURVE public key (z85 text): the first 16 hex digits of the
+    SHA-256 of its 32 bytes. ``keys --add`` prints it; the supervisor's refusals name it."""
+    import hashlib
+
+    text = public.encode() if isinstance(public, str) else public
+    try:
+        raw = zmq.utils.z85.decode(text)
+    except (ValueError, KeyError):
+        raw = text
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def authorized_keys(directory: Path) -> dict[bytes, str]:
+    """The public keys in ``directory`` (``KEYS/authorized/NAME.key``), each bound to the NAME
+    it was made for: z85 public key -> name. A file that is not a public key is skipped, with a
+    warning naming it."""
+    import logging
+
+    import zmq.auth
+
+    keys: dict[bytes, str] = {}
+    for path in sorted(directory.glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(str(path))
+        except (OSError, ValueError) as exc:
+            logging.getLogger("capsule_actors.supervisor").warning("skipped %s: not a CURVE public key (%s)", path, exc)
+            continue
+        keys[public] = path.name[: -len(".key")]
+    return keys
+
+
 def load_keys(directory: Path, name: str) -> tuple[str, str]:
     """(public, secret) of the key pair ``name`` in ``directory``; StateDirError when missing."""
     import zmq.auth
@@ -190,6 +223,9 @@ class RemoteEndpoint:
     server_public: str
     client_public: str
     client_secret: str
+    key_name: str = CLIENT_KEY  # the NAME of NAME.key_secret: the name the key was made for
+    timeout: float = 30.0  # how long a submit waits for the supervisor's ack (CAPSULE_REMOTE_TIMEOUT)
+    keys: str = ""  # where the keys were read from (named in errors)
 
     @classmethod
     def with_keys(cls, address: str, keys: Path) -> RemoteEndpoint:
@@ -201,17 +237,86 @@ class RemoteEndpoint:
             directory, client = keys, CLIENT_KEY
         elif keys.name.endswith(".key_secret"):
             directory, client = keys.parent, keys.name[: -len(".key_secret")]
+            if not keys.is_file():
+                raise StateDirError(
+                    f"no key file {str(keys)!r}: copy this client's NAME.key_secret from `capsule-actors keys DIR "
+                    "--add NAME` (with the supervisor's server.key beside it)"
+                )
         else:
             raise StateDirError(f"{str(keys)!r}: expected a keys directory or a NAME.key_secret file")
         server_public, _ = _public_only(directory / f"{SERVER_KEY}.key")
         client_public, client_secret = load_keys(directory, client)
-        return cls(address, server_public, client_public, client_secret)
+        return cls(address, server_public, client_public, client_secret, client, remote_timeout(), str(keys))
 
     def runtime_file(self) -> RuntimeFile:
         """What a local client would read from supervisor.json, for this remote supervisor."""
         return RuntimeFile(
             pid=0, client=self.address, actor="", server_public=self.server_public, started_at=0.0, state_dir=""
         )
+
+
+# What a TCP peer's socket monitor reports of its CURVE handshake.
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+
+
+def handshake_refusal(event: int, endpoint: RemoteEndpoint) -> str:
+    """Why the supervisor at ``endpoint`` refused a handshake (a failure event of HANDSHAKE_EVENTS)."""
+    keys = endpoint.keys
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"key not authorized by the supervisor at {endpoint.address}: key {endpoint.key_name!r} "
+            f"({key_fingerprint(endpoint.client_public)}, from {keys}) is not in its KEYS/authorized/; "
+            "add it there (`capsule-actors keys DIR --add NAME` makes and authorizes one), then SIGHUP the supervisor"
+        )
+    return (
+        f"the CURVE handshake with the supervisor at {endpoint.address} failed: the server key given "
+        f"(server.key beside {keys}) is not that supervisor's; copy its KEYS/server.key"
+    )
+
+
+class Handshakes:
+    """A TCP peer's verdict on its CURVE handshakes (from its socket monitor): refused for good
+    when the supervisor's ZAP handler said no (the key is not authorized), or when every
+    handshake so far was closed by the server (3 in a row, none ever accepted: the server key is
+    not that supervisor's). A peer that was accepted before keeps retrying such failures: a proxy
+    or a restarting supervisor closes connections too, and the server key did not change."""
+
+    CLOSED_IN_A_ROW = 3
+
+    def __init__(self) -> None:
+        self.accepted = False
+        self.closed = 0
+
+    def refused(self, event: int) -> bool:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.accepted, self.closed = True, 0
+            return False
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return True
+        self.closed += 1
+        return not self.accepted and self.closed >= self.CLOSED_IN_A_ROW
+
+
+REMOTE_TIMEOUT_ENV = "CAPSULE_REMOTE_TIMEOUT"
+
+
+def remote_timeout() -> float:
+    """Seconds a submit over TCP waits for the supervisor's ack: $CAPSULE_REMOTE_TIMEOUT, else 30."""
+    text = os.environ.get(REMOTE_TIMEOUT_ENV)
+    if not text:
+        return 30.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise ConfigError(f"{REMOTE_TIMEOUT_ENV}={text!r}: expected seconds, a number above 0 (e.g. 30)")
+    return value
 
 
 def _public_only(path: Path) -> tuple[str, None]:

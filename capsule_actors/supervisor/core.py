@@ -31,6 +31,7 @@ from ..errors import (
     AlreadyRunning,
     CapsuleError,
     ConfigError,
+    KeyRefused,
     ProtocolError,
     StateDirError,
     StoreFull,
@@ -51,6 +52,7 @@ from ..transport import (
 from .attempts import Attempts
 from .children import HEARTBEAT_CHECK, MEMORY_CHECK, Children
 from .intake import Intake
+from .keygate import KeyGate, key_name
 from .keys import KeyRouting
 from .node_table import NodeTable
 from .nodes import NODE_CHECK, NodeLink
@@ -129,7 +131,7 @@ class Supervisor:
         self.keys_dir = keys_dir
         self.store_url = store_url  # None: SQLite in the state directory; resolved by the caller (bootstrap.py)
         self.remote_sock: Socket | None = None
-        self.authenticator: Any = None
+        self.keygate: KeyGate | None = None  # the TCP socket's authorized keys (--bind)
         self.started_at = time.time()
         self.announced_ready = False
         self.lazy_commit_at: float | None = None
@@ -282,9 +284,7 @@ class Supervisor:
 
     def _bind_remote(self) -> None:
         """``--bind tcp://H:P``: a second client socket, CURVE-encrypted, that only admits the
-        client keys in KEYS/authorized/ (checked by pyzmq's ZAP authenticator)."""
-        from zmq.auth.thread import ThreadAuthenticator
-
+        client keys in KEYS/authorized/ (``KeyGate``, reloaded on SIGHUP)."""
         from ..transport import AUTHORIZED_DIR, SERVER_KEY, load_keys
 
         if not self.bind_tcp or not self.bind_tcp.startswith("tcp://"):
@@ -294,14 +294,14 @@ class Supervisor:
         authorized = keys / AUTHORIZED_DIR
         if not authorized.is_dir() or not any(authorized.glob("*.key")):
             raise StateDirError(f"no authorized client keys in {str(authorized)!r}: run `capsule-actors keys DIR`")
-        self.authenticator = ThreadAuthenticator(self.ctx)
-        self.authenticator.start()
-        self.authenticator.configure_curve(domain="*", location=str(authorized))
+        self.keygate = KeyGate(self.ctx, authorized)
+        self.keygate.start()
         sock = self._router()
         sock.curve_server = True
         sock.curve_secretkey = secret.encode()
         sock.curve_publickey = public.encode()
         sock.bind(self.bind_tcp)
+        self.keygate.watch(sock, self.bind_tcp)
         self.remote_sock = sock
         log.info("remote clients: %s (CURVE, keys authorized in %s)", self.bind_tcp, authorized)
 
@@ -353,8 +353,8 @@ class Supervisor:
             self.client_sock.close(linger=200)
             if self.remote_sock is not None:
                 self.remote_sock.close(linger=200)
-            if self.authenticator is not None:
-                self.authenticator.stop()
+            if self.keygate is not None:
+                self.keygate.stop()
             self.actor_sock.close(0)
             self.ctx.term()
             for addr in (self.client_addr, self.actor_addr):
@@ -439,7 +439,7 @@ class Supervisor:
         if self.client_sock in ready:
             self._drain(self.client_sock, self.requests.on_message)
         if self.remote_sock is not None and self.remote_sock in ready:
-            self._drain(self.remote_sock, self._on_remote)
+            self._drain(self.remote_sock, self._on_remote, copy=False)
         self.intake.flush()  # the drains' submits, recorded together
         try:
             self.timers.run_due()
@@ -502,12 +502,14 @@ class Supervisor:
             self.tasks.clock_wanted = False
             self.outbox.to_actor(clock, messages.Wake("scheduled").encode())
 
-    def _drain(self, sock: Socket, handle: Callable[[Frames], None]) -> None:
+    def _drain(self, sock: Socket, handle: Callable[[Any], None], copy: bool = True) -> None:
+        """Handle what waits on ``sock``: bytes frames, or (``copy=False``) zmq.Frames, which
+        carry the sender's User-Id (the TCP socket's)."""
         for _ in range(DRAIN_LIMIT):
             if not int(sock.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than ending on zmq.Again
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             try:
@@ -528,19 +530,60 @@ class Supervisor:
             return
         if signal.SIGCHLD in sigs:
             self.children.reap()
-        if sigs & {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}:
+        if signal.SIGHUP in sigs:
+            self._reload_keys()
+        if sigs & {signal.SIGTERM, signal.SIGINT}:
             self.attempts.withdraw_held()
             self.children.begin_stop()
 
-    def _on_remote(self, frames: Frames) -> None:
-        """The TCP socket carries remote clients, worker nodes and the nodes' actors."""
+    def _reload_keys(self) -> None:
+        """SIGHUP: read KEYS/authorized/ again. New keys may connect from now on; a removed key's
+        connections are refused from their next message, and its worker node is told and fenced
+        (its tasks are retried once it is declared lost, as for any lost node)."""
+        if self.keygate is None:
+            log.info("SIGHUP: no --bind, so no authorized keys to reload (stop with SIGTERM or SIGINT)")
+            return
+        added, removed = self.keygate.reload()
+        log.warning(
+            "SIGHUP: reloaded the authorized keys in %s: added %s, removed %s",
+            self.keygate.authorized,
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+        )
+        for name in removed:
+            self.node_link.revoke(name)
+
+    def _on_remote(self, parts: list[zmq.Frame]) -> None:
+        """The TCP socket carries remote clients, worker nodes and the nodes' actors, each
+        message with the User-Id of the key that sent it (``KeyGate``)."""
+        user = str(parts[1].get("User-Id")) if len(parts) > 1 else ""
+        frames = [part.bytes for part in parts]
+        assert self.keygate is not None
+        if not self.keygate.allows(user):
+            self._from_revoked(user, frames)
+            return
         proc = self.children.by_identity(frames[0])
         if proc is not None and proc.spec.node is not None:
+            if key_name(user) != proc.spec.node:
+                raise ProtocolError(f"a message of actor {proc.spec.slot} came with the key of {key_name(user)!r}")
             self._on_actor(frames)
         elif frames[0].startswith(NODE_PREFIX):
-            self.node_link.on_message(frames)
+            self.node_link.on_message(frames, key_name(user))
         else:  # a client: the same handlers, its identity marked for the reply
             self.requests.on_message([REMOTE + frames[0], *frames[1:]])
+
+    def _from_revoked(self, user: str, frames: Frames) -> None:
+        """A message sent with a key removed since its connection was made: dropped (a client's
+        request is answered with KeyRefused)."""
+        assert self.keygate is not None
+        name = key_name(user)
+        self.keygate.say_once(user, f"dropped messages of key {name!r} ({user}): it is no longer authorized")
+        if frames[0].startswith(NODE_PREFIX) or self.children.by_identity(frames[0]) is not None or len(frames) < 2:
+            return
+        req = messages.request_id(frames[1], self.requests.handlers)
+        if req is not None:
+            why = f"the key {name!r} is no longer authorized by the supervisor at {self.bind_tcp}"
+            self.outbox.error(REMOTE + frames[0], req, KeyRefused(why))
 
     # ---- actor messages ----------------------------------------------------------------------
     def _on_actor(self, frames: Frames) -> None:

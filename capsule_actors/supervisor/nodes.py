@@ -105,7 +105,8 @@ class NodeLink:
         for node in self._nodes:
             self._nodes.send(node.identity, messages.NodeRefused("the supervisor stopped", False))
 
-    def on_message(self, frames: Frames) -> None:
+    def on_message(self, frames: Frames, key: str) -> None:
+        """A message of a worker node; ``key`` is the name its CURVE key was made for."""
         ident, raw = frames[0], frames[1] if len(frames) > 1 else b""
         try:
             msg = messages.decode(raw)
@@ -119,7 +120,7 @@ class NodeLink:
             self._nodes.send(ident, messages.NodeRefused(why, True))
             return
         if isinstance(msg, messages.NodeHello):
-            self._on_hello(ident, msg)
+            self._on_hello(ident, msg, key)
             return
         node = self._nodes.by_identity(ident)
         if node is None:  # e.g. an incarnation from before our restart: it fences and joins again
@@ -144,12 +145,18 @@ class NodeLink:
         else:
             raise ProtocolError(f"{type(msg).__name__} is not a node message")
 
-    def _on_hello(self, ident: bytes, msg: messages.NodeHello) -> None:
+    def _on_hello(self, ident: bytes, msg: messages.NodeHello, key: str) -> None:
         known = self._nodes.by_identity(ident)
         if known is not None:  # a resent hello: answer it again
             self._nodes.send(ident, messages.NodeWelcome(self._config(known)))
             return
         why = refusal(msg, self._app)
+        if why is None and key != msg.name:  # a key is a node's identity: revoking it revokes the node
+            why = (
+                f"node {msg.name!r} presented the key made for {key!r}: a key is bound to the name it was made "
+                f"for; start the node with --name {key}, or give it a key of its own (`capsule-actors keys DIR "
+                f"--add {msg.name}`)"
+            )
         old = self._nodes.get(msg.name)
         if why is None and old is not None:
             if (old.host, old.pid) != (msg.host, msg.pid):
@@ -210,6 +217,14 @@ class NodeLink:
         if not any(children.get(s.slot) for s in node.specs):
             self._forget(node)
         self._keys.pools_changed()
+
+    def revoke(self, name: str) -> None:
+        """Its key was removed (SIGHUP): the node is told (it exits), its messages are dropped from
+        now on, so its lease runs out and it is declared lost like a node that went silent."""
+        node = self._nodes.get(name)
+        if node is not None:
+            log.error("the key of worker node %s was revoked: it is refused, and fenced when its lease ends", name)
+            self._nodes.send(node.identity, messages.NodeRefused(f"the key of node {name!r} was revoked", True))
 
     def check(self) -> None:
         """Timer: a node silent for NODE_LOSS is lost."""
