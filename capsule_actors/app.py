@@ -111,6 +111,10 @@ class Task(Generic[P, R]):
         self.name = name or fn.__name__
         self.signature = inspect.signature(fn)
         self.accepts_session = "session" in self.signature.parameters
+        # a `session` parameter without a default: every submit must bind one (``prepare``)
+        self.needs_session = (
+            self.accepts_session and self.signature.parameters["session"].default is inspect.Parameter.empty
+        )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.lock = lock
         self.on_conflict = on_conflict
@@ -181,6 +185,11 @@ class Task(Generic[P, R]):
         """Validate and serialize one submit: (header item, payload). Raises before anything is sent."""
         if session is not None and not isinstance(session, Session):
             raise ConfigError(f"session={session!r}: expected a capsule_actors.Session or None")
+        if session is None and self.needs_session:
+            raise ConfigError(
+                f"task {self.name!r} declares the parameter 'session' without a default: submit it with "
+                "session=cpsl.Session(ID), or declare `session: cpsl.Session | None = None`"
+            )
         lock_key = self.lock_key(args, kwargs)
         try:
             payload = cloudpickle.dumps((args, kwargs), protocol=5)

@@ -79,6 +79,7 @@ class ClientRequests:
             messages.AllEvents: self.on_all_events,
             messages.Retry: self.on_retry,
             messages.SessionKV: sessions.on_session_kv,
+            messages.ShowCard: sessions.on_show_card,
             messages.InjectCrash: self.on_inject_crash,
         }
 
