@@ -607,3 +607,27 @@ def test_a_shown_card_follows_the_tasks_progress(start, tmp_path):
     assert [p for p in progress if p is not None][-1] == 1.0
     assert len({p for p in progress if p is not None}) >= 2
     assert next(c for c in cards if c.task_id == target.id and c.kind == "card").data["progress"] == 0.5
+
+
+def test_tasks_of_one_second_have_short_ids_that_tell_them_apart(start, board_of, state_dir):
+    start(app)
+    # Given tasks submitted a few milliseconds apart: their ids start alike
+    hs = add.map([(i, i) for i in range(4)]) + [add.submit(9, 9)]
+    for h in hs:
+        h.result(timeout=30)
+    assert len({h.id[:8] for h in hs}) == 1
+
+    # Then the table, the cards and the board's toasts show their last 8 characters: all different
+    table = cli("tasks", state_dir=state_dir, cwd=TESTS)
+    shown = [line.split()[0] for line in table.stdout.splitlines()[1:]]
+    assert shown == [h.id[-8:] for h in reversed(hs)] and len(set(shown)) == len(hs), table.stdout
+    assert f"id {hs[0].id[-8:]}" in TaskCard(hs[0]).text()
+    assert f">{hs[0].id[-8:]}</span>" in TaskCard(hs[0]).html(styles=False)
+
+    # ... and the board finds a task by its short id (or any part of its id)
+    _, client = board_of(app)
+    for given in (hs[2].id[-8:], hs[2].id, hs[2].id[-8:].upper()):
+        status, body = client.json("GET", f"/api/board?id={given}")
+        assert status == 200 and [t["id"] for col in body["columns"] for t in col["tasks"]] == [hs[2].id], given
+    status, body = client.json("POST", f"/api/tasks/{hs[1].id[-8:]}/retry")
+    assert status == 200 and body["task_id"] != hs[1].id, body

@@ -150,6 +150,7 @@ class BoardRoutes:
             name=q.get("name") or None,
             session=q.get("session") or None,
             lock=q.get("lock") or None,
+            task_id=q.get("id") or None,
             offsets=offsets,
             page_size=page_size,
             names=q.get("names") == "1",

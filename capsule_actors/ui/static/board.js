@@ -7,7 +7,8 @@
   const LIVE = new Set(["QUEUED", "SCHEDULED", "RUNNING"]);
   const $ = (sel) => document.querySelector(sel);
   const state = {
-    filters: { name: "", session: "", lock: "" },
+    filters: { name: "", session: "", lock: "", id: "" },
+    short: new Map(),    // task id -> its short form among the tasks shown (shortIds)
     offsets: Object.fromEntries(COLUMNS.map((c) => [c, 0])),
     pageSize: 50,
     clockSkew: 0,        // server time - browser time, seconds
@@ -33,6 +34,27 @@
     if (s < 86400) return Math.floor(s / 3600) + "h" + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + "m";
     return Math.floor(s / 86400) + "d" + String(Math.floor((s % 86400) / 3600)).padStart(2, "0") + "h";
   }
+  // A task's short id: its last 8 characters (the random part; ids start with the time), or as
+  // many more as it takes to tell it from every other task shown, as git does (ids.short_ids).
+  function shortIds(ids) {
+    const out = new Map();
+    let pending = Array.from(new Set(ids));
+    for (let width = 8; pending.length; width += 4) {
+      const groups = new Map();
+      for (const id of pending) {
+        const end = id.slice(-width);
+        if (!groups.has(end)) groups.set(end, []);
+        groups.get(end).push(id);
+      }
+      pending = [];
+      for (const same of groups.values()) {
+        if (same.length === 1 || width >= 32) for (const id of same) out.set(id, id.slice(-width));
+        else pending.push(...same);
+      }
+    }
+    return out;
+  }
+  function shortId(id) { return state.short.get(id) || String(id).slice(-8); }
   function when(ts) { return ts ? new Date(ts * 1000).toLocaleString() : "-"; }
   function timing(t) {
     if (t.started_at) return "elapsed " + duration((t.finished_at || now()) - t.started_at);
@@ -82,7 +104,7 @@
       pct == null ? "" : pct + "%",
       '<span class="elapsed">' + esc(timing(t)) + "</span>",
       "attempt " + esc(t.attempts),
-      '<span class="cpsl-id" title="' + esc(t.id) + '">' + esc(t.id.slice(0, 8)) + "</span>",
+      '<span class="cpsl-id" title="' + esc(t.id) + '">' + esc(shortId(t.id)) + "</span>",
     ];
     if (t.lock_key) meta.push("lock " + esc(t.lock_key));
     if (t.session_id) meta.push("session " + esc(t.session_id));
@@ -110,7 +132,7 @@
     const existing = new Map();
     for (const el of cards.querySelectorAll(":scope > .cpsl-card")) existing.set(el.dataset.taskId, el);
     const wanted = col.tasks.map((t) => {
-      const sig = JSON.stringify(t);
+      const sig = JSON.stringify(t) + shortId(t.id);
       let el = existing.get(t.id);
       if (!el || el.dataset.sig !== sig) {
         const tpl = document.createElement("template");
@@ -159,6 +181,7 @@
       const data = r.body;
       state.clockSkew = data.now - Date.now() / 1000;
       state.pageSize = data.page_size;
+      state.short = shortIds(data.columns.flatMap((col) => col.tasks.map((t) => t.id)));
       for (const col of data.columns) renderColumn(col, data.page_size);
       if (data.names) {
         $("#names").innerHTML = data.names.map((n) => '<option value="' + esc(n) + '">').join("");
@@ -260,8 +283,8 @@
         return;
       }
       if (!r.ok) { toast(action + " failed: " + r.status + " " + ((r.body && r.body.error) || ""), true); return; }
-      if (action === "cancel") toast(r.body.cancelled ? "Cancelled " + id.slice(0, 8) : "Already finished: " + id.slice(0, 8));
-      else toast("Retried " + id.slice(0, 8) + " as " + r.body.task_id.slice(0, 8) + (r.body.deduplicated ? " (joined a live one)" : ""));
+      if (action === "cancel") toast(r.body.cancelled ? "Cancelled " + shortId(id) : "Already finished: " + shortId(id));
+      else toast("Retried " + shortId(id) + " as " + shortId(r.body.task_id) + (r.body.deduplicated ? " (joined a live one)" : ""));
       scheduleRefresh(0);
       if (state.detailId === id) showDetail(id);
     } catch (e) {
@@ -299,7 +322,7 @@
 
   // ---- wiring ---------------------------------------------------------------------------------
   let filterTimer = null;
-  for (const key of ["name", "session", "lock"]) {
+  for (const key of ["name", "session", "lock", "id"]) {
     $("#f-" + key).addEventListener("input", (e) => {
       state.filters[key] = e.target.value.trim();
       for (const c of COLUMNS) state.offsets[c] = 0;
@@ -309,7 +332,7 @@
   }
   $("#filters").addEventListener("submit", (e) => e.preventDefault());
   $("#f-clear").addEventListener("click", () => {
-    for (const key of ["name", "session", "lock"]) { $("#f-" + key).value = ""; state.filters[key] = ""; }
+    for (const key of ["name", "session", "lock", "id"]) { $("#f-" + key).value = ""; state.filters[key] = ""; }
     for (const c of COLUMNS) state.offsets[c] = 0;
     refresh();
   });
