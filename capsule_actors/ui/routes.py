@@ -111,6 +111,7 @@ class BoardRoutes:
         self._start_feed = start_feed
         self._connection = connection
         self._stopping = stopping
+        self._feed_task: asyncio.Task[None] | None = None
 
     # ---- the page ----------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:
@@ -220,9 +221,7 @@ class BoardRoutes:
     # ---- the live feed -----------------------------------------------------------------------
     async def api_stream(self, request: Request) -> Response:
         """``GET /api/stream``: the live feed as server-sent events (503 when it is not running)."""
-        feed = self._feed()
-        if feed is None:
-            return _json({"error": "the live feed is not running"}, 503)
+        feed = await self._running_feed()
         return StreamingResponse(
             self._events(feed, feed.subscribe()),
             media_type="text/event-stream",
@@ -247,17 +246,30 @@ class BoardRoutes:
         finally:
             feed.unsubscribe(q)
 
+    async def _running_feed(self) -> Feed:
+        """The live feed, started (from the store's last event on) by the lifespan, or by the first
+        stream request when the board is mounted in an app that does not run its lifespan."""
+        feed = self._feed()
+        if feed is None:
+            after = await run_in_threadpool(self.reader.last_seq)
+            feed = self._feed()  # another request may have started it meanwhile
+            if feed is None:
+                feed = self._start_feed(after)
+                self._feed_task = asyncio.create_task(feed.run())
+        return feed
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Run the live feed, from the store's last event on, while the app serves."""
-        after = await run_in_threadpool(self.reader.last_seq)
-        task = asyncio.create_task(self._start_feed(after).run())
+        """Run the live feed while the app serves."""
+        await self._running_feed()
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            task, self._feed_task = self._feed_task, None
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 def build_app(handlers: BoardRoutes) -> Starlette:

@@ -1,4 +1,4 @@
-// capsule-actors task board: renders /api/board, follows /api/stream (server-sent events),
+// capsule-actors task board: renders api/board, follows api/stream (server-sent events),
 // shows a task's detail, and posts cancel/retry. Authentication is the HttpOnly cookie that the
 // first page load (?token=...) set; the script never sees the token.
 "use strict";
@@ -166,7 +166,7 @@
     for (const [k, v] of Object.entries(state.filters)) if (v) p.set(k, v);
     for (const c of COLUMNS) if (state.offsets[c]) p.set("offset_" + c, state.offsets[c]);
     if (withNames) p.set("names", "1");
-    return "/api/board?" + p.toString();
+    return "api/board?" + p.toString();
   }
 
   async function refresh() {
@@ -222,7 +222,7 @@
     for (const el of document.querySelectorAll(".cpsl-card.selected")) el.classList.remove("selected");
     const card = document.querySelector('.cpsl-card[data-task-id="' + CSS.escape(id) + '"]');
     if (card) card.classList.add("selected");
-    const r = await api("/api/tasks/" + encodeURIComponent(id));
+    const r = await api("api/tasks/" + encodeURIComponent(id));
     if (state.detailId !== id) return;
     if (r.status === 401 || r.status === 403) { authProblem(r.status); return; }
     const panel = $("#detail");
@@ -274,7 +274,7 @@
   async function act(action, id, button) {
     if (button) button.disabled = true;
     try {
-      const r = await api("/api/tasks/" + encodeURIComponent(id) + "/" + action,
+      const r = await api("api/tasks/" + encodeURIComponent(id) + "/" + action,
         { method: "POST", headers: { "X-Requested-With": "capsule-board" } });
       if (r.status === 401 || r.status === 403) {
         toast((action === "cancel" ? "Cancel" : "Retry") + " refused: " + r.status +
@@ -296,7 +296,7 @@
 
   // ---- live feed ------------------------------------------------------------------------------
   function connect() {
-    const source = new EventSource("/api/stream");
+    const source = new EventSource("api/stream");
     source.addEventListener("hello", (e) => {
       const d = JSON.parse(e.data);
       setLive(d.online);
