@@ -389,7 +389,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     body, _ = _read(
         args,
         lambda req: messages.ListTasks(req, state, args.limit),
-        lambda reader: reader.list_tasks(states.parse(state) if state else None, args.limit),
+        lambda reader: [  # as the supervisor lists them; no key has an owner while none runs
+            {**row, "owner": None} for row in reader.list_tasks(states.parse(state) if state else None, args.limit)
+        ],
     )
     if args.json:
         print(json.dumps(body, indent=2))

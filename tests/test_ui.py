@@ -631,6 +631,9 @@ def test_tasks_of_one_second_have_short_ids_that_tell_them_apart(start, board_of
         assert status == 200 and [t["id"] for col in body["columns"] for t in col["tasks"]] == [hs[2].id], given
     status, body = client.json("POST", f"/api/tasks/{hs[1].id[-8:]}/retry")
     assert status == 200 and body["task_id"] != hs[1].id, body
+    status, body = client.json("GET", f"/api/tasks/{hs[3].id[-8:]}")
+    assert status == 200 and body["id"] == hs[3].id
+    assert cpsl.TaskHandle.from_id(app, hs[3].id[-8:]).id == hs[3].id  # the API takes short ids too
 
 
 def test_the_board_mounted_under_a_path_of_a_starlette_app_needs_its_token(start, state_dir, tmp_path):

@@ -5,8 +5,9 @@ Each route is one method of :class:`BoardRoutes` (its docstring says what it ans
 
 - ``GET /``: ``page`` (the HTML page); ``GET /favicon.ico``: ``favicon``; ``GET /static/{name}``:
   ``static`` (board.js, board.css, card.css).
-- ``GET /api/board``: ``api_board`` (a page of tasks per column); ``GET /api/tasks/{task_id}``:
-  ``api_task`` (one task's detail). Both read the task store.
+- ``GET /api/board``: ``api_board`` (a page of tasks per column, ``?id=`` finds one by its id or
+  short id); ``GET /api/tasks/{task_id}``: ``api_task`` (one task's detail; a short id works).
+  Both read the task store.
 - ``POST /api/tasks/{task_id}/cancel`` and ``…/retry``: ``api_cancel``, ``api_retry`` (``Cancel``
   and ``Retry`` to the supervisor, through ``_act``).
 - ``GET /api/stream``: ``api_stream`` (the live feed as server-sent events); ``lifespan`` starts
@@ -36,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import messages, store
+from .. import ids, messages, store
 from ..errors import CapsuleError, ConfigError, NotRunning, UnknownTask
 from .data import COLUMNS, Feed, detail, sse
 
@@ -163,11 +164,21 @@ class BoardRoutes:
     async def api_task(self, request: Request) -> Response:
         """``GET /api/tasks/{task_id}``: one task's detail view (404 when there is no such task)."""
         task_id = request.path_params["task_id"]
-        data = await run_in_threadpool(detail, self.reader, task_id) if len(task_id) <= _MAX_TASK_ID else None
+        try:
+            data = await run_in_threadpool(self._detail, task_id) if len(task_id) <= _MAX_TASK_ID else None
+        except ConfigError as exc:  # a short id that several tasks end with
+            return _refusal(exc)
         if data is None:
             return _no_task(task_id)
         data["now"] = time.time()
         return _json(data)
+
+    def _detail(self, task_id: str) -> dict[str, Any] | None:
+        """The detail of the task ``task_id`` names (a full or a short id: ``ids.resolve``)."""
+        try:
+            return detail(self.reader, ids.resolve(task_id, self.reader.find_ids))
+        except UnknownTask:
+            return None
 
     # ---- actions on the supervisor -----------------------------------------------------------
     async def api_cancel(self, request: Request) -> Response:
