@@ -567,10 +567,10 @@ _STORE_CHECK_HELP = (
 
 _EPILOG = """\
 All commands but `keys` and `worker` work on a state directory: --state-dir DIR, else
-$CAPSULE_STATE_DIR, else ./.capsule. `tasks`, `info` and `status` read the task store directly when no supervisor is
-running there; `submit` and `cancel` need a running one (`capsule-actors run MODULE:APP`).
-A task id can be given in full or by its last 8 or more characters, as `tasks` shows it.
-`capsule-actors COMMAND --help` describes each command."""
+$CAPSULE_STATE_DIR, else ./.capsule. `tasks`, `info` and `status` read its task store directly
+when no supervisor is running there; `submit` and `cancel` need a running one
+(`capsule-actors run MODULE:APP`). A task id can be given in full or by its last 8 or more
+characters, as `tasks` shows it. `capsule-actors COMMAND --help` describes each command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
