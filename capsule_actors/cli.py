@@ -269,18 +269,18 @@ def _ask(args: argparse.Namespace, make: Any) -> Any:
     return body
 
 
-def _read(args: argparse.Namespace, make: Any, offline: Any) -> tuple[Any, bool]:
-    """A reading command's answer and whether a supervisor gave it: from the running supervisor
-    (``make`` its request), else straight from the store it used (``offline(reader)``), saying
-    so on stderr. No store either (no runtime ever ran here): NotRunning, saying how to start one."""
+def _read(args: argparse.Namespace, make: Any, offline: Any) -> tuple[Any, NotRunning | None]:
+    """A reading command's answer: from the running supervisor (``make`` its request), else
+    straight from the store it used (``offline(reader)``), saying so on stderr, with the reason
+    none answered. No store either (no runtime ever ran here): NotRunning, saying how to start one."""
     try:
-        return _ask(args, make), True
+        return _ask(args, make), None
     except NotRunning as exc:
         reader = _offline_reader(args, exc)
-    try:
-        return offline(reader), False
-    finally:
-        reader.close()
+        try:
+            return offline(reader), exc
+        finally:
+            reader.close()
 
 
 def _offline_reader(args: argparse.Namespace, not_running: NotRunning) -> StoreReader:
@@ -422,14 +422,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        body, running = _read(args, lambda req: messages.Status(req), _stopped_status)
+        body, not_running = _read(args, lambda req: messages.Status(req), _stopped_status)
     except NotRunning as exc:  # an answer to "status", not a failure to report: on stdout, exit 1
         if args.json:
             raise
         print(f"supervisor {_paint('not running', 'red', use_color(sys.stdout))}: {exc}")
         return 1
-    if not running:  # the last known state, from the store: exit 1, as for "not running"
-        _print_stopped(body, args.json)
+    if not_running is not None:  # the last known state, from the store: exit 1, as for "not running"
+        _print_stopped({**body, "message": str(not_running)}, args.json)
         return 1
     status = messages.StatusSnapshot.from_wire(body)
     if args.json:
@@ -462,7 +462,7 @@ def _print_stopped(body: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(body, indent=2))
         return
     color = use_color(sys.stdout)
-    print(f"supervisor {_paint('stopped', 'red', color)} (start it with `capsule-actors run MODULE:APP`)")
+    print(f"supervisor {_paint('stopped', 'red', color)}: {body['message']}")
     counts = sorted(body["tasks"].items(), key=lambda kv: STATES.index(kv[0]) if kv[0] in STATES else 99)
     print("tasks: " + (", ".join(f"{_paint(k.lower(), STATE_COLORS.get(k), color)} {v}" for k, v in counts) or "none"))
 
