@@ -6,13 +6,12 @@ import dataclasses
 import datetime as _dt
 import functools
 import inspect
-import itertools
 import os
 import random
 import re
 import string
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
@@ -21,6 +20,7 @@ import cloudpickle
 from . import bootstrap
 from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
 from .handle import SessionSubscription, TaskHandle
+from .ids import new_task_id
 from .lifecycle import current_pid
 from .schedules import ScheduleSpec
 from .session import DEFAULT_OWNER_ID, Session, bound_session
@@ -57,20 +57,6 @@ class Backoff:
     def delay(self, retry: int) -> float:
         base = min(self.max, self.initial * self.factor ** max(0, retry - 1))
         return random.uniform(base / 2, base) if self.jitter else base
-
-
-_ID_SOURCE: tuple[int, str, Iterator[int]] = (-1, "", iter(()))
-
-
-def new_task_id() -> str:
-    """32 hex characters, time-ordered: ms timestamp, then 48 random bits drawn once per process
-    (again after a fork), then a counter; unique without a syscall per id."""
-    global _ID_SOURCE
-    pid, prefix, counter = _ID_SOURCE
-    if pid != current_pid():
-        pid, prefix, counter = (current_pid(), os.urandom(6).hex(), itertools.count(random.getrandbits(32)))
-        _ID_SOURCE = (pid, prefix, counter)
-    return f"{time.time_ns() // 1_000_000:012x}{prefix}{next(counter) & 0xFFFFFFFF:08x}"
 
 
 def _lock_fields(template: str) -> list[str]:
@@ -111,6 +97,10 @@ class Task(Generic[P, R]):
         self.name = name or fn.__name__
         self.signature = inspect.signature(fn)
         self.accepts_session = "session" in self.signature.parameters
+        # a `session` parameter without a default: every submit must bind one (``prepare``)
+        self.needs_session = (
+            self.accepts_session and self.signature.parameters["session"].default is inspect.Parameter.empty
+        )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.lock = lock
         self.on_conflict = on_conflict
@@ -181,6 +171,11 @@ class Task(Generic[P, R]):
         """Validate and serialize one submit: (header item, payload). Raises before anything is sent."""
         if session is not None and not isinstance(session, Session):
             raise ConfigError(f"session={session!r}: expected a capsule_actors.Session or None")
+        if session is None and self.needs_session:
+            raise ConfigError(
+                f"task {self.name!r} declares the parameter 'session' without a default: submit it with "
+                "session=cpsl.Session(ID), or declare `session: cpsl.Session | None = None`"
+            )
         lock_key = self.lock_key(args, kwargs)
         try:
             payload = cloudpickle.dumps((args, kwargs), protocol=5)

@@ -16,16 +16,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from . import bootstrap, messages, states
+from . import bootstrap, ids, messages, states
 from .app import App
 from .client import Client
-from .errors import CapsuleError, ConfigError, NotRunning
+from .errors import CapsuleError, ConfigError, NotRunning, UnknownTask
 from .lifecycle import profiled
 from .session import Session
+
+if TYPE_CHECKING:
+    from .store import StoreReader
 
 STATES = tuple(s.value for s in states.ALL)
 
@@ -295,6 +298,38 @@ def _ask(args: argparse.Namespace, make: Any) -> Any:
     return body
 
 
+def _read(args: argparse.Namespace, make: Any, offline: Any) -> tuple[Any, NotRunning | None]:
+    """A reading command's answer: from the running supervisor (``make`` its request), else
+    straight from the store it used (``offline(reader)``), saying so on stderr, with the reason
+    none answered. No store either (no runtime ever ran here): NotRunning, saying how to start one."""
+    try:
+        return _ask(args, make), None
+    except NotRunning as exc:
+        reader = _offline_reader(args, exc)
+        try:
+            return offline(reader), exc
+        finally:
+            reader.close()
+
+
+def _offline_reader(args: argparse.Namespace, not_running: NotRunning) -> StoreReader:
+    """The store of the state directory's last supervisor, opened read-only (nothing created,
+    migrated or locked): ``--store``, else what ``store.json`` names, else SQLite in the state dir."""
+    from . import store
+
+    config = bootstrap.from_environment(args.state_dir)
+    reader = None
+    if config.remote is None:
+        reader = store.open_reader(config.state_dir, bootstrap.check_store(_store_option(args)), still=True)
+    if reader is None:
+        raise not_running
+    print(
+        f"capsule-actors: no supervisor is running for {config.state_dir}; reading its task store directly",
+        file=sys.stderr,
+    )
+    return reader
+
+
 def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
@@ -378,14 +413,23 @@ def _elapsed(t: dict[str, Any]) -> str:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     state = args.status.upper() if args.status else None
-    body = _ask(args, lambda req: messages.ListTasks(req, state, args.limit))
+    if not 1 <= args.limit <= 100_000:
+        raise ConfigError(f"--limit {args.limit}: expected 1..100000")
+    body, _ = _read(
+        args,
+        lambda req: messages.ListTasks(req, state, args.limit),
+        lambda reader: [  # as the supervisor lists them; no key has an owner while none runs
+            {**row, "owner": None} for row in reader.list_tasks(states.parse(state) if state else None, args.limit)
+        ],
+    )
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
     color = use_color(sys.stdout)
+    short = ids.short_ids(t["id"] for t in body)
     rows = [
         [
-            t["id"],
+            short[t["id"]],
             t["name"],
             t["state"],
             str(t["attempts"]),
@@ -407,11 +451,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        body = _ask(args, lambda req: messages.Status(req))
+        body, not_running = _read(args, lambda req: messages.Status(req), _stopped_status)
     except NotRunning as exc:  # an answer to "status", not a failure to report: on stdout, exit 1
         if args.json:
             raise
         print(f"supervisor {_paint('not running', 'red', use_color(sys.stdout))}: {exc}")
+        return 1
+    if not_running is not None:  # the last known state, from the store: exit 1, as for "not running"
+        _print_stopped({**body, "message": str(not_running)}, args.json)
         return 1
     status = messages.StatusSnapshot.from_wire(body)
     if args.json:
@@ -431,6 +478,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.nodes:
         print()
         print(_nodes_table(status.nodes, color))
+    return 0
+
+
+def _stopped_status(reader: StoreReader) -> dict[str, Any]:
+    """``status`` while no supervisor runs: stopped, and the tasks its store holds."""
+    return {"supervisor": {"state": "stopped"}, "actors": [], "nodes": [], "tasks": reader.counts()}
+
+
+def _print_stopped(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(body, indent=2))
+        return
+    color = use_color(sys.stdout)
+    print(f"supervisor {_paint('stopped', 'red', color)}: {body['message']}")
+    counts = sorted(body["tasks"].items(), key=lambda kv: STATES.index(kv[0]) if kv[0] in STATES else 99)
+    print("tasks: " + (", ".join(f"{_paint(k.lower(), STATE_COLORS.get(k), color)} {v}" for k, v in counts) or "none"))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    body, _ = _read(
+        args,
+        lambda req: messages.Info(req, [args.id]),
+        lambda reader: [reader.info(ids.resolve(args.id, reader.find_ids))],
+    )
+    record = body[0] if body else None
+    if record is None:
+        raise UnknownTask(f"no task with id {args.id!r}")
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    fields = {**record, "created_at": _when(record["created_at"]), "started_at": _when(record["started_at"])}
+    fields["finished_at"] = _when(record["finished_at"])
+    fields["progress"] = _pct(record["progress"])
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
+        print(f"{key:<{width}}  {'-' if value is None else value}")
     return 0
 
 
@@ -476,7 +559,10 @@ def _nodes_table(nodes: list[messages.NodeStatus], color: bool) -> str:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    body = _ask(args, lambda req: messages.Cancel(req, args.id))
+    try:
+        body = _ask(args, lambda req: messages.Cancel(req, args.id))
+    except NotRunning as exc:
+        raise NotRunning(f"cancel changes a task, so it needs a running supervisor: {exc}") from None
     print("cancelled" if body else "already finished")
     return 0 if body else 1
 
@@ -508,14 +594,27 @@ _STORE_CHECK_HELP = (
 )
 
 
+_EPILOG = """\
+All commands but `keys` and `worker` work on a state directory: --state-dir DIR, else
+$CAPSULE_STATE_DIR, else ./.capsule. `tasks`, `info` and `status` read its task store directly
+when no supervisor is running there; `submit` and `cancel` need a running one
+(`capsule-actors run MODULE:APP`). A task id can be given in full or by its last 8 or more
+characters, as `tasks` shows it. `capsule-actors COMMAND --help` describes each command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capsule-actors", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="capsule-actors",
+        description="Run and inspect a capsule_actors runtime: its supervisor, tasks and board.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--state-dir", help="state directory (default: $CAPSULE_STATE_DIR or ./.capsule)")
-        if name in ("tasks", "status", "cancel"):
+        if name in ("tasks", "status", "info", "cancel"):
             p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the supervisor")
         p.add_argument("--store", metavar="URL", help=_STORE_HELP if name in ("run", "board") else _STORE_CHECK_HELP)
         return p
@@ -569,10 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tasks)
+    p = add("info", "one task's record (ID: the full id or its last 8+ characters, as `tasks` shows)")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
     p = add("status", "the supervisor and every actor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
-    p = add("cancel", "cancel one task")
+    p = add("cancel", "cancel one task (ID: the full id or its last 8+ characters)")
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=cmd_cancel)
     p = add("board", "serve the live task board on 127.0.0.1 (prints its URL with the access token)")

@@ -131,7 +131,7 @@ class TaskHandle:
     def from_id(cls, app: ClientSource, task_id: str) -> TaskHandle:
         """Re-attach to a task by id, from any process that can reach the runtime."""
         info = cls(app, task_id, "").info()
-        return cls(app, task_id, info.name, info.lock_key)
+        return cls(app, info.id, info.name, info.lock_key)  # a short id (ids.resolve) becomes the full one
 
     @classmethod
     def _submitted(cls, app: ClientSource, name: str, lock_key: str | None, sub: Submitted) -> TaskHandle:

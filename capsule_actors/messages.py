@@ -313,6 +313,21 @@ class SessionKV(Message):
             raise ProtocolError(f"SessionKV {self.op} needs a value")
 
 
+@_message(14)
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShowCard(Message):
+    """``session.show_task(h)`` from app code: the session follows task ``task_id``'s card (a
+    ``card`` event now, and one at each later state change); reply True (UnknownTask: no such task)."""
+
+    req: int
+    session_id: str
+    task_id: str
+
+    def check(self) -> None:
+        if not self.session_id or not self.task_id:
+            raise ProtocolError("ShowCard needs a session id and a task id")
+
+
 @_message(20)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply(Message):

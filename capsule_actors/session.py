@@ -97,8 +97,18 @@ class Session:
         return SessionStream(self)
 
     def show_task(self, handle: Any) -> _Sent:
-        """Emit a task card for ``handle``; later state changes update the same card id."""
-        return self._emit("card", {"card": handle.id, "task_id": handle.id, "name": handle.name})
+        """Emit a task card for ``handle`` to this session; later state changes update the same
+        card id. Inside a task of this session the card goes with the task's other events; from
+        app code (any session) the supervisor sends it, after one round trip to it."""
+        if self.__dict__.get("_channel") is not None:
+            return self._emit("card", {"card": handle.id, "task_id": handle.id, "name": handle.name})
+        from . import messages
+
+        source: ClientSource | None = self.__dict__.get("_runtime") or getattr(handle, "_app", None)
+        if source is None:
+            raise ConfigError(f"show_task({handle!r}): expected a TaskHandle")
+        source.client().call(lambda req: messages.ShowCard(req, self.id, str(handle.id)))
+        return _SENT
 
     # ---- state -------------------------------------------------------------------------------
     @property

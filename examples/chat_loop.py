@@ -64,7 +64,7 @@ class Renderer:
         self.streams: dict[str, list[str]] = {}
 
     def render(self, event: cpsl.TaskEvent) -> None:
-        label = self.labels.get(event.task_id, event.task_id[:8])
+        label = self.labels.get(event.task_id, event.task_id[-8:])
         data = event.data
         if event.kind == "reply":
             print(f"[{label}] bot: {data['text']}")

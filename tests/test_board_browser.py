@@ -74,6 +74,14 @@ async def send_email(to: str) -> str:
     return "sent"
 
 
+LONG_NAME = "build_report_for_the_quarterly_board_meeting"
+
+
+@app.task(name=LONG_NAME)
+async def long_named(n: int) -> int:
+    return n
+
+
 # ---- fixtures --------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -366,3 +374,45 @@ def test_a_board_of_5000_tasks_loads_fast_and_pages_in_the_browser(browser, stat
         wait_until(lambda: pager_text().startswith("51\u2013100"), timeout=WAIT)
         assert not browser.find_elements(By.CSS_SELECTOR, card_selector("SUCCEEDED", first))
         assert "offline" in text(browser, "#live")
+
+
+def test_at_1280_px_cards_show_whole_names_and_short_ids_that_tell_tasks_apart(browser, board, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.set_window_size(1280, 900)
+    # Given tasks submitted in the same millisecond or so (their ids start alike) with a long name
+    done = long_named.map([1, 2, 3])
+    for h in done:
+        h.result(timeout=30)
+    running = [slow.submit(60), slow.submit(60)]
+    assert len({h.id[:8] for h in done + running}) <= 2
+    for h in running:
+        wait_until(lambda h=h: h.status() is cpsl.TaskState.RUNNING)
+    open_board(driver, board["url"])
+    for h in done:
+        wait_card(driver, "SUCCEEDED", h.id)
+
+    # Then each card shows the whole name, wrapped inside its card (nothing cut, nothing spilling)
+    names = driver.execute_script(
+        "return [...document.querySelectorAll('#col-SUCCEEDED .cpsl-name')].map((e) => {"
+        "  const card = e.closest('.cpsl-card').getBoundingClientRect(), r = e.getBoundingClientRect();"
+        "  return [e.innerText, e.scrollWidth <= e.clientWidth + 1, r.right <= card.right + 1]; });")
+    assert names and all(n == [LONG_NAME, True, True] for n in names), names
+
+    # ... and short ids, the ids' last 8 characters, all different
+    shown = {h.id: text(driver, card_selector("SUCCEEDED", h.id) + " .cpsl-id") for h in done}
+    assert shown == {h.id: h.id[-8:] for h in done}
+
+    # When a task is cancelled, the toast names it by its short id
+    wait_card(driver, "RUNNING", running[0].id)
+    click(driver, card_selector("RUNNING", running[0].id) + " button[data-action=cancel]")
+    wait_until(lambda: "Cancelled" in toast_text(driver), timeout=WAIT)
+    assert toast_text(driver) == f"Cancelled {running[0].id[-8:]}"
+
+    # ... and the id search finds one task by its short id
+    driver.find_element(By.ID, "f-id").send_keys(done[1].id[-8:])
+    wait_until(lambda: driver.execute_script(
+        "return [...document.querySelectorAll('.cpsl-card')].map((c) => c.dataset.taskId);") == [done[1].id],
+        timeout=WAIT)
+    assert running[1].cancel()

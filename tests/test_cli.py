@@ -136,7 +136,7 @@ def test_run_serves_submit_tasks_status_cancel_and_sigterm_stops_it(procs, proje
     assert {t["state"] for t in ok_rows} == {"SUCCEEDED"}
     assert len(ok_rows) == 2 and ok_rows[0]["id"] == add_id
     table = cli("tasks", "--status", "running", state_dir=state_dir, cwd=project)
-    assert table.returncode == 0 and slow_id in table.stdout and add_id not in table.stdout
+    assert table.returncode == 0 and slow_id[-8:] in table.stdout and add_id[-8:] not in table.stdout
 
     # `--store` on a command that talks to the supervisor must name the store that supervisor uses:
     # the same one lists the same rows; another is refused naming both, and nothing is submitted
@@ -269,3 +269,65 @@ def test_help_works_as_module_and_console_script(project):
     assert all(command in r2.stdout for command in ("run", "submit", "tasks", "status", "cancel"))
     r3 = subprocess.run([str(script), "submit", "--help"], capture_output=True, text=True, timeout=60, cwd=project)
     assert r3.returncode == 0 and "--wait" in r3.stdout
+    # the help speaks to users: where the state directory comes from, not how the code reads it
+    assert "bootstrap" not in r.stdout and "``" not in r.stdout
+    assert "$CAPSULE_STATE_DIR" in r.stdout and "./.capsule" in r.stdout and "info" in r.stdout
+
+
+def test_reading_commands_read_the_store_when_no_supervisor_runs(procs, project, state_dir, store_url):
+    # Given a supervisor that ran tasks and stopped
+    run = spawn_cli(procs, "run", "mod:app", *_store(store_url), state_dir=state_dir, cwd=project)
+    wait_running(state_dir)
+    r = cli("submit", "mod:app", "add", "[1, 2]", "--wait", state_dir=state_dir, cwd=project)
+    assert (r.returncode, r.stdout.strip()) == (0, "3"), r.stderr
+    assert cli("submit", "mod:app", "boom", "--wait", state_dir=state_dir, cwd=project).returncode == 1
+    online = tasks_json(state_dir, project)
+    assert [t["name"] for t in online] == ["boom", "add"]
+    code, err = stop(run, signal.SIGTERM)
+    assert code == 0, err
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in state_dir.iterdir() if p.is_file())
+
+    # When the reading commands run, then they read the store directly, saying so on stderr
+    r = cli("tasks", "--json", state_dir=state_dir, cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "no supervisor is running" in r.stderr and "reading its task store directly" in r.stderr
+    offline = json.loads(r.stdout)
+    assert [(t["id"], t["state"]) for t in offline] == [(t["id"], t["state"]) for t in online]
+    assert offline[0]["error_type"] == "ValueError"
+    r = cli("tasks", "--status", "failed", state_dir=state_dir, cwd=project)
+    assert r.returncode == 0 and online[0]["id"][-8:] in r.stdout and online[1]["id"][-8:] not in r.stdout
+    r = cli("info", online[1]["id"][-8:], state_dir=state_dir, cwd=project)
+    assert r.returncode == 0 and online[1]["id"] in r.stdout and "SUCCEEDED" in r.stdout, r.stderr
+    r = cli("info", online[0]["id"], "--json", state_dir=state_dir, cwd=project)
+    assert r.returncode == 0 and json.loads(r.stdout)["error_message"] == "boom on purpose", r.stderr
+    r = cli("status", state_dir=state_dir, cwd=project)
+    assert r.returncode == 1 and "supervisor stopped" in r.stdout and "capsule-actors run" in r.stdout
+    assert "succeeded 1" in r.stdout and "failed 1" in r.stdout and "reading its task store" in r.stderr
+    r = cli("status", "--json", state_dir=state_dir, cwd=project)
+    status = json.loads(r.stdout)
+    assert status["supervisor"]["state"] == "stopped" and status["tasks"] == {"SUCCEEDED": 1, "FAILED": 1}
+
+    # ... and a command that changes things says it needs a running supervisor
+    r = cli("cancel", online[1]["id"][-8:], state_dir=state_dir, cwd=project)
+    assert r.returncode == 1 and "needs a running supervisor" in r.stderr and "capsule-actors run" in r.stderr
+
+    # Then reading created, changed and locked nothing: a supervisor starts on the directory at once
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in state_dir.iterdir() if p.is_file()) == before
+    again = spawn_cli(procs, "run", "mod:app", *_store(store_url), state_dir=state_dir, cwd=project)
+    assert wait_running(state_dir).pid == again.pid
+    assert [t["id"] for t in tasks_json(state_dir, project)] == [t["id"] for t in online]
+    assert stop(again, signal.SIGTERM)[0] == 0
+
+
+def test_info_and_cancel_take_a_short_id(procs, project, state_dir):
+    spawn_cli(procs, "run", "mod:app", state_dir=state_dir, cwd=project)
+    wait_running(state_dir)
+    slow_id = cli("submit", "mod:app", "slow", "[60]", state_dir=state_dir, cwd=project).stdout.strip()
+    assert HEX_ID.fullmatch(slow_id)
+    r = cli("info", slow_id[-8:], "--json", state_dir=state_dir, cwd=project)
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == slow_id, r.stderr
+    r = bounded_cli("cancel", slow_id[-10:], state_dir=state_dir, cwd=project, timeout=20)
+    assert (r.returncode, r.stdout.strip()) == (0, "cancelled"), r.stderr
+    assert {t["id"]: t["state"] for t in tasks_json(state_dir, project)}[slow_id] == "CANCELLED"
+    r = cli("info", "0" * 8, state_dir=state_dir, cwd=project)
+    assert r.returncode == 1 and "UnknownTask" in r.stderr and "00000000" in r.stderr

@@ -36,6 +36,15 @@ def test_demo_runs_and_prints_every_outcome(tmp_path):
     assert re.search(r"^done in [\d.]+s; task history is kept in .*\.capsule$", lines[-1]), out
     assert (tmp_path / ".capsule" / "capsule.db").exists()
 
+    # ... and that history can be read once the demo (and its supervisor) has ended
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("CAPSULE_STATE_DIR", None)
+    tasks = subprocess.run([sys.executable, "-m", "capsule_actors", "tasks"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert tasks.returncode == 0, tasks.stderr
+    assert len(tasks.stdout.splitlines()) == 1 + 7 and "broken" in tasks.stdout, tasks.stdout
+    assert "no supervisor is running" in tasks.stderr
+
 
 def test_chat_loop_renders_the_session_events_and_keeps_history(tmp_path):
     out = run_example("chat_loop.py", tmp_path).stdout

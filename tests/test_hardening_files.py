@@ -140,7 +140,10 @@ def _assert_not_running(state_dir: Path, stale_pid: int) -> None:
     assert f"supervisor.json names pid {stale_pid}" in out["message"], out
     shown = cli("status", state_dir=state_dir, timeout=60)
     assert shown.returncode == 1, (shown.stdout, shown.stderr)
-    assert shown.stdout.startswith("supervisor not running: "), (shown.stdout, shown.stderr)
+    # with a store there, status reads it and shows the supervisor as stopped, saying why
+    said = "supervisor stopped: " if (state_dir / "capsule.db").exists() else "supervisor not running: "
+    assert shown.stdout.startswith(said), (shown.stdout, shown.stderr)
+    assert f"supervisor.json names pid {stale_pid}" in shown.stdout
     assert str(state_dir) in shown.stdout
     assert read_runtime_file(state_dir) is None  # what the board's feed and reconnects read
 

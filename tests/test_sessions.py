@@ -18,6 +18,7 @@ import pytest
 from conftest import wait_until
 
 import capsule_actors as cpsl
+from capsule_actors import messages
 
 STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
 
@@ -274,6 +275,23 @@ async def use_leaked_session() -> tuple[int, str]:
     except cpsl.ConfigError:
         return os.getpid(), "ConfigError"
     return os.getpid(), "no error"
+
+
+@app.task
+async def needs_session(text: str, session: cpsl.Session) -> str:
+    return f"{session.id}: {text}"
+
+
+@app.task
+async def show_from_task(task_id: str, session: cpsl.Session | None = None) -> str:
+    session.show_task(cpsl.TaskHandle.from_id(app, task_id))
+    return task_id
+
+
+@app.task
+async def gated(gate: str) -> str:
+    await _wait_for_file(gate)
+    return "opened"
 
 
 async def _wait_for_file(path: str, limit: float = 60.0) -> None:
@@ -884,3 +902,60 @@ def test_a_subscription_with_a_timeout_is_bounded(start):
     assert [e.data["text"] for e in events if e.kind == "reply"] == ["r0", "r1"]
     with pytest.raises(cpsl.ConfigError, match="timeout"):
         app.subscribe(sid, timeout=-1)
+
+
+# ---- task cards shown from app code; a session parameter without a default ----------------
+
+def test_show_task_from_app_code_sends_the_card_and_its_updates_to_that_session(start, tmp_path):
+    start(app, workers=2, process_workers=1)
+    gate = tmp_path / "gate"
+    h = gated.submit(str(gate))  # a task of no session at all
+    wait_until(lambda: h.status() is cpsl.TaskState.RUNNING, timeout=30)
+
+    # When app code (not a task) shows the task to two sessions, a bare one and app.session()'s
+    cpsl.Session("viewer-1").show_task(h)
+    app.session("viewer-2").show_task(h)
+    gate.touch()
+    assert h.result(timeout=30) == "opened"
+
+    # Then each session's subscribers get the card, then its update as the task ends
+    for sid in ("viewer-1", "viewer-2"):
+        def final(events: list[cpsl.TaskEvent]) -> bool:
+            return any(e.kind == "card" and e.data.get("state") == "SUCCEEDED" for e in events)
+
+        cards = take_sync(app.subscribe(sid), final, timeout=30)
+        assert all(e.kind == "card" and e.task_id == h.id and e.session_id == sid for e in cards), cards
+        assert cards[0].data["state"] == "RUNNING" and cards[0].data["name"] == "gated"
+        assert cards[-1].data["card"] == h.id and cards[-1].data.get("update")
+
+    # ... and an unknown task is refused by name, nothing shown
+    ghost = cpsl.TaskHandle(app, "0" * 32, "ghost")
+    with pytest.raises(cpsl.UnknownTask, match="0{32}"):
+        cpsl.Session("viewer-3").show_task(ghost)
+
+
+def test_show_task_inside_a_task_still_goes_with_the_tasks_events(start):
+    start(app, workers=2, process_workers=1)
+    target = needs_session.submit("x", session=cpsl.Session("other"))
+    target.result(timeout=30)
+    shower_result = show_from_task.submit(target.id, session=cpsl.Session("in-task")).result(timeout=30)
+    assert shower_result == target.id
+    cards = take_sync(app.subscribe("in-task"), lambda es: any(e.kind == "card" for e in es), timeout=30)
+    card = next(e for e in cards if e.kind == "card")
+    assert card.task_id == target.id and card.data["state"] == "SUCCEEDED"
+
+
+def test_a_session_parameter_without_a_default_needs_session_at_submit(start, state_dir):
+    # Without a runtime: the error comes before anything is sent, naming the task and the parameter
+    for submit in (lambda: needs_session.submit("hi"), lambda: needs_session.map(["a", "b"]),
+                   lambda: needs_session.schedule("hi", delay=5),
+                   lambda: asyncio.run(needs_session.asubmit("hi"))):
+        with pytest.raises(cpsl.ConfigError, match="needs_session.*'session'.*session=cpsl.Session"):
+            submit()
+    # With one: the same, nothing recorded; with session= it runs
+    start(app, workers=1, process_workers=1)
+    with pytest.raises(cpsl.ConfigError, match="'session'"):
+        needs_session.submit("hi")
+    assert needs_session.submit("hi", session=cpsl.Session("s1")).result(timeout=30) == "s1: hi"
+    rows, _ = app.client().call(lambda req: messages.ListTasks(req, None, 10))
+    assert [r["name"] for r in rows] == ["needs_session"]

@@ -205,3 +205,35 @@ def test_an_unreachable_server_or_a_bad_schema_is_a_clear_error(tmp_path: Path):
     assert "s3cret" not in str(err.value)
     with pytest.raises(ConfigError, match="schema 'Bad-Name'"):
         stores.open_store(tmp_path, f"postgresql:///capsule?schema=Bad-Name&host={tmp_path}", "app")
+
+
+def test_short_ids_are_found_by_their_ending_and_an_ending_of_two_is_refused(task_store, store_reader):
+    from capsule_actors import ids
+    from capsule_actors.errors import ConfigError, UnknownTask
+
+    # Given tasks of one second: the same first 24 characters, and two that share their last 8
+    base = "0190a1b2c3d4" + "e5f6a7b8c9d0"
+    a, b, c = base + "00000001", base + "00000002", "0190a1b2c3d5" + "ffffffffffff" + "00000002"
+    db = task_store
+    db.begin()
+    db.insert_tasks([new(a), new(b, state=SUCCEEDED), new(c)])
+    db.commit()
+    for reader in (db, store_reader()):
+        # Then the last 8 find one task, a full id is itself, and an ending of two is refused naming both
+        assert ids.resolve("00000001", reader.find_ids) == a
+        assert ids.resolve(a, reader.find_ids) == a
+        with pytest.raises(ConfigError, match=f"{b}.*{c}|{c}.*{b}"):
+            ids.resolve("00000002", reader.find_ids)
+        assert ids.resolve("d0" + "00000002", reader.find_ids) == b  # more of it tells them apart
+        with pytest.raises(UnknownTask, match="0000000f"):
+            ids.resolve("0000000f", reader.find_ids)
+    reader = store_reader()
+    assert reader.info(b)["state"] == "SUCCEEDED" and reader.counts() == {"QUEUED": 2, "SUCCEEDED": 1}
+    assert [t["id"] for t in reader.list_tasks(None, 10)] == [c, b, a]
+    assert [t["id"] for t in reader.list_tasks(QUEUED, 10)] == [c, a]
+    page = reader.board(task_id="00000002")
+    assert {t["id"] for col in page["columns"] for t in col["tasks"]} == {b, c}
+
+    # ... and where two shown tasks share their last 8 characters, both show more (as git does)
+    assert ids.short_ids([a, b, c]) == {a: "00000001", b: "c9d000000002", c: "ffff00000002"}
+    assert ids.short_id(a) == "00000001"

@@ -102,7 +102,7 @@ def test_card_from_card_event_data_renders_text_and_html():
         "0123456789abcdef", "build_report", cpsl.TaskState.RUNNING, 2, 0.5)
     text = card.text(now=1013.25)
     assert text.splitlines() == [
-        "build_report  RUNNING  attempt 2  id 01234567",
+        "build_report  RUNNING  attempt 2  id 89abcdef",
         "[##########----------]  50%  elapsed 3.2s",
     ]
     assert str(card) == card.text() and "█" in card.text(unicode=True)
@@ -607,3 +607,105 @@ def test_a_shown_card_follows_the_tasks_progress(start, tmp_path):
     assert [p for p in progress if p is not None][-1] == 1.0
     assert len({p for p in progress if p is not None}) >= 2
     assert next(c for c in cards if c.task_id == target.id and c.kind == "card").data["progress"] == 0.5
+
+
+def test_tasks_of_one_second_have_short_ids_that_tell_them_apart(start, board_of, state_dir):
+    start(app)
+    # Given tasks submitted a few milliseconds apart: their ids start alike
+    hs = add.map([(i, i) for i in range(4)]) + [add.submit(9, 9)]
+    for h in hs:
+        h.result(timeout=30)
+    assert len({h.id[:8] for h in hs}) == 1
+
+    # Then the table, the cards and the board's toasts show their last 8 characters: all different
+    table = cli("tasks", state_dir=state_dir, cwd=TESTS)
+    shown = [line.split()[0] for line in table.stdout.splitlines()[1:]]
+    assert shown == [h.id[-8:] for h in reversed(hs)] and len(set(shown)) == len(hs), table.stdout
+    assert f"id {hs[0].id[-8:]}" in TaskCard(hs[0]).text()
+    assert f">{hs[0].id[-8:]}</span>" in TaskCard(hs[0]).html(styles=False)
+
+    # ... and the board finds a task by its short id (or any part of its id)
+    _, client = board_of(app)
+    for given in (hs[2].id[-8:], hs[2].id, hs[2].id[-8:].upper()):
+        status, body = client.json("GET", f"/api/board?id={given}")
+        assert status == 200 and [t["id"] for col in body["columns"] for t in col["tasks"]] == [hs[2].id], given
+    status, body = client.json("POST", f"/api/tasks/{hs[1].id[-8:]}/retry")
+    assert status == 200 and body["task_id"] != hs[1].id, body
+    status, body = client.json("GET", f"/api/tasks/{hs[3].id[-8:]}")
+    assert status == 200 and body["id"] == hs[3].id
+    assert cpsl.TaskHandle.from_id(app, hs[3].id[-8:]).id == hs[3].id  # the API takes short ids too
+
+
+def test_the_board_mounted_under_a_path_of_a_starlette_app_needs_its_token(start, state_dir, tmp_path):
+    import socket
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    start(app)
+    gate = tmp_path / "gate"
+    h = gated.submit(str(gate))
+    wait_until(lambda: h.status() is cpsl.TaskState.RUNNING)
+
+    # Given the board mounted at /tasks in an app of the user's own (which runs no board lifespan)
+    board = TaskBoard(app)
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("the user's own app")
+
+    host_app = Starlette(routes=[Route("/", home), Mount("/tasks", board.asgi())])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(host_app, log_level="warning", lifespan="off", http="h11",
+                                           ws="none", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout=15)
+        client = Client(port, board.token)
+        assert client.request("GET", "/", auth=False)[2] == b"the user's own app"
+
+        # Then every board route under /tasks needs the token: 401 without, 403 wrong, 200 with it
+        for method, path in ROUTES:
+            path = "/tasks" + path.format(id=h.id)
+            if method == "GET" and not path.endswith("stream"):
+                assert client.request(method, path, auth=False)[0] == 401, path
+                assert client.request(method, path, {"X-Capsule-Token": "x" * 43})[0] == 403, path
+        status, data = client.json("GET", "/tasks/api/board")
+        assert status == 200 and [t["id"] for t in data["columns"][2]["tasks"]] == [h.id]
+
+        # ... the first load with ?token= keeps the page and its cookie under /tasks/
+        status, headers, _ = client.request("GET", f"/tasks/?token={board.token}", auth=False)
+        assert status == 303 and headers["location"] == "/tasks/"
+        assert "Path=/tasks/;" in headers["set-cookie"]
+        jar = {"Cookie": headers["set-cookie"].split(";")[0]}
+        status, _, page = client.request("GET", "/tasks/", jar, auth=False)
+        assert status == 200 and b'src="static/board.js"' in page and b'"/static' not in page
+        assert client.request("GET", "/tasks/static/board.js", jar, auth=False)[0] == 200
+
+        # ... the live feed runs (started by the first page that follows it) and actions work
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        try:
+            conn.request("GET", "/tasks/api/stream", headers={"X-Capsule-Token": board.token})
+            resp = conn.getresponse()
+            assert resp.status == 200
+            _read_sse(resp, "hello", time.monotonic() + 20)
+            status, body = client.json("POST", f"/tasks/api/tasks/{h.id[-8:]}/cancel")
+            assert status == 200 and body["cancelled"] is True
+            deadline = time.monotonic() + 20
+            seen: set[str] = set()
+            while h.id not in seen:
+                seen.update(_read_sse(resp, "tasks", deadline)["ids"])
+        finally:
+            conn.close()
+        assert h.status() is cpsl.TaskState.CANCELLED
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        board.stop()
+        gate.touch()

@@ -76,9 +76,12 @@ def remembered(state_dir: Path) -> tuple[str | None, str]:
         return None, ""
 
 
-def open_reader(state_dir: Path, url: str | None = None, app_name: str = "") -> StoreReader | None:
+def open_reader(
+    state_dir: Path, url: str | None = None, app_name: str = "", *, still: bool = False
+) -> StoreReader | None:
     """A read-only view of the store, or None when no runtime ever ran there (SQLite: no file).
-    Without ``url`` (or an app name), what the state directory's supervisor used (``remember``)."""
+    Without ``url`` (or an app name), what the state directory's supervisor used (``remember``).
+    ``still``: no supervisor writes it now, so reading must leave no file behind (``SQLiteReader``)."""
     if url is None or not app_name:
         known_url, known_app = remembered(state_dir)
         url, app_name = url or known_url, app_name or known_app
@@ -88,7 +91,7 @@ def open_reader(state_dir: Path, url: str | None = None, app_name: str = "") -> 
         assert url is not None
         return PostgresReader(url, app_name)
     path = sqlite_path(state_dir, url)
-    return SQLiteReader(path) if path.is_file() else None
+    return SQLiteReader(path, still) if path.is_file() else None
 
 
 __all__ = [

@@ -182,6 +182,11 @@ class TaskStore(abc.ABC):
         """Task records, newest first."""
 
     @abc.abstractmethod
+    def find_ids(self, ending: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids that end with ``ending`` (a short id: ``ids.resolve``); a scan, off
+        the hot path."""
+
+    @abc.abstractmethod
     def live_tasks(self) -> Iterator[StoredTask]:
         """Every queued, scheduled or running task in submit order (recovery at start)."""
 
@@ -261,7 +266,8 @@ class TaskStore(abc.ABC):
 
 
 class StoreReader(abc.ABC):
-    """Read-only access for other processes (the board, the clock): never blocks the writer."""
+    """Read-only access for other processes (the board, the clock, the CLI while no supervisor
+    runs): never blocks the writer, and never creates, migrates or locks anything."""
 
     @abc.abstractmethod
     def snapshot(self) -> AbstractContextManager[None]:
@@ -281,8 +287,26 @@ class StoreReader(abc.ABC):
         offsets: dict[str, int] | None = None,
         page_size: int = 50,
         names: bool = False,
+        task_id: str | None = None,
     ) -> dict[str, Any]:
-        """Every state's count under the substring filters and one page of its tasks."""
+        """Every state's count under the substring filters (``task_id``: a full or short id, or any
+        part of one) and one page of its tasks."""
+
+    @abc.abstractmethod
+    def info(self, task_id: str) -> dict[str, Any] | None:
+        """The task's record (the fields of ``TaskInfo``), or None (``TaskStore.info``)."""
+
+    @abc.abstractmethod
+    def list_tasks(self, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
+        """Task records, newest first (``TaskStore.list_tasks``)."""
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Tasks per state."""
+
+    @abc.abstractmethod
+    def find_ids(self, ending: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids that end with ``ending`` (``TaskStore.find_ids``)."""
 
     @abc.abstractmethod
     def task_detail(self, task_id: str, max_events: int = 200) -> dict[str, Any] | None:

@@ -209,6 +209,18 @@ def _info(row: tuple[Any, ...]) -> dict[str, Any]:
     return dict(zip(INFO_FIELDS, row))
 
 
+# reads the supervisor's store and the readers share
+_INFO_SQL = f"SELECT {_INFO} FROM {{s}}.tasks WHERE id=%s"
+_COUNTS_SQL = "SELECT state, count(*) FROM {s}.tasks GROUP BY state"
+_FIND_IDS_SQL = "SELECT id FROM {s}.tasks WHERE right(id, %s) = %s LIMIT %s"  # a scan: short ids only
+
+
+def _list_sql(state: TaskState | None, limit: int) -> tuple[str, tuple[Any, ...]]:
+    if state:
+        return f"SELECT {_INFO} FROM {{s}}.tasks WHERE state=%s ORDER BY seq DESC LIMIT %s", (state.value, limit)
+    return f"SELECT {_INFO} FROM {{s}}.tasks ORDER BY seq DESC LIMIT %s", (limit,)
+
+
 class _Rows:
     """A statement's answer, read at once (in pipeline mode, reading it is the round trip)."""
 
@@ -638,7 +650,7 @@ class PostgresStore(TaskStore):
 
     # ---- reads -------------------------------------------------------------------------------
     def info(self, task_id: str) -> dict[str, Any] | None:
-        row = self._q(f"SELECT {_INFO} FROM {{s}}.tasks WHERE id=%s", (task_id,)).fetchone()
+        row = self._q(_INFO_SQL, (task_id,)).fetchone()
         return _info(row) if row else None
 
     def outcome(self, task_id: str) -> tuple[TaskState, bytes | None, list[str | None]] | None:
@@ -650,13 +662,10 @@ class PostgresStore(TaskStore):
         return TaskState(row[0]), bytes(row[1]) if row[1] is not None else None, [row[2], row[3], row[4]]
 
     def list_tasks(self, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
-        if state:
-            cur = self._q(
-                f"SELECT {_INFO} FROM {{s}}.tasks WHERE state=%s ORDER BY seq DESC LIMIT %s", (state.value, limit)
-            )
-        else:
-            cur = self._q(f"SELECT {_INFO} FROM {{s}}.tasks ORDER BY seq DESC LIMIT %s", (limit,))
-        return [_info(r) for r in cur.fetchall()]
+        return [_info(r) for r in self._q(*_list_sql(state, limit)).fetchall()]
+
+    def find_ids(self, ending: str, limit: int) -> list[str]:
+        return [r[0] for r in self._q(_FIND_IDS_SQL, (len(ending), ending, limit)).fetchall()]
 
     def live_tasks(self) -> Iterator[StoredTask]:
         rows = self._q(f"SELECT {_STORED} FROM {{s}}.tasks WHERE state IN {_LIVE_SQL} ORDER BY seq").fetchall()
@@ -686,7 +695,7 @@ class PostgresStore(TaskStore):
         return int(self._q(f"SELECT count(*) FROM {{s}}.tasks WHERE state='{TaskState(state).value}'").value())
 
     def counts(self) -> dict[str, int]:
-        return {r[0]: int(r[1]) for r in self._q("SELECT state, count(*) FROM {s}.tasks GROUP BY state").fetchall()}
+        return {r[0]: int(r[1]) for r in self._q(_COUNTS_SQL).fetchall()}
 
     def exists(self, task_id: str) -> bool:
         return self._q("SELECT 1 FROM {s}.tasks WHERE id=%s", (task_id,)).fetchone() is not None
@@ -878,6 +887,19 @@ class PostgresReader(StoreReader):
             with contextlib.suppress(Exception):
                 conn.close()
 
+    def info(self, task_id: str) -> dict[str, Any] | None:
+        row = self._q(_INFO_SQL, (task_id,)).fetchone()
+        return _info(row) if row else None
+
+    def list_tasks(self, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
+        return [_info(r) for r in self._q(*_list_sql(state, limit)).fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self._q(_COUNTS_SQL).fetchall()}
+
+    def find_ids(self, ending: str, limit: int) -> list[str]:
+        return [r[0] for r in self._q(_FIND_IDS_SQL, (len(ending), ending, limit)).fetchall()]
+
     def last_seq(self) -> int:
         row = self._q("SELECT max(seq) FROM {s}.events").fetchone()
         return int(row[0] or 0)
@@ -891,9 +913,11 @@ class PostgresReader(StoreReader):
         offsets: dict[str, int] | None = None,
         page_size: int = 50,
         names: bool = False,
+        task_id: str | None = None,
     ) -> dict[str, Any]:
         where, params = [], []
-        for column, value in (("name", name), ("session_id", session), ("lock_key", lock)):
+        task_id = task_id and task_id.strip().lower()
+        for column, value in (("name", name), ("session_id", session), ("lock_key", lock), ("id", task_id)):
             if value:
                 where.append(f"strpos({column}, %s) > 0")
                 params.append(value)

@@ -577,8 +577,7 @@ class SQLiteStore(TaskStore):
 
     # ---- reads -------------------------------------------------------------------------------
     def info(self, task_id: str) -> dict[str, Any] | None:
-        row = self.db.execute(f"SELECT {_INFO} FROM tasks WHERE id=?", (task_id,)).fetchone()
-        return _info(row) if row else None
+        return _task_info(self.db, task_id)
 
     def outcome(self, task_id: str) -> tuple[TaskState, bytes | None, list[str | None]] | None:
         row = self.db.execute(
@@ -589,13 +588,10 @@ class SQLiteStore(TaskStore):
         return TaskState(row[0]), row[1], [row[2], row[3], row[4]]
 
     def list_tasks(self, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
-        if state:
-            rows = self.db.execute(
-                f"SELECT {_INFO} FROM tasks WHERE state=? ORDER BY rowid DESC LIMIT ?", (state, limit)
-            )
-        else:
-            rows = self.db.execute(f"SELECT {_INFO} FROM tasks ORDER BY rowid DESC LIMIT ?", (limit,))
-        return [_info(r) for r in rows]
+        return _list_tasks(self.db, state, limit)
+
+    def find_ids(self, ending: str, limit: int) -> list[str]:
+        return _find_ids(self.db, ending, limit)
 
     def live_tasks(self) -> Iterator[StoredTask]:
         rows = self.db.execute(f"SELECT {_STORED} FROM tasks WHERE state IN {_LIVE_SQL} ORDER BY rowid").fetchall()
@@ -626,7 +622,7 @@ class SQLiteStore(TaskStore):
         return int(self.db.execute("SELECT count(*) FROM tasks WHERE state=?", (state,)).fetchone()[0])
 
     def counts(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state")}
+        return _counts(self.db)
 
     def exists(self, task_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone() is not None
@@ -713,6 +709,28 @@ class SQLiteStore(TaskStore):
         return [(k, v) for k, v in rows]
 
 
+def _task_info(db: sqlite3.Connection, task_id: str) -> dict[str, Any] | None:
+    row = db.execute(f"SELECT {_INFO} FROM tasks WHERE id=?", (task_id,)).fetchone()
+    return _info(tuple(row)) if row else None
+
+
+def _list_tasks(db: sqlite3.Connection, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
+    if state:
+        rows = db.execute(f"SELECT {_INFO} FROM tasks WHERE state=? ORDER BY rowid DESC LIMIT ?", (state, limit))
+    else:
+        rows = db.execute(f"SELECT {_INFO} FROM tasks ORDER BY rowid DESC LIMIT ?", (limit,))
+    return [_info(tuple(r)) for r in rows]
+
+
+def _find_ids(db: sqlite3.Connection, ending: str, limit: int) -> list[str]:
+    rows = db.execute("SELECT id FROM tasks WHERE substr(id, -?) = ? LIMIT ?", (len(ending), ending, limit))
+    return [r[0] for r in rows]
+
+
+def _counts(db: sqlite3.Connection) -> dict[str, int]:
+    return {r[0]: int(r[1]) for r in db.execute("SELECT state, count(*) FROM tasks GROUP BY state")}
+
+
 def _events_after(
     db: sqlite3.Connection, after: int, limit: int, task_id: str | None, session_id: str | None
 ) -> list[dict[str, Any]]:
@@ -749,10 +767,10 @@ _CARD_ROW = (
 MAX_PAGE = 200
 
 
-def _filters(name: str | None, session: str | None, lock: str | None) -> tuple[str, list[Any]]:
-    """Substring filters (case-sensitive) on name, session id and lock key."""
+def _filters(name: str | None, session: str | None, lock: str | None, task_id: str | None) -> tuple[str, list[Any]]:
+    """Substring filters (case-sensitive) on name, session id, lock key and id."""
     where, params = [], []
-    for column, value in (("name", name), ("session_id", session), ("lock_key", lock)):
+    for column, value in (("name", name), ("session_id", session), ("lock_key", lock), ("id", task_id)):
         if value:
             where.append(f"instr({column}, ?) > 0")
             params.append(value)
@@ -774,10 +792,15 @@ def _json(text: str) -> Any:
 
 
 class SQLiteReader(StoreReader):
-    """Read-only connections to ``capsule.db`` (``mode=ro``, ``query_only``), one per thread."""
+    """Read-only connections to ``capsule.db`` (``mode=ro``, ``query_only``), one per thread.
 
-    def __init__(self, path: Path) -> None:
+    ``still``: nobody writes the file now (no supervisor runs, the CLI checked). Without a WAL
+    file (a supervisor that stopped cleanly leaves none) it is then opened ``immutable``, since a
+    plain read-only open of a WAL database creates its ``-wal`` and ``-shm`` files."""
+
+    def __init__(self, path: Path, still: bool = False) -> None:
         self.path = path
+        self._mode = "ro&immutable=1" if still and not path.with_name(path.name + "-wal").exists() else "ro"
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
@@ -786,7 +809,7 @@ class SQLiteReader(StoreReader):
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
-                f"file:{quote(str(self.path))}?mode=ro",
+                f"file:{quote(str(self.path))}?mode={self._mode}",
                 uri=True,
                 check_same_thread=False,
                 timeout=10.0,
@@ -818,6 +841,18 @@ class SQLiteReader(StoreReader):
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
+    def info(self, task_id: str) -> dict[str, Any] | None:
+        return _task_info(self._db(), task_id)
+
+    def list_tasks(self, state: TaskState | None, limit: int) -> list[dict[str, Any]]:
+        return _list_tasks(self._db(), state, limit)
+
+    def counts(self) -> dict[str, int]:
+        return _counts(self._db())
+
+    def find_ids(self, ending: str, limit: int) -> list[str]:
+        return _find_ids(self._db(), ending, limit)
+
     def last_seq(self) -> int:
         row = self._db().execute("SELECT max(seq) FROM events").fetchone()
         return int(row[0] or 0)
@@ -831,8 +866,9 @@ class SQLiteReader(StoreReader):
         offsets: dict[str, int] | None = None,
         page_size: int = 50,
         names: bool = False,
+        task_id: str | None = None,
     ) -> dict[str, Any]:
-        where, params = _filters(name, session, lock)
+        where, params = _filters(name, session, lock, task_id and task_id.strip().lower())
         offsets = offsets or {}
         page_size = max(1, min(MAX_PAGE, page_size))
         with self.snapshot():  # one snapshot for counts and pages

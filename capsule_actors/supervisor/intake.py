@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import journal, messages
-from ..app import new_task_id
 from ..errors import (
     Backpressure,
     CapsuleError,
@@ -23,6 +22,7 @@ from ..errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
+from ..ids import new_task_id
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
 from .nodes import NODE_LOSS

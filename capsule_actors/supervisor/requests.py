@@ -8,8 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import messages, states
-from ..app import new_task_id
+from .. import ids, messages, states
 from ..errors import (
     CapsuleError,
     CapsuleInternalError,
@@ -18,6 +17,7 @@ from ..errors import (
     StoreUnavailable,
     UnknownTask,
 )
+from ..ids import new_task_id
 from ..states import CANCELLED, QUEUED, SCHEDULED
 from .intake import NO_ARGS
 from .tasks import PendingSubmit
@@ -79,6 +79,7 @@ class ClientRequests:
             messages.AllEvents: self.on_all_events,
             messages.Retry: self.on_retry,
             messages.SessionKV: sessions.on_session_kv,
+            messages.ShowCard: sessions.on_show_card,
             messages.InjectCrash: self.on_inject_crash,
         }
 
@@ -125,14 +126,25 @@ class ClientRequests:
     def on_forget(self, ident: bytes, msg: messages.Forget, payload: Frames) -> None:
         self._waiters.forget(ident, msg.req)
 
+    def _full_id(self, given: str) -> str:
+        """A task id as a user gave it: the full id, or an ending of it (``ids.resolve``)."""
+        return ids.resolve(given, self._store.find_ids)
+
+    def _info(self, given: str) -> dict[str, Any] | None:
+        try:
+            return self._store.info(self._full_id(given))
+        except UnknownTask:
+            return None
+
     def on_info(self, ident: bytes, msg: messages.Info, payload: Frames) -> None:
-        self._outbox.reply(ident, msg.req, True, [self._store.info(tid) for tid in msg.task_ids[:1000]])
+        self._outbox.reply(ident, msg.req, True, [self._info(tid) for tid in msg.task_ids[:1000]])
 
     def on_cancel(self, ident: bytes, msg: messages.Cancel, payload: Frames) -> None:
-        task = self._intake.load_stored(msg.task_id)
+        task_id = self._full_id(msg.task_id)
+        task = self._intake.load_stored(task_id)
         if task is None:
-            if self._store.info(msg.task_id) is None:
-                raise unknown(msg.task_id)
+            if self._store.info(task_id) is None:
+                raise unknown(task_id)
             self._outbox.reply(ident, msg.req, True, False)
             return
         if task.state == states.RUNNING and task.actor is not None:
@@ -165,12 +177,13 @@ class ClientRequests:
         self._waiters.poll(ident, msg.req, ("a", ""), msg.after)
 
     def on_retry(self, ident: bytes, msg: messages.Retry, payload: Frames) -> None:
-        row = self._store.retry_row(msg.task_id)
+        task_id = self._full_id(msg.task_id)
+        row = self._store.retry_row(task_id)
         if row is None:
-            raise unknown(msg.task_id)
+            raise unknown(task_id)
         name, state, lock_key, sid, sowner, args = row
         if not states.TaskState(state).terminal:
-            raise ConfigError(f"task {msg.task_id} is {state}: only a finished task can be retried")
+            raise ConfigError(f"task {task_id} is {state}: only a finished task can be retried")
         self._app.get_task(name)
         self._intake.refuse_if_full()
         item = [new_task_id(), name, lock_key, sid, sowner, None]

@@ -1,6 +1,6 @@
 """Sessions on the supervisor's side: the events a running attempt emits (reply, notify, stream,
-progress, task cards) and ``session.db``, whose every read and write comes here, so the store has
-one writer."""
+progress, task cards), task cards shown from app code (``ShowCard``), and ``session.db``, whose
+every read and write comes here, so the store has one writer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from .. import messages
-from ..errors import ConfigError, ProtocolError
+from ..errors import ConfigError, ProtocolError, UnknownTask
 
 if TYPE_CHECKING:
     from ..app import App
@@ -46,6 +46,14 @@ class Sessions:
             store.add_event(task.id, task.session_id, msg.kind, msg.data)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"Emit data is not JSON: {exc}") from None
+
+    def on_show_card(self, ident: bytes, msg: messages.ShowCard, payload: Frames) -> None:
+        """``session.show_task(h)`` from app code: like a task's ``card`` emit, for any session."""
+        card = self._store.show_card(msg.task_id, msg.session_id)
+        if card is None:
+            raise UnknownTask(f"session {msg.session_id!r} cannot show task {msg.task_id!r}: no such task")
+        self._store.add_event(msg.task_id, msg.session_id, "card", card)
+        self._outbox.reply(ident, msg.req, True, True)
 
     def on_session_kv(self, ident: bytes, msg: messages.SessionKV, payload: Frames) -> None:
         """One ``session.db`` operation (``messages.SessionKV`` says what each answers)."""

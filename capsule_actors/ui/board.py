@@ -71,16 +71,21 @@ _MAX_PAGE = store.MAX_PAGE
 
 
 class _TokenGate:
-    """ASGI middleware: every HTTP request must carry the board's token (401 without, 403 wrong)."""
+    """ASGI middleware: every HTTP request must carry the board's token (401 without, 403 wrong).
 
-    def __init__(self, app: Any, token: str, port: Callable[[], int]) -> None:
+    Mounted under a path of another ASGI app (``root_path``), its redirect and cookie stay under
+    that path."""
+
+    def __init__(self, app: Any, token: str, port: Callable[[], int | None], hosts: tuple[str, ...]) -> None:
         self.app = app
         self._token = token.encode()
         self._port = port
+        self._hosts = hosts
 
     @property
     def cookie(self) -> str:
-        return f"capsule_board_{self._port()}"  # cookies ignore ports: one name per board
+        port = self._port()  # cookies ignore ports: one name per board (mounted: the host app's)
+        return f"capsule_board_{port}" if port is not None else "capsule_board"
 
     def _valid(self, given: str) -> bool:
         import hmac
@@ -96,8 +101,8 @@ class _TokenGate:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
-        if host.rsplit(":", 1)[0] not in (HOST, "localhost"):
-            await _plain(send, 403, "forbidden: the board answers only to 127.0.0.1 and localhost\n")
+        if host.rsplit(":", 1)[0] not in self._hosts:
+            await _plain(send, 403, f"forbidden: the board answers only to {' and '.join(self._hosts)}\n")
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         from_query = (query.get("token") or [None])[0]
@@ -131,13 +136,15 @@ class _TokenGate:
             and not any((from_query, headers.get(TOKEN_HEADER), bearer))
         ):
             origin = headers.get("origin")
-            if origin is not None and origin != f"http://{host}":
+            if origin is not None and origin != f"{scope.get('scheme', 'http')}://{host}":
                 await _plain(send, 403, "forbidden: cross-origin request\n")
                 return
-        if from_query and scope["method"] == "GET" and scope["path"] == "/":
+        root, path = scope.get("root_path", ""), scope["path"]  # mounted under a path: the page is at ROOT/
+        route = path[len(root) :] if path.startswith(root) else path  # (older Starlette strips it)
+        if from_query and scope["method"] == "GET" and route in ("/", ""):
             rest = {k: v for k, v in query.items() if k != "token"}
-            location = "/" + ("?" + urlencode(rest, doseq=True) if rest else "")
-            cookie = f"{self.cookie}={from_query}; Path=/; HttpOnly; SameSite=Strict"
+            location = root + "/" + ("?" + urlencode(rest, doseq=True) if rest else "")
+            cookie = f"{self.cookie}={from_query}; Path={root}/; HttpOnly; SameSite=Strict"
             await _plain(send, 303, "see /\n", {"location": location, "set-cookie": cookie})
             return
         await self.app(scope, receive, send)
@@ -166,6 +173,10 @@ class TaskBoard:
     ``app``: an :class:`~capsule_actors.App` (its state directory), a state directory path, or
     None (``$CAPSULE_STATE_DIR``, else ``./.capsule``). It binds 127.0.0.1 only; ``port=0`` picks
     a free port. ``board.url`` carries the access token; ``board.token`` is the token itself.
+
+    Inside another ASGI app: mount ``board.asgi()`` under a path (``Mount("/tasks",
+    board.asgi())``) and open ``/tasks/?token=…``; the token is still required, and ``hosts``
+    names the Host headers it answers (default 127.0.0.1 and localhost: list your site's name).
     """
 
     def __init__(
@@ -176,6 +187,7 @@ class TaskBoard:
         token: str | None = None,
         page_size: int = 50,
         store: str | None = None,
+        hosts: tuple[str, ...] | list[str] = (HOST, "localhost"),
     ) -> None:
         from .. import store as stores
         from ..app import App
@@ -202,6 +214,9 @@ class TaskBoard:
 
             token = secrets.token_urlsafe(32)
         self.token = token
+        if isinstance(hosts, str) or not hosts or not all(isinstance(h, str) and h for h in hosts):
+            raise ConfigError(f"hosts={hosts!r}: expected a list of host names, e.g. ['127.0.0.1', 'localhost']")
+        self.hosts = tuple(hosts)
         self.page_size = max(1, min(_MAX_PAGE, int(page_size)))
         self._requested_port = port
         self._sock: socket.socket | None = None
@@ -245,7 +260,9 @@ class TaskBoard:
 
     # ---- the ASGI application ----------------------------------------------------------------
     def asgi(self) -> Any:
-        """The board as an ASGI app (Starlette, wrapped in the token gate)."""
+        """The board as an ASGI app (Starlette, wrapped in the token gate), to serve or to mount
+        under a path of another app (its page uses relative URLs; the live feed starts with the
+        first page that follows it, so the host app need not run the board's lifespan)."""
         if self._asgi is None:
             from .routes import BoardRoutes, build_app  # imports Starlette
 
@@ -258,7 +275,7 @@ class TaskBoard:
                 connection=self._connection,
                 stopping=self._stopping,
             )
-            self._asgi = _TokenGate(build_app(handlers), self.token, lambda: self.port)
+            self._asgi = _TokenGate(build_app(handlers), self.token, lambda: self._bound_port, self.hosts)
         return self._asgi
 
     def _stopping(self) -> bool:

@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 from ..handle import TaskEvent, TaskHandle, TaskInfo
+from ..ids import short_id
 from ..states import TaskState
 
 __all__ = ["TaskCard", "card_css", "format_duration", "progress_bar"]
@@ -250,7 +251,7 @@ class TaskCard:
         [##########----------]  50%  rendering  elapsed 3.2s
         """
         f = self._f
-        head = f"{f.name}  {f.state.value}  attempt {f.attempts}  id {f.id[:8]}"
+        head = f"{f.name}  {f.state.value}  attempt {f.attempts}  id {short_id(f.id)}"
         pct = "  ?%" if self.progress is None else f"{round(self.progress * 100):3d}%"
         bar = f"{progress_bar(self.progress, width, unicode)} {pct}"
         if f.message:
@@ -287,7 +288,7 @@ class TaskCard:
         meta += [
             self._timing(now),
             f"attempt {f.attempts}",
-            f'<span class="cpsl-id" title="{esc(f.id)}">{esc(f.id[:8])}</span>',
+            f'<span class="cpsl-id" title="{esc(f.id)}">{esc(short_id(f.id))}</span>',
         ]
         if f.lock_key:
             meta.append(f"lock {esc(f.lock_key)}")

@@ -5,8 +5,9 @@ Each route is one method of :class:`BoardRoutes` (its docstring says what it ans
 
 - ``GET /``: ``page`` (the HTML page); ``GET /favicon.ico``: ``favicon``; ``GET /static/{name}``:
   ``static`` (board.js, board.css, card.css).
-- ``GET /api/board``: ``api_board`` (a page of tasks per column); ``GET /api/tasks/{task_id}``:
-  ``api_task`` (one task's detail). Both read the task store.
+- ``GET /api/board``: ``api_board`` (a page of tasks per column, ``?id=`` finds one by its id or
+  short id); ``GET /api/tasks/{task_id}``: ``api_task`` (one task's detail; a short id works).
+  Both read the task store.
 - ``POST /api/tasks/{task_id}/cancel`` and ``…/retry``: ``api_cancel``, ``api_retry`` (``Cancel``
   and ``Retry`` to the supervisor, through ``_act``).
 - ``GET /api/stream``: ``api_stream`` (the live feed as server-sent events); ``lifespan`` starts
@@ -36,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import messages, store
+from .. import ids, messages, store
 from ..errors import CapsuleError, ConfigError, NotRunning, UnknownTask
 from .data import COLUMNS, Feed, detail, sse
 
@@ -111,6 +112,7 @@ class BoardRoutes:
         self._start_feed = start_feed
         self._connection = connection
         self._stopping = stopping
+        self._feed_task: asyncio.Task[None] | None = None
 
     # ---- the page ----------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:
@@ -150,6 +152,7 @@ class BoardRoutes:
             name=q.get("name") or None,
             session=q.get("session") or None,
             lock=q.get("lock") or None,
+            task_id=q.get("id") or None,
             offsets=offsets,
             page_size=page_size,
             names=q.get("names") == "1",
@@ -161,11 +164,21 @@ class BoardRoutes:
     async def api_task(self, request: Request) -> Response:
         """``GET /api/tasks/{task_id}``: one task's detail view (404 when there is no such task)."""
         task_id = request.path_params["task_id"]
-        data = await run_in_threadpool(detail, self.reader, task_id) if len(task_id) <= _MAX_TASK_ID else None
+        try:
+            data = await run_in_threadpool(self._detail, task_id) if len(task_id) <= _MAX_TASK_ID else None
+        except ConfigError as exc:  # a short id that several tasks end with
+            return _refusal(exc)
         if data is None:
             return _no_task(task_id)
         data["now"] = time.time()
         return _json(data)
+
+    def _detail(self, task_id: str) -> dict[str, Any] | None:
+        """The detail of the task ``task_id`` names (a full or a short id: ``ids.resolve``)."""
+        try:
+            return detail(self.reader, ids.resolve(task_id, self.reader.find_ids))
+        except UnknownTask:
+            return None
 
     # ---- actions on the supervisor -----------------------------------------------------------
     async def api_cancel(self, request: Request) -> Response:
@@ -219,9 +232,7 @@ class BoardRoutes:
     # ---- the live feed -----------------------------------------------------------------------
     async def api_stream(self, request: Request) -> Response:
         """``GET /api/stream``: the live feed as server-sent events (503 when it is not running)."""
-        feed = self._feed()
-        if feed is None:
-            return _json({"error": "the live feed is not running"}, 503)
+        feed = await self._running_feed()
         return StreamingResponse(
             self._events(feed, feed.subscribe()),
             media_type="text/event-stream",
@@ -246,17 +257,30 @@ class BoardRoutes:
         finally:
             feed.unsubscribe(q)
 
+    async def _running_feed(self) -> Feed:
+        """The live feed, started (from the store's last event on) by the lifespan, or by the first
+        stream request when the board is mounted in an app that does not run its lifespan."""
+        feed = self._feed()
+        if feed is None:
+            after = await run_in_threadpool(self.reader.last_seq)
+            feed = self._feed()  # another request may have started it meanwhile
+            if feed is None:
+                feed = self._start_feed(after)
+                self._feed_task = asyncio.create_task(feed.run())
+        return feed
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Run the live feed, from the store's last event on, while the app serves."""
-        after = await run_in_threadpool(self.reader.last_seq)
-        task = asyncio.create_task(self._start_feed(after).run())
+        """Run the live feed while the app serves."""
+        await self._running_feed()
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            task, self._feed_task = self._feed_task, None
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 def build_app(handlers: BoardRoutes) -> Starlette:

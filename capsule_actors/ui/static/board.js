@@ -1,4 +1,4 @@
-// capsule-actors task board: renders /api/board, follows /api/stream (server-sent events),
+// capsule-actors task board: renders api/board, follows api/stream (server-sent events),
 // shows a task's detail, and posts cancel/retry. Authentication is the HttpOnly cookie that the
 // first page load (?token=...) set; the script never sees the token.
 "use strict";
@@ -7,7 +7,8 @@
   const LIVE = new Set(["QUEUED", "SCHEDULED", "RUNNING"]);
   const $ = (sel) => document.querySelector(sel);
   const state = {
-    filters: { name: "", session: "", lock: "" },
+    filters: { name: "", session: "", lock: "", id: "" },
+    short: new Map(),    // task id -> its short form among the tasks shown (shortIds)
     offsets: Object.fromEntries(COLUMNS.map((c) => [c, 0])),
     pageSize: 50,
     clockSkew: 0,        // server time - browser time, seconds
@@ -33,6 +34,27 @@
     if (s < 86400) return Math.floor(s / 3600) + "h" + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + "m";
     return Math.floor(s / 86400) + "d" + String(Math.floor((s % 86400) / 3600)).padStart(2, "0") + "h";
   }
+  // A task's short id: its last 8 characters (the random part; ids start with the time), or as
+  // many more as it takes to tell it from every other task shown, as git does (ids.short_ids).
+  function shortIds(ids) {
+    const out = new Map();
+    let pending = Array.from(new Set(ids));
+    for (let width = 8; pending.length; width += 4) {
+      const groups = new Map();
+      for (const id of pending) {
+        const end = id.slice(-width);
+        if (!groups.has(end)) groups.set(end, []);
+        groups.get(end).push(id);
+      }
+      pending = [];
+      for (const same of groups.values()) {
+        if (same.length === 1 || width >= 32) for (const id of same) out.set(id, id.slice(-width));
+        else pending.push(...same);
+      }
+    }
+    return out;
+  }
+  function shortId(id) { return state.short.get(id) || String(id).slice(-8); }
   function when(ts) { return ts ? new Date(ts * 1000).toLocaleString() : "-"; }
   function timing(t) {
     if (t.started_at) return "elapsed " + duration((t.finished_at || now()) - t.started_at);
@@ -82,7 +104,7 @@
       pct == null ? "" : pct + "%",
       '<span class="elapsed">' + esc(timing(t)) + "</span>",
       "attempt " + esc(t.attempts),
-      '<span class="cpsl-id" title="' + esc(t.id) + '">' + esc(t.id.slice(0, 8)) + "</span>",
+      '<span class="cpsl-id" title="' + esc(t.id) + '">' + esc(shortId(t.id)) + "</span>",
     ];
     if (t.lock_key) meta.push("lock " + esc(t.lock_key));
     if (t.session_id) meta.push("session " + esc(t.session_id));
@@ -110,7 +132,7 @@
     const existing = new Map();
     for (const el of cards.querySelectorAll(":scope > .cpsl-card")) existing.set(el.dataset.taskId, el);
     const wanted = col.tasks.map((t) => {
-      const sig = JSON.stringify(t);
+      const sig = JSON.stringify(t) + shortId(t.id);
       let el = existing.get(t.id);
       if (!el || el.dataset.sig !== sig) {
         const tpl = document.createElement("template");
@@ -144,7 +166,7 @@
     for (const [k, v] of Object.entries(state.filters)) if (v) p.set(k, v);
     for (const c of COLUMNS) if (state.offsets[c]) p.set("offset_" + c, state.offsets[c]);
     if (withNames) p.set("names", "1");
-    return "/api/board?" + p.toString();
+    return "api/board?" + p.toString();
   }
 
   async function refresh() {
@@ -159,6 +181,7 @@
       const data = r.body;
       state.clockSkew = data.now - Date.now() / 1000;
       state.pageSize = data.page_size;
+      state.short = shortIds(data.columns.flatMap((col) => col.tasks.map((t) => t.id)));
       for (const col of data.columns) renderColumn(col, data.page_size);
       if (data.names) {
         $("#names").innerHTML = data.names.map((n) => '<option value="' + esc(n) + '">').join("");
@@ -199,7 +222,7 @@
     for (const el of document.querySelectorAll(".cpsl-card.selected")) el.classList.remove("selected");
     const card = document.querySelector('.cpsl-card[data-task-id="' + CSS.escape(id) + '"]');
     if (card) card.classList.add("selected");
-    const r = await api("/api/tasks/" + encodeURIComponent(id));
+    const r = await api("api/tasks/" + encodeURIComponent(id));
     if (state.detailId !== id) return;
     if (r.status === 401 || r.status === 403) { authProblem(r.status); return; }
     const panel = $("#detail");
@@ -251,7 +274,7 @@
   async function act(action, id, button) {
     if (button) button.disabled = true;
     try {
-      const r = await api("/api/tasks/" + encodeURIComponent(id) + "/" + action,
+      const r = await api("api/tasks/" + encodeURIComponent(id) + "/" + action,
         { method: "POST", headers: { "X-Requested-With": "capsule-board" } });
       if (r.status === 401 || r.status === 403) {
         toast((action === "cancel" ? "Cancel" : "Retry") + " refused: " + r.status +
@@ -260,8 +283,8 @@
         return;
       }
       if (!r.ok) { toast(action + " failed: " + r.status + " " + ((r.body && r.body.error) || ""), true); return; }
-      if (action === "cancel") toast(r.body.cancelled ? "Cancelled " + id.slice(0, 8) : "Already finished: " + id.slice(0, 8));
-      else toast("Retried " + id.slice(0, 8) + " as " + r.body.task_id.slice(0, 8) + (r.body.deduplicated ? " (joined a live one)" : ""));
+      if (action === "cancel") toast(r.body.cancelled ? "Cancelled " + shortId(id) : "Already finished: " + shortId(id));
+      else toast("Retried " + shortId(id) + " as " + shortId(r.body.task_id) + (r.body.deduplicated ? " (joined a live one)" : ""));
       scheduleRefresh(0);
       if (state.detailId === id) showDetail(id);
     } catch (e) {
@@ -273,7 +296,7 @@
 
   // ---- live feed ------------------------------------------------------------------------------
   function connect() {
-    const source = new EventSource("/api/stream");
+    const source = new EventSource("api/stream");
     source.addEventListener("hello", (e) => {
       const d = JSON.parse(e.data);
       setLive(d.online);
@@ -299,7 +322,7 @@
 
   // ---- wiring ---------------------------------------------------------------------------------
   let filterTimer = null;
-  for (const key of ["name", "session", "lock"]) {
+  for (const key of ["name", "session", "lock", "id"]) {
     $("#f-" + key).addEventListener("input", (e) => {
       state.filters[key] = e.target.value.trim();
       for (const c of COLUMNS) state.offsets[c] = 0;
@@ -309,7 +332,7 @@
   }
   $("#filters").addEventListener("submit", (e) => e.preventDefault());
   $("#f-clear").addEventListener("click", () => {
-    for (const key of ["name", "session", "lock"]) { $("#f-" + key).value = ""; state.filters[key] = ""; }
+    for (const key of ["name", "session", "lock", "id"]) { $("#f-" + key).value = ""; state.filters[key] = ""; }
     for (const c of COLUMNS) state.offsets[c] = 0;
     refresh();
   });
