@@ -34,6 +34,7 @@ from .errors import (
     WorkerCrashed,
 )
 from .handle import TaskEvent, TaskHandle, TaskInfo, await_all, wait_all
+from .limits import RateLimit
 from .runtime import Runtime
 from .session import Session, current_session
 from .states import TaskState
@@ -45,6 +46,7 @@ __all__ = [
     "App",
     "Task",
     "Backoff",
+    "RateLimit",
     "Runtime",
     "default_app",
     "task",

@@ -8,8 +8,6 @@ import functools
 import inspect
 import os
 import random
-import re
-import string
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,6 +20,7 @@ from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
 from .handle import SessionSubscription, TaskHandle
 from .ids import new_task_id
 from .lifecycle import current_pid
+from .limits import RateLimit, check_concurrency, check_priority, key_fields
 from .schedules import ScheduleSpec
 from .session import DEFAULT_OWNER_ID, Session, bound_session
 
@@ -59,22 +58,6 @@ class Backoff:
         return random.uniform(base / 2, base) if self.jitter else base
 
 
-def _lock_fields(template: str) -> list[str]:
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(f"lock template {template!r} is not a valid str.format template: {exc}") from None
-    roots = []
-    for _, field, _, _ in parsed:
-        if field is None:
-            continue
-        root = re.split(r"[.\[]", field, maxsplit=1)[0]
-        if not root or root.isdigit():
-            raise ConfigError(f"lock template {template!r}: use parameter names in braces, not {{{field}}}")
-        roots.append(root)
-    return roots
-
-
 class Task(Generic[P, R]):
     """A function registered with an App; call it directly or send it with submit()."""
 
@@ -91,6 +74,9 @@ class Task(Generic[P, R]):
         retry_on: tuple[type[BaseException], ...] | None,
         timeout: float | None,
         process: bool,
+        priority: int = 0,
+        rate_limit: str | RateLimit | None = None,
+        concurrency: int | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
@@ -109,7 +95,14 @@ class Task(Generic[P, R]):
         self.retry_on = retry_on
         self.timeout = timeout
         self.process = process
-        self._lock_fields = _lock_fields(lock) if isinstance(lock, str) else []
+        where = f"task {self.name!r}"
+        self.priority = check_priority(priority, where)
+        self.rate_limit = RateLimit.of(rate_limit, where)
+        self.concurrency = check_concurrency(concurrency, where)
+        self._lock_fields = key_fields(lock, "lock") if isinstance(lock, str) else []
+        self._rate_fields = (
+            key_fields(self.rate_limit.key, "rate_limit key") if self.rate_limit and self.rate_limit.key else []
+        )
         self._validate()
         functools.update_wrapper(self, fn)  # type: ignore[arg-type, unused-ignore]
 
@@ -125,14 +118,16 @@ class Task(Generic[P, R]):
             isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on
         ):
             raise ConfigError(f"{where}: retry_on={self.retry_on!r}, expected a tuple of exception types")
-        if self.lock is not None:
-            if not isinstance(self.lock, str) or not self.lock:
-                raise ConfigError(f"{where}: lock={self.lock!r}, expected a non-empty string template")
-            params = self.signature.parameters
-            for field in self._lock_fields:
-                if field not in params or field == "session":
+        if self.lock is not None and (not isinstance(self.lock, str) or not self.lock):
+            raise ConfigError(f"{where}: lock={self.lock!r}, expected a non-empty string template")
+        for what, template, fields in (
+            ("lock", self.lock, self._lock_fields),
+            ("rate_limit key", self.rate_limit.key if self.rate_limit else None, self._rate_fields),
+        ):
+            for field in fields:
+                if field not in self.signature.parameters or field == "session":
                     raise ConfigError(
-                        f"{where}: lock template {self.lock!r} names {{{field}}}, which is not a "
+                        f"{where}: {what} template {template!r} names {{{field}}}, which is not a "
                         f"parameter of {self.fn.__name__}{self.signature}"
                     )
 
@@ -151,22 +146,38 @@ class Task(Generic[P, R]):
 
     # ---- preparing a submit ------------------------------------------------------------------
     def lock_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        if self.lock is None:
+        return self._format_key("lock", self.lock, self._lock_fields, args, kwargs)
+
+    def rate_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """The budget a submit counts against: its formatted key, or None (one budget for the
+        task, or no rate limit)."""
+        key = self.rate_limit.key if self.rate_limit else None
+        return self._format_key("rate_limit key", key, self._rate_fields, args, kwargs)
+
+    def _format_key(
+        self, what: str, template: str | None, fields: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str | None:
+        if template is None:
             return None
-        if not self._lock_fields:
-            return self.lock  # a constant key
+        if not fields:
+            return template  # a constant key
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"task {self.name!r}: arguments do not fit {self.signature}: {exc}") from None
         bound.apply_defaults()
         try:
-            return self.lock.format(**bound.arguments)
+            return template.format(**bound.arguments)
         except (KeyError, IndexError, AttributeError) as exc:
-            raise ConfigError(f"task {self.name!r}: lock template {self.lock!r} needs {exc}") from None
+            raise ConfigError(f"task {self.name!r}: {what} template {template!r} needs {exc}") from None
 
     def prepare(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], session: Session | None, run_at: float | None
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        session: Session | None,
+        run_at: float | None,
+        priority: int | None = None,
     ) -> tuple[list[Any], bytes]:
         """Validate and serialize one submit: (header item, payload). Raises before anything is sent."""
         if session is not None and not isinstance(session, Session):
@@ -177,6 +188,7 @@ class Task(Generic[P, R]):
                 "session=cpsl.Session(ID), or declare `session: cpsl.Session | None = None`"
             )
         lock_key = self.lock_key(args, kwargs)
+        rate_key = self.rate_key(args, kwargs)
         try:
             payload = cloudpickle.dumps((args, kwargs), protocol=5)
         except Exception as exc:
@@ -196,6 +208,8 @@ class Task(Generic[P, R]):
             session.id if session else None,
             session.owner if session else None,
             run_at,
+            self.priority if priority is None else priority,
+            rate_key,
         ]
         return item, payload
 
@@ -244,6 +258,18 @@ class Task(Generic[P, R]):
         return self._handles(prepared, submitted)
 
     # ---- submitting --------------------------------------------------------------------------
+    def options(
+        self,
+        *,
+        priority: int | None = None,
+        session: Session | None = None,
+        delay: float | None = None,
+        at: _dt.datetime | None = None,
+    ) -> TaskOptions:
+        """Options for one call (``.submit``, ``.asubmit``, ``.map``, ``.schedule``…) that never
+        clash with the task's own keyword arguments: ``task.options(priority=9).submit(...)``."""
+        return TaskOptions(self, priority, session, delay, at)
+
     def submit(self, *args: Any, session: Session | None = None, **kwargs: Any) -> TaskHandle:
         """Record the task durably and return its handle (after the supervisor's commit)."""
         return self._send([self.prepare(args, kwargs, session, None)])[0]
@@ -282,6 +308,59 @@ class Task(Generic[P, R]):
     async def amap(self, arg_list: Iterable[Any], session: Session | None = None) -> list[TaskHandle]:
         prepared = [self.prepare(*_split(item), session, None) for item in arg_list]
         return await self._asend(prepared) if prepared else []
+
+
+class TaskOptions:
+    """One call's options, apart from the task's own keyword arguments (a task may well have a
+    parameter named ``priority`` or ``delay``): ``task.options(priority=5).submit(x, delay=3)``
+    passes ``delay=3`` to the task. ``delay``/``at`` make every submit a delayed one."""
+
+    def __init__(
+        self,
+        task: Task[Any, Any],
+        priority: int | None,
+        session: Session | None,
+        delay: float | None,
+        at: _dt.datetime | None,
+    ) -> None:
+        self.task = task
+        self.priority = None if priority is None else check_priority(priority, f"task {task.name!r} options()")
+        self.session = session
+        self._delay, self._at = delay, at
+        if delay is not None or at is not None:
+            _run_at(delay, at)  # a bad delay or at fails here, at options()
+
+    def __repr__(self) -> str:
+        return f"<TaskOptions {self.task.name} priority={self.priority} delay={self._delay} at={self._at}>"
+
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
+        run_at = None if self._delay is None and self._at is None else _run_at(self._delay, self._at)
+        return self.task.prepare(args, kwargs, self.session, run_at, self.priority)
+
+    def submit(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        return self.task._send([self._prepare(args, kwargs)])[0]
+
+    async def asubmit(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        return (await self.task._asend([self._prepare(args, kwargs)]))[0]
+
+    def schedule(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        """submit(), for a TaskOptions made with delay= or at= (else ConfigError)."""
+        if self._delay is None and self._at is None:
+            raise ConfigError(f"task {self.task.name!r}: options().schedule() needs options(delay=...) or at=")
+        return self.submit(*args, **kwargs)
+
+    async def aschedule(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        if self._delay is None and self._at is None:
+            raise ConfigError(f"task {self.task.name!r}: options().aschedule() needs options(delay=...) or at=")
+        return await self.asubmit(*args, **kwargs)
+
+    def map(self, arg_list: Iterable[Any]) -> list[TaskHandle]:
+        prepared = [self._prepare(*_split(item)) for item in arg_list]
+        return self.task._send(prepared) if prepared else []
+
+    async def amap(self, arg_list: Iterable[Any]) -> list[TaskHandle]:
+        prepared = [self._prepare(*_split(item)) for item in arg_list]
+        return await self.task._asend(prepared) if prepared else []
 
 
 def _split(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -386,6 +465,9 @@ class App:
         timeout: float | None = None,
         process: bool = False,
         name: str | None = None,
+        priority: int = 0,
+        rate_limit: str | RateLimit | None = None,
+        concurrency: int | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -400,8 +482,13 @@ class App:
         timeout: float | None = None,
         process: bool = False,
         name: str | None = None,
+        priority: int = 0,
+        rate_limit: str | RateLimit | None = None,
+        concurrency: int | None = None,
     ) -> Any:
-        """Register a task: ``@app.task`` or ``@app.task(lock=..., retries=..., ...)``."""
+        """Register a task: ``@app.task`` or ``@app.task(lock=..., retries=..., ...)``.
+        ``priority``: higher starts first; ``rate_limit``: "N/s", "N/m", "N/h" or a RateLimit;
+        ``concurrency``: at most that many attempts at once (``limits.py``)."""
 
         def register(func: Callable[P, R]) -> Task[P, R]:
             if not callable(func):
@@ -417,6 +504,9 @@ class App:
                 retry_on=tuple(retry_on) if retry_on else None,
                 timeout=timeout,
                 process=process,
+                priority=priority,
+                rate_limit=rate_limit,
+                concurrency=concurrency,
             )
             if task.name in self.tasks and self.tasks[task.name].fn is not func:
                 raise ConfigError(f"app {self.name!r} already has a task named {task.name!r}; pass name=")

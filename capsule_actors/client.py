@@ -34,7 +34,8 @@ _BATCH_ITEMS = 4096  # tasks per Submit message: its header stays far below the 
 _BATCH_HEADER_BYTES = 512 * 1024
 _ITEM_MAX_BYTES = 64 * 1024
 
-Prepared = tuple[list[Any], bytes]  # a submit's header item ([id, name, lock_key, sid, owner, run_at]) and payload
+# a submit's header item ([id, name, lock_key, sid, owner, run_at, priority, rate_key]) and payload
+Prepared = tuple[list[Any], bytes]
 
 
 @dataclasses.dataclass

@@ -142,7 +142,10 @@ SUBMIT_ITEM_TYPES: tuple[tuple[type, ...], ...] = (
     (str, _NONE),  # session id
     (str, _NONE),  # session owner
     (int, float, _NONE),  # run_at (epoch seconds) or None for now
+    (int,),  # priority (higher starts first)
+    (str, _NONE),  # rate-limit key (a RateLimit with key=), or None
 )
+SUBMIT_ITEM_V1 = 6  # items without priority and rate key (journals of an older version): priority 0
 
 
 @_message(1)
@@ -173,8 +176,8 @@ class Submit(Message):
         if self.push and (len(self.push) != len(self.items) or not all(type(r) is int for r in self.push)):
             raise ProtocolError("Submit.push must be empty or one int request id per item")
         for item in self.items:
-            if not isinstance(item, list) or len(item) != len(SUBMIT_ITEM_TYPES):
-                raise ProtocolError("Submit item must be a 6-item array")
+            if not isinstance(item, list) or len(item) not in (SUBMIT_ITEM_V1, len(SUBMIT_ITEM_TYPES)):
+                raise ProtocolError(f"Submit item must be a {len(SUBMIT_ITEM_TYPES)}-item array")
             for value, types in zip(item, SUBMIT_ITEM_TYPES):
                 if not isinstance(value, types) or isinstance(value, bool):
                     raise ProtocolError(f"Submit item field has bad type {type(value).__name__}")

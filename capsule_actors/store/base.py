@@ -50,6 +50,8 @@ class NewTask(NamedTuple):
     args: bytes
     created_at: float
     run_at: float | None
+    priority: int = 0  # higher starts first
+    rate_key: str | None = None  # the formatted key of a keyed rate limit
 
 
 class StoredTask(NamedTuple):
@@ -65,6 +67,8 @@ class StoredTask(NamedTuple):
     attempts: int
     run_at: float | None
     slot: str | None
+    priority: int = 0
+    rate_key: str | None = None
 
 
 Error = tuple[str, str, str]  # (type, message, traceback)
@@ -191,8 +195,10 @@ class TaskStore(abc.ABC):
         """Every queued, scheduled or running task in submit order (recovery at start)."""
 
     @abc.abstractmethod
-    def backlog(self, after: int, limit: int) -> list[StoredTask]:
-        """Unlocked QUEUED tasks past rowid ``after``, in submit order (paged in as the queue drains)."""
+    def backlog(self, priority: int, after: int, limit: int) -> list[StoredTask]:
+        """Unlocked QUEUED tasks of one priority past rowid ``after``, in submit order (paged in
+        as that priority's queue drains). Priority 0 scans by rowid; others have an index that
+        only they enter, so default tasks pay nothing for it."""
 
     @abc.abstractmethod
     def live_locked(self) -> list[tuple[str, str, str]]:
@@ -220,7 +226,8 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
-        """(name, state, lock_key, session_id, session_owner, args) of a task, to submit it again."""
+        """(name, state, lock_key, session_id, session_owner, args, priority, rate_key) of a
+        task, to submit it again."""
 
     # ---- retention ---------------------------------------------------------------------------
     # Each call does a bounded amount of work (``batch``), so the loop can spread pruning over

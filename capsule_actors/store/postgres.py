@@ -42,7 +42,7 @@ from .base import Error, NewTask, StoredTask, StoreReader, StoreSpace, TaskStore
 
 log = logging.getLogger("capsule_actors.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OUTAGE = 60.0  # seconds the supervisor waits for a lost server before it stops (StoreUnavailable)
 SIZE_EVERY = 10.0  # seconds between looks at the database's size (status)
 ARGS_CACHE = 8 << 20  # bytes of new tasks' arguments kept for their start (no round trip to read them)
@@ -112,6 +112,12 @@ CREATE TABLE IF NOT EXISTS {s}.cards (
     session_id text NOT NULL,
     PRIMARY KEY (task_id, session_id)
 );
+-- version 2: priorities and keyed rate limits
+ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
+ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS rate_key text;
+-- the backlog of a priority other than 0 (tasks of priority 0 never enter it)
+CREATE INDEX IF NOT EXISTS tasks_prioritized ON {s}.tasks(priority, seq)
+    WHERE state = 'QUEUED' AND lock_key IS NULL AND priority <> 0;
 """
 
 INFO_FIELDS = (
@@ -130,12 +136,12 @@ INFO_FIELDS = (
     "slot",
 )
 _INFO = ", ".join(INFO_FIELDS)
-_STORED = "seq, id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot"
+_STORED = "seq, id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot, priority, rate_key"
 _EVENT = "INSERT INTO {s}.events(task_id, session_id, kind, data, ts) VALUES (%s, %s, %s, %s, %s)"
-_ONE_ROW = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_ONE_ROW = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _ROWS = (
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[], "
-    "%s::float8[], %s::float8[])"
+    "%s::float8[], %s::float8[], %s::int4[], %s::text[])"
 )
 
 
@@ -399,6 +405,9 @@ class PostgresStore(TaskStore):
             (str(SCHEMA_VERSION),),
         )
         found = int(self.db.execute(f"SELECT value FROM {self._s}.meta WHERE key='schema_version'").fetchone()[0])
+        if found < SCHEMA_VERSION:  # the statements above brought an older schema up to date
+            self.db.execute(f"UPDATE {self._s}.meta SET value=%s WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            found = SCHEMA_VERSION
         self.db.commit()
         if found > SCHEMA_VERSION:
             raise StateDirError(
@@ -470,7 +479,7 @@ class PostgresStore(TaskStore):
             values, params = _ROWS, [list(c) for c in zip(*rows)]
         new = self._w(
             "WITH new AS (INSERT INTO {s}.tasks(id, name, state, lock_key, session_id, session_owner, args, "
-            f"created_at, run_at) {values} ON CONFLICT (id) DO NOTHING "
+            f"created_at, run_at, priority, rate_key) {values} ON CONFLICT (id) DO NOTHING "
             "RETURNING seq, id, name, state, session_id), "
             "ev AS (INSERT INTO {s}.events(task_id, session_id, kind, data, ts) "
             "SELECT id, session_id, 'state', json_build_object('state', state, 'attempt', 0, 'name', name)::text, %s "
@@ -671,11 +680,12 @@ class PostgresStore(TaskStore):
         rows = self._q(f"SELECT {_STORED} FROM {{s}}.tasks WHERE state IN {_LIVE_SQL} ORDER BY seq").fetchall()
         return (_stored(r) for r in rows)
 
-    def backlog(self, after: int, limit: int) -> list[StoredTask]:
+    def backlog(self, priority: int, after: int, limit: int) -> list[StoredTask]:
+        where = "seq > %s AND state='QUEUED' AND lock_key IS NULL AND priority = %s"
+        if priority != 0:  # through tasks_prioritized, whose condition the WHERE repeats
+            where += " AND priority <> 0"
         rows = self._q(
-            f"SELECT {_STORED} FROM {{s}}.tasks WHERE seq > %s AND state='QUEUED' AND lock_key IS NULL "
-            "ORDER BY seq LIMIT %s",
-            (after, limit),
+            f"SELECT {_STORED} FROM {{s}}.tasks WHERE {where} ORDER BY seq LIMIT %s", (after, priority, limit)
         ).fetchall()
         return [_stored(r) for r in rows]
 
@@ -712,11 +722,13 @@ class PostgresStore(TaskStore):
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
         row = self._q(
-            "SELECT name, state, lock_key, session_id, session_owner, args FROM {s}.tasks WHERE id=%s", (task_id,)
+            "SELECT name, state, lock_key, session_id, session_owner, args, priority, rate_key FROM {s}.tasks "
+            "WHERE id=%s",
+            (task_id,),
         ).fetchone()
         if row is None:
             return None
-        return (*row[:5], bytes(row[5]) if row[5] is not None else None)
+        return (*row[:5], bytes(row[5]) if row[5] is not None else None, *row[6:])
 
     # ---- retention ---------------------------------------------------------------------------
     def prune_events(self, before: float, keep_max: int, batch: int) -> int:

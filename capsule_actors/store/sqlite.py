@@ -42,7 +42,7 @@ from .base import Error, NewTask, StoredTask, StoreReader, StoreSpace, TaskStore
 log = logging.getLogger("capsule_actors.store")
 
 DB_FILE = "capsule.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 WAL_CHECKPOINT = 16 << 20  # bytes: a WAL past this is checkpointed; journal_size_limit cuts it back to this
 RESERVE = 8 << 20  # bytes the store keeps in RESERVE_SUFFIX for the writes that finish what it holds
 RESERVE_SUFFIX = "-reserve"
@@ -110,6 +110,16 @@ CREATE TABLE IF NOT EXISTS cards (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Version n's changes from n - 1; a new store is made as version 1, then brought up to date.
+_MIGRATIONS = {
+    2: """
+ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN rate_key TEXT;
+-- the backlog of a priority other than 0, in submit order (an index entry ends with its rowid);
+-- tasks of priority 0 never enter it
+CREATE INDEX IF NOT EXISTS tasks_prioritized ON tasks(priority) WHERE state='QUEUED' AND priority != 0;
+""",
+}
 
 INFO_FIELDS = (
     "id",
@@ -127,7 +137,7 @@ INFO_FIELDS = (
     "slot",
 )
 _INFO = ", ".join(INFO_FIELDS)
-_STORED = "rowid, id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot"
+_STORED = "rowid, id, name, state, lock_key, session_id, session_owner, attempts, run_at, slot, priority, rate_key"
 
 
 def _stored(row: tuple[Any, ...]) -> StoredTask:
@@ -278,8 +288,14 @@ class SQLiteStore(TaskStore):
         for pragma in _PRAGMAS:
             self.db.execute(pragma)
         self.db.executescript(_SCHEMA)
-        self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '1')")
         found = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        for version in range(found + 1, SCHEMA_VERSION + 1):  # each step in a transaction of its own
+            self.db.executescript(
+                f"BEGIN IMMEDIATE; {_MIGRATIONS[version]} "
+                f"UPDATE meta SET value='{version}' WHERE key='schema_version'; COMMIT;"
+            )
+            found = version
         cards = self.db.execute(
             f"SELECT c.task_id, c.session_id FROM cards c JOIN tasks t ON t.id = c.task_id WHERE t.state IN {_LIVE_SQL}"
         ).fetchall()
@@ -450,7 +466,7 @@ class SQLiteStore(TaskStore):
         for row in rows:
             cur = self._w(
                 "INSERT OR IGNORE INTO tasks(id, name, state, lock_key, session_id, session_owner, "
-                "args, created_at, run_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                "args, created_at, run_at, priority, rate_key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
             if cur.rowcount:
@@ -597,12 +613,16 @@ class SQLiteStore(TaskStore):
         rows = self.db.execute(f"SELECT {_STORED} FROM tasks WHERE state IN {_LIVE_SQL} ORDER BY rowid").fetchall()
         return (_stored(r) for r in rows)
 
-    def backlog(self, after: int, limit: int) -> list[StoredTask]:
-        rows = self.db.execute(
-            f"SELECT {_STORED} FROM tasks WHERE rowid > ? AND state='QUEUED' AND lock_key IS NULL "
-            "ORDER BY rowid LIMIT ?",
-            (after, limit),
-        )
+    def backlog(self, priority: int, after: int, limit: int) -> list[StoredTask]:
+        if priority == 0:
+            sql = "rowid > ? AND state='QUEUED' AND lock_key IS NULL AND priority=0 ORDER BY rowid LIMIT ?"
+            rows = self.db.execute(f"SELECT {_STORED} FROM tasks WHERE {sql}", (after, limit))
+        else:  # through tasks_prioritized, whose condition the WHERE repeats
+            sql = (
+                "priority=? AND state='QUEUED' AND priority != 0 AND rowid > ? AND lock_key IS NULL "
+                "ORDER BY priority, rowid LIMIT ?"
+            )
+            rows = self.db.execute(f"SELECT {_STORED} FROM tasks WHERE {sql}", (priority, after, limit))
         return [_stored(r) for r in rows]
 
     def live_locked(self) -> list[tuple[str, str, str]]:
@@ -634,7 +654,8 @@ class SQLiteStore(TaskStore):
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
         row = self.db.execute(
-            "SELECT name, state, lock_key, session_id, session_owner, args FROM tasks WHERE id=?", (task_id,)
+            "SELECT name, state, lock_key, session_id, session_owner, args, priority, rate_key FROM tasks WHERE id=?",
+            (task_id,),
         ).fetchone()
         return tuple(row) if row else None
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..store import Error, TaskStore
     from .children import Children
     from .keys import KeyRouting
+    from .limits import Limits
     from .outbox import Frames, Outbox
     from .tasks import LiveTask, TaskTable
     from .timers import Timers
@@ -36,11 +37,13 @@ class Attempts:
         tasks: TaskTable,
         children: Children,
         keys: KeyRouting,
+        limits: Limits,
         waiters: Waiters,
         outbox: Outbox,
         timers: Timers,
     ) -> None:
         self._app = app
+        self._limits = limits
         self._store = store
         self._tasks = tasks
         self._children = children
@@ -63,15 +66,21 @@ class Attempts:
         if self._children.stopping:
             return 0
         tasks, started = self._tasks, self.started_attempts
+        gated, limits = self._limits.gated, self._limits
         for slot, queue in tasks.slot_ready.items():
             proc = self._children.get(slot)
             while queue and proc is not None and proc.has_room():
                 task = tasks.get(queue.popleft())
-                if task is not None and task.state == QUEUED and not task.blocked:
+                if (
+                    task is not None
+                    and task.state == QUEUED
+                    and not task.blocked
+                    and (task.name not in gated or limits.admit(task))
+                ):
                     self.start(task, proc)
         for role, queue in tasks.ready.items():
-            while queue:
-                task = tasks.get(queue[0])
+            while (task_id := queue.peek()) is not None:
+                task = tasks.get(task_id)
                 if task is None or task.state != QUEUED:
                     queue.popleft()
                     continue
@@ -79,7 +88,8 @@ class Attempts:
                 if proc is None:
                     break
                 queue.popleft()
-                self.start(task, proc)
+                if task.name not in gated or limits.admit(task):  # else held back by its limit
+                    self.start(task, proc)
         withdrawn = 0 if tasks.ready[ROLE_PROCESS] else self._rebalance()
         return self.started_attempts - started + withdrawn
 
@@ -193,6 +203,7 @@ class Attempts:
         """A Run a process actor held but never began: back to the head of its queue, uncounted
         (its row still says QUEUED: an attempt is recorded only once Started)."""
         task.attempts -= 1
+        self._limits.ended(task)
         self._tasks.put_back(task)
 
     # ---- outcomes ----------------------------------------------------------------------------
@@ -249,6 +260,7 @@ class Attempts:
     def end(self, task: LiveTask, outcome: str, error: Error | None, frame: bytes, retryable: bool) -> None:
         """An attempt ended: success, cancel, a retry after its backoff, or failure for good."""
         task.actor = None
+        self._limits.ended(task)
         if outcome == "ok":
             self.finish(task, SUCCEEDED, frame, None)
             return
@@ -266,6 +278,7 @@ class Attempts:
         self.finish(task, FAILED, frame, error)
 
     def finish(self, task: LiveTask, state: TaskState, result: bytes, error: Error | None) -> None:
+        self._limits.ended(task)
         self._store.finish(task.id, task.session_id, state, result or None, error, time.time())
         self.finished[state] += 1
         self._tasks.remove(task.id)
@@ -310,4 +323,5 @@ class Attempts:
         task.attempts -= 1
         task.state = QUEUED
         task.actor = None
+        self._limits.ended(task)
         self._store.requeue(task.id, task.session_id, None, None, attempts=task.attempts)

@@ -54,6 +54,7 @@ from .children import HEARTBEAT_CHECK, MEMORY_CHECK, Children
 from .intake import Intake
 from .keygate import KeyGate, key_name
 from .keys import KeyRouting
+from .limits import Limits
 from .node_table import NodeTable
 from .nodes import NODE_CHECK, NodeLink
 from .outbox import REMOTE, Frames, Outbox, Socket
@@ -248,7 +249,8 @@ class Supervisor:
         self.tasks = tasks = TaskTable(app, children.slots(), timers)
         self.waiters = waiters = Waiters(db, tasks, outbox)
         self.keys = keys = KeyRouting(app, tasks, children, db, outbox)
-        self.attempts = attempts = Attempts(app, db, tasks, children, keys, waiters, outbox, timers)
+        self.limits = limits = Limits(app, tasks, timers)
+        self.attempts = attempts = Attempts(app, db, tasks, children, keys, limits, waiters, outbox, timers)
         self.intake = intake = Intake(
             app, db, tasks, keys, waiters, outbox, timers, self.state_dir, self._commit_durably
         )

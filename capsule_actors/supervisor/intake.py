@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("capsule_actors.supervisor")
 
-QUEUE_WINDOW = 10_000  # queued unlocked tasks held in memory; more wait in the store only (the backlog)
+QUEUE_WINDOW = 10_000  # queued unlocked tasks of one priority held in memory; more wait in the store only (the backlog)
 JOURNAL_SWEEP = 1.0  # how often the submit journals of clients that died are looked for
 NO_ARGS = pickle.dumps(((), {}), protocol=5)  # a scheduled firing's arguments (none)
 
@@ -68,14 +68,19 @@ class Intake:
         self._timers = timers
         self._state_dir = state_dir
         self._commit = commit  # the loop's commit (journals are removed only once their tasks are in)
-        # Unlocked QUEUED tasks beyond QUEUE_WINDOW stay in the store only: all of them have a
-        # rowid above backlog_after, and page_in loads them in submit order as the queue drains.
-        self.backlog = 0
-        self.backlog_after = 0
+        # Unlocked QUEUED tasks of a priority beyond QUEUE_WINDOW of it stay in the store only:
+        # per priority, all of them have a rowid above that priority's mark, and page_in loads
+        # them in submit order as that priority's queue drains: [count, mark] by priority.
+        self._backlog: dict[int, list[int]] = {}
         # Unlocked items of the client Submits of this drain, recorded together by flush(): one
         # insert for all of them (on PostgreSQL one round trip, not one per message).
         self._batch: list[NewTask] = []
         self._batched: list[PendingSubmit] = []
+
+    @property
+    def backlog(self) -> int:
+        """Queued tasks in the store only."""
+        return sum(count for count, _ in self._backlog.values())
 
     def live_count(self) -> int:
         """Queued, scheduled or running tasks: in memory, in the backlog, or batched."""
@@ -145,9 +150,11 @@ class Intake:
         their owners for admission first."""
         now = time.time()
         rows = []
-        for i, ((task_id, name, lock_key, sid, sowner, run_at), frame) in enumerate(zip(items, payload)):
+        for i, (item, frame) in enumerate(zip(items, payload)):
+            task_id, name, lock_key, sid, sowner, run_at = item[:6]
+            priority, rate_key = item[6:8] if len(item) > 6 else (0, None)  # an older client's journal: 0
             state = SCHEDULED if run_at and run_at > now else QUEUED
-            row = NewTask(task_id, name, state, lock_key, sid, sowner, frame, now, run_at)
+            row = NewTask(task_id, name, state, lock_key, sid, sowner, frame, now, run_at, priority, rate_key)
             pending.results[i] = [task_id, False, False]
             if lock_key is None or task_id in self._tasks or self._store.exists(task_id):
                 rows.append(row)  # unlocked, or a resent submit that is already recorded
@@ -203,7 +210,7 @@ class Intake:
             if row.state == SCHEDULED and row.lock_key is None:
                 tasks.want_clock()  # unlocked delayed tasks stay in the store until the clock says
                 continue
-            if row.lock_key is None and self._to_backlog(rowid):
+            if row.lock_key is None and self._to_backlog(rowid, row.priority):
                 continue
             task = LiveTask(
                 task_id,
@@ -216,6 +223,8 @@ class Intake:
                 owner=slot,
                 blocked=blocked,
                 run_at=row.run_at,
+                priority=row.priority,
+                rate_key=row.rate_key,
             )
             tasks.add(task)
             if not blocked:
@@ -291,36 +300,49 @@ class Intake:
             )
 
     # ---- the backlog -------------------------------------------------------------------------
-    def _to_backlog(self, rowid: int) -> bool:
-        """Leave a new unlocked QUEUED task in the store only when the in-memory queue is full
-        (or a backlog is already waiting: submit order is kept). True when it was left there."""
-        if not self.backlog and self._tasks.queued_count() < QUEUE_WINDOW:
-            return False
-        if not self.backlog:
-            self.backlog_after = rowid - 1
-        self.backlog += 1
+    def _to_backlog(self, rowid: int, priority: int) -> bool:
+        """Leave a new unlocked QUEUED task in the store only when its priority's in-memory queue
+        is full (or that priority has a backlog already: submit order is kept). True when it
+        was left there. The window is per priority, so a higher priority never waits behind a
+        window full of lower ones; memory is bounded by QUEUE_WINDOW per priority in use."""
+        level = self._backlog.get(priority)
+        if level is None:
+            if self._tasks.queued_at(priority) < QUEUE_WINDOW:
+                return False
+            level = self._backlog[priority] = [0, rowid - 1]
+        level[0] += 1
         return True
 
     def page_in(self) -> None:
-        """Load the oldest backlog tasks once the in-memory queue is half empty."""
-        queued = self._tasks.queued_count()
-        if not self.backlog or queued > QUEUE_WINDOW // 2:
-            return
-        limit = QUEUE_WINDOW - queued
-        rows = self._store.backlog(self.backlog_after, limit)
-        for row in rows:
-            self.backlog_after = row.rowid
-            if row.id in self._tasks:  # e.g. a delayed task that came due: it is already here
+        """Load the oldest backlog tasks of each priority whose queue is half empty."""
+        for priority, level in list(self._backlog.items()):
+            queued = self._tasks.queued_at(priority)
+            if queued > QUEUE_WINDOW // 2:
                 continue
-            self.backlog -= 1
-            self._load(row, QUEUED)
-            self._tasks.due(row.id)
-        if len(rows) < limit:
-            self.backlog = 0
+            limit = QUEUE_WINDOW - queued
+            rows = self._store.backlog(priority, level[1], limit)
+            for row in rows:
+                level[1] = row.rowid
+                if row.id in self._tasks:  # e.g. a delayed task that came due: it is already here
+                    continue
+                level[0] -= 1
+                self._load(row, QUEUED)
+                self._tasks.due(row.id)
+            if len(rows) < limit:
+                del self._backlog[priority]
 
     def _load(self, row: StoredTask, state: TaskState) -> LiveTask:
         task = LiveTask(
-            row.id, row.name, state, row.attempts, None, row.session_id, row.session_owner, run_at=row.run_at
+            row.id,
+            row.name,
+            state,
+            row.attempts,
+            None,
+            row.session_id,
+            row.session_owner,
+            run_at=row.run_at,
+            priority=row.priority,
+            rate_key=row.rate_key,
         )
         self._tasks.add(task)
         return task
@@ -334,8 +356,9 @@ class Intake:
         row = self._store.live_task(task_id)
         if row is None or row.state not in (SCHEDULED, QUEUED) or row.lock_key is not None:
             return None
-        if row.state == QUEUED:
-            self.backlog -= 1
+        level = self._backlog.get(row.priority)
+        if row.state == QUEUED and level is not None:
+            level[0] -= 1
         return self._load(row, row.state)
 
     # ---- the clock ---------------------------------------------------------------------------
@@ -348,7 +371,7 @@ class Intake:
             return  # already handled: a restarted clock never fires a slot twice
         task = self._app.tasks[msg.name]
         owner = self._app.owner
-        item = [new_task_id(), task.name, task.lock_key((), {}), owner.id, owner.owner, None]
+        item = [new_task_id(), task.name, task.lock_key((), {}), owner.id, owner.owner, None, task.priority, None]
         self.submit(PendingSubmit(b"", 0, 1, fire=(msg.name, msg.slot)), [item], [NO_ARGS])
 
     def on_due(self, msg: messages.Due) -> None:
@@ -386,7 +409,7 @@ class Intake:
             if row.state == SCHEDULED:
                 self._tasks.want_clock()  # stays in the store; the clock hands it over when due
                 return None
-            if row.state == QUEUED and (row.run_at or 0) <= now and self._to_backlog(row.rowid):
+            if row.state == QUEUED and (row.run_at or 0) <= now and self._to_backlog(row.rowid, row.priority):
                 return None
         task = LiveTask(
             row.id,
@@ -397,6 +420,8 @@ class Intake:
             row.session_id,
             row.session_owner,
             run_at=row.run_at,
+            priority=row.priority,
+            rate_key=row.rate_key,
         )
         if task.lock_key is not None:
             task.owner = self._keys.owner_of(task.name, task.lock_key)

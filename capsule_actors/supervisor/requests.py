@@ -181,12 +181,12 @@ class ClientRequests:
         row = self._store.retry_row(task_id)
         if row is None:
             raise unknown(task_id)
-        name, state, lock_key, sid, sowner, args = row
+        name, state, lock_key, sid, sowner, args, priority, rate_key = row
         if not states.TaskState(state).terminal:
             raise ConfigError(f"task {task_id} is {state}: only a finished task can be retried")
         self._app.get_task(name)
         self._intake.refuse_if_full()
-        item = [new_task_id(), name, lock_key, sid, sowner, None]
+        item = [new_task_id(), name, lock_key, sid, sowner, None, priority, rate_key]
         self._intake.submit(PendingSubmit(ident, msg.req, 1), [item], [bytes(args or NO_ARGS)])
 
     def on_inject_crash(self, ident: bytes, msg: messages.InjectCrash, payload: Frames) -> None:

@@ -2,11 +2,13 @@
 
 ``TaskTable`` alone writes them: the tasks by id, a ready queue per pool (unlocked tasks), a
 queue per slot (locked tasks, run by their key's owner), and the locked tasks whose attempt was
-abandoned (cancelled or timed out) while their body still runs and holds the key.
+abandoned (cancelled or timed out) while their body still runs and holds the key. Every queue is a
+``ReadyQueue``: highest priority first, first in first out within a priority.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +34,8 @@ class LiveTask:
         "lock_key",
         "name",
         "owner",
+        "priority",
+        "rate_key",
         "run_at",
         "session_id",
         "session_owner",
@@ -50,6 +54,8 @@ class LiveTask:
         owner: str | None = None,
         blocked: bool = False,
         run_at: float | None = None,
+        priority: int = 0,
+        rate_key: str | None = None,
     ) -> None:
         self.id = task_id
         self.name = name
@@ -62,6 +68,74 @@ class LiveTask:
         self.owner = owner  # the slot that owns the lock key (and runs the task)
         self.blocked = blocked  # queued behind the key's holder (on_conflict="queue")
         self.run_at = run_at
+        self.priority = priority  # higher starts first
+        self.rate_key = rate_key  # the budget of a keyed rate limit it counts against
+
+
+class ReadyQueue:
+    """Task ids waiting to start: the highest priority first, first in first out within one.
+
+    One deque per priority in use, so a queue of default tasks (priority 0 only) is one deque
+    and costs what a plain deque does but for a method call; a level other than 0 is dropped
+    once it runs empty."""
+
+    __slots__ = ("_levels", "_order")
+
+    def __init__(self) -> None:
+        self._levels: dict[int, collections.deque[str]] = {0: collections.deque()}
+        self._order: list[int] = [0]  # the priorities in use, highest first
+
+    def _level(self, priority: int) -> collections.deque[str]:
+        queue = self._levels.get(priority)
+        if queue is None:
+            queue = self._levels[priority] = collections.deque()
+            bisect.insort(self._order, priority, key=lambda p: -p)
+        return queue
+
+    def _top(self) -> collections.deque[str]:
+        """The highest level with tasks (only 0 may be empty: other levels go when emptied)."""
+        levels = self._levels
+        for priority in self._order:
+            queue = levels[priority]
+            if queue:
+                return queue
+        return levels[0]
+
+    def append(self, task_id: str, priority: int = 0) -> None:
+        self._level(priority).append(task_id)
+
+    def appendleft(self, task_id: str, priority: int = 0) -> None:
+        """Back to the head of its priority (a Run given back, a task a limit held back)."""
+        self._level(priority).appendleft(task_id)
+
+    def peek(self) -> str | None:
+        """The id that starts next (None: empty)."""
+        queue = self._top()
+        return queue[0] if queue else None
+
+    def popleft(self) -> str:
+        queue = self._top()
+        task_id = queue.popleft()
+        if not queue and len(self._order) > 1:
+            for priority in [p for p in self._order if p != 0 and not self._levels[p]]:
+                self._order.remove(priority)
+                del self._levels[priority]
+        return task_id
+
+    def __bool__(self) -> bool:
+        return bool(self._top())
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._levels.values())
+
+    def __iter__(self) -> Iterator[str]:
+        """In the order they would start."""
+        for priority in list(self._order):
+            yield from self._levels.get(priority, ())
+
+    def count(self, priority: int) -> int:
+        queue = self._levels.get(priority)
+        return len(queue) if queue is not None else 0
 
 
 class PendingSubmit:
@@ -94,8 +168,8 @@ class TaskTable:
         self._app = app
         self._timers = timers
         self.live: dict[str, LiveTask] = {}
-        self.ready = {ROLE_WORKER: collections.deque[str](), ROLE_PROCESS: collections.deque[str]()}
-        self.slot_ready = {slot: collections.deque[str]() for slot in slots}  # locked tasks by owner slot
+        self.ready = {ROLE_WORKER: ReadyQueue(), ROLE_PROCESS: ReadyQueue()}
+        self.slot_ready = {slot: ReadyQueue() for slot in slots}  # locked tasks by owner slot
         self.abandoned_keys: dict[str, LiveTask] = {}  # cancelled/timed-out locked tasks still unwinding
         self.clock_wanted = False  # a task went SCHEDULED in the store only: the clock must look again
 
@@ -124,6 +198,10 @@ class TaskTable:
         """Unlocked tasks waiting in memory for an actor."""
         return len(self.ready[ROLE_WORKER]) + len(self.ready[ROLE_PROCESS])
 
+    def queued_at(self, priority: int) -> int:
+        """Unlocked tasks of one priority waiting in memory (the backlog's window is per priority)."""
+        return self.ready[ROLE_WORKER].count(priority) + self.ready[ROLE_PROCESS].count(priority)
+
     def want_clock(self) -> None:
         self.clock_wanted = True
 
@@ -143,13 +221,14 @@ class TaskTable:
         task = self.live.get(task_id)
         if task is not None and task.state in (QUEUED, SCHEDULED) and not task.blocked:
             task.state = QUEUED
-            self._queue_of(task).append(task_id)
+            self._queue_of(task).append(task_id, task.priority)
 
     def put_back(self, task: LiveTask) -> None:
-        """A Run given back before it began: to the head of its queue."""
+        """A Run given back before it began, or a task a limit held back: to the head of its
+        priority in its queue."""
         task.state = QUEUED
         task.actor = None
-        self._queue_of(task).appendleft(task.id)
+        self._queue_of(task).appendleft(task.id, task.priority)
 
     def promote(self, task_ids: Iterable[str]) -> None:
         """The key's owner let these blocked tasks go (their holder ended)."""
@@ -159,7 +238,7 @@ class TaskTable:
                 task.blocked = False
                 self.queue(task, task.run_at)
 
-    def _queue_of(self, task: LiveTask) -> collections.deque[str]:
+    def _queue_of(self, task: LiveTask) -> ReadyQueue:
         return self.slot_ready[task.owner] if task.owner else self.ready[self.role_of(task)]
 
     # ---- lock keys ---------------------------------------------------------------------------
@@ -172,20 +251,20 @@ class TaskTable:
         return self.abandoned_keys.pop(task_id, None)
 
     def add_slot(self, slot: str) -> None:
-        self.slot_ready.setdefault(slot, collections.deque())
+        self.slot_ready.setdefault(slot, ReadyQueue())
 
     def reassign_owners(self, slots: Iterable[str], owner_of: Callable[[str, str], str]) -> None:
         """The pools changed: every locked task gets its key's new owner, and the queued ones
         move to that owner's queue (in their order)."""
         queued = [task_id for queue in self.slot_ready.values() for task_id in queue]
-        self.slot_ready = {slot: collections.deque() for slot in slots}
+        self.slot_ready = {slot: ReadyQueue() for slot in slots}
         for task in [*self.live.values(), *self.abandoned_keys.values()]:
             if task.lock_key is not None:
                 task.owner = owner_of(task.name, task.lock_key)
         for task_id in queued:
             moved = self.live.get(task_id)
             if moved is not None and moved.owner is not None:
-                self.slot_ready[moved.owner].append(task_id)
+                self.slot_ready[moved.owner].append(task_id, moved.priority)
 
     # ---- status ------------------------------------------------------------------------------
     def keys_by_owner(self) -> collections.Counter[str]:
