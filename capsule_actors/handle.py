@@ -36,6 +36,14 @@ class TaskInfo:
     error: tuple[str, str] | None
     progress: float | None
     slot: str | None = None
+    rate_limited_until: float | None = None  # QUEUED, held back by its rate limit until then (epoch s)
+
+    @property
+    def waiting_for(self) -> str | None:
+        """Why a queued task has not started, when a limit holds it: "rate limited until 12:00:03"."""
+        if self.rate_limited_until is None or self.state is not TaskState.QUEUED:
+            return None
+        return f"rate limited until {time.strftime('%H:%M:%S', time.localtime(self.rate_limited_until))}"
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> TaskInfo:
@@ -53,6 +61,7 @@ class TaskInfo:
             error=error,
             progress=rec["progress"],
             slot=rec.get("slot"),
+            rate_limited_until=rec.get("rate_limited_until"),
         )
 
 

@@ -252,15 +252,18 @@ def test_a_global_rate_limit_holds_across_clients_in_every_one_second_window(sta
 
 def test_a_keyed_rate_limit_keeps_each_keys_budget_apart(start, tmp_path: Path):
     """RateLimit("5/s", key="tenant:{tenant}"): each tenant gets 5 starts a second, both at once."""
-    rt = start(app, workers=1, process_workers=1)
+    start(app, workers=1, process_workers=1)
     log = str(tmp_path / "starts")
     handles = per_tenant.map([(tenant, i, log) for i in range(20) for tenant in ("a", "b")])
     wait_until(lambda: len(_lines(log)) >= 10, 30)
-    info = handles[-1].info()
+    info = handles[-1].info()  # held back: still QUEUED, and saying why
     assert info.state == cpsl.TaskState.QUEUED
+    assert info.waiting_for is not None and info.waiting_for.startswith("rate limited until ")
+    assert info.rate_limited_until is not None and 0 < info.rate_limited_until - time.time() < 10
+    assert "rate limited until " in str(cpsl.ui.TaskCard(info))
     for h in handles:
         h.result(timeout=60)
-    assert rt  # (the runtime stays up for the checks below only through the fixture)
+    assert handles[-1].info().waiting_for is None  # done: no longer held
     by_tenant = {t: [float(ts) for ts, who in _lines(log) if who == t] for t in ("a", "b")}
     assert len(by_tenant["a"]) == len(by_tenant["b"]) == 20
     assert _max_in_window(by_tenant["a"], 1.0) <= 5

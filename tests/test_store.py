@@ -30,7 +30,7 @@ def test_inserts_are_idempotent_and_keep_submit_order(task_store):
     rowids = [r for _, r in first + again]
     assert rowids == sorted(rowids) and len(set(rowids)) == 4
     assert [t.id for t in db.live_tasks()] == ["a", "b", "c", "d"]
-    assert [t.id for t in db.backlog(rowids[0], 10)] == ["b", "d"]  # unlocked, after a
+    assert [t.id for t in db.backlog(0, rowids[0], 10)] == ["b", "d"]  # unlocked, after a
     assert db.live_locked() == [("c", "t", "k")]
     assert not db.dirty()
 
@@ -164,6 +164,50 @@ def test_the_board_reads_pages_counts_and_details(task_store, store_reader):
     assert reader.task_detail("nope") is None
 
 
+def test_the_backlog_is_paged_per_priority_in_submit_order(task_store):
+    db = task_store
+    db.begin()
+    rows = [new(f"t{i}")._replace(priority=(i % 3) - 1) for i in range(12)]  # priorities -1, 0, 1
+    db.insert_tasks([*rows, new("locked", lock_key="k")._replace(priority=1)])
+    db.commit()
+    for priority in (-1, 0, 1):
+        page = db.backlog(priority, 0, 100)
+        assert [t.id for t in page] == [r.id for r in rows if r.priority == priority]  # submit order
+        assert {t.priority for t in page} == {priority}
+        assert [t.id for t in db.backlog(priority, page[1].rowid, 2)] == [t.id for t in page[2:4]]
+    assert {t.id: t.priority for t in db.live_tasks()}["locked"] == 1
+
+
+def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_factory):
+    """A store written before priorities (schema 1) opens as schema 2: its tasks get priority 0."""
+    db = task_store_factory()
+    db.begin()
+    db.insert_tasks([new("old")])
+    db.commit()
+    if store_kind == "sqlite":  # back to what schema 1 was
+        db.db.executescript(  # type: ignore[attr-defined]
+            "DROP INDEX tasks_prioritized; ALTER TABLE tasks DROP COLUMN priority; "
+            "ALTER TABLE tasks DROP COLUMN rate_key; UPDATE meta SET value='1' WHERE key='schema_version';"
+        )
+    else:
+        s = db.schema  # type: ignore[attr-defined]
+        for sql in (
+            f"DROP INDEX {s}.tasks_prioritized",
+            f"ALTER TABLE {s}.tasks DROP COLUMN priority",
+            f"ALTER TABLE {s}.tasks DROP COLUMN rate_key",
+            f"UPDATE {s}.meta SET value='1' WHERE key='schema_version'",
+        ):
+            db.db.execute(sql)  # type: ignore[attr-defined]
+        db.db.commit()  # type: ignore[attr-defined]
+    db.close()
+    db = task_store_factory()
+    assert [(t.id, t.priority) for t in db.live_tasks()] == [("old", 0)]
+    db.begin()
+    db.insert_tasks([new("new")._replace(priority=4, rate_key="tenant:1")])
+    db.commit()
+    assert [(t.id, t.priority, t.rate_key) for t in db.backlog(4, 0, 10)] == [("new", 4, "tenant:1")]
+
+
 def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_factory):
     from capsule_actors.errors import StateDirError
 
@@ -175,7 +219,7 @@ def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_f
         db.db.execute(f"UPDATE {db.schema}.meta SET value='99' WHERE key='schema_version'")  # type: ignore[attr-defined]
     db.commit()
     db.close()
-    with pytest.raises(StateDirError, match=r"schema version 99.*\(1\)"):
+    with pytest.raises(StateDirError, match=r"schema version 99.*\(2\)"):
         task_store_factory()
 
 

@@ -269,7 +269,9 @@ class Supervisor:
             children=children,
             nodes=nodes,
         )
-        self.requests = ClientRequests(app, db, tasks, intake, attempts, keys, waiters, sessions, status, outbox)
+        self.requests = ClientRequests(
+            app, db, tasks, intake, attempts, keys, limits, waiters, sessions, status, outbox
+        )
         # actor messages: the handler of each type, and the role it must come from (None: any)
         self.actor_handlers: dict[type, tuple[Callable[[ActorProcess, Any, Frames], None], str | None]] = {
             messages.Done: (attempts.on_done, None),

@@ -69,7 +69,11 @@ class Limits:
         return True
 
     def ended(self, task: LiveTask) -> None:
-        """An attempt of ``task`` is over (or was given back): its concurrency slot is free."""
+        """An attempt of ``task`` is over (or was given back, or the task ended): its
+        concurrency slot is free."""
+        if task.name not in self.gated:
+            return
+        self.rate_limited_until.pop(task.id, None)
         running = self._running.get(task.name)
         if running is not None and task.id in running:
             running.discard(task.id)

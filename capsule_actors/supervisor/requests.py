@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .attempts import Attempts
     from .intake import Intake
     from .keys import KeyRouting
+    from .limits import Limits
     from .outbox import Frames, Outbox
     from .sessions import Sessions
     from .status import StatusReport
@@ -52,12 +53,14 @@ class ClientRequests:
         intake: Intake,
         attempts: Attempts,
         keys: KeyRouting,
+        limits: Limits,
         waiters: Waiters,
         sessions: Sessions,
         status: StatusReport,
         outbox: Outbox,
     ) -> None:
         self._app = app
+        self._limits = limits
         self._store = store
         self._tasks = tasks
         self._intake = intake
@@ -132,9 +135,13 @@ class ClientRequests:
 
     def _info(self, given: str) -> dict[str, Any] | None:
         try:
-            return self._store.info(self._full_id(given))
+            record = self._store.info(self._full_id(given))
         except UnknownTask:
             return None
+        if record is not None and record["id"] in self._limits.rate_limited_until:
+            # held back by its rate limit (known in memory only: see limits.py)
+            record["rate_limited_until"] = self._limits.rate_limited_until[record["id"]]
+        return record
 
     def on_info(self, ident: bytes, msg: messages.Info, payload: Frames) -> None:
         self._outbox.reply(ident, msg.req, True, [self._info(tid) for tid in msg.task_ids[:1000]])

@@ -84,6 +84,7 @@ class _Fields:
     finished_at: float | None = None
     lock_key: str | None = None
     session_id: str | None = None
+    waiting_for: str | None = None  # "rate limited until …" (TaskInfo.waiting_for)
 
 
 class TaskCard:
@@ -128,6 +129,7 @@ class TaskCard:
             finished_at=info.finished_at,
             lock_key=info.lock_key,
             session_id=info.session_id,
+            waiting_for=info.waiting_for,
         )
 
     @staticmethod
@@ -154,6 +156,7 @@ class TaskCard:
             finished_at=data.get("finished_at"),
             lock_key=data.get("lock_key"),
             session_id=data.get("session_id"),
+            waiting_for=data.get("waiting_for"),
         )
 
     def updated(self, update: TaskEvent | Mapping[str, Any]) -> TaskCard:
@@ -242,7 +245,10 @@ class TaskCard:
         if elapsed is not None:
             return f"elapsed {format_duration(elapsed)}"
         waiting = self.waiting(now)
-        return f"waiting {format_duration(waiting)}" if waiting is not None else "not started"
+        if waiting is None:
+            return "not started"
+        why = f", {self._f.waiting_for}" if self._f.waiting_for else ""
+        return f"waiting {format_duration(waiting)}{why}"
 
     def text(self, *, now: float | None = None, unicode: bool = False, width: int = _BAR_WIDTH) -> str:
         """Three short lines (two without a result or error), plain text::
