@@ -33,6 +33,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 ON_CONFLICT = ("join", "queue", "reject")
+FAILURE_HOOK = "capsule.on_failure"  # the task that runs an App's @on_failure hook
 DEFAULT_MAX_PAYLOAD = 16 * 2**20
 
 
@@ -438,6 +439,7 @@ class App:
         self.store = bootstrap.check_store(store)  # None: SQLite in the state directory (bootstrap.py)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
+        self.failure_hook: str | None = None  # the task name of the @on_failure hook
         self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)
         self._client: Client | None = None  # the client found for it in this process (a cache)
 
@@ -561,6 +563,23 @@ class App:
             return task
 
         return register
+
+    def on_failure(self, fn: Callable[[str, str, str, str, str], Any]) -> Task[Any, Any]:
+        """``@app.on_failure``: run ``fn(task_id, name, error_type, error_message, traceback)`` in a
+        worker actor when a task fails for good (its last attempt failed, or it crashed out), for
+        alerting. Recorded in the same transaction as the failure, never retried: at most once per
+        task, whatever crashes (a hook running when the supervisor dies is not run again)."""
+        if self.failure_hook is not None and self.tasks[self.failure_hook].fn is not fn:
+            raise ConfigError(f"app {self.name!r} has an on_failure hook already: {self.tasks[self.failure_hook].fn!r}")
+        try:
+            inspect.signature(fn).bind("id", "name", "Error", "message", "traceback")
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"on_failure hook {fn!r} must take (task_id, name, error_type, error_message, traceback)"
+            ) from None
+        task: Task[Any, Any] = self.task(name=FAILURE_HOOK)(fn)
+        self.failure_hook = FAILURE_HOOK
+        return task
 
     def get_task(self, name: str) -> Task[Any, Any]:
         from .errors import UnknownTask

@@ -412,7 +412,9 @@ def _elapsed(t: dict[str, Any]) -> str:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    state = args.status.upper() if args.status else None
+    if args.dead and args.status and args.status.upper() != "FAILED":
+        raise ConfigError(f"--dead lists FAILED tasks: it does not go with --status {args.status}")
+    state = "FAILED" if args.dead else (args.status.upper() if args.status else None)
     if not 1 <= args.limit <= 100_000:
         raise ConfigError(f"--limit {args.limit}: expected 1..100000")
     body, _ = _read(
@@ -422,6 +424,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             {**row, "owner": None} for row in reader.list_tasks(states.parse(state) if state else None, args.limit)
         ],
     )
+    if args.name:
+        body = [t for t in body if t["name"] == args.name]
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
@@ -567,6 +571,35 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0 if body else 1
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Submit FAILED tasks again: each as a new task (a new id, its own attempts) whose origin
+    names it (the old record's ``retried as``); a task retried once is not retried again."""
+    if (args.id is None) == (not args.all_dead) or (args.all_dead and not args.name):
+        raise ConfigError("retry takes a task ID, or --all-dead --name TASK (every dead task of that name)")
+    try:
+        if args.id is not None:
+            targets = [args.id]
+        else:
+            rows = _ask(args, lambda req: messages.ListTasks(req, "FAILED", 100_000))
+            targets = [t["id"] for t in reversed(rows) if t["name"] == args.name]  # oldest first
+        failed = 0
+        for task_id in targets:
+            try:
+                body = _ask(args, lambda req, task_id=task_id: messages.Retry(req, task_id))
+            except ConfigError as exc:  # retried already (or not finished): said, and skipped
+                print(f"{task_id}: not retried: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            item = messages.SubmitAck.from_wire(body).items[0]
+            verb = "joined live task" if item.deduplicated else "retried as"
+            print(f"{task_id} {verb} {item.task_id}")
+    except NotRunning as exc:
+        raise NotRunning(f"retry submits tasks, so it needs a running supervisor: {exc}") from None
+    if args.all_dead:
+        print(f"{len(targets) - failed} of {len(targets)} dead {args.name!r} tasks retried", file=sys.stderr)
+    return 1 if failed and args.id is not None else 0
+
+
 def cmd_board(args: argparse.Namespace) -> int:
     from .ui.board import TaskBoard
 
@@ -597,7 +630,7 @@ _STORE_CHECK_HELP = (
 _EPILOG = """\
 All commands but `keys` and `worker` work on a state directory: --state-dir DIR, else
 $CAPSULE_STATE_DIR, else ./.capsule. `tasks`, `info` and `status` read its task store directly
-when no supervisor is running there; `submit` and `cancel` need a running one
+when no supervisor is running there; `submit`, `cancel` and `retry` need a running one
 (`capsule-actors run MODULE:APP`). A task id can be given in full or by its last 8 or more
 characters, as `tasks` shows it. `capsule-actors COMMAND --help` describes each command."""
 
@@ -614,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--state-dir", help="state directory (default: $CAPSULE_STATE_DIR or ./.capsule)")
-        if name in ("tasks", "status", "info", "cancel"):
+        if name in ("tasks", "status", "info", "cancel", "retry"):
             p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the supervisor")
         p.add_argument("--store", metavar="URL", help=_STORE_HELP if name in ("run", "board") else _STORE_CHECK_HELP)
         return p
@@ -665,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
     p = add("tasks", "list tasks, newest first")
     p.add_argument("--status", choices=[s.lower() for s in STATES] + list(STATES), help="only tasks in this state")
+    p.add_argument("--dead", action="store_true", help="only dead letters: tasks that failed for good (FAILED)")
+    p.add_argument("--name", metavar="TASK", help="only tasks of this name")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tasks)
@@ -678,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cancel", "cancel one task (ID: the full id or its last 8+ characters)")
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=cmd_cancel)
+    p = add("retry", "submit a failed task again, as a new task that names its origin")
+    p.add_argument("id", metavar="ID", nargs="?", help="the task (full id or its last 8+ characters)")
+    p.add_argument("--all-dead", action="store_true", help="every FAILED task of --name not retried yet")
+    p.add_argument("--name", metavar="TASK", help="the task name, with --all-dead")
+    p.set_defaults(func=cmd_retry)
     p = add("board", "serve the live task board on 127.0.0.1 (prints its URL with the access token)")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 = any free port)")
     p.set_defaults(func=cmd_board)

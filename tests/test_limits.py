@@ -6,6 +6,7 @@ really happened in the actors."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from conftest import ROOT, wait_until
 
 import capsule_actors as cpsl
+from capsule_actors.supervisor.intake import QUEUE_WINDOW
 
 STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on both stores
 
@@ -67,6 +69,12 @@ async def twenty_a_second(i: int, log: str) -> int:
 @app.task(rate_limit=cpsl.RateLimit("5/s", key="tenant:{tenant}"))
 async def per_tenant(tenant: str, i: int, log: str) -> None:
     _note(log, f"{time.time()} {tenant}")
+
+
+@app.task
+async def gated_start(label: str, log: str, gate: str) -> None:
+    _note(log, label)
+    await _wait_for(gate)
 
 
 @app.task
@@ -180,6 +188,25 @@ def test_queued_order_by_priority_comes_from_the_store_after_a_supervisor_kill(s
     assert started == _expected(items)
 
 
+def test_a_high_priority_backlog_starts_before_a_window_full_of_low_priority(start, tmp_path: Path):
+    """More than QUEUE_WINDOW tasks of each of two priorities: the window is per priority, so
+    the high ones paged in from the store all start before the low ones held in memory."""
+    rt = start(app, workers=1, process_workers=1)
+    log, gate = str(tmp_path / "starts"), str(tmp_path / "gate")
+    n = QUEUE_WINDOW + 500
+    low = gated_start.map([(f"low{i}", log, gate) for i in range(n)])
+    high = gated_start.options(priority=1).map([(f"high{i}", log, gate) for i in range(n)])
+    assert rt.status()["supervisor"]["backlog"] >= 2 * 300  # both priorities have one
+    Path(gate).touch()
+    cpsl.wait_all(low + high, timeout=240)
+    started = [label for (label,) in _lines(log)]
+    first_high = started.index("high0")
+    assert first_high <= 200  # the low ones that started before the high ones came
+    rest = started[first_high:]
+    assert rest[:n] == [f"high{i}" for i in range(n)]
+    assert started[:first_high] + rest[n:] == [f"low{i}" for i in range(n)]
+
+
 def test_options_never_clash_with_the_tasks_own_keyword_arguments(start):
     start(app, workers=1, process_workers=1)
     h = takes_priority.options(priority=3).submit(priority=7, delay=0.5)
@@ -270,3 +297,88 @@ def test_a_keyed_rate_limit_keeps_each_keys_budget_apart(start, tmp_path: Path):
     assert _max_in_window(by_tenant["b"], 1.0) <= 5
     # the two budgets are apart: together they start more than one budget allows
     assert _max_in_window(by_tenant["a"] + by_tenant["b"], 1.0) >= 8
+
+
+# ---- dead letters ------------------------------------------------------------------------------
+@app.task
+async def always_fails(i: int) -> None:
+    raise ValueError(f"bad {i}")
+
+
+@app.task
+async def hangs(gate: str) -> None:
+    await _wait_for(gate)
+
+
+@app.task
+async def fails_until(path: str, i: int) -> int:
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing")
+    return i
+
+
+@app.on_failure
+def alert(task_id: str, name: str, error_type: str, error_message: str, traceback: str) -> None:
+    log = os.environ.get("LIMITS_HOOK_LOG")  # set by the test that counts the hook's runs
+    if log:
+        _note(log, f"{task_id} {name} {error_type} {os.getpid()}")
+
+
+def test_on_failure_runs_once_per_dead_task_across_a_supervisor_kill(start, tmp_path: Path, monkeypatch):
+    """The hook runs in a worker actor once for each task that failed for good: neither a
+    supervisor SIGKILL after it ran nor the recovery that fails a crashed task runs it twice."""
+    hook_log = str(tmp_path / "hook")
+    monkeypatch.setenv("LIMITS_HOOK_LOG", hook_log)
+    rt = start(app, workers=1, process_workers=1)
+    failing = always_fails.map(range(5))
+    hung = hangs.submit(str(tmp_path / "never"))
+    wait_until(lambda: len(_lines(hook_log)) == 5 and hung.status() == cpsl.TaskState.RUNNING, 30)
+    actors = {int(pid) for *_, pid in _lines(hook_log)}
+    assert rt.pid not in actors  # run by an actor, not the supervisor
+    os.kill(rt.pid, signal.SIGKILL)
+    rt.process.wait(10)
+
+    rt2 = start(app, workers=1, process_workers=1)  # the hung task crashed out: no retry left
+    with pytest.raises(cpsl.WorkerCrashed):
+        hung.result(timeout=30)
+    wait_until(lambda: len(_lines(hook_log)) >= 6, 30)
+    wait_until(lambda: rt2.status()["supervisor"]["live_tasks"] == 0, 30)
+    seen = {task_id: (name, error) for task_id, name, error, _ in _lines(hook_log)}
+    assert len(_lines(hook_log)) == 6 == len(seen)
+    assert seen == {
+        **{h.id: ("always_fails", "ValueError") for h in failing},
+        hung.id: ("hangs", "WorkerCrashed"),
+    }
+
+
+def test_dead_letters_are_listed_and_retried_from_the_cli(start, state_dir, tmp_path: Path):
+    from conftest import cli
+
+    start(app, workers=1, process_workers=1)
+    missing = str(tmp_path / "missing")
+    dead = fails_until.map([(missing, i) for i in range(3)])
+    other = always_fails.submit(9)
+    for h in [*dead, other]:
+        with pytest.raises((RuntimeError, ValueError)):
+            h.result(timeout=30)
+
+    listed = cli("tasks", "--dead", "--name", "fails_until", "--json", state_dir=state_dir, check=True)
+    assert sorted(t["id"] for t in json.loads(listed.stdout)) == sorted(h.id for h in dead)
+    everything = json.loads(cli("tasks", "--dead", "--json", state_dir=state_dir, check=True).stdout)
+    assert other.id in {t["id"] for t in everything}
+
+    Path(missing).touch()
+    one = cli("retry", dead[0].id[-10:], state_dir=state_dir, check=True)
+    old, _, _, new = one.stdout.split()
+    assert old == dead[0].id[-10:] and new != dead[0].id
+    assert cpsl.TaskHandle.from_id(app, new).result(timeout=30) == 0
+    again = cli("retry", dead[0].id, state_dir=state_dir)  # once only: it names the retry
+    assert again.returncode == 1 and new in again.stderr
+
+    rest = cli("retry", "--all-dead", "--name", "fails_until", state_dir=state_dir, check=True)
+    retried = dict(line.split(" retried as ") for line in rest.stdout.splitlines())
+    assert set(retried) == {h.id for h in dead[1:]}
+    assert sorted(cpsl.TaskHandle.from_id(app, n).result(timeout=30) for n in retried.values()) == [1, 2]
+    assert "2 of 3 dead 'fails_until' tasks retried" in rest.stderr
+    none_left = cli("retry", "--all-dead", "--name", "fails_until", state_dir=state_dir, check=True)
+    assert none_left.stdout == ""

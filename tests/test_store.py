@@ -187,7 +187,7 @@ def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_f
     if store_kind == "sqlite":  # back to what schema 1 was
         db.db.executescript(  # type: ignore[attr-defined]
             "DROP INDEX tasks_prioritized; ALTER TABLE tasks DROP COLUMN priority; "
-            "ALTER TABLE tasks DROP COLUMN rate_key; UPDATE meta SET value='1' WHERE key='schema_version';"
+            "ALTER TABLE tasks DROP COLUMN rate_key; ALTER TABLE tasks DROP COLUMN retried_as; UPDATE meta SET value='1' WHERE key='schema_version';"
         )
     else:
         s = db.schema  # type: ignore[attr-defined]
@@ -195,6 +195,7 @@ def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_f
             f"DROP INDEX {s}.tasks_prioritized",
             f"ALTER TABLE {s}.tasks DROP COLUMN priority",
             f"ALTER TABLE {s}.tasks DROP COLUMN rate_key",
+            f"ALTER TABLE {s}.tasks DROP COLUMN retried_as",
             f"UPDATE {s}.meta SET value='1' WHERE key='schema_version'",
         ):
             db.db.execute(sql)  # type: ignore[attr-defined]

@@ -226,8 +226,12 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
-        """(name, state, lock_key, session_id, session_owner, args, priority, rate_key) of a
-        task, to submit it again."""
+        """(name, state, lock_key, session_id, session_owner, args, priority, rate_key,
+        retried_as) of a task, to submit it again."""
+
+    @abc.abstractmethod
+    def mark_retried(self, task_id: str, session_id: str | None, new_id: str) -> None:
+        """A finished task was submitted again as ``new_id`` (its record says so, and an event)."""
 
     # ---- retention ---------------------------------------------------------------------------
     # Each call does a bounded amount of work (``batch``), so the loop can spread pruning over

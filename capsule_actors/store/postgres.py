@@ -115,6 +115,7 @@ CREATE TABLE IF NOT EXISTS {s}.cards (
 -- version 2: priorities and keyed rate limits
 ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
 ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS rate_key text;
+ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS retried_as text;
 -- the backlog of a priority other than 0 (tasks of priority 0 never enter it)
 CREATE INDEX IF NOT EXISTS tasks_prioritized ON {s}.tasks(priority, seq)
     WHERE state = 'QUEUED' AND lock_key IS NULL AND priority <> 0;
@@ -722,13 +723,17 @@ class PostgresStore(TaskStore):
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
         row = self._q(
-            "SELECT name, state, lock_key, session_id, session_owner, args, priority, rate_key FROM {s}.tasks "
-            "WHERE id=%s",
+            "SELECT name, state, lock_key, session_id, session_owner, args, priority, rate_key, retried_as "
+            "FROM {s}.tasks WHERE id=%s",
             (task_id,),
         ).fetchone()
         if row is None:
             return None
         return (*row[:5], bytes(row[5]) if row[5] is not None else None, *row[6:])
+
+    def mark_retried(self, task_id: str, session_id: str | None, new_id: str) -> None:
+        self._w("UPDATE {s}.tasks SET retried_as=%s WHERE id=%s", (new_id, task_id))
+        self.add_event(task_id, session_id, "retried", {"retried_as": new_id})
 
     # ---- retention ---------------------------------------------------------------------------
     def prune_events(self, before: float, keep_max: int, batch: int) -> int:

@@ -115,6 +115,8 @@ _MIGRATIONS = {
     2: """
 ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN rate_key TEXT;
+-- a FAILED task resubmitted by `capsule-actors retry`: the new task's id
+ALTER TABLE tasks ADD COLUMN retried_as TEXT;
 -- the backlog of a priority other than 0, in submit order (an index entry ends with its rowid);
 -- tasks of priority 0 never enter it
 CREATE INDEX IF NOT EXISTS tasks_prioritized ON tasks(priority) WHERE state='QUEUED' AND priority != 0;
@@ -654,10 +656,15 @@ class SQLiteStore(TaskStore):
 
     def retry_row(self, task_id: str) -> tuple[Any, ...] | None:
         row = self.db.execute(
-            "SELECT name, state, lock_key, session_id, session_owner, args, priority, rate_key FROM tasks WHERE id=?",
+            "SELECT name, state, lock_key, session_id, session_owner, args, priority, rate_key, retried_as "
+            "FROM tasks WHERE id=?",
             (task_id,),
         ).fetchone()
         return tuple(row) if row else None
+
+    def mark_retried(self, task_id: str, session_id: str | None, new_id: str) -> None:
+        self._w("UPDATE tasks SET retried_as=? WHERE id=?", (new_id, task_id))
+        self.add_event(task_id, session_id, "retried", {"retried_as": new_id})
 
     # ---- retention ---------------------------------------------------------------------------
     def prune_events(self, before: float, keep_max: int, batch: int) -> int:

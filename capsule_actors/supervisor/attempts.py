@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import messages
@@ -41,9 +42,11 @@ class Attempts:
         waiters: Waiters,
         outbox: Outbox,
         timers: Timers,
+        dead_letter: Callable[[str, str, Error | None], None],
     ) -> None:
         self._app = app
         self._limits = limits
+        self._dead_letter = dead_letter  # a task failed for good (Intake runs the on_failure hook)
         self._store = store
         self._tasks = tasks
         self._children = children
@@ -286,6 +289,8 @@ class Attempts:
         if task.lock_key is not None and task.id not in self._tasks.abandoned_keys:
             self._keys.release(task)  # else: when its abandoned attempt reports, or its actor is replaced
         self._waiters.settle(task.id, messages.Outcome(state, *(error or (None, None, None))), result or b"")
+        if state == FAILED:
+            self._dead_letter(task.id, task.name, error)
 
     # ---- an actor died -----------------------------------------------------------------------
     def actor_exited(self, proc: ActorProcess, cause: str) -> None:

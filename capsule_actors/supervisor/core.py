@@ -250,9 +250,11 @@ class Supervisor:
         self.waiters = waiters = Waiters(db, tasks, outbox)
         self.keys = keys = KeyRouting(app, tasks, children, db, outbox)
         self.limits = limits = Limits(app, tasks, timers)
-        self.attempts = attempts = Attempts(app, db, tasks, children, keys, limits, waiters, outbox, timers)
         self.intake = intake = Intake(
             app, db, tasks, keys, waiters, outbox, timers, self.state_dir, self._commit_durably
+        )
+        self.attempts = attempts = Attempts(
+            app, db, tasks, children, keys, limits, waiters, outbox, timers, intake.dead_letter
         )
         self.sessions = sessions = Sessions(app, db, tasks, outbox)
         self.retention = retention = Retention(app, db, timers)

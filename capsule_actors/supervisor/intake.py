@@ -30,7 +30,7 @@ from .tasks import LiveTask, PendingSubmit
 
 if TYPE_CHECKING:
     from ..app import App
-    from ..store import TaskStore
+    from ..store import Error, TaskStore
     from .keys import Decision, KeyRouting
     from .outbox import Frames, Outbox
     from .tasks import TaskTable
@@ -361,6 +361,18 @@ class Intake:
             level[0] -= 1
         return self._load(row, row.state)
 
+    # ---- dead letters ------------------------------------------------------------------------
+    def dead_letter(self, task_id: str, name: str, error: Error | None) -> None:
+        """A task failed for good: record a run of the App's on_failure hook in this same
+        transaction (so a crash loses both or neither), unless the hook itself failed."""
+        hook = self._app.failure_hook
+        if hook is None or name == hook:
+            return
+        etype, emsg, trace = error or ("TaskFailed", "", "")
+        payload = pickle.dumps(((task_id, name, etype, emsg, trace), {}), protocol=5)
+        item = [new_task_id(), hook, None, None, None, None, 0, None]
+        self.submit(PendingSubmit(b"", 0, 1), [item], [payload])
+
     # ---- the clock ---------------------------------------------------------------------------
     def on_fire(self, msg: messages.Fire) -> None:
         """A schedule's slot came: submit its task as the owner session (joining a run that is
@@ -404,6 +416,7 @@ class Intake:
         if spec is None:
             error = ("UnknownTask", f"the app has no task {row.name!r} any more", "")
             self._store.finish(row.id, row.session_id, FAILED, None, error, now)
+            self.dead_letter(row.id, row.name, error)
             return None
         if row.lock_key is None:
             if row.state == SCHEDULED:
@@ -432,6 +445,7 @@ class Intake:
         if not (task.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed)):
             error = ("WorkerCrashed", "the supervisor died while the task was running and no retry remained", "")
             self._store.finish(task.id, task.session_id, FAILED, None, error, now)
+            self.dead_letter(task.id, task.name, error)
             return None
         task.state = QUEUED
         error = ("WorkerCrashed", "the supervisor died while the task was running; re-running it", "")

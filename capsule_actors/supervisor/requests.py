@@ -188,13 +188,19 @@ class ClientRequests:
         row = self._store.retry_row(task_id)
         if row is None:
             raise unknown(task_id)
-        name, state, lock_key, sid, sowner, args, priority, rate_key = row
+        name, state, lock_key, sid, sowner, args, priority, rate_key, retried_as = row
         if not states.TaskState(state).terminal:
             raise ConfigError(f"task {task_id} is {state}: only a finished task can be retried")
+        if retried_as is not None:
+            raise ConfigError(f"task {task_id} was retried already, as {retried_as}: retry that one if it failed")
         self._app.get_task(name)
         self._intake.refuse_if_full()
-        item = [new_task_id(), name, lock_key, sid, sowner, None, priority, rate_key]
+        new_id = new_task_id()
+        item = [new_id, name, lock_key, sid, sowner, None, priority, rate_key]
         self._intake.submit(PendingSubmit(ident, msg.req, 1), [item], [bytes(args or NO_ARGS)])
+        self._store.mark_retried(task_id, sid, new_id)  # the new task is named in the old one's record
+        if new_id in self._tasks or self._store.exists(new_id):  # recorded (a locked one: once admitted)
+            self._store.add_event(new_id, sid, "retried", {"retry_of": task_id})  # and its origin in its events
 
     def on_inject_crash(self, ident: bytes, msg: messages.InjectCrash, payload: Frames) -> None:
         self._app.get_task(msg.name)
