@@ -94,8 +94,10 @@ class ReadyQueue:
 
     def _top(self) -> collections.deque[str]:
         """The highest level with tasks (only 0 may be empty: other levels go when emptied)."""
-        levels = self._levels
-        for priority in self._order:
+        levels, order = self._levels, self._order
+        if len(order) == 1:  # the common case: one priority in use
+            return levels[order[0]]
+        for priority in order:
             queue = levels[priority]
             if queue:
                 return queue
