@@ -314,7 +314,11 @@ class Intake:
         return True
 
     def page_in(self) -> None:
-        """Load the oldest backlog tasks of each priority whose queue is half empty."""
+        """Load the oldest backlog tasks of each priority whose queue is half empty. (Tasks a
+        limit holds back are not in those queues: a window of them never keeps runnable work
+        in the store.)"""
+        if not self._backlog:
+            return
         for priority, level in list(self._backlog.items()):
             queued = self._tasks.queued_at(priority)
             if queued > QUEUE_WINDOW // 2:
