@@ -166,6 +166,22 @@ def test_queued_tasks_start_by_priority_then_in_submit_order(start, tmp_path: Pa
     assert started[1:] == _expected(items)
 
 
+def test_delayed_tasks_coming_due_start_by_priority(start, tmp_path: Path):
+    """Delayed tasks (in the store only until due) keep their priority when the clock hands them over."""
+    rt = start(app, workers=1, process_workers=1)
+    log, gate, blocker_gate = str(tmp_path / "starts"), str(tmp_path / "gate"), str(tmp_path / "blocker-gate")
+    blocker = one_at_a_time.submit("blocker", log, blocker_gate)
+    wait_until(lambda: _lines(log), 30)
+    items = _mixed(40)
+    handles = [one_at_a_time.options(priority=p, delay=0.3).submit(f"t{i}", log, gate) for i, p in items]
+    assert {h.status() for h in handles} <= {cpsl.TaskState.SCHEDULED, cpsl.TaskState.QUEUED}
+    wait_until(lambda: rt.status()["tasks"].get("QUEUED", 0) >= 40, 30)  # due, behind the blocker
+    Path(gate).touch()
+    Path(blocker_gate).touch()
+    cpsl.wait_all([blocker, *handles], timeout=60)
+    assert [label for label, _ in _lines(log)][1:] == _expected(items)
+
+
 def test_queued_order_by_priority_comes_from_the_store_after_a_supervisor_kill(start, tmp_path: Path):
     """SIGKILL the supervisor with 200 prioritized tasks queued: the next one starts them in
     priority order (the store keeps each task's priority)."""
