@@ -178,6 +178,15 @@ def test_the_backlog_is_paged_per_priority_in_submit_order(task_store):
     assert {t.id: t.priority for t in db.live_tasks()}["locked"] == 1
 
 
+def test_the_boards_queued_column_shows_the_next_to_run_first_by_priority(task_store, store_reader):
+    db = task_store
+    db.begin()
+    db.insert_tasks([new("low")._replace(priority=-1), new("plain"), new("high")._replace(priority=3)])
+    db.commit()
+    queued = {c["state"]: c for c in store_reader().board()["columns"]}["QUEUED"]
+    assert [t["id"] for t in queued["tasks"]] == ["high", "plain", "low"]
+
+
 def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_factory):
     """A store written before priorities (schema 1) opens as schema 2: its tasks get priority 0."""
     db = task_store_factory()

@@ -828,7 +828,7 @@ def _event(r: tuple[Any, ...]) -> dict[str, Any]:
 # ---- reading from other processes ------------------------------------------------------------
 
 _ORDER = {
-    "QUEUED": "created_at ASC, id ASC",
+    "QUEUED": "priority DESC, created_at ASC, id ASC",  # next to run first
     "SCHEDULED": "coalesce(run_at, created_at) ASC, id ASC",
     "RUNNING": "started_at DESC, id DESC",
     "SUCCEEDED": "finished_at DESC, id DESC",

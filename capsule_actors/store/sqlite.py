@@ -781,7 +781,7 @@ def _events_after(
 # ---- reading from other processes ------------------------------------------------------------
 
 _ORDER = {
-    QUEUED: "created_at ASC, id ASC",  # next to run first
+    QUEUED: "priority DESC, created_at ASC, id ASC",  # next to run first
     SCHEDULED: "coalesce(run_at, created_at) ASC, id ASC",  # next due first
     RUNNING: "started_at DESC, id DESC",
     SUCCEEDED: "finished_at DESC, id DESC",  # most recent first
