@@ -33,6 +33,7 @@ from .errors import (
     UnknownTask,
     WorkerCrashed,
 )
+from .flows import FlowHandle, Signature, chain, chord, group
 from .handle import TaskEvent, TaskHandle, TaskInfo, await_all, wait_all
 from .limits import RateLimit
 from .runtime import Runtime
@@ -58,6 +59,12 @@ __all__ = [
     "TaskEvent",
     "wait_all",
     "await_all",
+    # workflows
+    "Signature",
+    "chain",
+    "group",
+    "chord",
+    "FlowHandle",
     # sessions and task UI
     "Session",
     "current_session",

@@ -17,6 +17,7 @@ import cloudpickle
 
 from . import bootstrap
 from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
+from .flows import FLOW_TASK, Signature, flow_record
 from .handle import SessionSubscription, TaskHandle
 from .ids import new_task_id
 from .lifecycle import current_pid
@@ -271,6 +272,10 @@ class Task(Generic[P, R]):
         clash with the task's own keyword arguments: ``task.options(priority=9).submit(...)``."""
         return TaskOptions(self, priority, session, delay, at)
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature: this call, as a step of ``cpsl.chain``, ``group`` or ``chord``."""
+        return Signature(self, args, kwargs)
+
     def submit(self, *args: Any, session: Session | None = None, **kwargs: Any) -> TaskHandle:
         """Record the task durably and return its handle (after the supervisor's commit)."""
         return self._send([self.prepare(args, kwargs, session, None)])[0]
@@ -440,6 +445,7 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self.failure_hook: str | None = None  # the task name of the @on_failure hook
+        self.task(name=FLOW_TASK)(flow_record)  # a workflow's record (flows.py): never run by an actor
         self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)
         self._client: Client | None = None  # the client found for it in this process (a cache)
 

@@ -131,6 +131,15 @@ class TaskStore(abc.ABC):
         """A task's pickled arguments (a process actor's held Run leaves before it starts)."""
 
     @abc.abstractmethod
+    def set_args(self, task_id: str, args: bytes) -> None:
+        """Replace a task's pickled arguments (a workflow step released with its inputs)."""
+
+    @abc.abstractmethod
+    def flow_waiting(self) -> list[tuple[str, str | None, bytes]]:
+        """(id, session id, args) of the workflow steps waiting for their inputs: SCHEDULED without a
+        ``run_at``, in submit order (recovery at start; off the hot path)."""
+
+    @abc.abstractmethod
     def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
         """Record an attempt's start; return the task's pickled arguments."""
 

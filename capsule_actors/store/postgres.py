@@ -518,6 +518,17 @@ class PostgresStore(TaskStore):
         row = self._q("SELECT args FROM {s}.tasks WHERE id=%s", (task_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else b""
 
+    def set_args(self, task_id: str, args: bytes) -> None:
+        self._kept_args(task_id)
+        self._w("UPDATE {s}.tasks SET args=%s WHERE id=%s", (args, task_id))
+        self._keep_args(task_id, args)
+
+    def flow_waiting(self) -> list[tuple[str, str | None, bytes]]:
+        rows = self._q(
+            "SELECT id, session_id, args FROM {s}.tasks WHERE state='SCHEDULED' AND run_at IS NULL ORDER BY seq"
+        ).fetchall()
+        return [(task_id, sid, bytes(args or b"")) for task_id, sid, args in rows]
+
     def _with_event(
         self,
         sql: str,

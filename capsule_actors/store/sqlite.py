@@ -480,6 +480,15 @@ class SQLiteStore(TaskStore):
         row = self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else b""
 
+    def set_args(self, task_id: str, args: bytes) -> None:
+        self._w("UPDATE tasks SET args=? WHERE id=?", (args, task_id))
+
+    def flow_waiting(self) -> list[tuple[str, str | None, bytes]]:
+        rows = self.db.execute(
+            "SELECT id, session_id, args FROM tasks WHERE state='SCHEDULED' AND run_at IS NULL ORDER BY rowid"
+        ).fetchall()
+        return [(task_id, sid, bytes(args or b"")) for task_id, sid, args in rows]
+
     def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
         row = self._w(
             "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=? RETURNING args",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..app import App
     from ..store import Error, TaskStore
     from .children import Children
+    from .flows import FlowSteps
     from .keys import KeyRouting
     from .limits import Limits
     from .outbox import Frames, Outbox
@@ -39,6 +40,7 @@ class Attempts:
         children: Children,
         keys: KeyRouting,
         limits: Limits,
+        flows: FlowSteps,
         waiters: Waiters,
         outbox: Outbox,
         timers: Timers,
@@ -46,6 +48,8 @@ class Attempts:
     ) -> None:
         self._app = app
         self._limits = limits
+        self._flow_watched = flows.watched  # the tasks a workflow step waits for (FlowSteps owns it)
+        self._flow_ended = flows.ended
         self._dead_letter = dead_letter  # a task failed for good (Intake runs the on_failure hook)
         self._store = store
         self._tasks = tasks
@@ -291,6 +295,8 @@ class Attempts:
         self._waiters.settle(task.id, messages.Outcome(state, *(error or (None, None, None))), result or b"")
         if state == FAILED:
             self._dead_letter(task.id, task.name, error)
+        if task.id in self._flow_watched:
+            self._flow_ended(task.id, state, result, error)
 
     # ---- an actor died -----------------------------------------------------------------------
     def actor_exited(self, proc: ActorProcess, cause: str) -> None:

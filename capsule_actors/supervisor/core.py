@@ -51,6 +51,7 @@ from ..transport import (
 )
 from .attempts import Attempts
 from .children import HEARTBEAT_CHECK, MEMORY_CHECK, Children
+from .flows import FlowSteps
 from .intake import Intake
 from .keygate import KeyGate, key_name
 from .keys import KeyRouting
@@ -159,6 +160,7 @@ class Supervisor:
             schedules = ((s.name, s.cron, s.tz) for s in self.app.schedules.values())
             self.store.register_schedules(schedules, time.time())
             self.intake.recover()
+            self.flows.recover()
             with contextlib.suppress(StoreFull):  # no room to record them: the journals stay
                 self.intake.replay_journals()
             self.commit()
@@ -250,12 +252,14 @@ class Supervisor:
         self.waiters = waiters = Waiters(db, tasks, outbox)
         self.keys = keys = KeyRouting(app, tasks, children, db, outbox)
         self.limits = limits = Limits(app, tasks, timers)
+        self.flows = flows = FlowSteps(db, tasks)
         self.intake = intake = Intake(
-            app, db, tasks, keys, waiters, outbox, timers, self.state_dir, self._commit_durably
+            app, db, tasks, keys, flows, waiters, outbox, timers, self.state_dir, self._commit_durably
         )
         self.attempts = attempts = Attempts(
-            app, db, tasks, children, keys, limits, waiters, outbox, timers, intake.dead_letter
+            app, db, tasks, children, keys, limits, flows, waiters, outbox, timers, intake.dead_letter
         )
+        flows.bind(intake.make_due, intake.load_stored, attempts.finish, attempts.abandon)  # built after it
         self.sessions = sessions = Sessions(app, db, tasks, outbox)
         self.retention = retention = Retention(app, db, timers)
         self.node_link = NodeLink(app, self.grace, nodes, children, keys, tasks, timers)

@@ -22,6 +22,7 @@ from ..errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
+from ..flows import WAITING
 from ..ids import new_task_id
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
@@ -31,6 +32,7 @@ from .tasks import LiveTask, PendingSubmit
 if TYPE_CHECKING:
     from ..app import App
     from ..store import Error, TaskStore
+    from .flows import FlowSteps
     from .keys import Decision, KeyRouting
     from .outbox import Frames, Outbox
     from .tasks import TaskTable
@@ -53,6 +55,7 @@ class Intake:
         store: TaskStore,
         tasks: TaskTable,
         keys: KeyRouting,
+        flows: FlowSteps,
         waiters: Waiters,
         outbox: Outbox,
         timers: Timers,
@@ -63,6 +66,7 @@ class Intake:
         self._store = store
         self._tasks = tasks
         self._keys = keys
+        self._flows = flows
         self._waiters = waiters
         self._outbox = outbox
         self._timers = timers
@@ -154,6 +158,8 @@ class Intake:
             task_id, name, lock_key, sid, sowner, run_at = item[:6]
             priority, rate_key = item[6:8] if len(item) > 6 else (0, None)  # an older client's journal: 0
             state = SCHEDULED if run_at and run_at > now else QUEUED
+            if run_at == WAITING:  # a workflow step waiting for its inputs (flows.py): no run_at
+                state, run_at = SCHEDULED, None
             row = NewTask(task_id, name, state, lock_key, sid, sowner, frame, now, run_at, priority, rate_key)
             pending.results[i] = [task_id, False, False]
             if lock_key is None or task_id in self._tasks or self._store.exists(task_id):
@@ -208,7 +214,10 @@ class Intake:
         for task_id, rowid in self._store.insert_tasks(rows):
             row = by_id[task_id]
             if row.state == SCHEDULED and row.lock_key is None:
-                tasks.want_clock()  # unlocked delayed tasks stay in the store until the clock says
+                if row.run_at is None:  # a workflow step waiting for its inputs
+                    self._flows.add(task_id, row.session_id, row.args)
+                else:
+                    tasks.want_clock()  # unlocked delayed tasks stay in the store until the clock says
                 continue
             if row.lock_key is None and self._to_backlog(rowid, row.priority):
                 continue
@@ -392,11 +401,15 @@ class Intake:
 
     def on_due(self, msg: messages.Due) -> None:
         for task_id in msg.task_ids:
-            task = self._tasks.get(task_id) or self.load_stored(task_id)
-            if task is not None and task.state == SCHEDULED:
-                self._store.requeue(task.id, task.session_id, None, None)
-                task.state = QUEUED
-                self._tasks.due(task.id)
+            self.make_due(task_id)
+
+    def make_due(self, task_id: str) -> None:
+        """A SCHEDULED task comes due (the clock says), or a workflow step is released."""
+        task = self._tasks.get(task_id) or self.load_stored(task_id)
+        if task is not None and task.state == SCHEDULED:
+            self._store.requeue(task.id, task.session_id, None, None)
+            task.state = QUEUED
+            self._tasks.due(task.id)
 
     # ---- recovery at start -------------------------------------------------------------------
     def recover(self) -> None:
