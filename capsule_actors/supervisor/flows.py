@@ -130,7 +130,9 @@ class FlowSteps:
             if w.kind == "flow":
                 self._add_step_event(w, task_id, state)
                 if state != SUCCEEDED:
-                    self._end(w, state, result, error or ("TaskCancelled", f"step {task_id} ended {state}", ""))
+                    etype, emsg, trace = error or ("TaskCancelled", "", "")
+                    why = f"step {task_id} of workflow {w.id} ended {state}: {etype}: {emsg}"
+                    self._end(w, state, result, (etype, emsg or why, trace), why)
                 elif not w.remaining:
                     assert w.spec is not None
                     self._end(w, SUCCEEDED, pickle.dumps(FlowValue(w.spec, self._results(w.spec)), protocol=5), None)
@@ -167,14 +169,14 @@ class FlowSteps:
         self._store.set_args(w.id, pickle.dumps(FlowArgs(template, w.spec, results, extra), protocol=5))
         self._make_due(w.id)
 
-    def _end(self, w: Waiting, state: TaskState, result: bytes, error: Error | None) -> None:
+    def _end(self, w: Waiting, state: TaskState, result: bytes, error: Error | None, why: str = "") -> None:
         """End a waiting one without running it (its end comes back through ``ended``)."""
         del self._waiting[w.id]
         task = self._load(w.id)
         if task is not None:
             self._finish(task, state, result, error)
         if w.kind == "flow" and state != SUCCEEDED:
-            self._cancel_steps(w, f"workflow {w.id} ended {state}")
+            self._cancel_steps(w, why or f"workflow {w.id} ended {state}")
 
     def _cancel_steps(self, record: Waiting, reason: str) -> None:
         """The workflow ended without success: every step not finished ends CANCELLED."""
