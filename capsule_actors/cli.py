@@ -24,6 +24,7 @@ from . import bootstrap, ids, messages, states
 from .app import App
 from .client import Client
 from .errors import CapsuleError, ConfigError, NotRunning, UnknownTask
+from .flows import FLOW_TASK
 from .lifecycle import profiled
 from .session import Session
 
@@ -417,7 +418,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     state = "FAILED" if args.dead else (args.status.upper() if args.status else None)
     if not 1 <= args.limit <= 100_000:
         raise ConfigError(f"--limit {args.limit}: expected 1..100000")
-    body, _ = _read(
+    body, offline = _read(
         args,
         lambda req: messages.ListTasks(req, state, args.limit),
         lambda reader: [  # as the supervisor lists them; no key has an owner while none runs
@@ -429,12 +430,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
+    if offline is None:  # a workflow's steps are named by its supervisor (read from the store: ungrouped)
+        body = _grouped(args, body)
     color = use_color(sys.stdout)
     short = ids.short_ids(t["id"] for t in body)
     rows = [
         [
-            short[t["id"]],
-            t["name"],
+            ("  └ " if t.get("in_flow") else "") + short[t["id"]],
+            _flow_name(t),
             t["state"],
             str(t["attempts"]),
             _pct(t.get("progress")),
@@ -451,6 +454,80 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     width = _terminal_width(sys.stdout) if sys.stdout.isatty() else None
     print(_table(rows, header, colors=colors, right=(3, 4, 6), color=color, max_width=width))
     return 0
+
+
+def _flow_record(args: argparse.Namespace, flow_id: str) -> dict[str, Any]:
+    """A workflow's first ``flow`` event: its steps, their inputs, its on_error step."""
+    page = _ask(args, lambda req: messages.Events(req, flow_id, 0))
+    for event in page["events"]:
+        if event["kind"] == "flow":
+            return dict(event["data"])
+    raise UnknownTask(f"{flow_id!r} is not a workflow")
+
+
+def _grouped(args: argparse.Namespace, body: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each workflow as one line (its state, how many steps, which run) with its steps below."""
+    flows = [t for t in body if t["name"] == FLOW_TASK]
+    if not flows:
+        return body
+    by_id = {t["id"]: t for t in body}
+    members: dict[str, list[dict[str, Any]]] = {}
+    for flow in flows:
+        record = _flow_record(args, flow["id"])
+        steps = [*record["steps"], *([record["on_error"]] if record.get("on_error") else [])]
+        members[flow["id"]] = [{**by_id[s], "in_flow": True} for s in steps if s in by_id]
+        running = sum(1 for s in steps if s in by_id and by_id[s]["state"] == "RUNNING")
+        flow["flow_steps"] = f"flow: {len(steps)} steps, {running} running"
+    inside = {t["id"] for rows in members.values() for t in rows}
+    grouped = []
+    for t in body:
+        if t["id"] not in inside:
+            grouped += [t, *members.get(t["id"], [])]
+    return grouped
+
+
+def _flow_name(t: dict[str, Any]) -> str:
+    return str(t.get("flow_steps") or t["name"])
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    """A workflow's tree: each step with its state, where its input comes from, its error."""
+    info = _ask(args, lambda req: messages.Info(req, [args.id]))[0]
+    if info is None:
+        raise UnknownTask(f"no workflow with id {args.id!r}")
+    record = _flow_record(args, info["id"])
+    handler = record.get("on_error")
+    steps = [*record["steps"], *([handler] if handler else [])]
+    infos = {}
+    for i in range(0, len(steps), 1000):
+        for step in _ask(args, lambda req, part=steps[i : i + 1000]: messages.Info(req, part)):
+            if step is not None:
+                infos[step["id"]] = step
+    if args.json:
+        print(json.dumps({"flow": info, **record, "step_info": infos}, indent=2))
+        return 0
+    color = use_color(sys.stdout)
+    short = ids.short_ids([info["id"], *steps])
+    print(f"workflow {short[info['id']]}  {_paint(info['state'], STATE_COLORS.get(info['state']), color)}")
+    rows = []
+    for step in steps:
+        t = infos.get(step, {"name": "?", "state": "?", "attempts": 0, "error_type": None})
+        came = _spec_text(record["inputs"].get(step), short) if step != handler else "on_error"
+        err = f"{t['error_type']}: {t['error_message']}" if t.get("error_type") else ""
+        rows.append([short[step], t["name"], t["state"], str(t["attempts"]), came or "-", err])
+    header = ["STEP", "NAME", "STATE", "ATTEMPTS", "INPUT", "ERROR"]
+    colors: list[dict[str, str] | None] = [None] * len(header)
+    colors[2] = STATE_COLORS
+    print(_table(rows, header, colors=colors, right=(3,), color=color))
+    return 0
+
+
+def _spec_text(spec: Any, short: dict[str, str]) -> str:
+    if spec is None:
+        return ""
+    if isinstance(spec, str):
+        return short.get(spec, spec)
+    return "[" + ", ".join(_spec_text(s, short) for s in spec) + "]"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -647,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--state-dir", help="state directory (default: $CAPSULE_STATE_DIR or ./.capsule)")
-        if name in ("tasks", "status", "info", "cancel", "retry"):
+        if name in ("tasks", "status", "info", "flow", "cancel", "retry"):
             p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the supervisor")
         p.add_argument("--store", metavar="URL", help=_STORE_HELP if name in ("run", "board") else _STORE_CHECK_HELP)
         return p
@@ -707,6 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    p = add("flow", "one workflow's steps: state, attempts, where each input comes from (ID: full or 8+ chars)")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flow)
     p = add("status", "the supervisor and every actor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

@@ -95,6 +95,12 @@ async def waits(gate: str, log: str) -> int:
 
 
 @app.task()
+async def passes_on(prev: int, gate: str, log: str) -> int:
+    await waits(gate, log)
+    return prev
+
+
+@app.task()
 def no_input() -> int:
     return 0
 
@@ -234,3 +240,26 @@ def test_supervisor_sigkills_lose_no_workflow_and_start_no_step_twice(start, tmp
             assert 1 <= starts.get(f"s{k}.{j}", 0) <= handle.info().attempts + kills
     reruns = sum(max(0, n - 1) for n in starts.values())
     assert reruns >= 1  # the kills did cut running steps short
+
+
+def test_the_cli_prints_a_workflow_as_a_tree_and_groups_it_in_tasks(start, state_dir: Path, tmp_path: Path):
+    from conftest import cli
+
+    log, gate = str(tmp_path / "log"), str(tmp_path / "gate")
+    start(app, workers=2, process_workers=1)
+    flow = cpsl.chain(add.s(1, 2), cpsl.chord([add.s(1), passes_on.s(gate, log)], total.s()), add.s(10)).submit()
+    wait_until(lambda: len(_lines(log)) == 1, 30)
+    first, plus, waiting, cb, last = flow.steps()
+    tree = cli("flow", flow.id[-8:], state_dir=state_dir, check=True).stdout.splitlines()
+    assert tree[0].split() == ["workflow", flow.id[-8:], "SCHEDULED"]  # its record waits for every step
+    lines = {line.split()[0]: line.split() for line in tree[2:]}
+    assert lines[first.id[-8:]][1:3] == ["add", "SUCCEEDED"]
+    assert lines[waiting.id[-8:]][1:3] == ["passes_on", "RUNNING"]
+    assert lines[cb.id[-8:]][1:5] == ["total", "SCHEDULED", "0", f"[{plus.id[-8:]},"]
+    assert lines[last.id[-8:]][4] == cb.id[-8:]
+
+    listed = cli("tasks", state_dir=state_dir, check=True).stdout.splitlines()
+    assert listed[1].split()[:5] == [flow.id[-8:], "flow:", "5", "steps,", "1"]  # one line, then its steps
+    assert [line.split()[1] for line in listed[2:7]] == [h.id[-8:] for h in flow.steps()]
+    Path(gate).touch()
+    assert flow.result(timeout=30) == (3 + 1) + 3 + 10

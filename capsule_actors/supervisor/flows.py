@@ -86,8 +86,10 @@ class FlowSteps:
         self.watched.setdefault(task_id, [])
         for dep in deps:
             self.watched.setdefault(dep, []).append(task_id)
-        if new and env["k"] == "flow":
-            self._store.add_event(task_id, session_id, "flow", {"steps": deps, "on_error": env.get("h")})
+        if new and env["k"] == "flow":  # its steps and their inputs: FlowHandle.from_id, `capsule-actors flow`
+            inputs = {step: self._waiting[step].spec for step in deps if step in self._waiting}
+            data = {"steps": deps, "inputs": inputs, "on_error": env.get("h"), "value": env["in"]}
+            self._store.add_event(task_id, session_id, "flow", data)
 
     def recover(self) -> None:
         """At start: the waiting steps from the store, then the outcomes they missed (a step
