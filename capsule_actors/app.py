@@ -445,7 +445,11 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self.failure_hook: str | None = None  # the task name of the @on_failure hook
-        self.task(name=FLOW_TASK)(flow_record)  # a workflow's record (flows.py): never run by an actor
+        # a workflow's record (flows.py): known to get_task, not one of the app's tasks; never run
+        self._flow_task: Task[Any, Any] = Task(
+            self, flow_record, name=FLOW_TASK, lock=None, on_conflict="join", retries=0, backoff=None,
+            retry_on=None, timeout=None, process=False,
+        )  # fmt: skip
         self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)
         self._client: Client | None = None  # the client found for it in this process (a cache)
 
@@ -593,6 +597,8 @@ class App:
         try:
             return self.tasks[name]
         except KeyError:
+            if name == FLOW_TASK:
+                return self._flow_task
             raise UnknownTask(f"app {self.name!r} has no task {name!r}; it has {sorted(self.tasks)}") from None
 
     # ---- running -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
-from ..flows import WAITING
+from ..flows import FLOW_TASK, WAITING
 from ..ids import new_task_id
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
@@ -429,7 +429,7 @@ class Intake:
 
     def _recovered(self, row: StoredTask, now: float, held: set[str]) -> LiveTask | None:
         """The task to hold in memory for ``row``, or None when it stays in the store or ended."""
-        spec = self._app.tasks.get(row.name)
+        spec = self._app.tasks.get(row.name) or (self._app.get_task(row.name) if row.name == FLOW_TASK else None)
         if spec is None:
             error = ("UnknownTask", f"the app has no task {row.name!r} any more", "")
             self._store.finish(row.id, row.session_id, FAILED, None, error, now)
