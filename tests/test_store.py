@@ -86,6 +86,30 @@ def test_scheduled_tasks_are_read_by_the_clock_through_a_reader(task_store, stor
     assert db.count_state(SCHEDULED) == 2
 
 
+def test_waiting_workflow_steps_are_found_released_and_never_due(task_store, store_reader):
+    """A waiting step (SCHEDULED, no run_at) is listed for recovery and never handed to the clock;
+    its arguments are replaced when it is released, and its inputs' results come in one read."""
+    db = task_store
+    now = time.time()
+    db.begin()
+    db.insert_tasks([new("in1"), new("in2"), new("wait", state=SCHEDULED, session_id="s", args=b"envelope")])
+    db.insert_tasks([new("delayed", state=SCHEDULED, run_at=now + 60)])
+    db.finish("in1", None, SUCCEEDED, b"r1", None, now)
+    db.finish("in2", None, SUCCEEDED, b"r2", None, now)
+    db.commit()
+    reader = store_reader()
+    with reader.snapshot():
+        assert reader.due_scheduled(now + 3600, 10) == ["delayed"]  # the waiting step is never due
+    db.begin()
+    assert db.flow_waiting() == [("wait", "s", b"envelope")]
+    assert db.results(["in1", "in2", "gone"]) == {"in1": b"r1", "in2": b"r2"}
+    db.set_args("wait", b"released")
+    db.requeue("wait", "s", None, None)
+    assert db.args("wait") == b"released" and db.flow_waiting() == []
+    assert db.mark_running("wait", "s", 1, "w0", now) == b"released"
+    db.commit()
+
+
 def test_schedule_marks_slots_and_session_values(task_store):
     db = task_store
     db.begin()

@@ -135,6 +135,10 @@ class TaskStore(abc.ABC):
         """Replace a task's pickled arguments (a workflow step released with its inputs)."""
 
     @abc.abstractmethod
+    def results(self, task_ids: list[str]) -> dict[str, bytes]:
+        """The pickled results of these tasks (a released workflow step's inputs): one query."""
+
+    @abc.abstractmethod
     def flow_waiting(self) -> list[tuple[str, str | None, bytes]]:
         """(id, session id, args) of the workflow steps waiting for their inputs: SCHEDULED without a
         ``run_at``, in submit order (recovery at start; off the hot path)."""

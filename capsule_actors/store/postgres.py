@@ -523,6 +523,10 @@ class PostgresStore(TaskStore):
         self._w("UPDATE {s}.tasks SET args=%s WHERE id=%s", (args, task_id))
         self._keep_args(task_id, args)
 
+    def results(self, task_ids: list[str]) -> dict[str, bytes]:
+        rows = self._q("SELECT id, result FROM {s}.tasks WHERE id = ANY(%s)", (task_ids,)).fetchall()
+        return {task_id: bytes(result or b"") for task_id, result in rows}
+
     def flow_waiting(self) -> list[tuple[str, str | None, bytes]]:
         rows = self._q(
             "SELECT id, session_id, args FROM {s}.tasks WHERE state='SCHEDULED' AND run_at IS NULL ORDER BY seq"

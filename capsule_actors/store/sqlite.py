@@ -483,6 +483,15 @@ class SQLiteStore(TaskStore):
     def set_args(self, task_id: str, args: bytes) -> None:
         self._w("UPDATE tasks SET args=? WHERE id=?", (args, task_id))
 
+    def results(self, task_ids: list[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for i in range(0, len(task_ids), 500):  # under SQLite's bound-parameter limit
+            part = task_ids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for task_id, result in self.db.execute(f"SELECT id, result FROM tasks WHERE id IN ({marks})", part):
+                out[task_id] = bytes(result or b"")
+        return out
+
     def flow_waiting(self) -> list[tuple[str, str | None, bytes]]:
         rows = self.db.execute(
             "SELECT id, session_id, args FROM tasks WHERE state='SCHEDULED' AND run_at IS NULL ORDER BY rowid"

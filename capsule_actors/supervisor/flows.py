@@ -156,12 +156,9 @@ class FlowSteps:
         self._store.add_event(record.id, record.session_id, "step", {"step": step, "state": state})
 
     def _results(self, spec: Spec) -> dict[str, bytes]:
-        ids = [spec] if isinstance(spec, str) else _flat(spec)
-        results = {}
-        for step in ids:
-            outcome = self._store.outcome(step)
-            results[step] = (outcome[1] if outcome else None) or b""
-        return results
+        ids = _flat(spec)
+        found = self._store.results(ids)
+        return {step: found.get(step, b"") for step in ids}
 
     def _release(self, w: Waiting, extra: tuple[Any, ...]) -> None:
         """Its inputs are in: its arguments become the template plus their results; queue it."""
