@@ -60,6 +60,13 @@ async def gated(gate: str, session: cpsl.Session | None = None) -> str:
 
 
 @app.task
+async def gated_after(prev: int, gate: str) -> int:
+    """A workflow step that runs until the file ``gate`` exists."""
+    await gated(gate)
+    return prev
+
+
+@app.task
 async def shower(handle: cpsl.TaskHandle, session: cpsl.Session | None = None) -> str:
     """Shows another task's card in this task's session."""
     await session.show_task(handle)
@@ -709,3 +716,26 @@ def test_the_board_mounted_under_a_path_of_a_starlette_app_needs_its_token(start
         thread.join(15)
         board.stop()
         gate.touch()
+
+
+def test_a_workflow_opens_into_its_steps_with_the_running_one_marked(start, board_of, tmp_path):
+    start(app)
+    gate = tmp_path / "gate"
+    flow = cpsl.chain(add.s(1, 2), gated_after.s(str(gate)), add.s(10)).submit()
+    first, running, last = flow.steps()
+    wait_until(lambda: running.status() == cpsl.TaskState.RUNNING, 30)
+    _, client = board_of(app)
+    status, detail = client.json("GET", f"/api/tasks/{flow.id}")
+    assert status == 200 and detail["name"] == "capsule.flow"
+    rows = detail["flow"]["step_rows"]
+    assert [(r["id"], r["name"], r["state"]) for r in rows] == [
+        (first.id, "add", "SUCCEEDED"),
+        (running.id, "gated_after", "RUNNING"),
+        (last.id, "add", "SCHEDULED"),  # waiting for its input
+    ]
+    assert detail["flow"]["inputs"] == {running.id: first.id, last.id: running.id}
+    gate.touch()
+    assert flow.result(timeout=30) == 13
+    status, detail = client.json("GET", f"/api/tasks/{flow.id}")
+    assert [r["state"] for r in detail["flow"]["step_rows"]] == ["SUCCEEDED"] * 3
+    assert client.json("GET", f"/api/tasks/{first.id}")[1].get("flow") is None  # a step is a plain task

@@ -333,6 +333,11 @@ class StoreReader(abc.ABC):
         """Up to ``limit`` ids that end with ``ending`` (``TaskStore.find_ids``)."""
 
     @abc.abstractmethod
+    def flow_steps(self, flow_id: str) -> dict[str, Any] | None:
+        """A workflow's steps for the board: its ``flow`` event (steps, inputs, on_error) and, per
+        step, id, name, state, attempts and error; None when ``flow_id`` is no workflow."""
+
+    @abc.abstractmethod
     def task_detail(self, task_id: str, max_events: int = 200) -> dict[str, Any] | None:
         """One task: its record, the sizes of its pickled arguments and result, its last events."""
 

@@ -1008,6 +1008,21 @@ class PostgresReader(StoreReader):
         out["events_total"] = n_events
         return out
 
+    def flow_steps(self, flow_id: str) -> dict[str, Any] | None:
+        with self.snapshot():
+            row = self._q(
+                "SELECT data FROM {s}.events WHERE task_id=%s AND kind='flow' ORDER BY seq LIMIT 1", (flow_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            record = _json(row[0])
+            ids = [*record["steps"], *([record["on_error"]] if record.get("on_error") else [])]
+            rows = self._q(
+                "SELECT id, name, state, attempts, error_type, error_message FROM {s}.tasks WHERE id = ANY(%s)", (ids,)
+            ).fetchall()
+        found = {r[0]: _step_row(r) for r in rows}
+        return {**record, "step_rows": [found[i] for i in ids if i in found]}
+
     def due_scheduled(self, now: float, limit: int) -> list[str]:
         rows = self._q(
             "SELECT id FROM {s}.tasks WHERE state='SCHEDULED' AND run_at <= %s ORDER BY run_at LIMIT %s", (now, limit)
@@ -1024,3 +1039,9 @@ def _json(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _step_row(r: Any) -> dict[str, Any]:
+    """One workflow step as the board shows it."""
+    error = f"{r[4]}: {r[5]}" if r[4] else None
+    return {"id": r[0], "name": r[1], "state": r[2], "attempts": int(r[3]), "error": error}

@@ -967,6 +967,27 @@ class SQLiteReader(StoreReader):
         out["events_total"] = n_events
         return out
 
+    def flow_steps(self, flow_id: str) -> dict[str, Any] | None:
+        with self.snapshot():
+            db = self._db()
+            row = db.execute(
+                "SELECT data FROM events WHERE task_id=? AND kind='flow' ORDER BY seq LIMIT 1", (flow_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            record = _json(row[0])
+            ids = [*record["steps"], *([record["on_error"]] if record.get("on_error") else [])]
+            found: dict[str, dict[str, Any]] = {}
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                for r in db.execute(
+                    f"SELECT id, name, state, attempts, error_type, error_message FROM tasks WHERE id IN ({marks})",
+                    part,
+                ):
+                    found[r[0]] = _step_row(r)
+        return {**record, "step_rows": [found[i] for i in ids if i in found]}
+
     def due_scheduled(self, now: float, limit: int) -> list[str]:
         rows = self._db().execute(
             # the literal state lets SQLite use the partial index tasks_scheduled
@@ -985,3 +1006,9 @@ class SQLiteReader(StoreReader):
 
 
 __all__ = ["DB_FILE", "MAX_PAGE", "SCHEMA_VERSION", "SQLiteReader", "SQLiteStore"]
+
+
+def _step_row(r: Any) -> dict[str, Any]:
+    """One workflow step as the board shows it."""
+    error = f"{r[4]}: {r[5]}" if r[4] else None
+    return {"id": r[0], "name": r[1], "state": r[2], "attempts": int(r[3]), "error": error}

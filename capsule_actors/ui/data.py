@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import messages, store
 from ..bootstrap import ClientConfig
 from ..errors import CapsuleError, NotRunning
+from ..flows import FLOW_TASK
 from ..states import ALL
 from ..transport import read_runtime_file
 
@@ -44,6 +45,8 @@ def detail(reader: store.StoreReader, task_id: str) -> dict[str, Any] | None:
         "format": "cloudpickle",
         "summary": "pickled arguments (not unpickled by the board)",
     }
+    if out["name"] == FLOW_TASK:  # a workflow opens into its steps (state per step)
+        out["flow"] = reader.flow_steps(task_id)
     result_bytes = out.pop("result_bytes")
     out["result"] = None if not result_bytes else {"bytes": result_bytes, "format": "cloudpickle"}
     return out

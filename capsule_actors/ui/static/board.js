@@ -260,9 +260,25 @@
       (t.run_at ? row("run at", esc(when(t.run_at))) : "") +
       row("timing", esc(timing(t))) +
       "</table>" +
+      (t.flow ? flowSteps(t.flow) : "") +
       (t.traceback ? '<h3>Traceback</h3><pre id="d-traceback">' + esc(t.traceback) + "</pre>" : "") +
       "<h3>Events (" + esc(t.events_total) + ")</h3>" +
       '<table class="events" id="d-events">' + events + "</table>";
+  }
+  function inputText(spec) {
+    if (spec == null) return "-";
+    return typeof spec === "string" ? shortId(spec) : "[" + spec.map(inputText).join(", ") + "]";
+  }
+  function flowSteps(f) {  // a workflow opens into its steps: state per step, the running ones marked
+    const running = f.step_rows.filter((s) => s.state === "RUNNING").length;
+    const rows = f.step_rows.map((s) =>
+      '<tr class="cpsl-step' + (s.state === "RUNNING" ? " running" : "") + '"><td><a href="#" class="cpsl-id" data-open="' +
+      esc(s.id) + '">' + esc(shortId(s.id)) + "</a></td><td>" + esc(s.name) + '</td><td class="state">' +
+      esc(s.state) + (s.state === "RUNNING" ? " \u25B6" : "") + "</td><td>" + esc(s.attempts) + "</td><td>" +
+      esc(s.id === f.on_error ? "on_error" : inputText(f.inputs[s.id])) + '</td><td class="cpsl-error">' +
+      esc(s.error || "") + "</td></tr>").join("");
+    return "<h3>Steps (" + f.step_rows.length + ", " + running + ' running)</h3><table class="events" id="d-steps">' +
+      "<tr><th>step</th><th>task</th><th>state</th><th>attempts</th><th>input</th><th>error</th></tr>" + rows + "</table>";
   }
   function closeDetail() {
     state.detailId = null;
@@ -346,6 +362,8 @@
       refresh();
       return;
     }
+    const step = e.target.closest("a[data-open]");
+    if (step) { e.preventDefault(); showDetail(step.dataset.open); return; }
     const card = e.target.closest(".cpsl-card[data-task-id]");
     if (card) showDetail(card.dataset.taskId);
   });
