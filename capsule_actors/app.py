@@ -343,6 +343,14 @@ class TaskOptions:
         run_at = None if self._delay is None and self._at is None else _run_at(self._delay, self._at)
         return self.task.prepare(args, kwargs, self.session, run_at, self.priority)
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A workflow step with these options (priority, session; a step cannot be delayed)."""
+        if self._delay is not None or self._at is not None:
+            raise ConfigError(
+                f"task {self.task.name!r}: options(delay=/at=).s(): a workflow step starts when its inputs are in"
+            )
+        return Signature(self.task, args, kwargs, self.priority, self.session)
+
     def submit(self, *args: Any, **kwargs: Any) -> TaskHandle:
         return self.task._send([self._prepare(args, kwargs)])[0]
 

@@ -110,10 +110,19 @@ def flow_record(*_: Any) -> None:
 
 # ---- building a workflow ---------------------------------------------------------------------
 class Signature:
-    """One call of a task, not submitted yet: ``task.s(*args, **kwargs)``."""
+    """One call of a task, not submitted yet: ``task.s(*args, **kwargs)``, or
+    ``task.options(priority=…, session=…).s(...)`` for that step's own priority or session."""
 
-    def __init__(self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int | None = None,
+        session: Session | None = None,
+    ) -> None:
         self.task, self.args, self.kwargs = task, args, kwargs
+        self.priority, self.session = priority, session
 
     def __repr__(self) -> str:
         return f"<Signature {self.task.name}{self.args!r}>"
@@ -203,7 +212,7 @@ class _Compiler:
 
     def step(self, sig: Signature, inputs: Spec | None, extra: tuple[Any, ...] = ()) -> str:
         task = self.check(sig, (*extra, *(() if inputs is None else (None,))))
-        item, args = task.prepare(sig.args, sig.kwargs, self.session, None)
+        item, args = task.prepare(sig.args, sig.kwargs, sig.session or self.session, None, sig.priority)
         if inputs is not None or extra:
             deps = _flat(inputs) if inputs is not None else []
             item[5] = WAITING

@@ -105,6 +105,18 @@ def no_input() -> int:
     return 0
 
 
+@app.task(process=True)
+def crunch(n: int) -> int:
+    return n * 3
+
+
+@app.task()
+async def tell(value: int, session: cpsl.Session | None = None) -> int:
+    assert session is not None
+    await session.notify(f"got {value}")
+    return value
+
+
 @other.task()
 def foreign(x: int) -> int:
     return x
@@ -263,3 +275,30 @@ def test_the_cli_prints_a_workflow_as_a_tree_and_groups_it_in_tasks(start, state
     assert [line.split()[1] for line in listed[2:7]] == [h.id[-8:] for h in flow.steps()]
     Path(gate).touch()
     assert flow.result(timeout=30) == (3 + 1) + 3 + 10
+
+
+def test_steps_run_as_any_task_process_isolated_with_options_and_bound_to_the_session(start):
+    start(app, workers=1, process_workers=1)
+    chat = cpsl.Session("chat-20")
+    flow = cpsl.chain(crunch.s(2), tell.options(priority=5).s(), tell.s()).submit(session=chat)
+    assert flow.result(timeout=30) == 6
+    assert all(h.info().session_id == "chat-20" for h in flow.steps())
+    assert flow.steps()[0].info().slot == "p0"  # process=True: a process-isolated actor ran it
+    notes = []
+    for event in app.subscribe("chat-20", timeout=30):
+        if event.kind == "notify":
+            notes.append((event.task_id, event.data["text"]))
+        if len(notes) == 2:
+            break
+    assert notes == [(flow.steps()[1].id, "got 6"), (flow.steps()[2].id, "got 6")]
+
+
+def test_a_signatures_options_reach_its_step():
+    from capsule_actors.flows import _Compiler
+
+    compiler = _Compiler(app, None)
+    compiler.node(cpsl.chain(add.options(priority=7).s(1, 2), add.s(1)), None)
+    (first, _), (second, _) = compiler.items
+    assert (first[1], first[6], second[6]) == ("add", 7, 0)
+    with pytest.raises(cpsl.ConfigError):
+        add.options(delay=5).s(1, 2)
