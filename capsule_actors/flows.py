@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import cloudpickle
 import msgpack
 
+from .client import batches
 from .errors import ConfigError, ProtocolError, UnknownTask
 from .handle import TaskEventStream, TaskHandle
 from .ids import new_task_id
@@ -254,8 +255,11 @@ def _submit(root: Node, on_error: Signature | None, session: Session | None) -> 
     sid = (session.id, session.owner) if session is not None else (None, None)
     record = [flow_id, FLOW_TASK, None, *sid, WAITING, 0, None]
     compiler.items.append((record, envelope("flow", out, steps, None, handler)))
-    if len(compiler.items) > MAX_STEPS:
-        raise ConfigError(f"a workflow of {len(compiler.items)} steps: at most {MAX_STEPS} are submitted at once")
+    if len(compiler.items) > MAX_STEPS or len(list(batches(compiler.items))) > 1:
+        raise ConfigError(
+            f"a workflow of {len(compiler.items)} steps does not fit one Submit (at most {MAX_STEPS} steps, "
+            "512 KiB of lock keys and session ids): it would not be recorded in one transaction"
+        )
     app.client().submit(FLOW_TASK, compiler.items)
     return FlowHandle(app, flow_id, compiler.steps)
 

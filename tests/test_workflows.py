@@ -117,6 +117,19 @@ async def tell(value: int, session: cpsl.Session | None = None) -> int:
     return value
 
 
+small = cpsl.App("workflows-small", max_payload_bytes=4096)
+
+
+@small.task()
+def blob(i: int) -> bytes:
+    return bytes(2000)
+
+
+@small.task()
+def count(blobs: list[bytes]) -> int:
+    return len(blobs)
+
+
 @other.task()
 def foreign(x: int) -> int:
     return x
@@ -302,3 +315,14 @@ def test_a_signatures_options_reach_its_step():
     assert (first[1], first[6], second[6]) == ("add", 7, 0)
     with pytest.raises(cpsl.ConfigError):
         add.options(delay=5).s(1, 2)
+
+
+def test_inputs_too_large_for_a_run_fail_the_step_without_running_it(start):
+    start(small, workers=1, process_workers=1)
+    assert cpsl.chord([blob.s(1)], count.s()).submit().result(timeout=30) == 1
+    flow = cpsl.chord([blob.s(i) for i in range(3)], count.s()).submit()
+    with pytest.raises(cpsl.CapsuleError, match="max_payload_bytes=4096"):
+        flow.result(timeout=30)
+    callback_info = flow.steps()[-1].info()
+    assert callback_info.state == cpsl.TaskState.FAILED and callback_info.attempts == 0
+    assert callback_info.error is not None and callback_info.error[0] == "SerializationError"

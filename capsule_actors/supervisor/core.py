@@ -252,7 +252,7 @@ class Supervisor:
         self.waiters = waiters = Waiters(db, tasks, outbox)
         self.keys = keys = KeyRouting(app, tasks, children, db, outbox)
         self.limits = limits = Limits(app, tasks, timers)
-        self.flows = flows = FlowSteps(db, tasks)
+        self.flows = flows = FlowSteps(db, tasks, app.max_payload_bytes)
         self.intake = intake = Intake(
             app, db, tasks, keys, flows, waiters, outbox, timers, self.state_dir, self._commit_durably
         )

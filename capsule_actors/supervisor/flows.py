@@ -48,7 +48,8 @@ class Waiting:
 class FlowSteps:
     """Owns the waiting steps in memory and who waits for which task (``watched``)."""
 
-    def __init__(self, store: TaskStore, tasks: TaskTable) -> None:
+    def __init__(self, store: TaskStore, tasks: TaskTable, max_payload_bytes: int) -> None:
+        self._max_payload = max_payload_bytes  # a released step's arguments (its inputs) must fit a Run
         self._store = store
         self._tasks = tasks
         self.watched: dict[str, list[str]] = {}  # task id -> the waiting ones that depend on it
@@ -165,7 +166,13 @@ class FlowSteps:
         del self._waiting[w.id]
         template = read_envelope(self._store.args(w.id))["a"] or b""
         results = self._results(w.spec) if w.spec is not None else {}
-        self._store.set_args(w.id, pickle.dumps(FlowArgs(template, w.spec, results, extra), protocol=5))
+        args = pickle.dumps(FlowArgs(template, w.spec, results, extra), protocol=5)
+        if len(args) > self._max_payload:
+            why = f"its inputs' results take {len(args)} bytes pickled, over max_payload_bytes={self._max_payload}"
+            self._waiting[w.id] = w  # ended as a waiting one: it never ran
+            self._end(w, FAILED, b"", ("SerializationError", why, ""))
+            return
+        self._store.set_args(w.id, args)
         self._make_due(w.id)
 
     def _end(self, w: Waiting, state: TaskState, result: bytes, error: Error | None, why: str = "") -> None:

@@ -17,6 +17,7 @@ from ..errors import (
     StoreUnavailable,
     UnknownTask,
 )
+from ..flows import FLOW_TASK
 from ..ids import new_task_id
 from ..states import CANCELLED, QUEUED, SCHEDULED
 from .intake import NO_ARGS
@@ -191,6 +192,8 @@ class ClientRequests:
         name, state, lock_key, sid, sowner, args, priority, rate_key, retried_as = row
         if not states.TaskState(state).terminal:
             raise ConfigError(f"task {task_id} is {state}: only a finished task can be retried")
+        if name == FLOW_TASK:
+            raise ConfigError(f"{task_id} is a workflow: submit the workflow again (its failed steps can be retried)")
         if retried_as is not None:
             raise ConfigError(f"task {task_id} was retried already, as {retried_as}: retry that one if it failed")
         self._app.get_task(name)
