@@ -53,6 +53,14 @@ async def step(lane: str, gate: str) -> str:
 
 
 @app.task
+async def relay(prev: str, gate: str) -> str:
+    """A workflow step: passes its input on, once the file ``gate`` exists (no gate: at once)."""
+    if gate:
+        await _wait_for(gate)
+    return prev
+
+
+@app.task
 async def slow(seconds: float = 60.0) -> str:
     await asyncio.sleep(seconds)
     return "slept"
@@ -299,6 +307,28 @@ def test_cancel_needs_the_token_retry_detail_and_filters_work(browser, board, tm
     names = driver.execute_script(
         "return [...document.querySelectorAll('.cpsl-card .cpsl-name')].map((e) => e.textContent);")
     assert set(names) == {"send_email"}
+
+
+def test_a_workflow_opens_into_its_steps_and_a_step_opens_its_task(browser, board, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    gate = str(tmp_path / "gate")
+    flow = cpsl.chain(relay.s("x", ""), relay.s(gate), relay.s("")).submit()
+    first, running, last = flow.steps()
+    wait_until(lambda: running.status() is cpsl.TaskState.RUNNING)
+    open_board(driver, board["url"])
+    wait_card(driver, "SCHEDULED", flow.id)  # the record waits for its steps
+    click(driver, card_selector("SCHEDULED", flow.id) + " .cpsl-name")
+    wait_until(lambda: driver.find_elements(By.ID, "d-steps"), timeout=WAIT)
+    rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#d-steps tr.cpsl-step")]
+    assert len(rows) == 3
+    assert "SUCCEEDED" in rows[0] and "RUNNING \u25b6" in rows[1] and "SCHEDULED" in rows[2]
+    assert driver.find_elements(By.CSS_SELECTOR, "#d-steps tr.running")
+    click(driver, f'#d-steps a[data-open="{running.id}"]')
+    wait_until(lambda: text(driver, "#d-title") == "relay" and running.id in text(driver, "#d-fields"), timeout=WAIT)
+    Path(gate).touch()
+    assert flow.result(timeout=30) == "x"
 
 
 def test_screenshot_of_a_busy_board(browser, board, tmp_path):
