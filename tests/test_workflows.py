@@ -263,6 +263,8 @@ def test_supervisor_sigkills_lose_no_workflow_and_start_no_step_twice(start, tmp
     for k, flow in enumerate(chains):
         for j, handle in enumerate(flow.steps()):
             assert 1 <= starts.get(f"s{k}.{j}", 0) <= handle.info().attempts + kills
+    for flow in chords + chains:  # one step event per step: none replayed by a restart
+        assert [e.kind for e in flow.events()].count("step") == len(flow.steps())
     reruns = sum(max(0, n - 1) for n in starts.values())
     assert reruns >= 1  # the kills did cut running steps short
 

@@ -56,6 +56,7 @@ class FlowSteps:
         self._waiting: dict[str, Waiting] = {}
         self._ends: collections.deque[tuple[str, TaskState, bytes, Error | None]] = collections.deque()
         self._draining = False
+        self._replaying = False  # recover(): outcomes seen before the restart are not new events
         # bound once Intake and Attempts exist (they are built after, and are given ``watched``/``add``)
         self._make_due: Callable[[str], None] = _unbound
         self._load: Callable[[str], LiveTask | None] = _unbound
@@ -97,12 +98,16 @@ class FlowSteps:
         whose inputs ended while the supervisor was down, or that recovery just failed)."""
         for task_id, session_id, args in self._store.flow_waiting():
             self.add(task_id, session_id, args, new=False)
-        for dep in [d for d in self.watched if d not in self._waiting]:
-            outcome = self._store.outcome(dep)
-            if outcome is not None and outcome[0] in (SUCCEEDED, FAILED, CANCELLED):
-                state, result, (etype, emsg, trace) = outcome
-                error = None if state == SUCCEEDED else (etype or "TaskFailed", emsg or "", trace or "")
-                self.ended(dep, TaskState(state), result or b"", error)
+        self._replaying = True
+        try:
+            for dep in [d for d in self.watched if d not in self._waiting]:
+                outcome = self._store.outcome(dep)
+                if outcome is not None and outcome[0] in (SUCCEEDED, FAILED, CANCELLED):
+                    state, result, (etype, emsg, trace) = outcome
+                    error = None if state == SUCCEEDED else (etype or "TaskFailed", emsg or "", trace or "")
+                    self.ended(dep, TaskState(state), result or b"", error)
+        finally:
+            self._replaying = False
         if self._waiting:
             log.info("recovered %d waiting workflow steps from the store", len(self._waiting))
 
@@ -154,6 +159,8 @@ class FlowSteps:
                 self._release(w, ())
 
     def _add_step_event(self, record: Waiting, step: str, state: TaskState) -> None:
+        if self._replaying:  # recorded before the restart (or, for a step recovery failed, not at all)
+            return
         self._store.add_event(record.id, record.session_id, "step", {"step": step, "state": state})
 
     def _results(self, spec: Spec) -> dict[str, bytes]:
