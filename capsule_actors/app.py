@@ -313,6 +313,15 @@ def _positive_int(name: str, value: int | None) -> int | None:
     return value
 
 
+def _metrics_address(value: str | int | None) -> str | None:
+    """``App(metrics=9464)`` or ``"HOST:PORT"``, checked now; served by the supervisor."""
+    if value is None:
+        return None
+    from .metrics import normalize_address
+
+    return normalize_address(value)
+
+
 class App:
     """A named set of tasks and the settings of the runtime that runs them."""
 
@@ -332,6 +341,7 @@ class App:
         max_queued: int = 100_000,
         result_ttl: float | None = 7 * 24 * 3600.0,
         store: str | os.PathLike[str] | None = None,
+        metrics: str | int | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"App name must be a non-empty string, got {name!r}")
@@ -357,6 +367,7 @@ class App:
             raise ConfigError(f"result_ttl={result_ttl!r}: expected seconds > 0, or None to keep results forever")
         self.result_ttl = result_ttl
         self.store = bootstrap.check_store(store)  # None: SQLite in the state directory (bootstrap.py)
+        self.metrics = _metrics_address(metrics)  # "HOST:PORT" of /metrics (capsule_actors.metrics), or None
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)

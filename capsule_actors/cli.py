@@ -78,8 +78,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         bind_tcp=args.bind,
         keys_dir=keys,
         store_url=bootstrap.store_url(store_option, app.store),
+        metrics=_metrics_option(args),
     )
     return profiled("supervisor", sup.run)
+
+
+def _metrics_option(args: argparse.Namespace) -> str | None:
+    """``--metrics [HOST:]PORT``, checked before anything starts (and the extra it needs)."""
+    if not args.metrics:
+        return None
+    from .metrics import normalize_address, require_client
+
+    address = normalize_address(args.metrics)
+    require_client()
+    return address
 
 
 def _store_option(args: argparse.Namespace) -> str | None:
@@ -626,6 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, help="seconds running tasks get at a graceful stop (default: the App's)")
     p.add_argument("--bind", metavar="tcp://HOST:PORT", help="also serve clients over TCP (CURVE keys required)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys for --bind (default: STATE_DIR/keys)")
+    p.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus /metrics there (127.0.0.1 unless HOST is given; needs capsule_actors[metrics])",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("worker", help="run a worker node: actors on this host that join a supervisor over TCP")
     p.add_argument("app", metavar="MODULE:APP")

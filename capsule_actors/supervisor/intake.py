@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..store import TaskStore
     from .keys import Decision, KeyRouting
     from .outbox import Frames, Outbox
+    from .tally import TaskTally
     from .tasks import TaskTable
     from .timers import Timers
     from .waiters import Waiters
@@ -58,6 +59,7 @@ class Intake:
         timers: Timers,
         state_dir: Path,
         commit: Callable[[], None],
+        tally: TaskTally,
     ) -> None:
         self._app = app
         self._store = store
@@ -68,6 +70,7 @@ class Intake:
         self._timers = timers
         self._state_dir = state_dir
         self._commit = commit  # the loop's commit (journals are removed only once their tasks are in)
+        self._tally = tally
         # Unlocked QUEUED tasks beyond QUEUE_WINDOW stay in the store only: all of them have a
         # rowid above backlog_after, and page_in loads them in submit order as the queue drains.
         self.backlog = 0
@@ -200,6 +203,7 @@ class Intake:
         by_id = {r.id: r for r in rows}
         for task_id, rowid in self._store.insert_tasks(rows):
             row = by_id[task_id]
+            self._tally.count("submitted", row.name)
             if row.state == SCHEDULED and row.lock_key is None:
                 tasks.want_clock()  # unlocked delayed tasks stay in the store until the clock says
                 continue

@@ -35,6 +35,7 @@ class LiveTask:
         "run_at",
         "session_id",
         "session_owner",
+        "since",
         "state",
     )
 
@@ -62,6 +63,7 @@ class LiveTask:
         self.owner = owner  # the slot that owns the lock key (and runs the task)
         self.blocked = blocked  # queued behind the key's holder (on_conflict="queue")
         self.run_at = run_at
+        self.since = time.monotonic()  # when it was last queued, then when its attempt started (/metrics)
 
 
 class PendingSubmit:
@@ -143,6 +145,7 @@ class TaskTable:
         task = self.live.get(task_id)
         if task is not None and task.state in (QUEUED, SCHEDULED) and not task.blocked:
             task.state = QUEUED
+            task.since = time.monotonic()
             self._queue_of(task).append(task_id)
 
     def put_back(self, task: LiveTask) -> None:

@@ -1,0 +1,218 @@
+"""Observability (SPEC section 9): /metrics scraped over HTTP after known work, checked to the
+exact count and by promtool; ``--metrics`` refusals; JSON log lines."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, cli, skip_or_fail, wait_until
+
+import capsule_actors as cpsl
+from capsule_actors import testing
+
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+NOW = cpsl.Backoff(initial=0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PORT = free_port()
+app = cpsl.App("observability-tests", metrics=f"127.0.0.1:{PORT}")
+
+
+@app.task
+async def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(retries=2, backoff=NOW)
+async def always_fails() -> None:
+    raise ValueError("no")
+
+
+@app.task(process=True, timeout=0.3)
+def too_slow() -> None:
+    import time
+
+    time.sleep(30)
+
+
+@app.task(retries=1, backoff=NOW)
+def crashes_once() -> str:
+    return "survived"
+
+
+@app.task
+async def later() -> None:
+    pass
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        return str(reply.read().decode())
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(found: dict[Any, float], name: str, **labels: str) -> float | None:
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.fixture
+def metrics_runtime(start: Any) -> Iterator[cpsl.Runtime]:
+    yield start(app, workers=1, process_workers=1)
+
+
+def test_metrics_count_known_work_exactly(metrics_runtime: cpsl.Runtime) -> None:
+    # Given known work: 5 successes, a task failing 3 times (2 retries), a timeout, a crash then
+    # a successful retry, and a delayed task cancelled before it ran
+    # (the crash first and alone: it kills whatever else its actor runs)
+    testing.crash_on_attempt(crashes_once, attempt=1)
+    crashing = crashes_once.submit()
+    assert crashing.result(timeout=30) == "survived"
+    handles = [add.submit(i, i) for i in range(5)]
+    failing, slow = always_fails.submit(), too_slow.submit()
+    delayed = later.schedule(delay=3600)
+    assert delayed.cancel()
+    assert testing.join(handles, timeout=30) == [0, 2, 4, 6, 8]
+    for h in (failing, slow):
+        with contextlib.suppress(Exception):
+            h.result(timeout=30)
+    assert failing.status() is cpsl.TaskState.FAILED and slow.status() is cpsl.TaskState.FAILED
+
+    # When /metrics is scraped (the view is published once a second: poll until it has caught up)
+    def caught_up() -> dict[Any, float] | None:
+        found = samples(scrape(PORT))
+        return found if value(found, "capsule_tasks_failed_total", task="too_slow") == 1 else None
+
+    found = wait_until(caught_up, timeout=10)
+
+    # Then every counter is exact, by task name
+    expected = {
+        "add": {"submitted": 5, "started": 5, "succeeded": 5},
+        "always_fails": {"submitted": 1, "started": 3, "retried": 2, "failed": 1},
+        "too_slow": {"submitted": 1, "started": 1, "timed_out": 1, "failed": 1},
+        "crashes_once": {"submitted": 1, "started": 2, "crashed": 1, "retried": 1, "succeeded": 1},
+        "later": {"submitted": 1, "cancelled": 1},
+    }
+    events = ("submitted", "started", "succeeded", "failed", "retried", "cancelled", "timed_out", "crashed")
+    for task, counts in expected.items():
+        for event in events:
+            got = value(found, f"capsule_tasks_{event}_total", task=task)
+            assert (got or 0) == counts.get(event, 0), (task, event, got)
+    # the histograms saw each started attempt once (queue wait) and each ended one (run time)
+    assert value(found, "capsule_task_queue_wait_seconds_count", task="add") == 5
+    assert value(found, "capsule_task_run_seconds_count", task="add") == 5
+    assert value(found, "capsule_task_run_seconds_count", task="always_fails") == 3
+    assert value(found, "capsule_task_run_seconds_bucket", task="add", le="+Inf") == 5
+    assert (value(found, "capsule_store_commit_seconds_count") or 0) > 0
+    # the gauges: nothing live, one actor slot of each role ready, the crash counted as a restart
+    assert value(found, "capsule_tasks_queued") == 0 and value(found, "capsule_tasks_running") == 0
+    assert value(found, "capsule_tasks_scheduled") == 0 and value(found, "capsule_backlog_tasks") == 0
+    for role in ("worker", "process", "clock"):
+        assert value(found, "capsule_actors", role=role, state="ready") == 1, role
+    assert value(found, "capsule_actor_restarts", role="worker") == 1
+    assert (value(found, "capsule_actor_rss_bytes", slot="w0", role="worker", node="") or 0) > 10 * 2**20
+    assert value(found, "capsule_worker_nodes") == 0
+    # and no label carries an id or a key
+    ids = {h.id for h in (*handles, failing, slow, crashing, delayed)}
+    assert not any(v in ids for _, labels in found for _, v in labels)
+
+
+def test_metrics_show_live_tasks_while_they_wait(metrics_runtime: cpsl.Runtime) -> None:
+    # Given a delayed task, then a queue-ing one
+    h = later.schedule(delay=3600)
+    # Then the scheduled gauge counts it, and goes back to 0 once it is cancelled
+    wait_until(lambda: value(samples(scrape(PORT)), "capsule_tasks_scheduled") == 1, timeout=10)
+    assert h.cancel()
+    wait_until(lambda: value(samples(scrape(PORT)), "capsule_tasks_scheduled") == 0, timeout=10)
+
+
+def test_promtool_accepts_the_output(metrics_runtime: cpsl.Runtime) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        skip_or_fail("promtool is not installed (`apt-get install prometheus`, as .ci/run does)")
+    assert add.submit(1, 2).result(timeout=30) == 3
+
+    def with_a_success() -> str | None:
+        text = scrape(PORT)
+        return text if 'capsule_tasks_succeeded_total{task="add"}' in text else None
+
+    text = wait_until(with_a_success, timeout=10)
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# ---- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["localhost:http", "1.2.3.4:99999", "nope!:9464", ""])
+def test_a_bad_metrics_address_is_refused_naming_it(bad: str) -> None:
+    with pytest.raises(cpsl.ConfigError, match="expected PORT or HOST:PORT"):
+        cpsl.App("bad-metrics", metrics=bad)
+
+
+def test_metrics_listen_on_loopback_unless_an_address_is_given() -> None:
+    assert cpsl.App("m", metrics=9464).metrics == "127.0.0.1:9464"
+    assert cpsl.App("m", metrics=":9464").metrics == "127.0.0.1:9464"
+    assert cpsl.App("m", metrics="0.0.0.0:9464").metrics == "0.0.0.0:9464"
+    assert cpsl.App("m", metrics="[::1]:9464").metrics == "[::1]:9464"
+
+
+def test_run_refuses_a_bad_metrics_flag(tmp_path: Path) -> None:
+    (tmp_path / "obs_app.py").write_text("import capsule_actors as cpsl\napp = cpsl.App('obs')\n")
+    done = cli("run", "obs_app:app", "--metrics", "127.0.0.1:port", state_dir=tmp_path / "s", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "metrics='127.0.0.1:port': expected PORT or HOST:PORT" in done.stderr
+
+
+def test_run_names_the_extra_when_prometheus_client_is_missing(tmp_path: Path) -> None:
+    # Given prometheus_client made unimportable in the run process
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER.format(blocked="prometheus_client"))
+    (tmp_path / "obs_app.py").write_text("import capsule_actors as cpsl\napp = cpsl.App('obs')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    cmd = [sys.executable, "-m", "capsule_actors", "run", "obs_app:app", "--metrics", "0"]
+    done = subprocess.run(
+        [*cmd, "--state-dir", str(tmp_path / "s")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert "pip install 'capsule_actors[metrics]'" in done.stderr
+
+
+# A sitecustomize that makes a package unimportable (as if it were not installed).
+BLOCKER = """
+import sys
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name == "{blocked}" or name.startswith("{blocked}."):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocker())
+"""
