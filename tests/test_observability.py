@@ -4,8 +4,10 @@ exact count and by promtool; ``--metrics`` refusals; JSON log lines."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, cli, skip_or_fail, wait_until
+from conftest import ROOT, cli, skip_or_fail, spawn_cli, wait_running, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors import testing
@@ -216,3 +218,67 @@ class _Blocker:
 
 sys.meta_path.insert(0, _Blocker())
 """
+
+
+# ---- JSON logs -----------------------------------------------------------------------------
+
+LOGGING_APP = """
+import logging
+import capsule_actors as cpsl
+
+app = cpsl.App("obs-logs")
+
+@app.task
+async def shout(word):
+    logging.getLogger("obs.app").warning("async says %s", word)
+    return word
+
+@app.task(process=True)
+def shout_sync(word):
+    logging.getLogger("obs.app").warning("process says %s", word)
+    return word
+"""
+
+
+def test_run_log_format_json_writes_one_object_per_line_with_the_task(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]], state_dir: Path
+) -> None:
+    # Given a supervisor run with --log-format json
+    (tmp_path / "obs_logs.py").write_text(LOGGING_APP)
+    args = ["run", "obs_logs:app", "--workers", "1", "--process-workers", "1", "--log-format", "json"]
+    run = spawn_cli(procs, *args, state_dir=state_dir, cwd=tmp_path)
+    wait_running(state_dir)
+    # When two tasks log a line each
+    for task in ("shout", "shout_sync"):
+        done = cli("submit", "obs_logs:app", task, '["hi"]', "--wait", state_dir=state_dir, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    task_ids = {
+        t["name"]: t["id"] for t in json.loads(cli("tasks", "--json", state_dir=state_dir, cwd=tmp_path).stdout)
+    }
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 0
+
+    # Then every stderr line is a JSON object with the base fields
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert any(line["logger"] == "capsule_actors.supervisor" and line["level"] == "INFO" for line in lines)
+    # and the lines logged inside an attempt carry its task id, name and attempt
+    said = {line["message"]: line for line in lines if line["logger"] == "obs.app"}
+    for message, task in (("async says hi", "shout"), ("process says hi", "shout_sync")):
+        line = said[message]
+        assert (line["task_id"], line["task_name"], line["attempt"]) == (task_ids[task], task, 1)
+        assert line["level"] == "WARNING"
+    # while the supervisor's own lines carry none
+    assert not any("task_id" in line for line in lines if line["logger"] == "capsule_actors.supervisor")
+
+
+def test_text_logs_stay_the_default(tmp_path: Path, procs: list[subprocess.Popen[bytes]], state_dir: Path) -> None:
+    (tmp_path / "obs_logs.py").write_text(LOGGING_APP)
+    run = spawn_cli(procs, "run", "obs_logs:app", "--workers", "1", state_dir=state_dir, cwd=tmp_path)
+    wait_running(state_dir)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    lines = err.decode().splitlines()
+    assert any("INFO supervisor pid" in line for line in lines), lines
+    assert not any(line.startswith("{") for line in lines)

@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from .. import app as app_module
-from .. import bootstrap, messages
+from .. import bootstrap, logs, messages
 from ..errors import SerializationError, TaskCancelled
 from ..lifecycle import (
     EXIT_ERROR,
@@ -278,6 +278,7 @@ class WorkerActor:
             channel = _AttemptChannel(self, run)
             session = bound_session(run.session_id, run.session_owner, channel, self.app)
         bind_session(session)
+        logs.current_attempt.set((run.task_id, run.name, run.attempt))
         try:
             return await self._run_body(run, task, session, payload)
         finally:
@@ -555,11 +556,7 @@ async def _serve(args: ActorArgs, app: app_module.App) -> None:
 
 def run_actor(args: ActorArgs, app: app_module.App) -> None:
     """The life of an actor process, right after the template forked it; never returns."""
-    logging.basicConfig(
-        level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
-        force=True,
-        format=f"%(asctime)s capsule-actors[%(process)d] {args.slot} %(levelname)s %(message)s",
-    )
+    logs.configure("WARNING", tag=args.slot, force=True)
     die_with_parent(args.parent)
     if args.lease_file:
         watch_lease(args.lease_file)
