@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
 
-from . import bootstrap
+from . import bootstrap, tracing
 from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
 from .handle import SessionSubscription, TaskHandle
 from .ids import new_task_id
@@ -197,6 +197,9 @@ class Task(Generic[P, R]):
             session.owner if session else None,
             run_at,
         ]
+        trace = tracing.traceparent()  # the caller's span, when the app traces (OpenTelemetry)
+        if trace is not None:
+            item.append(trace)
         return item, payload
 
     def _handles(self, prepared: list[Prepared], submitted: list[Submitted]) -> list[TaskHandle]:
@@ -342,6 +345,7 @@ class App:
         result_ttl: float | None = 7 * 24 * 3600.0,
         store: str | os.PathLike[str] | None = None,
         metrics: str | int | None = None,
+        on_actor_start: Callable[[], None] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"App name must be a non-empty string, got {name!r}")
@@ -368,6 +372,10 @@ class App:
         self.result_ttl = result_ttl
         self.store = bootstrap.check_store(store)  # None: SQLite in the state directory (bootstrap.py)
         self.metrics = _metrics_address(metrics)  # "HOST:PORT" of /metrics (capsule_actors.metrics), or None
+        if on_actor_start is not None and not callable(on_actor_start):
+            raise ConfigError(f"on_actor_start={on_actor_start!r}: expected a function of no arguments, or None")
+        # run once in each worker and process actor as it starts (say, to set up an OpenTelemetry SDK)
+        self.on_actor_start = on_actor_start
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)

@@ -282,3 +282,193 @@ def test_text_logs_stay_the_default(tmp_path: Path, procs: list[subprocess.Popen
     lines = err.decode().splitlines()
     assert any("INFO supervisor pid" in line for line in lines), lines
     assert not any(line.startswith("{") for line in lines)
+
+
+# ---- traces --------------------------------------------------------------------------------
+
+TRACED_APP = '''
+import json, os, time
+from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import capsule_actors as cpsl
+
+
+def record(span):
+    parent = span.parent
+    return {
+        "name": span.name,
+        "trace_id": format(span.context.trace_id, "032x"),
+        "span_id": format(span.context.span_id, "016x"),
+        "parent_id": format(parent.span_id, "016x") if parent else None,
+        "links": [format(link.context.span_id, "016x") for link in span.links],
+        "attributes": dict(span.attributes),
+        "status": span.status.status_code.name,
+        "events": [event.name for event in span.events],
+        "pid": os.getpid(),
+    }
+
+
+class FileExporter(SpanExporter):
+    """The actors' spans, one JSON line each, for the test to read (they end in other processes)."""
+
+    def export(self, spans):
+        with open(os.environ["SPANS_FILE"], "a") as f:
+            for span in spans:
+                f.write(json.dumps(record(span)) + "\\n")
+        return SpanExportResult.SUCCESS
+
+
+memory = InMemorySpanExporter()  # the submitter's spans
+
+
+def configure_tracing():
+    """The app's SDK set-up: called by the submitter, and by every actor as it starts."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    provider.add_span_processor(SimpleSpanProcessor(FileExporter()))
+    trace.set_tracer_provider(provider)
+
+
+app = cpsl.App("traced", workers=1, process_workers=1, on_actor_start=configure_tracing)
+
+
+@app.task
+async def async_task(x):
+    return x
+
+
+@app.task
+def sync_task(x):
+    with trace.get_tracer("user").start_as_current_span("inside sync"):
+        return x
+
+
+@app.task(process=True)
+def process_task(x):
+    return x
+
+
+@app.task(retries=1, backoff=cpsl.Backoff(initial=0.0))
+async def retried_task(flag):
+    if not Path(flag).exists():
+        Path(flag).touch()
+        raise ValueError("first attempt fails")
+    return "second"
+'''
+
+TRACED_DRIVER = '''
+import json, os, sys
+from opentelemetry import trace
+from traced_app import app, async_task, sync_task, process_task, retried_task, memory, record, configure_tracing
+
+configure_tracing()
+tracer = trace.get_tracer("driver")
+out = {}
+with app.start(state_dir=sys.argv[1], grace=5.0):
+    for task, arg in ((async_task, 1), (sync_task, 2), (process_task, 3), (retried_task, sys.argv[2])):
+        with tracer.start_as_current_span(f"submit {task.name}"):
+            h = task.submit(arg)
+        out[task.name] = {"id": h.id, "result": h.result(timeout=60)}
+    with_no_span = async_task.submit(5)
+    out["no_span"] = {"id": with_no_span.id, "result": with_no_span.result(timeout=60)}
+out["client_spans"] = [record(s) for s in memory.get_finished_spans()]
+print(json.dumps(out))
+'''
+
+
+def test_traces_follow_a_submit_into_each_attempt(tmp_path: Path) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    # Given an app with an OpenTelemetry SDK, submitting each kind of task inside a span of its own
+    (tmp_path / "traced_app.py").write_text(TRACED_APP)
+    (tmp_path / "drive.py").write_text(TRACED_DRIVER)
+    spans_file = tmp_path / "spans.jsonl"
+    env = dict(os.environ, SPANS_FILE=str(spans_file), PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    args = [sys.executable, "drive.py", str(tmp_path / "s"), str(tmp_path / "flag")]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert [out[n]["result"] for n in ("async_task", "sync_task", "process_task", "retried_task")] == [
+        1, 2, 3, "second"
+    ]
+    submitters = {s["name"]: s for s in out["client_spans"] if s["name"].startswith("submit ")}
+    driver_pid = out["client_spans"][0]["pid"]
+    attempts = [s for s in map(json.loads, spans_file.read_text().splitlines()) if s["name"].startswith("run ")]
+
+    def attempts_of(name: str) -> list[dict[str, Any]]:
+        found = [s for s in attempts if s["attributes"]["capsule.task.id"] == out[name]["id"]]
+        return sorted(found, key=lambda s: s["attributes"]["capsule.attempt"])
+
+    # Then each attempt's span is a child of its submitter's span, in the same trace, in an actor
+    for name, actor in (("async_task", "w0"), ("sync_task", "w0"), ("process_task", "p0")):
+        (span,) = attempts_of(name)
+        parent = submitters[f"submit {name}"]
+        assert (span["trace_id"], span["parent_id"]) == (parent["trace_id"], parent["span_id"]), name
+        assert span["pid"] != driver_pid
+        assert span["attributes"] == {
+            "capsule.task.name": name,
+            "capsule.task.id": out[name]["id"],
+            "capsule.attempt": 1,
+            "capsule.actor": actor,
+            "capsule.outcome": "ok",
+        }
+        assert span["status"] == "UNSET" and not span["links"]
+    # a span the sync task opens nests under its attempt's (the context reaches the thread)
+    (inner,) = [s for s in map(json.loads, spans_file.read_text().splitlines()) if s["name"] == "inside sync"]
+    assert inner["parent_id"] == attempts_of("sync_task")[0]["span_id"]
+    # a retried task: both attempts children of the submitter, the second linked to the first
+    first, second = attempts_of("retried_task")
+    parent = submitters["submit retried_task"]
+    for span in (first, second):
+        assert (span["trace_id"], span["parent_id"]) == (parent["trace_id"], parent["span_id"])
+    assert first["attributes"]["capsule.outcome"] == "error" and first["status"] == "ERROR"
+    assert first["events"] == ["exception"]
+    assert second["links"] == [first["span_id"]] and second["attributes"]["capsule.outcome"] == "ok"
+    # a submit outside any span: its attempt is a root span of a trace of its own
+    (lone,) = [s for s in attempts if s["attributes"]["capsule.task.id"] == out["no_span"]["id"]]
+    assert lone["parent_id"] is None
+    assert lone["trace_id"] not in {s["trace_id"] for s in submitters.values()}
+
+
+NO_OTEL = '''
+import sys
+import capsule_actors as cpsl
+from capsule_actors import tracing, logs, metrics
+
+
+def loaded():
+    return sorted(m for m in sys.modules if m.startswith(("opentelemetry", "capsule_actors._otel")))
+
+
+app = cpsl.App("no-otel", workers=1, process_workers=1)
+
+@app.task
+async def in_worker():
+    return loaded()
+
+@app.task(process=True)
+def in_process():
+    return loaded()
+
+with app.start(state_dir=sys.argv[1], grace=5.0):
+    print("worker:", in_worker.submit().result(timeout=60))
+    print("process:", in_process.submit().result(timeout=60))
+print("app:", loaded())
+'''
+
+
+def test_nothing_of_opentelemetry_is_imported_without_it(tmp_path: Path) -> None:
+    # Given opentelemetry made unimportable in every process (a sitecustomize on the path)
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER.format(blocked="opentelemetry"))
+    (tmp_path / "no_otel.py").write_text(NO_OTEL)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    # When tasks of both kinds run
+    args = [sys.executable, "no_otel.py", str(tmp_path / "s")]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    # Then they work, and no process tried to import it
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["worker: []", "process: []", "app: []"]

@@ -115,7 +115,16 @@ class Attempts:
         crash = task.attempts in self.crash_plan.get(task.name, ())
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
         run = messages.Run(
-            task.id, task.attempts, task.name, task.session_id, task.session_owner, actor_timeout, crash, held
+            task.id,
+            task.attempts,
+            task.name,
+            task.session_id,
+            task.session_owner,
+            actor_timeout,
+            crash,
+            held,
+            task.trace,
+            task.link,
         )
         self._outbox.to_actor(proc, run.encode(), payload)
         if spec.timeout and proc.spec.role == ROLE_PROCESS and not held:
@@ -233,6 +242,8 @@ class Attempts:
         if task is None or task.attempts != msg.attempt or task.state != RUNNING:
             return
         error = (msg.error_type, msg.error_message, msg.traceback) if msg.outcome != "ok" else None
+        if msg.trace:
+            task.link = msg.trace  # a retry's span links to this attempt's
         self.end(task, msg.outcome, error, frame, msg.retryable)
 
     def _process_timeout(self, task_id: str, attempt: int) -> None:

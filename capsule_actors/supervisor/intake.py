@@ -79,6 +79,9 @@ class Intake:
         # insert for all of them (on PostgreSQL one round trip, not one per message).
         self._batch: list[NewTask] = []
         self._batched: list[PendingSubmit] = []
+        # The traceparent of submitted items until they are recorded (then kept by their LiveTask,
+        # in memory only: a task held in the store only, delayed or in the backlog, loses it).
+        self._traces: dict[str, str] = {}
 
     def live_count(self) -> int:
         """Queued, scheduled or running tasks: in memory, in the backlog, or batched."""
@@ -118,6 +121,8 @@ class Intake:
         except StoreUnavailable:  # the supervisor stops, these unanswered (as in on_message)
             raise
         except Exception as exc:  # these submits fail (as each would have alone); the rest is served
+            for row in rows:
+                self._traces.pop(row.id, None)
             if not isinstance(exc, CapsuleError):
                 log.exception("internal error while recording %d submitted tasks", len(rows))
                 exc = CapsuleInternalError(f"{type(exc).__name__}: {exc}")
@@ -148,7 +153,10 @@ class Intake:
         their owners for admission first."""
         now = time.time()
         rows = []
-        for i, ((task_id, name, lock_key, sid, sowner, run_at), frame) in enumerate(zip(items, payload)):
+        for i, (item, frame) in enumerate(zip(items, payload)):
+            task_id, name, lock_key, sid, sowner, run_at = item[:6]
+            if len(item) > 6 and item[6]:
+                self._traces[task_id] = item[6]
             state = SCHEDULED if run_at and run_at > now else QUEUED
             row = NewTask(task_id, name, state, lock_key, sid, sowner, frame, now, run_at)
             pending.results[i] = [task_id, False, False]
@@ -170,6 +178,7 @@ class Intake:
             if verdict in ("run", "queue"):
                 self._record([row], slot, verdict == "queue")
             else:
+                self._traces.pop(row.id, None)
                 pending.results[i] = [holder, verdict == "join", verdict == "reject"]
             pending.remaining -= 1
             if not pending.remaining:
@@ -201,6 +210,7 @@ class Intake:
     def _record(self, rows: list[NewTask], slot: str | None, blocked: bool) -> None:
         tasks = self._tasks
         by_id = {r.id: r for r in rows}
+        traces = {r.id: self._traces.pop(r.id) for r in rows if r.id in self._traces} if self._traces else None
         for task_id, rowid in self._store.insert_tasks(rows):
             row = by_id[task_id]
             self._tally.count("submitted", row.name)
@@ -221,6 +231,8 @@ class Intake:
                 blocked=blocked,
                 run_at=row.run_at,
             )
+            if traces:
+                task.trace = traces.get(task_id)
             tasks.add(task)
             if not blocked:
                 tasks.queue(task, row.run_at)

@@ -29,6 +29,7 @@ class LiveTask:
         "attempts",
         "blocked",
         "id",
+        "link",
         "lock_key",
         "name",
         "owner",
@@ -37,6 +38,7 @@ class LiveTask:
         "session_owner",
         "since",
         "state",
+        "trace",
     )
 
     def __init__(
@@ -63,6 +65,8 @@ class LiveTask:
         self.owner = owner  # the slot that owns the lock key (and runs the task)
         self.blocked = blocked  # queued behind the key's holder (on_conflict="queue")
         self.run_at = run_at
+        self.trace: str | None = None  # the submitter's span (W3C traceparent), when it traces
+        self.link: str | None = None  # the span of its last attempt that reported one
         self.since = time.monotonic()  # when it was last queued, then when its attempt started (/metrics)
 
 
