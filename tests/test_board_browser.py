@@ -27,6 +27,7 @@ from conftest import ROOT, skip_or_fail, wait_until
 from test_ui import _fill, read_url
 
 import capsule_actors as cpsl
+from capsule_actors import testing
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -416,3 +417,62 @@ def test_at_1280_px_cards_show_whole_names_and_short_ids_that_tell_tasks_apart(b
         "return [...document.querySelectorAll('.cpsl-card')].map((c) => c.dataset.taskId);") == [done[1].id],
         timeout=WAIT)
     assert running[1].cancel()
+
+
+# ---- the Stats view --------------------------------------------------------------------------
+
+def chart_total(driver: Any, selector: str) -> float | None:
+    """The data-total of what ``selector`` finds on the Stats page (None while it is not drawn)."""
+    value = driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute('data-total') : null;", selector)
+    return None if value is None else float(value)
+
+
+def test_stats_view_draws_charts_that_change_after_tasks_run(browser, board):
+    """The Stats view's charts are drawn from the store, and redraw with what ran since."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    # Given the Stats view open (reached from the board's link) before anything ran
+    open_board(driver, board["url"])
+    click(driver, "#to-stats")
+    succeeded = '#chart-throughput polyline[data-series="SUCCEEDED"]'
+    failed = '#chart-throughput polyline[data-series="FAILED"]'
+    wait_until(lambda: chart_total(driver, succeeded) is not None, timeout=WAIT)
+    assert chart_total(driver, succeeded) == 0 and chart_total(driver, failed) == 0
+    assert not driver.find_elements(By.CSS_SELECTOR, "#chart-runtime rect")
+    assert len(driver.find_element(By.CSS_SELECTOR, succeeded).get_attribute("points").split()) == 60
+
+    # When tasks succeed and fail
+    for h in [send_email.submit("ops@example.com") for _ in range(6)]:
+        assert h.result(timeout=30) == "sent"
+    assert testing.join([build_report.submit(i) for i in range(3)] + long_named.map([1, 2]), timeout=30) == [
+        "report-0.pdf", "report-1.pdf", "report-2.pdf", 1, 2]
+    bad = send_email.submit("nobody")
+    with pytest.raises(ValueError):
+        bad.result(timeout=30)
+
+    # Then, within a refresh (5 s), every chart shows them
+    wait_until(lambda: round((chart_total(driver, succeeded) or 0) * 60) == 11, timeout=WAIT)
+    wait_until(lambda: (chart_total(driver, failed) or 0) > 0, timeout=WAIT)
+    assert round(chart_total(driver, succeeded) * 60) == 11 and round(chart_total(driver, failed) * 60) == 1
+    bars = driver.find_elements(By.CSS_SELECTOR, '#chart-runtime rect[data-task="send_email"]')
+    assert sorted(b.get_attribute("data-q") for b in bars) == ["p50", "p99"]
+    assert driver.find_elements(By.CSS_SELECTOR, '#chart-queue polyline[data-series="send_email"]')
+    legend = driver.find_element(By.CSS_SELECTOR, "#chart-throughput .legend").text
+    assert "SUCCEEDED" in legend and "FAILED" in legend
+
+    # and the day's window redraws the same in 96 quarter hours
+    click(driver, '#windows button[data-window="day"]')
+    wait_until(lambda: len((driver.find_element(By.CSS_SELECTOR, succeeded).get_attribute("points") or "").split())
+               == 96, timeout=WAIT)
+    assert round(chart_total(driver, succeeded) * 900) == 11
+    click(driver, '#windows button[data-window="hour"]')
+    wait_until(lambda: len((driver.find_element(By.CSS_SELECTOR, succeeded).get_attribute("points") or "").split())
+               == 60, timeout=WAIT)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "stats.png"
+    assert driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("CAPSULE_UPDATE_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(shot, ROOT / "docs" / "stats.png")

@@ -50,9 +50,9 @@
       return item;
     }));
   }
-  function lines(id, buckets, series, colors, unit) {
+  function lines(id, buckets, series, colors, unit, least) {
     const section = $(id), svg = section.querySelector("svg");
-    const top = Math.max(1e-9, ...Object.values(series).flat()) * 1.1;
+    const top = Math.max(least, ...Object.values(series).flat()) * 1.1;
     frame(svg, top, buckets, unit);
     const xs = (i) => L + (W - L - R) * i / Math.max(1, buckets.length - 1);
     const ys = (v) => H - B - (H - B - T) * v / top;
@@ -67,7 +67,7 @@
     const section = $(id), svg = section.querySelector("svg");
     const top = Math.max(1e-9, ...rows.map((r) => r.p99)) * 1.1;
     frame(svg, top, null, "seconds");
-    const slot = (W - L - R) / Math.max(1, rows.length);
+    const slot = Math.min(120, (W - L - R) / Math.max(1, rows.length));
     rows.forEach((r, i) => {
       [["p50", "#54aeff"], ["p99", "#0969da"]].forEach(([q, color], j) => {
         const h = (H - B - T) * r[q] / top, x = L + slot * i + 4 + j * (slot - 8) / 2;
@@ -110,10 +110,10 @@
       return;
     }
     $("#banner").hidden = true;
-    lines("#chart-throughput", data.buckets, data.throughput, OUTCOMES, "tasks/s");
+    lines("#chart-throughput", data.buckets, data.throughput, OUTCOMES, "tasks/s", 0.01);
     const names = Object.keys(data.queue);
     lines("#chart-queue", data.buckets, data.queue,
-          Object.fromEntries(names.map((n, i) => [n, PALETTE[i % PALETTE.length]])), "tasks");
+          Object.fromEntries(names.map((n, i) => [n, PALETTE[i % PALETTE.length]])), "tasks", 1);
     bars("#chart-runtime", data.run_time);
     crashes("#chart-crashes", data.buckets, data.crashes);
     $("#updated").textContent = "updated " + new Date(data.now * 1000).toLocaleTimeString();
