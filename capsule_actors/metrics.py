@@ -10,8 +10,9 @@ metrics are asked for, and prometheus_client only when the server starts.
 from __future__ import annotations
 
 import ipaddress
+import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
@@ -62,11 +63,17 @@ def normalize_address(value: str | int) -> str:
 
 
 def _valid_host(host: str) -> bool:
+    """An IP address, or a host name of letters, digits and hyphens between dots."""
     try:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return host == "localhost" or all(part.isalnum() or "-" in part for part in host.split(".") if part)
+        return bool(_HOST_NAME.fullmatch(host))
+
+
+_HOST_NAME = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 def require_client() -> None:
@@ -129,9 +136,9 @@ class _ViewCollector:
             for name, n in sorted(view.events.get(event, {}).items()):
                 family.add_metric([name], n)
             yield family
-        yield _histograms(f"{PREFIX}_task_queue_wait_seconds", _QUEUE_WAIT_HELP, view.queue_wait)
-        yield _histograms(f"{PREFIX}_task_run_seconds", _RUN_HELP, view.run_time)
-        yield _histograms(f"{PREFIX}_store_commit_seconds", _COMMIT_HELP, {"": view.commit_time})
+        yield _histograms(f"{PREFIX}_task_queue_wait_seconds", _QUEUE_WAIT_HELP, view.queue_wait, "task")
+        yield _histograms(f"{PREFIX}_task_run_seconds", _RUN_HELP, view.run_time, "task")
+        yield _histograms(f"{PREFIX}_store_commit_seconds", _COMMIT_HELP, {"": view.commit_time}, None)
         for state, n in view.tasks.items():
             yield GaugeMetricFamily(f"{PREFIX}_tasks_{state}", f"Tasks {state.upper()} now.", value=n)
         yield GaugeMetricFamily(
@@ -146,12 +153,13 @@ _RUN_HELP = "Seconds an attempt ran, from its start to its outcome in the superv
 _COMMIT_HELP = "Seconds the task store's commits took (one per loop turn with writes)."
 
 
-def _histograms(name: str, help_text: str, by_name: dict[str, Histogram] | Any) -> Any:
+def _histograms(name: str, help_text: str, by_label: Mapping[str, Histogram], label_name: str | None) -> Any:
+    """One histogram family; ``label_name`` None: a single histogram (``by_label`` has one, keyed "")."""
     from prometheus_client.core import HistogramMetricFamily
 
-    labels = [] if "" in by_name else ["task"]
+    labels = [label_name] if label_name else []
     family = HistogramMetricFamily(name, help_text, labels=labels)
-    for label, hist in sorted(by_name.items()):
+    for label, hist in sorted(by_label.items()):
         cumulative, buckets = 0, []
         for bound, n in zip([*hist.bounds, float("inf")], hist.buckets):
             cumulative += n

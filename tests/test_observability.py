@@ -173,7 +173,7 @@ def test_promtool_accepts_the_output(metrics_runtime: cpsl.Runtime) -> None:
 # ---- refusals ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["localhost:http", "1.2.3.4:99999", "nope!:9464", ""])
+@pytest.mark.parametrize("bad", ["localhost:http", "1.2.3.4:99999", "nope!:9464", "a-!b:1", "-x:9464", ""])
 def test_a_bad_metrics_address_is_refused_naming_it(bad: str) -> None:
     with pytest.raises(cpsl.ConfigError, match="expected PORT or HOST:PORT"):
         cpsl.App("bad-metrics", metrics=bad)
