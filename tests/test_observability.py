@@ -1,5 +1,6 @@
 """Observability (SPEC section 9): /metrics scraped over HTTP after known work, checked to the
-exact count and by promtool; ``--metrics`` refusals; JSON log lines."""
+exact count and by promtool; ``--metrics`` refusals; JSON log lines; traces from the submitter's
+span into each attempt (async, sync, process=True, a retry); nothing of OpenTelemetry without it."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from typing import Any
 import pytest
 from conftest import ROOT, cli, skip_or_fail, spawn_cli, wait_running, wait_until
 
+# the [test] extra installs both extras' packages (and .ci/run the [test] extra): missing, the module fails
+from prometheus_client.parser import text_string_to_metric_families
+
 import capsule_actors as cpsl
 from capsule_actors import testing
-
-pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 NOW = cpsl.Backoff(initial=0.0)
 
@@ -382,7 +383,6 @@ print(json.dumps(out))
 
 
 def test_traces_follow_a_submit_into_each_attempt(tmp_path: Path) -> None:
-    pytest.importorskip("opentelemetry.sdk")
     # Given an app with an OpenTelemetry SDK, submitting each kind of task inside a span of its own
     (tmp_path / "traced_app.py").write_text(TRACED_APP)
     (tmp_path / "drive.py").write_text(TRACED_DRIVER)
