@@ -420,18 +420,33 @@ def test_at_1280_px_cards_show_whole_names_and_short_ids_that_tell_tasks_apart(b
 
 
 # ---- the Stats view --------------------------------------------------------------------------
+# The charts are redrawn (their elements made anew) every 5 s: read them inside the page, at once.
+
+def attr(driver: Any, selector: str, name: str) -> str | None:
+    """An attribute of what ``selector`` finds on the page now (None: not there)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;",
+        selector, name)
+
+
+def attrs(driver: Any, selector: str, name: str) -> list[str]:
+    return list(driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.getAttribute(arguments[1]));",
+        selector, name))
+
 
 def chart_total(driver: Any, selector: str) -> float | None:
     """The data-total of what ``selector`` finds on the Stats page (None while it is not drawn)."""
-    value = driver.execute_script(
-        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute('data-total') : null;", selector)
+    value = attr(driver, selector, "data-total")
     return None if value is None else float(value)
+
+
+def points(driver: Any, selector: str) -> int:
+    return len((attr(driver, selector, "points") or "").split())
 
 
 def test_stats_view_draws_charts_that_change_after_tasks_run(browser, board):
     """The Stats view's charts are drawn from the store, and redraw with what ran since."""
-    from selenium.webdriver.common.by import By
-
     driver = browser
     # Given the Stats view open (reached from the board's link) before anything ran
     open_board(driver, board["url"])
@@ -440,8 +455,10 @@ def test_stats_view_draws_charts_that_change_after_tasks_run(browser, board):
     failed = '#chart-throughput polyline[data-series="FAILED"]'
     wait_until(lambda: chart_total(driver, succeeded) is not None, timeout=WAIT)
     assert chart_total(driver, succeeded) == 0 and chart_total(driver, failed) == 0
-    assert not driver.find_elements(By.CSS_SELECTOR, "#chart-runtime rect")
-    assert len(driver.find_element(By.CSS_SELECTOR, succeeded).get_attribute("points").split()) == 60
+    assert not attrs(driver, "#chart-runtime rect", "data-task")
+    assert (attr(driver, "#chart-restarts svg", "data-restarts"), attr(driver, "#chart-restarts svg", "data-crashes")) \
+        == ("0", "0")
+    assert points(driver, succeeded) == 60
 
     # When tasks succeed and fail
     for h in [send_email.submit("ops@example.com") for _ in range(6)]:
@@ -454,22 +471,19 @@ def test_stats_view_draws_charts_that_change_after_tasks_run(browser, board):
 
     # Then, within a refresh (5 s), every chart shows them
     wait_until(lambda: round((chart_total(driver, succeeded) or 0) * 60) == 11, timeout=WAIT)
-    wait_until(lambda: (chart_total(driver, failed) or 0) > 0, timeout=WAIT)
-    assert round(chart_total(driver, succeeded) * 60) == 11 and round(chart_total(driver, failed) * 60) == 1
-    bars = driver.find_elements(By.CSS_SELECTOR, '#chart-runtime rect[data-task="send_email"]')
-    assert sorted(b.get_attribute("data-q") for b in bars) == ["p50", "p99"]
-    assert driver.find_elements(By.CSS_SELECTOR, '#chart-queue polyline[data-series="send_email"]')
-    legend = driver.find_element(By.CSS_SELECTOR, "#chart-throughput .legend").text
+    wait_until(lambda: round((chart_total(driver, failed) or 0) * 60) == 1, timeout=WAIT)
+    assert sorted(attrs(driver, '#chart-runtime rect[data-task="send_email"]', "data-q")) == ["p50", "p99"]
+    assert set(attrs(driver, "#chart-runtime rect", "data-task")) == {"send_email", "build_report", LONG_NAME}
+    assert attrs(driver, '#chart-queue polyline[data-series="send_email"]', "points")
+    legend = driver.execute_script("return document.querySelector('#chart-throughput .legend').textContent")
     assert "SUCCEEDED" in legend and "FAILED" in legend
 
     # and the day's window redraws the same in 96 quarter hours
     click(driver, '#windows button[data-window="day"]')
-    wait_until(lambda: len((driver.find_element(By.CSS_SELECTOR, succeeded).get_attribute("points") or "").split())
-               == 96, timeout=WAIT)
-    assert round(chart_total(driver, succeeded) * 900) == 11
+    wait_until(lambda: points(driver, succeeded) == 96, timeout=WAIT)
+    assert round((chart_total(driver, succeeded) or 0) * 900) == 11
     click(driver, '#windows button[data-window="hour"]')
-    wait_until(lambda: len((driver.find_element(By.CSS_SELECTOR, succeeded).get_attribute("points") or "").split())
-               == 60, timeout=WAIT)
+    wait_until(lambda: points(driver, succeeded) == 60, timeout=WAIT)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "stats.png"
     assert driver.save_screenshot(str(shot))

@@ -1,8 +1,10 @@
 """The board's Stats view from the store (``StoreReader.stats_rows`` and ``ui/stats.py``), on
-both stores: throughput by outcome, queue depth and run-time percentiles per task name, crashes."""
+both stores: throughput by outcome, queue depth and run-time percentiles per task name, crashed attempts and actor restarts."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -53,12 +55,12 @@ def read(state_dir: Path, store_url: str | None, window: str = "hour") -> dict[s
 
 
 def test_stats_count_what_ran(start: Any, state_dir: Path, store_url: str | None, tmp_path: Path) -> None:
-    start(app, workers=1, process_workers=1)
+    runtime = start(app, workers=1, process_workers=1)
     # Given an empty store, the view is all zeros
     empty = read(state_dir, store_url)
     assert len(empty["buckets"]) == 60 and empty["step"] == 60.0
     assert all(sum(series) == 0 for series in empty["throughput"].values())
-    assert empty["run_time"] == [] and sum(empty["crashes"]) == 0
+    assert empty["run_time"] == [] and sum(empty["crashes"]) == 0 and sum(empty["restarts"]) == 0
 
     # When 3 process tasks wait behind a gate (one runs, the others queue) ...
     gate = tmp_path / "gate"
@@ -90,7 +92,14 @@ def test_stats_count_what_ran(start: Any, state_dir: Path, store_url: str | None
     run_time = {r["name"]: r for r in view["run_time"]}
     assert {name: r["n"] for name, r in run_time.items()} == {"gated": 4, "ok": 5, "bad": 2, "crashes_once": 1}
     assert 0 <= run_time["ok"]["p50"] <= run_time["ok"]["p99"] < 5
-    assert sum(view["crashes"]) == 1
+    assert sum(view["crashes"]) == 1 and sum(view["restarts"]) == 1  # the crash killed its actor: restarted
+    # an idle actor killed from outside is a restart too, with no crashed attempt
+    rt = runtime
+    victim = next(a for a in rt.status()["actors"] if a["slot"] == "p0")
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_until(lambda: sum(read(state_dir, store_url)["restarts"]) == 2)
+    assert sum(read(state_dir, store_url)["crashes"]) == 1
+
     # and the day's window cuts the same tasks in quarter hours
     day = read(state_dir, store_url, "day")
     assert len(day["buckets"]) == 96 and round(sum(day["throughput"]["SUCCEEDED"]) * 900) == 10

@@ -53,6 +53,10 @@ class NewTask(NamedTuple):
 
 
 CRASHED_PATTERN = "%WorkerCrashed:%"  # LIKE: a state event whose error is a crash (requeue or finish)
+# An actor process that died unasked (its slot restarts): an event of its own in the event log,
+# under the pseudo task id ``actor:SLOT`` (no task has such an id), for the board's Stats view.
+ACTOR_EXIT = "actor_exit"
+ACTOR_EVENT_PREFIX = "actor:"
 
 
 class StatsRows(NamedTuple):
@@ -66,6 +70,7 @@ class StatsRows(NamedTuple):
     queued_before: list[tuple[str, int]]  # (task name, tasks queued at ``since``)
     run_times: list[tuple[str, float]]  # (task name, seconds from last start to finish), newest first
     crashes: list[tuple[int, int]]  # (bucket, attempts that ended in WorkerCrashed)
+    restarts: list[tuple[int, int]]  # (bucket, actor processes that died unasked: ACTOR_EXIT events)
 
 
 class StoredTask(NamedTuple):

@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError, StateDirError, StoreFull, StoreUnavailable
 from ..states import LIVE, RUNNING, TaskState
-from .base import CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
+from .base import ACTOR_EXIT, CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
 
 log = logging.getLogger("capsule_actors.store")
 
@@ -849,6 +849,8 @@ _STATS_SQL = {
     "AND started_at IS NOT NULL AND state IN ('SUCCEEDED', 'FAILED') ORDER BY finished_at DESC LIMIT %(limit)s",
     "crashes": "SELECT floor((ts - %(since)s) / %(step)s)::int AS b, count(*) FROM {s}.events "
     "WHERE ts >= %(since)s AND kind = 'state' AND data LIKE %(crashed)s GROUP BY b",
+    "restarts": "SELECT floor((ts - %(since)s) / %(step)s)::int AS b, count(*) FROM {s}.events "
+    "WHERE ts >= %(since)s AND kind = %(actor_exit)s GROUP BY b",
 }
 
 
@@ -924,7 +926,8 @@ class PostgresReader(StoreReader):
         return int(row[0] or 0)
 
     def stats_rows(self, since: float, step: float, limit: int) -> StatsRows:
-        params = {"since": since, "step": step, "now": time.time(), "limit": limit, "crashed": CRASHED_PATTERN}
+        params: dict[str, object] = {"since": since, "step": step, "now": time.time(), "limit": limit}
+        params.update(crashed=CRASHED_PATTERN, actor_exit=ACTOR_EXIT)
         with self.snapshot():
             rows = {key: [tuple(r) for r in self._q(sql, params).fetchall()] for key, sql in _STATS_SQL.items()}
         return StatsRows(**rows)

@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 from ..errors import StateDirError, StoreFull
 from ..states import CANCELLED, FAILED, LIVE, QUEUED, RUNNING, SCHEDULED, SUCCEEDED, TaskState
-from .base import CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
+from .base import ACTOR_EXIT, CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
 
 log = logging.getLogger("capsule_actors.store")
 
@@ -807,11 +807,14 @@ _STATS_SQL = {
     "AND started_at IS NOT NULL AND state IN ('SUCCEEDED', 'FAILED') ORDER BY finished_at DESC LIMIT :limit",
     "crashes": "SELECT CAST((ts - :since) / :step AS INTEGER) AS b, count(*) FROM events "
     "WHERE ts >= :since AND kind = 'state' AND data LIKE :crashed GROUP BY b",
+    "restarts": "SELECT CAST((ts - :since) / :step AS INTEGER) AS b, count(*) FROM events "
+    "WHERE ts >= :since AND kind = :actor_exit GROUP BY b",
 }
 
 
 def _stats_rows(db: sqlite3.Connection, since: float, step: float, limit: int) -> StatsRows:
-    params = {"since": since, "step": step, "now": time.time(), "limit": limit, "crashed": CRASHED_PATTERN}
+    params: dict[str, object] = {"since": since, "step": step, "now": time.time(), "limit": limit}
+    params.update(crashed=CRASHED_PATTERN, actor_exit=ACTOR_EXIT)
     rows = {key: [tuple(r) for r in db.execute(sql, params).fetchall()] for key, sql in _STATS_SQL.items()}
     return StatsRows(**rows)
 

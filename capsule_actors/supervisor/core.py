@@ -664,3 +664,7 @@ class Supervisor:
         goes to the next owner, and its attempts end."""
         self.keys.actor_gone(proc)
         self.attempts.actor_exited(proc, cause)
+        if not proc.stopping and not self.children.stopping:  # died unasked: its slot restarts
+            spec = proc.spec
+            data = {"slot": spec.slot, "role": spec.role, "node": spec.node, "pid": proc.pid, "cause": cause}
+            self.store.add_event(store.ACTOR_EVENT_PREFIX + spec.slot, None, store.ACTOR_EXIT, data)

@@ -1,5 +1,5 @@
 """The board's Stats view (``GET /api/stats``): throughput by outcome, queue depth and run-time
-percentiles per task name, and crashes, over the last hour or day, assembled from the grouped
+percentiles per task name, actor restarts and crashed attempts, over the last hour or day, assembled from the grouped
 rows the store returns (``StoreReader.stats_rows``; the SQL lives in ``store/``)."""
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def stats(reader: store.StoreReader, window: str, now: float) -> dict[str, Any]:
     for b, state, count in rows.finished:
         if state in throughput:
             throughput[state][at(b)] += count / step
-    crashes = [0] * n
-    for b, count in rows.crashes:
-        crashes[at(b)] += count
+    crashes, restarts = [0] * n, [0] * n
+    for series, grouped in ((crashes, rows.crashes), (restarts, rows.restarts)):
+        for b, count in grouped:
+            series[at(b)] += count
     return {
         "window": window,
         "since": since,
@@ -45,6 +46,7 @@ def stats(reader: store.StoreReader, window: str, now: float) -> dict[str, Any]:
         "queue": _queue_depth(rows, n, at),
         "run_time": _run_time(rows.run_times),
         "crashes": crashes,
+        "restarts": restarts,
     }
 
 

@@ -82,19 +82,23 @@
     });
     legend(section, [["p50", "#54aeff"], ["p99", "#0969da"]]);
   }
-  function crashes(id, buckets, counts) {
+  // actor restarts and crashed attempts per bucket: two bars side by side
+  function restarts(id, buckets, series) {
     const section = $(id), svg = section.querySelector("svg");
-    const top = Math.max(1, ...counts) * 1.1;
-    frame(svg, top, buckets, "crashes");
-    const w = (W - L - R) / counts.length;
-    counts.forEach((n, i) => {
-      if (!n) return;
-      const h = (H - B - T) * n / top;
-      svg.append(el("rect", { x: (L + w * i).toFixed(1), y: (H - B - h).toFixed(1), width: Math.max(1, w - 1).toFixed(1),
-                              height: h.toFixed(1), fill: "#cf222e", "data-count": n }));
+    const top = Math.max(1, ...Object.values(series).map((s) => s.values).flat()) * 1.1;
+    frame(svg, top, buckets, "per bucket");
+    const w = (W - L - R) / buckets.length;
+    Object.entries(series).forEach(([name, s], j) => {
+      s.values.forEach((n, i) => {
+        if (!n) return;
+        const h = (H - B - T) * n / top;
+        svg.append(el("rect", { x: (L + w * i + j * w / 2).toFixed(1), y: (H - B - h).toFixed(1),
+                                width: Math.max(1, w / 2 - 0.5).toFixed(1), height: h.toFixed(1), fill: s.color,
+                                "data-series": name, "data-count": n }));
+      });
+      svg.dataset[name] = s.values.reduce((a, b) => a + b, 0);
     });
-    svg.dataset.total = counts.reduce((a, b) => a + b, 0);
-    legend(section, [["crashed attempts", "#cf222e"]]);
+    legend(section, Object.entries(series).map(([name, s]) => [s.label, s.color]));
   }
 
   async function refresh() {
@@ -115,7 +119,10 @@
     lines("#chart-queue", data.buckets, data.queue,
           Object.fromEntries(names.map((n, i) => [n, PALETTE[i % PALETTE.length]])), "tasks", 1);
     bars("#chart-runtime", data.run_time);
-    crashes("#chart-crashes", data.buckets, data.crashes);
+    restarts("#chart-restarts", data.buckets, {
+      restarts: { values: data.restarts, color: "#cf222e", label: "actor restarts (died unasked)" },
+      crashes: { values: data.crashes, color: "#ff8182", label: "attempts crashed with them" },
+    });
     $("#updated").textContent = "updated " + new Date(data.now * 1000).toLocaleTimeString();
     document.body.dataset.loaded = String(Date.now());
   }
