@@ -105,7 +105,10 @@ class MetricsServer:
         try:
             self._server, self._thread = start_http_server(self.port, self.host, registry)
         except OSError as exc:
-            raise ConfigError(f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; choose another port "
+                "(--metrics HOST:PORT or App(metrics=...))"
+            ) from None
         self.port = int(self._server.server_address[1])
         return self.port
 

@@ -187,6 +187,17 @@ def test_metrics_listen_on_loopback_unless_an_address_is_given() -> None:
     assert cpsl.App("m", metrics="[::1]:9464").metrics == "[::1]:9464"
 
 
+def test_a_metrics_port_in_use_fails_the_start_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = cpsl.App("busy-metrics", metrics=port, workers=1, process_workers=1)
+        with pytest.raises(cpsl.ConfigError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another port"):
+            with testing.start_runtime(busy, tmp_path / "s", timeout=60):
+                pass
+
+
 def test_run_refuses_a_bad_metrics_flag(tmp_path: Path) -> None:
     (tmp_path / "obs_app.py").write_text("import capsule_actors as cpsl\napp = cpsl.App('obs')\n")
     done = cli("run", "obs_app:app", "--metrics", "127.0.0.1:port", state_dir=tmp_path / "s", cwd=tmp_path)
