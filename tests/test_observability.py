@@ -386,6 +386,9 @@ with app.start(state_dir=sys.argv[1], grace=5.0):
         with tracer.start_as_current_span(f"submit {task.name}"):
             h = task.submit(arg)
         out[task.name] = {"id": h.id, "result": h.result(timeout=60)}
+    with tracer.start_as_current_span("submit delayed"):
+        delayed = async_task.schedule(4, delay=0.3)  # held in the store until due: the context waits too
+    out["delayed"] = {"id": delayed.id, "result": delayed.result(timeout=60)}
     with_no_span = async_task.submit(5)
     out["no_span"] = {"id": with_no_span.id, "result": with_no_span.result(timeout=60)}
 out["client_spans"] = [record(s) for s in memory.get_finished_spans()]
@@ -439,6 +442,10 @@ def test_traces_follow_a_submit_into_each_attempt(tmp_path: Path) -> None:
     assert first["attributes"]["capsule.outcome"] == "error" and first["status"] == "ERROR"
     assert first["events"] == ["exception"]
     assert second["links"] == [first["span_id"]] and second["attributes"]["capsule.outcome"] == "ok"
+    # a delayed task (held in the store until due) too
+    (span,) = [s for s in attempts if s["attributes"]["capsule.task.id"] == out["delayed"]["id"]]
+    parent = submitters["submit delayed"]
+    assert (span["trace_id"], span["parent_id"]) == (parent["trace_id"], parent["span_id"])
     # a submit outside any span: its attempt is a root span of a trace of its own
     (lone,) = [s for s in attempts if s["attributes"]["capsule.task.id"] == out["no_span"]["id"]]
     assert lone["parent_id"] is None
