@@ -26,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import capsule_actors as cpsl
 from capsule_actors import testing
 
+STORES = ("sqlite", "postgresql")  # the tests that start a runtime (through `start`) run on both stores
+
 NOW = cpsl.Backoff(initial=0.0)
 
 
