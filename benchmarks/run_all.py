@@ -1,6 +1,7 @@
 """Every throughput and latency scenario in one run, and one table.
 
     /work/venv/bin/python benchmarks/run_all.py [--compare celery,dramatiq,rq,huey] [--with-crash]
+                                                [--metrics] [--otel]
                                                 [--n 2000] [--repeat 3] [--rt 300] [--warmup 50]
 
 Scenarios (no-op task returning its argument; 2 worker actors and 2 process actors by default):
@@ -21,6 +22,10 @@ ours B p50 divided by the peer's (below 1: ours is faster).
 and with ``--compare`` a few kills of Celery and Dramatiq) as a subprocess, and adds the p50 of
 "killed task's result" (ms from the SIGKILL of a process running a task until that task's result
 arrived, retried) with the number of killed tasks that came back.
+
+``--metrics`` and ``--otel`` run capsule_actors' rows again with ``/metrics`` served (and scraped
+every second) or with an OpenTelemetry SDK recording a span per attempt (``observability.py``),
+and say what share of the plain rows' A tasks/s each keeps.
 
 The default run (no peers) takes about 30-60 s; with all four peers about 3-5 min. A watchdog
 stops every process and exits 2 if the whole run overshoots ``--hard-limit``.
@@ -48,6 +53,7 @@ if str(HERE.parent) not in sys.path:  # the package from the checkout when it is
     sys.path.append(str(HERE.parent))
 
 import latency  # noqa: E402
+import observability  # noqa: E402
 import peers  # noqa: E402
 import throughput  # noqa: E402
 from _common import (  # noqa: E402
@@ -134,11 +140,11 @@ def crash_cell(row: dict[str, str]) -> str:
 
 
 def measure_ours(args: argparse.Namespace, tmp: Path, dog: Watchdog, store: str | None = None,
-                 floor: bool = True) -> list[Row]:
+                 floor: bool = True, tag: str = "") -> list[Row]:
     """capsule_actors' A variants (throughput.py) and B (latency.py), each on a fresh runtime on
-    ``store`` (a PostgreSQL URL; None: SQLite)."""
-    where = "" if store is None else " [PostgreSQL]"
-    tmp = tmp / ("sqlite" if store is None else "postgresql")
+    ``store`` (a PostgreSQL URL; None: SQLite); ``tag`` names a variant (say, " [metrics]")."""
+    where = tag or ("" if store is None else " [PostgreSQL]")
+    tmp = tmp / ("sqlite" if store is None else "postgresql") / (re.sub(r"\W+", "-", tag).strip("-") or "plain")
     (tmp / "a").mkdir(parents=True)
     (tmp / "b").mkdir()
     floor = floor and args.floor
@@ -161,6 +167,25 @@ def measure_ours(args: argparse.Namespace, tmp: Path, dog: Watchdog, store: str 
                      b["floor: pyzmq send -> ack -> result"]),
                  Row("floor: pyzmq, pipelined sends", a["floor P"])]
     return rows
+
+
+def measure_observed(args: argparse.Namespace, tmp: Path, dog: Watchdog, plain: list[Row]
+                     ) -> tuple[list[Row], list[str]]:
+    """``--metrics`` / ``--otel``: our rows again with each switched on (tracing last: its SDK
+    stays set up in this process), and each A rate as a share of the plain row's."""
+    rows, notes = [], []
+    for metrics, otel in ((True, False), (False, True)):
+        if not (metrics and args.metrics or otel and args.otel):
+            continue
+        with observability.observed([throughput.app, latency.app], metrics=metrics, otel=otel) as tag:
+            print(f"capsule_actors{tag}: scenarios A and B", file=sys.stderr, flush=True)
+            observed = measure_ours(args, tmp, dog, floor=False, tag=tag)
+        rows += observed
+        shares = [f"{row.system.split(tag, 1)[1].strip()}: {row.a['rate'] / base.a['rate']:.1%}"
+                  for base, row in zip(plain, observed) if row.a and base.a]
+        notes.append(f"A tasks/s with{tag.replace('[', '').replace(']', '')} on, as a share of the same row "
+                     f"without: " + "; ".join(shares))
+    return rows, notes
 
 
 def measure_peers(names: list[str], args: argparse.Namespace, tmp: Path, dog: Watchdog
@@ -258,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default=None, metavar="URL",
                         help="also run capsule_actors' rows on this PostgreSQL store (postgresql://...), or on a "
                              "server of its own with --store temp (Debian's postgresql, fsync on)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also run capsule_actors' rows with /metrics served and scraped every second")
+    parser.add_argument("--otel", action="store_true",
+                        help="also run capsule_actors' rows with an OpenTelemetry SDK recording every attempt's span")
     parser.add_argument("--hard-limit", type=float, default=None,
                         help="seconds for the whole run (default 240 + 150 per peer, + 150 (+150 per crash "
                              "peer) with --with-crash)")
@@ -267,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     names = peers.parse_list(args.compare)
     crash_peers = [p for p in names if p in CRASH_PEERS]
     hard = args.hard_limit or (240.0 + (240.0 if args.store else 0.0) + 150.0 * len(names)
-                               + ((150.0 + 150.0 * len(crash_peers)) if args.with_crash else 0.0))
+                               + ((150.0 + 150.0 * len(crash_peers)) if args.with_crash else 0.0)
+                               + 200.0 * (args.metrics + args.otel))
 
     print(f"capsule_actors {cpsl.__version__}: A = {args.n} submits back to back, then every result "
           f"(median of {args.repeat}); B = {args.rt} sequential round trips after {args.warmup}; "
@@ -280,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     with peers.HardLimit(hard, "run_all.py") as dog, temp_dir() as tmp:
         dog.on_expire(lambda: shutil.rmtree(tmp, ignore_errors=True))  # runs last
         rows = measure_ours(args, tmp, dog)
+        if args.metrics or args.otel:
+            observed_rows, observed_notes = measure_observed(args, tmp, dog, rows)
+            rows += observed_rows
+            notes += observed_notes
         if args.store:
             with postgres(args.store) as (url, note):
                 rows += measure_ours(args, tmp, dog, store=url, floor=False)

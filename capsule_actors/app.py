@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
 
-from . import bootstrap
+from . import bootstrap, tracing
 from .errors import CapsuleError, ConfigError, LockConflict, SerializationError
 from .flows import FLOW_TASK, Signature, flow_record
 from .handle import SessionSubscription, TaskHandle
@@ -213,6 +213,9 @@ class Task(Generic[P, R]):
             self.priority if priority is None else priority,
             rate_key,
         ]
+        trace = tracing.traceparent()  # the caller's span, when the app traces (OpenTelemetry)
+        if trace is not None:
+            item.append(trace)
         return item, payload
 
     def _handles(self, prepared: list[Prepared], submitted: list[Submitted]) -> list[TaskHandle]:
@@ -406,6 +409,15 @@ def _positive_int(name: str, value: int | None) -> int | None:
     return value
 
 
+def _metrics_address(value: str | int | None) -> str | None:
+    """``App(metrics=9464)`` or ``"HOST:PORT"``, checked now; served by the supervisor."""
+    if value is None:
+        return None
+    from .metrics import normalize_address
+
+    return normalize_address(value)
+
+
 class App:
     """A named set of tasks and the settings of the runtime that runs them."""
 
@@ -425,6 +437,8 @@ class App:
         max_queued: int = 100_000,
         result_ttl: float | None = 7 * 24 * 3600.0,
         store: str | os.PathLike[str] | None = None,
+        metrics: str | int | None = None,
+        on_actor_start: Callable[[], None] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"App name must be a non-empty string, got {name!r}")
@@ -450,6 +464,11 @@ class App:
             raise ConfigError(f"result_ttl={result_ttl!r}: expected seconds > 0, or None to keep results forever")
         self.result_ttl = result_ttl
         self.store = bootstrap.check_store(store)  # None: SQLite in the state directory (bootstrap.py)
+        self.metrics = _metrics_address(metrics)  # "HOST:PORT" of /metrics (capsule_actors.metrics), or None
+        if on_actor_start is not None and not callable(on_actor_start):
+            raise ConfigError(f"on_actor_start={on_actor_start!r}: expected a function of no arguments, or None")
+        # run once in each worker and process actor as it starts (say, to set up an OpenTelemetry SDK)
+        self.on_actor_start = on_actor_start
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, ScheduleSpec] = {}
         self.failure_hook: str | None = None  # the task name of the @on_failure hook

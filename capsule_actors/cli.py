@@ -8,7 +8,6 @@ import contextlib
 import datetime as dt
 import importlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from . import bootstrap, ids, messages, states
+from . import bootstrap, ids, logs, messages, states
 from .app import App
 from .client import Client
 from .errors import CapsuleError, ConfigError, NotRunning, UnknownTask
@@ -79,8 +78,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         bind_tcp=args.bind,
         keys_dir=keys,
         store_url=bootstrap.store_url(store_option, app.store),
+        metrics=_metrics_option(args),
     )
     return profiled("supervisor", sup.run)
+
+
+def _metrics_option(args: argparse.Namespace) -> str | None:
+    """``--metrics [HOST:]PORT``, checked before anything starts (and the extra it needs)."""
+    if not args.metrics:
+        return None
+    from .metrics import normalize_address, require_client
+
+    address = normalize_address(args.metrics)
+    require_client()
+    return address
 
 
 def _store_option(args: argparse.Namespace) -> str | None:
@@ -736,6 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, help="seconds running tasks get at a graceful stop (default: the App's)")
     p.add_argument("--bind", metavar="tcp://HOST:PORT", help="also serve clients over TCP (CURVE keys required)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys for --bind (default: STATE_DIR/keys)")
+    p.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus /metrics there (127.0.0.1 unless HOST is given; needs capsule_actors[metrics])",
+    )
+    _log_format_option(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("worker", help="run a worker node: actors on this host that join a supervisor over TCP")
     p.add_argument("app", metavar="MODULE:APP")
@@ -751,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker actors on this node (default: CPU count)")
     p.add_argument("--process-workers", type=int, help="process-isolated actors on this node (default: CPU count)")
     p.add_argument("--grace", type=float, help="seconds running tasks get when the node stops (default: the App's)")
+    _log_format_option(p)
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("keys", help="generate the CURVE key pairs that --bind tcp://... and remote clients need")
     p.add_argument("dir", metavar="DIR")
@@ -805,12 +823,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_format_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="text (default), or json: one JSON object per line, with the task's id/name/attempt where there is one",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("CAPSULE_LOG_LEVEL", "INFO" if args.command in ("run", "worker") else "WARNING"),
-        format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s",
-    )
+    logs.configure("INFO" if args.command in ("run", "worker") else "WARNING", getattr(args, "log_format", None))
     try:
         return int(args.func(args))
     except CapsuleError as exc:

@@ -34,8 +34,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
 # The version of the messages between the supervisor, its actors and its worker nodes, raised
 # whenever one of them changes: a node of another version is refused at its hello, instead of
 # joining and having its actors' messages dropped as malformed. 1: before held Runs (Started,
-# Withdraw, Withdrawn, Run.held, Done.began_next); 2: with them.
-PROTOCOL = 2
+# Withdraw, Withdrawn, Run.held, Done.began_next); 2: with them; 3: Run.trace, Run.link and
+# Done.trace (OpenTelemetry context). Clients are not versioned by it: a Submit item has 6
+# fields (an older client's journal), 8 (priority, rate key) or 9 (and the submitter's
+# traceparent), so old clients keep working with a new supervisor.
+PROTOCOL = 3
 
 M = TypeVar("M", bound="Message")
 _BY_OP: dict[int, type[Message]] = {}
@@ -144,8 +147,10 @@ SUBMIT_ITEM_TYPES: tuple[tuple[type, ...], ...] = (
     (int, float, _NONE),  # run_at (epoch seconds) or None for now
     (int,),  # priority (higher starts first)
     (str, _NONE),  # rate-limit key (a RateLimit with key=), or None
+    (str, _NONE),  # optional 9th: the submitter's W3C traceparent (capsule_actors.tracing)
 )
 SUBMIT_ITEM_V1 = 6  # items without priority and rate key (journals of an older version): priority 0
+SUBMIT_ITEM_V2 = 8  # with priority and rate key; a 9th field, when there, is the trace context
 
 
 @_message(1)
@@ -176,8 +181,12 @@ class Submit(Message):
         if self.push and (len(self.push) != len(self.items) or not all(type(r) is int for r in self.push)):
             raise ProtocolError("Submit.push must be empty or one int request id per item")
         for item in self.items:
-            if not isinstance(item, list) or len(item) not in (SUBMIT_ITEM_V1, len(SUBMIT_ITEM_TYPES)):
-                raise ProtocolError(f"Submit item must be a {len(SUBMIT_ITEM_TYPES)}-item array")
+            if not isinstance(item, list) or len(item) not in (SUBMIT_ITEM_V1, SUBMIT_ITEM_V2, SUBMIT_ITEM_V2 + 1):
+                raise ProtocolError(
+                    f"Submit item must be a {SUBMIT_ITEM_V2}-item array ({SUBMIT_ITEM_V2 + 1} with a trace context)"
+                )
+            if len(item) > SUBMIT_ITEM_V2 and item[SUBMIT_ITEM_V2] is not None and len(item[SUBMIT_ITEM_V2]) > 256:
+                raise ProtocolError("Submit trace context over 256 characters")
             for value, types in zip(item, SUBMIT_ITEM_TYPES):
                 if not isinstance(value, types) or isinstance(value, bool):
                     raise ProtocolError(f"Submit item field has bad type {type(value).__name__}")
@@ -520,6 +529,8 @@ class Run(Message):
     timeout: float | None
     crash: bool
     held: bool  # a process actor runs another one first: it says Started when this one begins
+    trace: str | None = None  # the submitter's W3C traceparent: the attempt's span is its child
+    link: str | None = None  # the previous attempt's span (traceparent), linked from this one
 
 
 @_message(43)
@@ -544,6 +555,7 @@ class Done(Message):
     traceback: str
     retryable: bool
     began_next: str = ""  # a process actor: the held Run it begins now ("" if none)
+    trace: str | None = None  # the attempt's own span (traceparent), for the next attempt's link
 
     def check(self) -> None:
         if self.outcome not in OUTCOMES:

@@ -27,6 +27,7 @@ from conftest import ROOT, skip_or_fail, wait_until
 from test_ui import _fill, read_url
 
 import capsule_actors as cpsl
+from capsule_actors import testing
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -446,3 +447,76 @@ def test_at_1280_px_cards_show_whole_names_and_short_ids_that_tell_tasks_apart(b
         "return [...document.querySelectorAll('.cpsl-card')].map((c) => c.dataset.taskId);") == [done[1].id],
         timeout=WAIT)
     assert running[1].cancel()
+
+
+# ---- the Stats view --------------------------------------------------------------------------
+# The charts are redrawn (their elements made anew) every 5 s: read them inside the page, at once.
+
+def attr(driver: Any, selector: str, name: str) -> str | None:
+    """An attribute of what ``selector`` finds on the page now (None: not there)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;",
+        selector, name)
+
+
+def attrs(driver: Any, selector: str, name: str) -> list[str]:
+    return list(driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.getAttribute(arguments[1]));",
+        selector, name))
+
+
+def chart_total(driver: Any, selector: str) -> float | None:
+    """The data-total of what ``selector`` finds on the Stats page (None while it is not drawn)."""
+    value = attr(driver, selector, "data-total")
+    return None if value is None else float(value)
+
+
+def points(driver: Any, selector: str) -> int:
+    return len((attr(driver, selector, "points") or "").split())
+
+
+def test_stats_view_draws_charts_that_change_after_tasks_run(browser, board):
+    """The Stats view's charts are drawn from the store, and redraw with what ran since."""
+    driver = browser
+    # Given the Stats view open (reached from the board's link) before anything ran
+    open_board(driver, board["url"])
+    click(driver, "#to-stats")
+    succeeded = '#chart-throughput polyline[data-series="SUCCEEDED"]'
+    failed = '#chart-throughput polyline[data-series="FAILED"]'
+    wait_until(lambda: chart_total(driver, succeeded) is not None, timeout=WAIT)
+    assert chart_total(driver, succeeded) == 0 and chart_total(driver, failed) == 0
+    assert not attrs(driver, "#chart-runtime rect", "data-task")
+    assert (attr(driver, "#chart-restarts svg", "data-restarts"), attr(driver, "#chart-restarts svg", "data-crashes")) \
+        == ("0", "0")
+    assert points(driver, succeeded) == 60
+
+    # When tasks succeed and fail
+    for h in [send_email.submit("ops@example.com") for _ in range(6)]:
+        assert h.result(timeout=30) == "sent"
+    assert testing.join([build_report.submit(i) for i in range(3)] + long_named.map([1, 2]), timeout=30) == [
+        "report-0.pdf", "report-1.pdf", "report-2.pdf", 1, 2]
+    bad = send_email.submit("nobody")
+    with pytest.raises(ValueError):
+        bad.result(timeout=30)
+
+    # Then, within a refresh (5 s), every chart shows them
+    wait_until(lambda: round((chart_total(driver, succeeded) or 0) * 60) == 11, timeout=WAIT)
+    wait_until(lambda: round((chart_total(driver, failed) or 0) * 60) == 1, timeout=WAIT)
+    assert sorted(attrs(driver, '#chart-runtime rect[data-task="send_email"]', "data-q")) == ["p50", "p99"]
+    assert set(attrs(driver, "#chart-runtime rect", "data-task")) == {"send_email", "build_report", LONG_NAME}
+    assert attrs(driver, '#chart-queue polyline[data-series="send_email"]', "points")
+    legend = driver.execute_script("return document.querySelector('#chart-throughput .legend').textContent")
+    assert "SUCCEEDED" in legend and "FAILED" in legend
+
+    # and the day's window redraws the same in 96 quarter hours
+    click(driver, '#windows button[data-window="day"]')
+    wait_until(lambda: points(driver, succeeded) == 96, timeout=WAIT)
+    assert round((chart_total(driver, succeeded) or 0) * 900) == 11
+    click(driver, '#windows button[data-window="hour"]')
+    wait_until(lambda: points(driver, succeeded) == 60, timeout=WAIT)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "stats.png"
+    assert driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("CAPSULE_UPDATE_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(shot, ROOT / "docs" / "stats.png")

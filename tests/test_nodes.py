@@ -81,6 +81,15 @@ def fan_out(n):
     return os.environ.get("CAPSULE_NODE"), cpsl.wait_all(hs, timeout=30)
 '''
 
+MODULE += '''
+@app.task
+async def shout(word):
+    import logging
+    await asyncio.sleep(0.3)
+    logging.getLogger("nodes.app").warning("%s from %s", word, os.environ.get("CAPSULE_NODE") or "local")
+    return os.environ.get("CAPSULE_NODE")
+'''
+
 OTHER_VERSION = MODULE + '''
 @app.task
 def added_later():
@@ -111,12 +120,12 @@ class Cluster:
         return self.supervisor
 
     def start_node(self, name: str, *, workers: int = 1, process_workers: int = 0, connect: str | None = None,
-                   key: str | None = None, module: str = "nodes_mod", prefix: tuple[str, ...] = ()
-                   ) -> subprocess.Popen[bytes]:
+                   key: str | None = None, module: str = "nodes_mod", prefix: tuple[str, ...] = (),
+                   extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.root), str(ROOT)]))
         cmd = [*prefix, sys.executable, "-m", "capsule_actors", "worker", f"{module}:app", "--connect",
                connect or self.address, "--key", str(self.keys / f"{key or name}.key_secret"), "--name", name,
-               "--workers", str(workers), "--process-workers", str(process_workers), "--grace", "5"]
+               "--workers", str(workers), "--process-workers", str(process_workers), "--grace", "5", *extra]
         proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(proc)
         self.nodes[name] = proc
@@ -617,3 +626,21 @@ def test_a_node_in_its_own_network_namespace_is_fenced_when_its_link_goes_down(c
         subprocess.run(["ip", "link", "set", host_if, "up"], check=True, timeout=10)
         cluster.wait_nodes("n1", timeout=60)
         assert node.poll() is None
+
+
+def test_a_node_with_log_format_json_logs_json_lines_with_the_task(cluster):
+    """`worker --log-format json`: the node and its actors write one JSON object per line, and a
+    task's own log line carries its id, name and attempt."""
+    cluster.start_supervisor()
+    node = cluster.start_node("n1", workers=1, extra=("--log-format", "json"))
+    cluster.wait_nodes("n1")
+    handles = [cluster.mod.shout.submit(f"hello {i}") for i in range(8)]
+    on_node = {h.id for h, where in zip(handles, [h.result(timeout=60) for h in handles]) if where == "n1"}
+    assert on_node
+    node.send_signal(signal.SIGTERM)
+    _, err = node.communicate(timeout=60)
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    said = [line for line in lines if line["logger"] == "nodes.app"]
+    assert {line["task_id"] for line in said} == on_node
+    assert all(line["task_name"] == "shout" and line["attempt"] == 1 and line["actor"] == "n1:w0" for line in said)

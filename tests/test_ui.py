@@ -233,7 +233,8 @@ def board_of(state_dir: Path) -> Iterator[Any]:
 
 
 ROUTES = [("GET", "/"), ("GET", "/static/board.js"), ("GET", "/api/board"), ("GET", "/api/stream"),
-          ("GET", "/api/tasks/{id}"), ("POST", "/api/tasks/{id}/cancel"), ("POST", "/api/tasks/{id}/retry")]
+          ("GET", "/api/tasks/{id}"), ("POST", "/api/tasks/{id}/cancel"), ("POST", "/api/tasks/{id}/retry"),
+          ("GET", "/stats"), ("GET", "/static/stats.js"), ("GET", "/api/stats?window=hour")]
 
 
 def test_every_request_needs_the_token_and_actions_are_post(start, board_of, state_dir, tmp_path):
@@ -269,6 +270,9 @@ def test_every_request_needs_the_token_and_actions_are_post(start, board_of, sta
     for col in ("Queued", "Scheduled", "Running", "Succeeded", "Failed", "Cancelled"):
         assert f"<h2>{col}".encode() in page
     assert client.request("GET", "/api/board", {"Authorization": f"Bearer {board.token}"}, auth=False)[0] == 200
+    status, _, page = client.request("GET", "/stats", jar, auth=False)
+    assert status == 200 and b"<title>capsule-actors stats" in page
+    assert client.request("GET", "/api/stats?window=week", jar, auth=False)[0] == 400
 
     # A request for another host name (DNS rebinding) and a cross-origin POST are refused
     assert client.request("GET", "/api/board", {"Host": f"evil.example:{board.port}"})[0] == 403

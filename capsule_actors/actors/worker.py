@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from .. import app as app_module
-from .. import bootstrap, messages
+from .. import bootstrap, logs, messages, tracing
 from ..errors import SerializationError, TaskCancelled
 from ..lifecycle import (
     EXIT_ERROR,
@@ -78,8 +78,10 @@ class WorkerActor:
         parent: int,
         max_payload: int,
         serial: bool = False,
+        slot: str = "",
     ) -> None:
         self.app = app
+        self.slot = slot
         self.sock = sock
         self.parent = parent
         self.max_payload = max_payload
@@ -278,8 +280,15 @@ class WorkerActor:
             channel = _AttemptChannel(self, run)
             session = bound_session(run.session_id, run.session_owner, channel, self.app)
         bind_session(session)
+        logs.current_attempt.set((run.task_id, run.name, run.attempt))
+        span = tracing.start_attempt(run, self.slot)  # None unless the app uses OpenTelemetry
         try:
-            return await self._run_body(run, task, session, payload)
+            done, frame = await self._run_body(run, task, session, payload)
+        except BaseException:
+            tracing.cut_attempt(span)
+            raise
+        else:
+            return tracing.end_attempt(span, done), frame
         finally:
             if channel is not None:
                 channel.open = False  # a session kept past its attempt must not talk any more
@@ -546,7 +555,9 @@ async def _serve(args: ActorArgs, app: app_module.App) -> None:
         if not sock.poll(int(WELCOME_TIMEOUT * 1000)):  # nothing else runs yet: wait in place
             raise TimeoutError(f"no Welcome from the supervisor within {WELCOME_TIMEOUT:.0f} s")
         welcome = _welcome(sock.recv_multipart())
-        actor = WorkerActor(app, sock, args.parent, app.max_payload_bytes, serial=args.role == "process")
+        actor = WorkerActor(
+            app, sock, args.parent, app.max_payload_bytes, serial=args.role == "process", slot=args.slot
+        )
         await actor.serve([(k, ids) for k, ids in welcome.config.get("keys", [])])
     finally:
         sock.close()
@@ -555,15 +566,16 @@ async def _serve(args: ActorArgs, app: app_module.App) -> None:
 
 def run_actor(args: ActorArgs, app: app_module.App) -> None:
     """The life of an actor process, right after the template forked it; never returns."""
-    logging.basicConfig(
-        level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
-        force=True,
-        format=f"%(asctime)s capsule-actors[%(process)d] {args.slot} %(levelname)s %(message)s",
-    )
+    logs.configure("WARNING", tag=args.slot, force=True)
     die_with_parent(args.parent)
     if args.lease_file:
         watch_lease(args.lease_file)
     bootstrap.configure_process(args.client_config())
+    if app.on_actor_start is not None and args.role != "clock":  # the clock runs no user code
+        try:
+            app.on_actor_start()
+        except Exception:
+            log.exception("App(on_actor_start=...) raised in actor %s; it runs tasks all the same", args.slot)
     code = EXIT_OK
     try:
         profiled(args.slot, lambda: asyncio.run(_serve(args, app)))

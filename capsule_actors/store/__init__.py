@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .base import Error, NewTask, StoredTask, StoreReader, TaskStore
+from .base import ACTOR_EVENT_PREFIX, ACTOR_EXIT, Error, NewTask, StatsRows, StoredTask, StoreReader, TaskStore
 from .sqlite import DB_FILE, MAX_PAGE, SCHEMA_VERSION, SQLiteReader, SQLiteStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -100,6 +100,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "Error",
     "NewTask",
+    "ACTOR_EVENT_PREFIX",
+    "ACTOR_EXIT",
+    "StatsRows",
     "SQLiteReader",
     "SQLiteStore",
     "StoreReader",

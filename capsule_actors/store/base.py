@@ -54,6 +54,27 @@ class NewTask(NamedTuple):
     rate_key: str | None = None  # the formatted key of a keyed rate limit
 
 
+CRASHED_PATTERN = "%WorkerCrashed:%"  # LIKE: a state event whose error is a crash (requeue or finish)
+# An actor process that died unasked (its slot restarts): an event of its own in the event log,
+# under the pseudo task id ``actor:SLOT`` (no task has such an id), for the board's Stats view.
+ACTOR_EXIT = "actor_exit"
+ACTOR_EVENT_PREFIX = "actor:"
+
+
+class StatsRows(NamedTuple):
+    """What the board's Stats view is drawn from, for the window ``[since, now]`` cut in buckets
+    of ``step`` seconds (bucket ``b`` starts at ``since + b * step``). A task is queued from
+    ``coalesce(run_at, created_at)`` until ``coalesce(started_at, finished_at)``."""
+
+    finished: list[tuple[int, str, int]]  # (bucket, terminal state, tasks)
+    arrivals: list[tuple[int, str, int]]  # (bucket, task name, tasks that joined the queue)
+    departures: list[tuple[int, str, int]]  # (bucket, task name, tasks that left it)
+    queued_before: list[tuple[str, int]]  # (task name, tasks queued at ``since``)
+    run_times: list[tuple[str, float]]  # (task name, seconds from last start to finish), newest first
+    crashes: list[tuple[int, int]]  # (bucket, attempts that ended in WorkerCrashed)
+    restarts: list[tuple[int, int]]  # (bucket, actor processes that died unasked: ACTOR_EXIT events)
+
+
 class StoredTask(NamedTuple):
     """A live task as the store holds it (recovery at start, the backlog, a cancel or a due task)."""
 
@@ -340,6 +361,13 @@ class StoreReader(abc.ABC):
     @abc.abstractmethod
     def task_detail(self, task_id: str, max_events: int = 200) -> dict[str, Any] | None:
         """One task: its record, the sizes of its pickled arguments and result, its last events."""
+
+    @abc.abstractmethod
+    def stats_rows(self, since: float, step: float, limit: int) -> StatsRows:
+        """The board's Stats view since ``since``, in buckets of ``step`` seconds: grouped in SQL
+        (a few rows per bucket), but for the last ``limit`` run times. Scans the tasks that
+        finished or were created since then (the ``finished_at`` index) and the event log's
+        crash outcomes (a scan of the events of the window)."""
 
     @abc.abstractmethod
     def due_scheduled(self, now: float, limit: int) -> list[str]:

@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError, StateDirError, StoreFull, StoreUnavailable
 from ..states import LIVE, RUNNING, TaskState
-from .base import Error, NewTask, StoredTask, StoreReader, StoreSpace, TaskStore
+from .base import ACTOR_EXIT, CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
 
 log = logging.getLogger("capsule_actors.store")
 
@@ -865,6 +865,27 @@ def _card_row(row: tuple[Any, ...], fields: tuple[str, ...] = _CARD_FIELDS) -> d
     return d
 
 
+# ---- the board's Stats view (StoreReader.stats_rows): grouped here, assembled in ui/stats.py ----
+_ARRIVAL = "coalesce(run_at, created_at)"
+_DEPARTURE = "coalesce(started_at, finished_at)"
+_STATS_SQL = {
+    "finished": "SELECT floor((finished_at - %(since)s) / %(step)s)::int AS b, state, count(*) FROM {s}.tasks "
+    "WHERE finished_at >= %(since)s GROUP BY b, state",
+    "arrivals": f"SELECT floor(({_ARRIVAL} - %(since)s) / %(step)s)::int AS b, name, count(*) FROM {{s}}.tasks "
+    f"WHERE {_ARRIVAL} >= %(since)s AND {_ARRIVAL} <= %(now)s GROUP BY b, name",
+    "departures": f"SELECT floor(({_DEPARTURE} - %(since)s) / %(step)s)::int AS b, name, count(*) "
+    f"FROM {{s}}.tasks WHERE {_DEPARTURE} >= %(since)s GROUP BY b, name",
+    "queued_before": f"SELECT name, count(*) FROM {{s}}.tasks WHERE {_ARRIVAL} < %(since)s "
+    f"AND ({_DEPARTURE} IS NULL OR {_DEPARTURE} >= %(since)s) GROUP BY name",
+    "run_times": "SELECT name, finished_at - started_at FROM {s}.tasks WHERE finished_at >= %(since)s "
+    "AND started_at IS NOT NULL AND state IN ('SUCCEEDED', 'FAILED') ORDER BY finished_at DESC LIMIT %(limit)s",
+    "crashes": "SELECT floor((ts - %(since)s) / %(step)s)::int AS b, count(*) FROM {s}.events "
+    "WHERE ts >= %(since)s AND kind = 'state' AND data LIKE %(crashed)s GROUP BY b",
+    "restarts": "SELECT floor((ts - %(since)s) / %(step)s)::int AS b, count(*) FROM {s}.events "
+    "WHERE ts >= %(since)s AND kind = %(actor_exit)s GROUP BY b",
+}
+
+
 class PostgresReader(StoreReader):
     """Read-only connections (one per thread) to the app's schema; a lost server is a
     ``StoreUnavailable`` for the read that met it, and the next read connects again."""
@@ -935,6 +956,13 @@ class PostgresReader(StoreReader):
     def last_seq(self) -> int:
         row = self._q("SELECT max(seq) FROM {s}.events").fetchone()
         return int(row[0] or 0)
+
+    def stats_rows(self, since: float, step: float, limit: int) -> StatsRows:
+        params: dict[str, object] = {"since": since, "step": step, "now": time.time(), "limit": limit}
+        params.update(crashed=CRASHED_PATTERN, actor_exit=ACTOR_EXIT)
+        with self.snapshot():
+            rows = {key: [tuple(r) for r in self._q(sql, params).fetchall()] for key, sql in _STATS_SQL.items()}
+        return StatsRows(**rows)
 
     def board(
         self,

@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 from ..errors import StateDirError, StoreFull
 from ..states import CANCELLED, FAILED, LIVE, QUEUED, RUNNING, SCHEDULED, SUCCEEDED, TaskState
-from .base import Error, NewTask, StoredTask, StoreReader, StoreSpace, TaskStore
+from .base import ACTOR_EXIT, CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
 
 log = logging.getLogger("capsule_actors.store")
 
@@ -837,6 +837,34 @@ def _json(text: str) -> Any:
         return text
 
 
+# ---- the board's Stats view (StoreReader.stats_rows): grouped here, assembled in ui/stats.py ----
+_ARRIVAL = "coalesce(run_at, created_at)"
+_DEPARTURE = "coalesce(started_at, finished_at)"
+_STATS_SQL = {
+    "finished": "SELECT CAST((finished_at - :since) / :step AS INTEGER) AS b, state, count(*) FROM tasks "
+    "WHERE finished_at >= :since GROUP BY b, state",
+    "arrivals": f"SELECT CAST(({_ARRIVAL} - :since) / :step AS INTEGER) AS b, name, count(*) FROM tasks "
+    f"WHERE {_ARRIVAL} >= :since AND {_ARRIVAL} <= :now GROUP BY b, name",
+    "departures": f"SELECT CAST(({_DEPARTURE} - :since) / :step AS INTEGER) AS b, name, count(*) FROM tasks "
+    f"WHERE {_DEPARTURE} >= :since GROUP BY b, name",
+    "queued_before": f"SELECT name, count(*) FROM tasks WHERE {_ARRIVAL} < :since "
+    f"AND ({_DEPARTURE} IS NULL OR {_DEPARTURE} >= :since) GROUP BY name",
+    "run_times": "SELECT name, finished_at - started_at FROM tasks WHERE finished_at >= :since "
+    "AND started_at IS NOT NULL AND state IN ('SUCCEEDED', 'FAILED') ORDER BY finished_at DESC LIMIT :limit",
+    "crashes": "SELECT CAST((ts - :since) / :step AS INTEGER) AS b, count(*) FROM events "
+    "WHERE ts >= :since AND kind = 'state' AND data LIKE :crashed GROUP BY b",
+    "restarts": "SELECT CAST((ts - :since) / :step AS INTEGER) AS b, count(*) FROM events "
+    "WHERE ts >= :since AND kind = :actor_exit GROUP BY b",
+}
+
+
+def _stats_rows(db: sqlite3.Connection, since: float, step: float, limit: int) -> StatsRows:
+    params: dict[str, object] = {"since": since, "step": step, "now": time.time(), "limit": limit}
+    params.update(crashed=CRASHED_PATTERN, actor_exit=ACTOR_EXIT)
+    rows = {key: [tuple(r) for r in db.execute(sql, params).fetchall()] for key, sql in _STATS_SQL.items()}
+    return StatsRows(**rows)
+
+
 class SQLiteReader(StoreReader):
     """Read-only connections to ``capsule.db`` (``mode=ro``, ``query_only``), one per thread.
 
@@ -902,6 +930,10 @@ class SQLiteReader(StoreReader):
     def last_seq(self) -> int:
         row = self._db().execute("SELECT max(seq) FROM events").fetchone()
         return int(row[0] or 0)
+
+    def stats_rows(self, since: float, step: float, limit: int) -> StatsRows:
+        with self.snapshot():
+            return _stats_rows(self._db(), since, step, limit)
 
     def board(
         self,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
 import cloudpickle
 
+from .. import logs
 from ..errors import CapsuleError
 from ..lifecycle import die_with_parent, profiled
 from .core import Supervisor
@@ -27,10 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--process-workers", type=int)
     parser.add_argument("--grace", type=float)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("CAPSULE_LOG_LEVEL", "WARNING"),
-        format="%(asctime)s capsule-actors[%(process)d] %(levelname)s %(message)s",
-    )
+    logs.configure("WARNING")
     die_with_parent(args.parent, signal.SIGTERM)  # embedded: stop gracefully with the app
     settings = json.loads(sys.stdin.buffer.readline())
     registry = sys.stdin.buffer.read()

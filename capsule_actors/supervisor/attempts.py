@@ -22,11 +22,14 @@ if TYPE_CHECKING:
     from .keys import KeyRouting
     from .limits import Limits
     from .outbox import Frames, Outbox
+    from .tally import TaskTally
     from .tasks import LiveTask, TaskTable
     from .timers import Timers
     from .waiters import Waiters
 
 log = logging.getLogger("capsule_actors.supervisor")
+
+_EVENT_OF = {SUCCEEDED: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}  # a finish, as /metrics counts it
 
 
 class Attempts:
@@ -45,6 +48,7 @@ class Attempts:
         outbox: Outbox,
         timers: Timers,
         dead_letter: Callable[[str, str, Error | None], None],
+        tally: TaskTally,
     ) -> None:
         self._app = app
         self._limits = limits
@@ -58,6 +62,7 @@ class Attempts:
         self._waiters = waiters
         self._outbox = outbox
         self._timers = timers
+        self._tally = tally
         self.started_attempts = 0
         self.finished: collections.Counter[str] = collections.Counter()  # tasks ended, by state
         self.crash_plan: dict[str, set[int]] = {}  # task name -> attempts to crash (tests: InjectCrash)
@@ -121,12 +126,22 @@ class Attempts:
             payload = self._store.args(task.id)
         else:
             payload = self._store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
+            self._began(task)
             if proc.spec.role == ROLE_PROCESS:
                 proc.begun.add(task.id)
         crash = task.attempts in self.crash_plan.get(task.name, ())
         actor_timeout = spec.timeout if proc.spec.role == ROLE_WORKER else None
         run = messages.Run(
-            task.id, task.attempts, task.name, task.session_id, task.session_owner, actor_timeout, crash, held
+            task.id,
+            task.attempts,
+            task.name,
+            task.session_id,
+            task.session_owner,
+            actor_timeout,
+            crash,
+            held,
+            task.trace,
+            task.link,
         )
         self._outbox.to_actor(proc, run.encode(), payload)
         if spec.timeout and proc.spec.role == ROLE_PROCESS and not held:
@@ -205,6 +220,14 @@ class Attempts:
         proc.begun.add(task.id)
         proc.withdrawing.discard(task.id)
         self._store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
+        self._began(task)
+
+    def _began(self, task: LiveTask) -> None:
+        """An attempt is recorded as started: count it, and how long the task waited for it."""
+        now = time.monotonic()
+        self._tally.count("started", task.name)
+        self._tally.waited(task.name, now - task.since)
+        task.since = now
 
     def _give_back(self, task: LiveTask) -> None:
         """A Run a process actor held but never began: back to the head of its queue, uncounted
@@ -237,6 +260,8 @@ class Attempts:
         if task is None or task.attempts != msg.attempt or task.state != RUNNING:
             return
         error = (msg.error_type, msg.error_message, msg.traceback) if msg.outcome != "ok" else None
+        if msg.trace:
+            task.link = msg.trace  # a retry's span links to this attempt's
         self.end(task, msg.outcome, error, frame, msg.retryable)
 
     def _process_timeout(self, task_id: str, attempt: int) -> None:
@@ -268,6 +293,11 @@ class Attempts:
         """An attempt ended: success, cancel, a retry after its backoff, or failure for good."""
         task.actor = None
         self._limits.ended(task)
+        self._tally.ran(task.name, time.monotonic() - task.since)
+        if outcome == "timeout":
+            self._tally.count("timed_out", task.name)
+        elif error is not None and error[0] == "WorkerCrashed":
+            self._tally.count("crashed", task.name)
         if outcome == "ok":
             self.finish(task, SUCCEEDED, frame, None)
             return
@@ -280,6 +310,7 @@ class Attempts:
             run_at = time.time() + delay if delay else None
             task.state = QUEUED
             self._store.requeue(task.id, task.session_id, run_at, error)
+            self._tally.count("retried", task.name)
             self._tasks.queue(task, run_at)
             return
         self.finish(task, FAILED, frame, error)
@@ -288,6 +319,7 @@ class Attempts:
         self._limits.ended(task)
         self._store.finish(task.id, task.session_id, state, result or None, error, time.time())
         self.finished[state] += 1
+        self._tally.count(_EVENT_OF[state], task.name)
         self._tasks.remove(task.id)
         task.state = state
         if task.lock_key is not None and task.id not in self._tasks.abandoned_keys:

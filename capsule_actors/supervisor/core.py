@@ -37,6 +37,7 @@ from ..errors import (
     StoreFull,
     StoreUnavailable,
 )
+from ..metrics import MetricsServer, parse_address
 from ..transport import (
     LOCK_FILE,
     NODE_PREFIX,
@@ -64,6 +65,7 @@ from .retention import Retention
 from .sessions import Sessions
 from .specs import ROLE_CLOCK, ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ActorProcess, ChildSpec
 from .status import StatusReport
+from .tally import MetricsView, TaskTally
 from .tasks import TaskTable
 from .timers import Timers
 from .waiters import Waiters
@@ -73,6 +75,7 @@ log = logging.getLogger("capsule_actors.supervisor")
 DRAIN_LIMIT = 2000  # messages per socket per turn, so one flood cannot starve the rest
 LAZY_COMMIT = 0.002  # seconds a dispatch's RUNNING rows may wait for the next turn's commit
 READY_AFTER = 30.0  # announce "ready" by then even if an actor never says hello
+METRICS_EVERY = 1.0  # seconds between the copies of the counters that /metrics serves
 STORE_RETRY = 1.0  # seconds between commits tried while the store has no room (StoreFull)
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -122,6 +125,7 @@ class Supervisor:
         bind_tcp: str | None = None,
         keys_dir: Path | None = None,
         store_url: str | None = None,
+        metrics: str | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -140,6 +144,10 @@ class Supervisor:
         self.store_held = False  # a commit found no room: its writes and what followed them wait
         self.dropped = 0
         self.timers = Timers()
+        self.tally = TaskTally()
+        self.metrics_address = metrics or app.metrics  # HOST:PORT of /metrics, None: not served
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_view: MetricsView | None = None  # the loop's last published copy (read by the server)
 
     # ---- life cycle --------------------------------------------------------------------------
     def run(self) -> int:
@@ -173,6 +181,8 @@ class Supervisor:
             if self.app.max_process_memory_mb:
                 self.timers.add(MEMORY_CHECK, self.children.check_memory)
             self.timers.add(READY_AFTER, self._announce_ready)
+            if self.metrics_server is not None:
+                self._publish_metrics()
             while not (self.children.stopping and not self.children.procs):
                 self._turn()
         except StoreUnavailable as exc:
@@ -226,6 +236,8 @@ class Supervisor:
             state_dir=str(self.state_dir),
         )
         write_runtime_file(self.state_dir, runtime)
+        if self.metrics_address:
+            self._serve_metrics(self.metrics_address)
         log.info("supervisor pid %d serving %s on %s", os.getpid(), self.state_dir, self.client_addr)
 
     def _build(self) -> None:
@@ -254,10 +266,10 @@ class Supervisor:
         self.limits = limits = Limits(app, tasks, timers)
         self.flows = flows = FlowSteps(db, tasks, app.max_payload_bytes)
         self.intake = intake = Intake(
-            app, db, tasks, keys, flows, waiters, outbox, timers, self.state_dir, self._commit_durably
+            app, db, tasks, keys, flows, waiters, outbox, timers, self.state_dir, self._commit_durably, self.tally
         )
         self.attempts = attempts = Attempts(
-            app, db, tasks, children, keys, limits, flows, waiters, outbox, timers, intake.dead_letter
+            app, db, tasks, children, keys, limits, flows, waiters, outbox, timers, intake.dead_letter, self.tally
         )
         flows.bind(intake.make_due, intake.load_stored, attempts.finish, attempts.abandon)  # built after it
         self.sessions = sessions = Sessions(app, db, tasks, outbox)
@@ -274,7 +286,9 @@ class Supervisor:
             retention=retention,
             children=children,
             nodes=nodes,
+            tally=self.tally,
         )
+        self.status = status
         self.requests = ClientRequests(
             app, db, tasks, intake, attempts, keys, limits, waiters, sessions, status, outbox
         )
@@ -315,6 +329,18 @@ class Supervisor:
         self.remote_sock = sock
         log.info("remote clients: %s (CURVE, keys authorized in %s)", self.bind_tcp, authorized)
 
+    def _serve_metrics(self, address: str) -> None:
+        """``/metrics`` on a thread of prometheus_client's, from ``metrics_view``."""
+        host, port = parse_address(address)
+        self.metrics_server = MetricsServer(host, port, lambda: self.metrics_view)
+        port = self.metrics_server.start()
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def _publish_metrics(self) -> None:
+        """Once a second: a fresh copy of the counters for the scrape thread (one reference swap)."""
+        self.metrics_view = self.status.metrics_view()
+        self.timers.add(METRICS_EVERY, self._publish_metrics)
+
     def _take_lock(self) -> int:
         path = self.state_dir / LOCK_FILE
         try:
@@ -345,6 +371,8 @@ class Supervisor:
         return sock
 
     def _teardown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if hasattr(self, "children"):
             self.children.close()
             self.node_link.stop()
@@ -466,11 +494,14 @@ class Supervisor:
         self.intake.flush()  # no commit leaves a batched submit out (a journal replay commits, then unlinks)
         self.lazy_commit_at = None
         wrote = self.store.dirty()
+        began = time.perf_counter()
         try:
             self.store.commit()
         except StoreFull as exc:
             self._hold(exc, wrote)
             return False
+        if wrote:
+            self.tally.commit_time.observe(time.perf_counter() - began)
         if self.store_held:
             self.store_held = False
             log.warning("the task store has room again: what waited for it is committed and sent")
@@ -643,3 +674,7 @@ class Supervisor:
         goes to the next owner, and its attempts end."""
         self.keys.actor_gone(proc)
         self.attempts.actor_exited(proc, cause)
+        if not proc.stopping and not self.children.stopping:  # died unasked: its slot restarts
+            spec = proc.spec
+            data = {"slot": spec.slot, "role": spec.role, "node": spec.node, "pid": proc.pid, "cause": cause}
+            self.store.add_event(store.ACTOR_EVENT_PREFIX + spec.slot, None, store.ACTOR_EXIT, data)

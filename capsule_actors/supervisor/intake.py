@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .flows import FlowSteps
     from .keys import Decision, KeyRouting
     from .outbox import Frames, Outbox
+    from .tally import TaskTally
     from .tasks import TaskTable
     from .timers import Timers
     from .waiters import Waiters
@@ -61,6 +62,7 @@ class Intake:
         timers: Timers,
         state_dir: Path,
         commit: Callable[[], None],
+        tally: TaskTally,
     ) -> None:
         self._app = app
         self._store = store
@@ -72,6 +74,7 @@ class Intake:
         self._timers = timers
         self._state_dir = state_dir
         self._commit = commit  # the loop's commit (journals are removed only once their tasks are in)
+        self._tally = tally
         # Unlocked QUEUED tasks of a priority beyond QUEUE_WINDOW of it stay in the store only:
         # per priority, all of them have a rowid above that priority's mark, and page_in loads
         # them in submit order as that priority's queue drains: [count, mark] by priority.
@@ -80,6 +83,11 @@ class Intake:
         # insert for all of them (on PostgreSQL one round trip, not one per message).
         self._batch: list[NewTask] = []
         self._batched: list[PendingSubmit] = []
+        # The traceparent of submitted items until they are recorded, then kept by their LiveTask
+        # or, for a task held in the store only (delayed, or in the backlog), in _stored_traces
+        # until it is loaded. Memory only: a supervisor restart loses them.
+        self._traces: dict[str, str] = {}
+        self._stored_traces: dict[str, str] = {}
 
     @property
     def backlog(self) -> int:
@@ -124,6 +132,8 @@ class Intake:
         except StoreUnavailable:  # the supervisor stops, these unanswered (as in on_message)
             raise
         except Exception as exc:  # these submits fail (as each would have alone); the rest is served
+            for row in rows:
+                self._traces.pop(row.id, None)
             if not isinstance(exc, CapsuleError):
                 log.exception("internal error while recording %d submitted tasks", len(rows))
                 exc = CapsuleInternalError(f"{type(exc).__name__}: {exc}")
@@ -157,6 +167,8 @@ class Intake:
         for i, (item, frame) in enumerate(zip(items, payload)):
             task_id, name, lock_key, sid, sowner, run_at = item[:6]
             priority, rate_key = item[6:8] if len(item) > 6 else (0, None)  # an older client's journal: 0
+            if len(item) > 8 and item[8]:
+                self._traces[task_id] = item[8]
             state = SCHEDULED if run_at and run_at > now else QUEUED
             if run_at == WAITING:  # a workflow step waiting for its inputs (flows.py): no run_at
                 state, run_at = SCHEDULED, None
@@ -180,6 +192,7 @@ class Intake:
             if verdict in ("run", "queue"):
                 self._record([row], slot, verdict == "queue")
             else:
+                self._traces.pop(row.id, None)
                 pending.results[i] = [holder, verdict == "join", verdict == "reject"]
             pending.remaining -= 1
             if not pending.remaining:
@@ -211,15 +224,19 @@ class Intake:
     def _record(self, rows: list[NewTask], slot: str | None, blocked: bool) -> None:
         tasks = self._tasks
         by_id = {r.id: r for r in rows}
+        traces = {r.id: self._traces.pop(r.id) for r in rows if r.id in self._traces} if self._traces else None
         for task_id, rowid in self._store.insert_tasks(rows):
             row = by_id[task_id]
+            self._tally.count("submitted", row.name)
             if row.state == SCHEDULED and row.lock_key is None:
                 if row.run_at is None:  # a workflow step waiting for its inputs
                     self._flows.add(task_id, row.session_id, row.args)
                 else:
                     tasks.want_clock()  # unlocked delayed tasks stay in the store until the clock says
+                self._keep_trace(task_id, traces)
                 continue
             if row.lock_key is None and self._to_backlog(rowid, row.priority):
+                self._keep_trace(task_id, traces)
                 continue
             task = LiveTask(
                 task_id,
@@ -235,9 +252,18 @@ class Intake:
                 priority=row.priority,
                 rate_key=row.rate_key,
             )
+            if traces:
+                task.trace = traces.get(task_id)
             tasks.add(task)
             if not blocked:
                 tasks.queue(task, row.run_at)
+
+    def _keep_trace(self, task_id: str, traces: dict[str, str] | None) -> None:
+        """A traced task held in the store only (delayed, or in the backlog) keeps its trace
+        context here until it is loaded: only traced tasks pay (about 0.2 KB each)."""
+        trace = traces.get(task_id) if traces else None
+        if trace is not None:
+            self._stored_traces[task_id] = trace
 
     # ---- journals of clients that died -------------------------------------------------------
     def replay_journals(self) -> None:
@@ -357,6 +383,8 @@ class Intake:
             priority=row.priority,
             rate_key=row.rate_key,
         )
+        if self._stored_traces:
+            task.trace = self._stored_traces.pop(row.id, None)
         self._tasks.add(task)
         return task
 

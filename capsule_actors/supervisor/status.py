@@ -13,6 +13,7 @@ import psutil
 from .. import messages
 from ..states import QUEUED, RUNNING, SCHEDULED
 from .specs import ActorProcess, ChildSpec, SlotRecord, local_rss
+from .tally import ActorGauge, MetricsView, TaskTally
 
 if TYPE_CHECKING:
     from ..store import TaskStore
@@ -65,6 +66,7 @@ class StatusReport:
         retention: Retention,
         children: Children,
         nodes: NodeTable,
+        tally: TaskTally,
     ) -> None:
         self._state_dir = state_dir
         self._endpoint = endpoint
@@ -76,6 +78,7 @@ class StatusReport:
         self._retention = retention
         self._children = children
         self._nodes = nodes
+        self._tally = tally
 
     def snapshot(self) -> messages.StatusSnapshot:
         children, tasks, intake = self._children, self._tasks, self._intake
@@ -113,3 +116,21 @@ class StatusReport:
         counts.update(self._attempts.finished - self._retention.pruned)
         counts[SCHEDULED] = self._store.count_state(SCHEDULED)  # most of them live in the store only
         return {str(state): n for state, n in counts.items() if n}
+
+    def metrics_view(self) -> MetricsView:
+        """What ``/metrics`` shows, copied for the scrape thread (published once a second); the
+        RSS of a local actor is read there, by pid, not here."""
+        children = self._children
+        actors = []
+        for spec in children.all_specs():
+            proc, record = children.get(spec.slot), children.records[spec.slot]
+            if proc is None:
+                state, pid, rss = ("restarting" if record.backoff_until else "down"), None, None
+            else:
+                state = "stopping" if proc.stopping else ("ready" if proc.ready else "starting")
+                pid = None if spec.node else proc.pid or None
+                rss = children.rss_of(proc) if spec.node else None
+            actors.append(ActorGauge(spec.slot, spec.role, spec.node or "", state, record.restarts, pid, rss))
+        counts = self.task_counts()
+        tasks = {str(state).lower(): counts.get(str(state), 0) for state in (QUEUED, SCHEDULED, RUNNING)}
+        return MetricsView.of(self._tally, tasks, self._intake.backlog, tuple(actors), len(self._nodes.status(0.0)))

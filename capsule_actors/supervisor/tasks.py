@@ -31,6 +31,7 @@ class LiveTask:
         "attempts",
         "blocked",
         "id",
+        "link",
         "lock_key",
         "name",
         "owner",
@@ -39,7 +40,9 @@ class LiveTask:
         "run_at",
         "session_id",
         "session_owner",
+        "since",
         "state",
+        "trace",
     )
 
     def __init__(
@@ -70,6 +73,9 @@ class LiveTask:
         self.run_at = run_at
         self.priority = priority  # higher starts first
         self.rate_key = rate_key  # the budget of a keyed rate limit it counts against
+        self.trace: str | None = None  # the submitter's span (W3C traceparent), when it traces
+        self.link: str | None = None  # the span of its last attempt that reported one
+        self.since = time.monotonic()  # when it was last queued, then when its attempt started (/metrics)
 
 
 class ReadyQueue:
@@ -223,6 +229,7 @@ class TaskTable:
         task = self.live.get(task_id)
         if task is not None and task.state in (QUEUED, SCHEDULED) and not task.blocked:
             task.state = QUEUED
+            task.since = time.monotonic()
             self._queue_of(task).append(task_id, task.priority)
 
     def put_back(self, task: LiveTask) -> None:

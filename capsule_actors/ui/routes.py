@@ -5,6 +5,8 @@ Each route is one method of :class:`BoardRoutes` (its docstring says what it ans
 
 - ``GET /``: ``page`` (the HTML page); ``GET /favicon.ico``: ``favicon``; ``GET /static/{name}``:
   ``static`` (board.js, board.css, card.css).
+- ``GET /stats``: ``stats_page`` (the Stats view); ``GET /api/stats``: ``api_stats`` (its series,
+  from the store: ``ui/stats.py``).
 - ``GET /api/board``: ``api_board`` (a page of tasks per column, ``?id=`` finds one by its id or
   short id); ``GET /api/tasks/{task_id}``: ``api_task`` (one task's detail; a short id works).
   Both read the task store.
@@ -40,13 +42,20 @@ from starlette.routing import Route
 from .. import ids, messages, store
 from ..errors import CapsuleError, ConfigError, NotRunning, UnknownTask
 from .data import COLUMNS, Feed, detail, sse
+from .stats import stats
 
 if TYPE_CHECKING:
     from ..client import Client
 
 __all__ = ["BoardRoutes", "build_app"]
 
-_STATIC = {"board.js": "text/javascript", "board.css": "text/css", "card.css": "text/css"}
+_STATIC = {
+    "board.js": "text/javascript",
+    "board.css": "text/css",
+    "card.css": "text/css",
+    "stats.js": "text/javascript",
+    "stats.css": "text/css",
+}
 _MAX_TASK_ID = 64
 _KEEPALIVE = 10.0
 _ACTION_TIMEOUT = 15.0
@@ -120,6 +129,11 @@ class BoardRoutes:
         text = _static("board.html").replace("{{STATE_DIR}}", html.escape(str(self.state_dir)))
         return Response(text, media_type="text/html; charset=utf-8", headers=_SECURITY_HEADERS)
 
+    async def stats_page(self, request: Request) -> Response:
+        """``GET /stats``: the Stats view's HTML page (charts drawn by stats.js from ``api/stats``)."""
+        text = _static("stats.html").replace("{{STATE_DIR}}", html.escape(str(self.state_dir)))
+        return Response(text, media_type="text/html; charset=utf-8", headers=_SECURITY_HEADERS)
+
     async def static(self, request: Request) -> Response:
         """``GET /static/{name}``: the page's script and styles (404 for any other name)."""
         name = request.path_params["name"]
@@ -159,6 +173,15 @@ class BoardRoutes:
         )
         feed = self._feed()
         data.update(now=time.time(), online=bool(feed and feed.online), state_dir=str(self.state_dir))
+        return _json(data)
+
+    async def api_stats(self, request: Request) -> Response:
+        """``GET /api/stats?window=hour|day``: the Stats view's series, from the store (400 for
+        another window)."""
+        try:
+            data = await run_in_threadpool(stats, self.reader, request.query_params.get("window", "hour"), time.time())
+        except ConfigError as exc:
+            return _json({"error": str(exc)}, 400)
         return _json(data)
 
     async def api_task(self, request: Request) -> Response:
@@ -289,7 +312,9 @@ def build_app(handlers: BoardRoutes) -> Starlette:
         Route("/", handlers.page, methods=["GET"]),
         Route("/favicon.ico", handlers.favicon, methods=["GET"]),
         Route("/static/{name}", handlers.static, methods=["GET"]),
+        Route("/stats", handlers.stats_page, methods=["GET"]),
         Route("/api/board", handlers.api_board, methods=["GET"]),
+        Route("/api/stats", handlers.api_stats, methods=["GET"]),
         Route("/api/stream", handlers.api_stream, methods=["GET"]),
         Route("/api/tasks/{task_id}", handlers.api_task, methods=["GET"]),
         Route("/api/tasks/{task_id}/cancel", handlers.api_cancel, methods=["POST"]),
