@@ -403,6 +403,9 @@ def test_a_submit_that_raised_not_running_is_never_run_later(procs, service, sta
     (tmp_path / "open").touch()
     os.kill(run.pid, signal.SIGKILL)
     run.wait(10)
+    # once the client has seen the supervisor go (before that, a submit is journaled: durable, and
+    # replayed by the next supervisor, which is another test's subject)
+    wait_until(lambda: not service.app.client().connected, timeout=10)
     with pytest.raises(cpsl.NotRunning, match="withdrawn"):
         service.hold.submit(99, str(tmp_path / "open"), 1.0)
     start_service(procs, state_dir, tmp_path)
