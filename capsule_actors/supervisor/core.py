@@ -144,8 +144,8 @@ class Supervisor:
         self.store_held = False  # a commit found no room: its writes and what followed them wait
         self.dropped = 0
         self.timers = Timers()
-        self.tally = TaskTally()
         self.metrics_address = metrics or app.metrics  # HOST:PORT of /metrics, None: not served
+        self.tally = TaskTally(enabled=bool(self.metrics_address))
         self.metrics_server: MetricsServer | None = None
         self.metrics_view: MetricsView | None = None  # the loop's last published copy (read by the server)
 
@@ -500,7 +500,7 @@ class Supervisor:
         except StoreFull as exc:
             self._hold(exc, wrote)
             return False
-        if wrote:
+        if wrote and self.tally.enabled:
             self.tally.commit_time.observe(time.perf_counter() - began)
         if self.store_held:
             self.store_held = False

@@ -44,14 +44,21 @@ class Histogram:
         return other
 
 
+def _ignore(*args: object) -> None:
+    """What a disabled tally does with an event."""
+
+
 class TaskTally:
     """The loop's counters; ``Intake`` and ``Attempts`` write them, ``StatusReport`` copies them."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.events: dict[str, dict[str, int]] = {event: {} for event in EVENTS}
         self.queue_wait: dict[str, Histogram] = {}
         self.run_time: dict[str, Histogram] = {}
         self.commit_time = Histogram(COMMIT_BUCKETS)
+        self.enabled = enabled
+        if not enabled:  # nobody serves /metrics: the loop pays a call per event, not the bookkeeping
+            self.count = self.waited = self.ran = _ignore  # type: ignore[method-assign,assignment]
 
     def count(self, event: str, name: str, n: int = 1) -> None:
         by_name = self.events[event]
