@@ -384,8 +384,21 @@ def test_a_damaged_record_costs_only_itself_and_the_file_is_kept(start, state_di
     assert f"journal {path.name} is damaged: skipped {size} bytes at offset {offsets[1]} (1 record)" in text
     assert kept.name in text
     # ... and a kept file is never replayed again (nothing runs twice)
-    time.sleep(2.5)  # two more sweeps
+    _more_sweeps(state_dir)
     assert sorted(_runs(log)) == [-1, 0, 2, 3, 4] and kept.exists()
+
+
+def _more_sweeps(state_dir: Path, n: int = 2) -> None:
+    """Until the supervisor's journal sweep has run ``n`` more times: each sweep ends by removing
+    stale temporary journals, so a marker that goes proves one; of ``n`` markers made one after
+    the other, all sweeps but the first ran whole after this call began."""
+    directory = state_dir / JOURNAL_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for i in range(n):
+        marker = directory / f".{4300 + i}-dddddddddddd.tmp"
+        marker.write_bytes(b"")
+        os.utime(marker, (time.time() - 3600, time.time() - 3600))
+        wait_until(lambda: not marker.exists(), 10)
 
 
 def _frames(log: Path, items: list[tuple[str, int]]) -> list[bytes]:
@@ -522,7 +535,7 @@ def test_the_sweep_removes_stale_temporary_journals_whose_lock_is_free(start, st
         wait_until(lambda: not stale.exists(), 10)
         seen: list[str] = []
         wait_until(lambda: _logged(capfd, seen, f"removed {stale.name}"), 10)
-        time.sleep(2.5)  # two more sweeps
+        _more_sweeps(state_dir)
         assert young.exists() and held.exists()
     finally:
         os.close(fd)  # its writer is gone now

@@ -55,7 +55,8 @@ async def always_fails() -> None:
 def too_slow() -> None:
     import time
 
-    time.sleep(30)
+    for _ in range(300):  # 30 s, far past its 0.3 s timeout
+        time.sleep(0.1)
 
 
 @app.task(retries=1, backoff=NOW)

@@ -83,8 +83,7 @@ class KeyGate(ThreadAuthenticator):
         """Read the authorized keys again: (names added, names removed); a name whose key changed
         is in both."""
         names = authorized_keys(self.authorized)
-        old = {user_id(name, key) for key, name in self._names.items()}
-        new = {user_id(name, key) for key, name in names.items()}
+        old, new = self._users, {user_id(name, key) for key, name in names.items()}
         self._names, self._users = names, new
         return sorted(key_name(u) for u in new - old), sorted(key_name(u) for u in old - new)
 
