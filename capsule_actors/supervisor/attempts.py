@@ -63,6 +63,8 @@ class Attempts:
         self._outbox = outbox
         self._timers = timers
         self._tally = tally
+        self._timed = tally.enabled  # /metrics is served: count events and time waits and runs
+        self._gated = limits.gated  # the task names with a rate or concurrency limit
         self.started_attempts = 0
         self.finished: collections.Counter[str] = collections.Counter()  # tasks ended, by state
         self.crash_plan: dict[str, set[int]] = {}  # task name -> attempts to crash (tests: InjectCrash)
@@ -91,8 +93,8 @@ class Attempts:
                 ):
                     self.start(task, proc)
         for role, queue in tasks.ready.items():
-            while (task_id := queue.peek()) is not None:
-                task = tasks.get(task_id)
+            while top := queue.top:  # the level of the highest priority with tasks
+                task = tasks.get(top[0])
                 if task is None or task.state != QUEUED:
                     queue.popleft()
                     continue
@@ -126,7 +128,8 @@ class Attempts:
             payload = self._store.args(task.id)
         else:
             payload = self._store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
-            self._began(task)
+            if self._timed:
+                self._began(task)
             if proc.spec.role == ROLE_PROCESS:
                 proc.begun.add(task.id)
         crash = task.attempts in self.crash_plan.get(task.name, ())
@@ -220,10 +223,12 @@ class Attempts:
         proc.begun.add(task.id)
         proc.withdrawing.discard(task.id)
         self._store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
-        self._began(task)
+        if self._timed:
+            self._began(task)
 
     def _began(self, task: LiveTask) -> None:
-        """An attempt is recorded as started: count it, and how long the task waited for it."""
+        """An attempt is recorded as started: count it, and how long the task waited for it
+        (only when /metrics is served: ``_timed``)."""
         now = time.monotonic()
         self._tally.count("started", task.name)
         self._tally.waited(task.name, now - task.since)
@@ -292,12 +297,12 @@ class Attempts:
     def end(self, task: LiveTask, outcome: str, error: Error | None, frame: bytes, retryable: bool) -> None:
         """An attempt ended: success, cancel, a retry after its backoff, or failure for good."""
         task.actor = None
-        self._limits.ended(task)
-        self._tally.ran(task.name, time.monotonic() - task.since)
-        if outcome == "timeout":
-            self._tally.count("timed_out", task.name)
-        elif error is not None and error[0] == "WorkerCrashed":
-            self._tally.count("crashed", task.name)
+        if self._timed:
+            self._tally.ran(task.name, time.monotonic() - task.since)
+            if outcome == "timeout":
+                self._tally.count("timed_out", task.name)
+            elif error is not None and error[0] == "WorkerCrashed":
+                self._tally.count("crashed", task.name)
         if outcome == "ok":
             self.finish(task, SUCCEEDED, frame, None)
             return
@@ -309,6 +314,8 @@ class Attempts:
             delay = spec.backoff.delay(task.attempts)
             run_at = time.time() + delay if delay else None
             task.state = QUEUED
+            if task.name in self._gated:
+                self._limits.ended(task)
             self._store.requeue(task.id, task.session_id, run_at, error)
             self._tally.count("retried", task.name)
             self._tasks.queue(task, run_at)
@@ -316,10 +323,12 @@ class Attempts:
         self.finish(task, FAILED, frame, error)
 
     def finish(self, task: LiveTask, state: TaskState, result: bytes, error: Error | None) -> None:
-        self._limits.ended(task)
+        if task.name in self._gated:
+            self._limits.ended(task)
         self._store.finish(task.id, task.session_id, state, result or None, error, time.time())
         self.finished[state] += 1
-        self._tally.count(_EVENT_OF[state], task.name)
+        if self._timed:
+            self._tally.count(_EVENT_OF[state], task.name)
         self._tasks.remove(task.id)
         task.state = state
         if task.lock_key is not None and task.id not in self._tasks.abandoned_keys:

@@ -225,9 +225,11 @@ class Intake:
         tasks = self._tasks
         by_id = {r.id: r for r in rows}
         traces = {r.id: self._traces.pop(r.id) for r in rows if r.id in self._traces} if self._traces else None
+        timed = self._tally.enabled
         for task_id, rowid in self._store.insert_tasks(rows):
             row = by_id[task_id]
-            self._tally.count("submitted", row.name)
+            if timed:
+                self._tally.count("submitted", row.name)
             if row.state == SCHEDULED and row.lock_key is None:
                 if row.run_at is None:  # a workflow step waiting for its inputs
                     self._flows.add(task_id, row.session_id, row.args)

@@ -81,15 +81,21 @@ class LiveTask:
 class ReadyQueue:
     """Task ids waiting to start: the highest priority first, first in first out within one.
 
-    One deque per priority in use, so a queue of default tasks (priority 0 only) is one deque
-    and costs what a plain deque does but for a method call; a level other than 0 is dropped
-    once it runs empty."""
+    One deque per priority in use, and ``top``, the one that starts next, kept up to date as
+    levels fill and empty: a queue of default tasks (priority 0 only) costs what a plain deque
+    does. A level other than 0 is dropped once it runs empty."""
 
-    __slots__ = ("_levels", "_order")
+    __slots__ = ("_levels", "_order", "top")
 
     def __init__(self) -> None:
-        self._levels: dict[int, collections.deque[str]] = {0: collections.deque()}
+        zero: collections.deque[str] = collections.deque()
+        self._levels: dict[int, collections.deque[str]] = {0: zero}
         self._order: list[int] = [0]  # the priorities in use, highest first
+        self.top = zero  # the highest level with tasks; level 0 (empty) when none has any
+
+    def _retop(self) -> None:
+        levels = self._levels
+        self.top = next((levels[p] for p in self._order if levels[p]), levels[0])
 
     def _level(self, priority: int) -> collections.deque[str]:
         queue = self._levels.get(priority)
@@ -98,40 +104,31 @@ class ReadyQueue:
             bisect.insort(self._order, priority, key=lambda p: -p)
         return queue
 
-    def _top(self) -> collections.deque[str]:
-        """The highest level with tasks (only 0 may be empty: other levels go when emptied)."""
-        levels, order = self._levels, self._order
-        if len(order) == 1:  # the common case: one priority in use
-            return levels[order[0]]
-        for priority in order:
-            queue = levels[priority]
-            if queue:
-                return queue
-        return levels[0]
-
     def append(self, task_id: str, priority: int = 0) -> None:
-        self._level(priority).append(task_id)
+        queue = self._level(priority)
+        queue.append(task_id)
+        if queue is not self.top:
+            self._retop()
 
     def appendleft(self, task_id: str, priority: int = 0) -> None:
         """Back to the head of its priority (a Run given back, a task a limit held back)."""
-        self._level(priority).appendleft(task_id)
-
-    def peek(self) -> str | None:
-        """The id that starts next (None: empty)."""
-        queue = self._top()
-        return queue[0] if queue else None
+        queue = self._level(priority)
+        queue.appendleft(task_id)
+        if queue is not self.top:
+            self._retop()
 
     def popleft(self) -> str:
-        queue = self._top()
-        task_id = queue.popleft()
-        if not queue and len(self._order) > 1:
+        top = self.top
+        task_id = top.popleft()
+        if not top and len(self._order) > 1:
             for priority in [p for p in self._order if p != 0 and not self._levels[p]]:
                 self._order.remove(priority)
                 del self._levels[priority]
+            self._retop()
         return task_id
 
     def __bool__(self) -> bool:
-        return bool(self._top())
+        return bool(self.top)
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._levels.values())
