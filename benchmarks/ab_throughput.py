@@ -2,7 +2,7 @@
 
     /work/venv/bin/python benchmarks/ab_throughput.py OLD_CHECKOUT NEW_CHECKOUT [--n 1500]
                                                       [--rounds 3] [--sessions 16]
-                                                      [--variants A,B2,D]
+                                                      [--variants A,B2,D] [--metrics-b]
 
 For "the no-op table must not drop by more than 5 %": on this machine two runs of the same
 checkout a minute apart differ by up to 10 % (a shared virtual machine: its speed drifts, and each
@@ -12,7 +12,8 @@ checkout runs its own runtime in its own driver process (``PYTHONPATH`` = the ch
 moments of the machine; every ``--sessions`` the drivers are started afresh (which one starts
 first alternates), so no one process's luck decides. Variants are throughput.py's: A the
 ``submit()`` loop then every ``result()``, B2 ``map()`` + ``wait_all()``, D the same for a
-``process=True`` no-op, C ``asubmit()`` + gather.
+``process=True`` no-op, C ``asubmit()`` + gather. ``--metrics-b``: B serves ``/metrics``, scraped
+every second (give the same checkout twice to measure what metrics cost).
 
 Prints, per variant, B's throughput as a fraction of A's (sum over all batches) with a bootstrap
 95 % interval, and the CPU each side's supervisor spent per task. The same checkout twice shows
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -37,9 +39,12 @@ if str(HERE) not in sys.path:
 from _common import print_machine  # noqa: E402
 
 
-def _child(checkout: str) -> None:
-    """One side: a runtime of ``checkout``; a batch of a variant for each line read on stdin."""
+def _child(checkout: str, metrics: bool) -> None:
+    """One side: a runtime of ``checkout`` (``metrics``: serving /metrics, scraped each second);
+    a batch of a variant for each line read on stdin."""
     sys.path.insert(0, checkout)
+    import contextlib
+
     import psutil
     import throughput as tp
     from _common import Deadline
@@ -47,7 +52,13 @@ def _child(checkout: str) -> None:
     if not tp.cpsl.__file__ or not tp.cpsl.__file__.startswith(checkout):
         raise SystemExit(f"capsule_actors was imported from {tp.cpsl.__file__}, not from {checkout}")
     variants = {"A": tp.run_submit_loop, "B2": tp.run_map_bulk, "C": tp.run_asubmit, "D": tp.run_process_map}
-    with tempfile.TemporaryDirectory(prefix="ab-tp-", dir="/tmp") as tmp:
+    if metrics:
+        import observability
+
+        observed: Any = observability.observed([tp.app], metrics=True)
+    else:
+        observed = contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="ab-tp-", dir="/tmp") as tmp, observed:
         runtime = tp.app.start(state_dir=Path(tmp) / "s", workers=2, process_workers=2)
         with runtime:
             tp.warm_up(Deadline(60.0, "warm-up"), 2)
@@ -66,10 +77,10 @@ def _child(checkout: str) -> None:
 
 
 class _Side:
-    def __init__(self, checkout: str) -> None:
+    def __init__(self, checkout: str, metrics: bool = False) -> None:
         env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{HERE}", "PYTHONHASHSEED": "0"}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", checkout],
+            [sys.executable, __file__, "--child", checkout, *(["--metrics"] if metrics else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -117,17 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="batches of each variant per side and session")
     parser.add_argument("--sessions", type=int, default=16, help="fresh pairs of runtimes")
     parser.add_argument("--variants", default="A,B2,D")
+    parser.add_argument("--metrics-b", action="store_true",
+                        help="B serves /metrics, scraped every second (A and B may be the same checkout)")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     old, new = str(Path(args.old).resolve()), str(Path(args.new).resolve())
-    print(f"ab_throughput: A={old}  B={new}  n={args.n} rounds={args.rounds} sessions={args.sessions}")
+    b_tag = " (with /metrics)" if args.metrics_b else ""
+    print(f"ab_throughput: A={old}  B={new}{b_tag}  n={args.n} rounds={args.rounds} sessions={args.sessions}")
     print_machine()
     got: dict[str, dict[str, list[dict[str, float]]]] = {v: {"a": [], "b": []} for v in variants}
     for session in range(args.sessions):
-        first, second = (old, new) if session % 2 == 0 else (new, old)
-        started = {first: _Side(first)}
-        started[second] = _Side(second)
-        sides = {"a": started[old], "b": started[new]}
+        metrics = {"a": False, "b": args.metrics_b}
+        order = ("a", "b") if session % 2 == 0 else ("b", "a")
+        sides = {key: _Side(old if key == "a" else new, metrics[key]) for key in order}
         try:
             for r in range(args.rounds):
                 for variant in variants:
@@ -153,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        _child(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "--child":
+        _child(sys.argv[2], "--metrics" in sys.argv[3:])
     else:
         sys.exit(main())
 
