@@ -729,11 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run and inspect a capsule_actors runtime: its supervisor, tasks and board.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `tasks --state queued` must not mean --state-dir
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, allow_abbrev=False)
         p.add_argument("--state-dir", help="state directory (default: $CAPSULE_STATE_DIR or ./.capsule)")
         if name in ("tasks", "status", "info", "flow", "cancel", "retry"):
             p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the supervisor")
@@ -754,7 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _log_format_option(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("worker", help="run a worker node: actors on this host that join a supervisor over TCP")
+    p = sub.add_parser(
+        "worker", allow_abbrev=False, help="run a worker node: actors on this host that join a supervisor over TCP"
+    )
     p.add_argument("app", metavar="MODULE:APP")
     p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the supervisor's --bind address")
     p.add_argument(
@@ -770,7 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, help="seconds running tasks get when the node stops (default: the App's)")
     _log_format_option(p)
     p.set_defaults(func=cmd_worker)
-    p = sub.add_parser("keys", help="generate the CURVE key pairs that --bind tcp://... and remote clients need")
+    p = sub.add_parser(
+        "keys", allow_abbrev=False, help="generate the CURVE key pairs that --bind tcp://... and remote clients need"
+    )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--add", metavar="NAME", help="add one more authorized client key pair (e.g. for a worker node)")
     p.set_defaults(func=cmd_keys)

@@ -245,6 +245,7 @@ def test_bad_input_gets_a_clear_error_and_a_nonzero_exit(project, state_dir):
         (("submit", "mod:asyncio", "add", "[1, 2]"), ["asyncio", "App"]),
         (("submit", "mod:app", "add", "[1, 2"), ["[1, 2", "JSON"]),
         (("submit", "mod:app", "no_such_task", "[1]"), ["no_such_task", "add", "slow", "boom"]),
+        (("tasks", "--state", "queued"), ["unrecognized arguments: --state queued"]),  # not --state-dir
     ]
     results = _run_all([args for args, _ in cases], state_dir, project)
     for (args, needles), r in zip(cases, results):

@@ -211,8 +211,12 @@ def test_the_boards_queued_column_shows_the_next_to_run_first_by_priority(task_s
     assert [t["id"] for t in queued["tasks"]] == ["high", "plain", "low"]
 
 
-def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_factory):
-    """A store written before priorities (schema 1) opens as schema 2: its tasks get priority 0."""
+def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_factory, store_reader):
+    """A store written before priorities (schema 1) opens as schema 2: its tasks get priority 0.
+    Before that, a reader (the CLI or board while no supervisor runs) refuses it, saying how to
+    upgrade it, instead of failing on a missing column."""
+    from capsule_actors.errors import StateDirError
+
     db = task_store_factory()
     db.begin()
     db.insert_tasks([new("old")])
@@ -234,15 +238,19 @@ def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_f
             db.db.execute(sql)  # type: ignore[attr-defined]
         db.db.commit()  # type: ignore[attr-defined]
     db.close()
+    with pytest.raises(StateDirError, match=r"schema version 1, older than this capsule_actors reads \(2\): start"):
+        store_reader().board()
     db = task_store_factory()
     assert [(t.id, t.priority) for t in db.live_tasks()] == [("old", 0)]
+    queued = {c["state"]: c for c in store_reader().board()["columns"]}["QUEUED"]
+    assert [t["id"] for t in queued["tasks"]] == ["old"]
     db.begin()
     db.insert_tasks([new("new")._replace(priority=4, rate_key="tenant:1")])
     db.commit()
     assert [(t.id, t.priority, t.rate_key) for t in db.backlog(4, 0, 10)] == [("new", 4, "tenant:1")]
 
 
-def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_factory):
+def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_factory, store_reader):
     from capsule_actors.errors import StateDirError
 
     db = task_store_factory()
@@ -255,6 +263,8 @@ def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_f
     db.close()
     with pytest.raises(StateDirError, match=r"schema version 99.*\(2\)"):
         task_store_factory()
+    with pytest.raises(StateDirError, match=r"schema version 99, newer than this capsule_actors knows \(2\)"):
+        store_reader().board()
 
 
 def test_stores_are_found_by_url_and_apps_share_a_database_by_schema(tmp_path: Path, postgres):

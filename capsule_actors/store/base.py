@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
+from ..errors import StateDirError
 from ..states import TaskState
 
 
@@ -308,6 +309,22 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def kv_items(self, session_id: str) -> list[tuple[str, str]]: ...
+
+
+def check_schema(found: int, known: int, where: str) -> None:
+    """A reader meets the store's schema version: only the version it was written for reads
+    right (an older store lacks columns, a newer one may mean other things)."""
+    if found < known:
+        raise StateDirError(
+            f"{where} has schema version {found}, older than this capsule_actors reads ({known}): "
+            "start its supervisor once with this version (it upgrades the store at start), "
+            "or read it with the version that wrote it"
+        )
+    if found > known:
+        raise StateDirError(
+            f"{where} has schema version {found}, newer than this capsule_actors knows ({known}): "
+            "read it with the version that wrote it"
+        )
 
 
 class StoreReader(abc.ABC):

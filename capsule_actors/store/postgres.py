@@ -38,7 +38,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError, StateDirError, StoreFull, StoreUnavailable
 from ..states import LIVE, RUNNING, TaskState
-from .base import ACTOR_EXIT, CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
+from .base import (
+    ACTOR_EXIT,
+    CRASHED_PATTERN,
+    Error,
+    NewTask,
+    StatsRows,
+    StoredTask,
+    StoreReader,
+    StoreSpace,
+    TaskStore,
+    check_schema,
+)
 
 log = logging.getLogger("capsule_actors.store")
 
@@ -905,10 +916,23 @@ class PostgresReader(StoreReader):
                 conn, _ = _connect(self._url, self._app_name, autocommit=True)
             except StateDirError as exc:
                 raise StoreUnavailable(str(exc)) from None
+            self._check_schema(conn)
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
         return conn
+
+    def _check_schema(self, conn: Any) -> None:
+        try:
+            row = conn.execute(f"SELECT value FROM {self.schema}.meta WHERE key='schema_version'").fetchone()
+        except _psycopg().errors.UndefinedTable:  # no store yet (its supervisor has not started)
+            return
+        if row is not None:
+            try:
+                check_schema(int(row[0]), SCHEMA_VERSION, f"the PostgreSQL store {redact(self._url)} ({self.schema})")
+            except StateDirError:
+                conn.close()
+                raise
 
     def _q(self, sql: str, params: Any = None) -> Any:
         db = self._db()

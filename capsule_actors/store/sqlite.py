@@ -37,7 +37,18 @@ from urllib.parse import quote
 
 from ..errors import StateDirError, StoreFull
 from ..states import CANCELLED, FAILED, LIVE, QUEUED, RUNNING, SCHEDULED, SUCCEEDED, TaskState
-from .base import ACTOR_EXIT, CRASHED_PATTERN, Error, NewTask, StatsRows, StoredTask, StoreReader, StoreSpace, TaskStore
+from .base import (
+    ACTOR_EXIT,
+    CRASHED_PATTERN,
+    Error,
+    NewTask,
+    StatsRows,
+    StoredTask,
+    StoreReader,
+    StoreSpace,
+    TaskStore,
+    check_schema,
+)
 
 log = logging.getLogger("capsule_actors.store")
 
@@ -891,6 +902,16 @@ class SQLiteReader(StoreReader):
             )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA query_only=1")
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            except sqlite3.OperationalError:  # no meta table: a store its supervisor is creating
+                row = None
+            if row is not None:
+                try:
+                    check_schema(int(row[0]), SCHEMA_VERSION, f"task store {str(self.path)!r}")
+                except StateDirError:
+                    conn.close()
+                    raise
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
