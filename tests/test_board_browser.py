@@ -316,11 +316,11 @@ def test_a_workflow_opens_into_its_steps_and_a_step_opens_its_task(browser, boar
     driver = browser
     gate = str(tmp_path / "gate")
     flow = cpsl.chain(relay.s("x", ""), relay.s(gate), relay.s("")).submit()
-    first, running, last = flow.steps()
+    _first, running, _last = flow.steps()
     wait_until(lambda: running.status() is cpsl.TaskState.RUNNING)
     open_board(driver, board["url"])
-    wait_card(driver, "SCHEDULED", flow.id)  # the record waits for its steps
-    click(driver, card_selector("SCHEDULED", flow.id) + " .cpsl-name")
+    wait_card(driver, "RUNNING", flow.id)  # a workflow runs until its record ends
+    click(driver, card_selector("RUNNING", flow.id) + " .cpsl-name")
     wait_until(lambda: driver.find_elements(By.ID, "d-steps"), timeout=WAIT)
     rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#d-steps tr.cpsl-step")]
     assert len(rows) == 3
@@ -333,7 +333,7 @@ def test_a_workflow_opens_into_its_steps_and_a_step_opens_its_task(browser, boar
 
 
 def test_screenshot_of_a_busy_board(browser, board, tmp_path):
-    """A board with every column in use, saved as tests/artifacts/board.png."""
+    """A board with every column in use (and a chord running: one card), saved as tests/artifacts/board.png."""
     from selenium.webdriver.common.by import By
 
     driver = browser
@@ -347,6 +347,8 @@ def test_screenshot_of_a_busy_board(browser, board, tmp_path):
         failed.result(timeout=30)
     running = build_report.submit(7, str(gate), session=cpsl.Session("chat-42"))
     wait_until(lambda: (running.info().progress or 0) > 0.5)
+    flow = cpsl.chord([relay.s(f"part {i}", str(gate)) for i in range(12)], relay.s("")).submit()
+    wait_until(lambda: any(s.status() is cpsl.TaskState.RUNNING for s in flow.steps()))
     lane = tmp_path / "lane"
     holder = step.submit("nightly", str(lane))
     queued = step.submit("nightly", str(lane))
@@ -357,7 +359,7 @@ def test_screenshot_of_a_busy_board(browser, board, tmp_path):
 
     open_board(driver, board["url"])
     for state, h in (("SCHEDULED", later), ("RUNNING", running), ("QUEUED", queued), ("FAILED", failed),
-                     ("CANCELLED", cancelled), ("SUCCEEDED", handles[0])):
+                     ("CANCELLED", cancelled), ("SUCCEEDED", handles[0]), ("RUNNING", flow)):
         wait_card(driver, state, h.id)
     wait_until(lambda: transitions_done(driver), timeout=WAIT)  # the progress bars reached their width
     ARTIFACTS.mkdir(exist_ok=True)
@@ -369,7 +371,7 @@ def test_screenshot_of_a_busy_board(browser, board, tmp_path):
     assert len(driver.find_elements(By.CSS_SELECTOR, ".cpsl-card")) >= 8
     gate.touch()
     lane.touch()
-    for h in (running, holder, queued):
+    for h in (running, holder, queued, flow):
         h.result(timeout=30)
     assert later.cancel()
 

@@ -148,7 +148,7 @@ def test_a_newer_schema_in_the_database_is_refused_at_start(postgres, state_dir)
         pass
     with psycopg.connect(postgres.url("capsule"), autocommit=True) as conn:
         conn.execute("UPDATE from_the_future.meta SET value='7' WHERE key='schema_version'")
-    with pytest.raises(cpsl.StateDirError, match=r"schema version 7, newer than this capsule_actors knows \(2\)"):
+    with pytest.raises(cpsl.StateDirError, match=r"schema version 7, newer than this capsule_actors knows \(3\)"):
         app.start(state_dir=state_dir, store=url, start_timeout=60).start()
 
 

@@ -212,9 +212,9 @@ def test_the_boards_queued_column_shows_the_next_to_run_first_by_priority(task_s
 
 
 def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_factory, store_reader):
-    """A store written before priorities (schema 1) opens as schema 2: its tasks get priority 0.
-    Before that, a reader (the CLI or board while no supervisor runs) refuses it, saying how to
-    upgrade it, instead of failing on a missing column."""
+    """A store written before priorities (schema 1) opens as the current schema: its tasks get
+    priority 0. Before that, a reader (the CLI or board while no supervisor runs) refuses it,
+    saying how to upgrade it, instead of failing on a missing column."""
     from capsule_actors.errors import StateDirError
 
     db = task_store_factory()
@@ -224,7 +224,9 @@ def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_f
     if store_kind == "sqlite":  # back to what schema 1 was
         db.db.executescript(  # type: ignore[attr-defined]
             "DROP INDEX tasks_prioritized; ALTER TABLE tasks DROP COLUMN priority; "
-            "ALTER TABLE tasks DROP COLUMN rate_key; ALTER TABLE tasks DROP COLUMN retried_as; UPDATE meta SET value='1' WHERE key='schema_version';"
+            "ALTER TABLE tasks DROP COLUMN rate_key; ALTER TABLE tasks DROP COLUMN retried_as; "
+            "DROP INDEX tasks_flow; ALTER TABLE tasks DROP COLUMN flow_id; "
+            "UPDATE meta SET value='1' WHERE key='schema_version';"
         )
     else:
         s = db.schema  # type: ignore[attr-defined]
@@ -233,12 +235,13 @@ def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_f
             f"ALTER TABLE {s}.tasks DROP COLUMN priority",
             f"ALTER TABLE {s}.tasks DROP COLUMN rate_key",
             f"ALTER TABLE {s}.tasks DROP COLUMN retried_as",
+            f"ALTER TABLE {s}.tasks DROP COLUMN flow_id",
             f"UPDATE {s}.meta SET value='1' WHERE key='schema_version'",
         ):
             db.db.execute(sql)  # type: ignore[attr-defined]
         db.db.commit()  # type: ignore[attr-defined]
     db.close()
-    with pytest.raises(StateDirError, match=r"schema version 1, older than this capsule_actors reads \(2\): start"):
+    with pytest.raises(StateDirError, match=rf"schema version 1, older than this capsule_actors reads \({stores.SCHEMA_VERSION}\): start"):
         store_reader().board()
     db = task_store_factory()
     assert [(t.id, t.priority) for t in db.live_tasks()] == [("old", 0)]
@@ -261,9 +264,9 @@ def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_f
         db.db.execute(f"UPDATE {db.schema}.meta SET value='99' WHERE key='schema_version'")  # type: ignore[attr-defined]
     db.commit()
     db.close()
-    with pytest.raises(StateDirError, match=r"schema version 99.*\(2\)"):
+    with pytest.raises(StateDirError, match=rf"schema version 99.*\({stores.SCHEMA_VERSION}\)"):
         task_store_factory()
-    with pytest.raises(StateDirError, match=r"schema version 99, newer than this capsule_actors knows \(2\)"):
+    with pytest.raises(StateDirError, match=rf"schema version 99, newer than this capsule_actors knows \({stores.SCHEMA_VERSION}\)"):
         store_reader().board()
 
 

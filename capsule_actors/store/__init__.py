@@ -12,7 +12,18 @@ import json
 import os
 from pathlib import Path
 
-from .base import ACTOR_EVENT_PREFIX, ACTOR_EXIT, Error, NewTask, StatsRows, StoredTask, StoreReader, TaskStore
+from .base import (
+    ACTOR_EVENT_PREFIX,
+    ACTOR_EXIT,
+    FLOW_RECORD,
+    Error,
+    NewTask,
+    StatsRows,
+    StoredTask,
+    StoreReader,
+    TaskStore,
+    flow_kind,
+)
 from .sqlite import DB_FILE, MAX_PAGE, SCHEMA_VERSION, SQLiteReader, SQLiteStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -102,6 +113,8 @@ __all__ = [
     "NewTask",
     "ACTOR_EVENT_PREFIX",
     "ACTOR_EXIT",
+    "FLOW_RECORD",
+    "flow_kind",
     "StatsRows",
     "SQLiteReader",
     "SQLiteStore",

@@ -61,6 +61,61 @@ CRASHED_PATTERN = "%WorkerCrashed:%"  # LIKE: a state event whose error is a cra
 ACTOR_EXIT = "actor_exit"
 ACTOR_EVENT_PREFIX = "actor:"
 
+# ---- workflows on the board ------------------------------------------------------------------
+# A workflow is recorded as a task named FLOW_RECORD (``flows.FLOW_TASK``; the store cannot import
+# flows.py, which needs the store) whose first FLOW_EVENT lists its steps and on_error step. With
+# that event the store writes, in the same transaction, the flow record's id into each of those
+# steps' ``flow_id`` column (schema 3): the board then leaves steps out of its columns
+# with a test on the row (``flow_id IS NULL``) and sums a workflow's steps with one index lookup
+# (``tasks_flow``: step rows only), never reading every workflow's event.
+FLOW_RECORD = "capsule.flow"
+FLOW_EVENT = "flow"
+BOARD_RUNNING_STEPS = 3  # running steps a workflow's card names (the others are counted)
+
+
+def flow_members(data: dict[str, Any]) -> list[str]:
+    """The step ids a ``flow`` event names: its steps, then its on_error step, if any."""
+    steps = [s for s in data.get("steps") or [] if isinstance(s, str)]
+    handler = data.get("on_error")
+    return [*steps, handler] if isinstance(handler, str) else steps
+
+
+def flow_kind(value_type: str | None, input_type: str | None) -> str:
+    """What a workflow's card calls it, from how its value is made (its ``flow`` event): a list
+    of steps' results (``group``), the one step that takes a list (``chord``: a chain that ends in
+    a group and a callback), or a step that takes one result (``chain``); else ``workflow``."""
+    if value_type == "array":
+        return "group"
+    if input_type == "array":
+        return "chord"
+    return "chain" if input_type in ("text", "string") else "workflow"
+
+
+def board_flows(
+    cards: list[dict[str, Any]],
+    states: Iterable[tuple[str, str, int]],
+    running: Iterable[tuple[str, str, str]],
+    shapes: Iterable[tuple[str, str | None, str | None]],
+) -> None:
+    """Complete the board's workflow cards (in place): ``card["flow"]`` with its kind, its steps
+    per state (``states``: flow id, state, steps), the running ones (id and name, at most
+    ``BOARD_RUNNING_STEPS``, and how many run); a live record's card is in Running (the
+    workflow runs until its record ends, as ``FlowHandle.status()`` says)."""
+    by_id = {c["id"]: c for c in cards if c["name"] == FLOW_RECORD}
+    flows: dict[str, dict[str, Any]] = {i: {"kind": "workflow", "steps": 0, "states": {}, "running": []} for i in by_id}
+    for flow_id, state, n in states:
+        flows[flow_id]["states"][state] = int(n)
+        flows[flow_id]["steps"] += int(n)
+    for flow_id, step_id, name in running:
+        if len(flows[flow_id]["running"]) < BOARD_RUNNING_STEPS:
+            flows[flow_id]["running"].append({"id": step_id, "name": name})
+    for flow_id, value_type, input_type in shapes:
+        flows[flow_id]["kind"] = flow_kind(value_type, input_type)
+    for flow_id, card in by_id.items():
+        card["flow"] = flows[flow_id]
+        if card["state"] in ("QUEUED", "SCHEDULED"):
+            card["record_state"], card["state"] = card["state"], "RUNNING"
+
 
 class StatsRows(NamedTuple):
     """What the board's Stats view is drawn from, for the window ``[since, now]`` cut in buckets
@@ -197,7 +252,8 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> None:
-        """Append an event (its seq follows every event added before it)."""
+        """Append an event (its seq follows every event added before it). A ``flow`` event (the
+        supervisor's record of a workflow's steps) also writes ``flow_id`` on those steps."""
 
     @abc.abstractmethod
     def show_card(self, task_id: str, session_id: str) -> dict[str, Any] | None:
@@ -351,8 +407,11 @@ class StoreReader(abc.ABC):
         names: bool = False,
         task_id: str | None = None,
     ) -> dict[str, Any]:
-        """Every state's count under the substring filters (``task_id``: a full or short id, or any
-        part of one) and one page of its tasks."""
+        """Every column's count under the substring filters (``task_id``: a full or short id, or
+        any part of one) and one page of its cards. A workflow is one card (its steps are not
+        cards): in Running until its record ends, then in the record's state, with ``flow``
+        (``board_flows``); it matches a filter that it or one of its steps matches. Each column
+        also says how many workflow steps (matching the filters) are in its state: ``steps``."""
 
     @abc.abstractmethod
     def info(self, task_id: str) -> dict[str, Any] | None:

@@ -41,6 +41,8 @@ from ..states import LIVE, RUNNING, TaskState
 from .base import (
     ACTOR_EXIT,
     CRASHED_PATTERN,
+    FLOW_EVENT,
+    FLOW_RECORD,
     Error,
     NewTask,
     StatsRows,
@@ -48,12 +50,14 @@ from .base import (
     StoreReader,
     StoreSpace,
     TaskStore,
+    board_flows,
     check_schema,
+    flow_members,
 )
 
 log = logging.getLogger("capsule_actors.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 OUTAGE = 60.0  # seconds the supervisor waits for a lost server before it stops (StoreUnavailable)
 SIZE_EVERY = 10.0  # seconds between looks at the database's size (status)
 ARGS_CACHE = 8 << 20  # bytes of new tasks' arguments kept for their start (no round trip to read them)
@@ -130,6 +134,23 @@ ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS retried_as text;
 -- the backlog of a priority other than 0 (tasks of priority 0 never enter it)
 CREATE INDEX IF NOT EXISTS tasks_prioritized ON {s}.tasks(priority, seq)
     WHERE state = 'QUEUED' AND lock_key IS NULL AND priority <> 0;
+-- version 3: a workflow step's workflow (its flow record's id), written with the record's `flow`
+-- event (the board shows a workflow as one card), in an index of step rows only
+ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS flow_id text;
+CREATE INDEX IF NOT EXISTS tasks_flow ON {s}.tasks(flow_id, state) WHERE flow_id IS NOT NULL;
+"""
+# Version 3 on a store of an older version: the steps of the workflows recorded before, from their
+# `flow` events (run once, when the version goes up).
+_LINK_RECORDED_FLOWS = """
+UPDATE {s}.tasks t SET flow_id = f.flow FROM (
+    SELECT e.task_id AS flow, s.step FROM {s}.events e,
+        jsonb_array_elements_text(CASE WHEN jsonb_typeof(e.data::jsonb -> 'steps') = 'array'
+                                  THEN e.data::jsonb -> 'steps' ELSE '[]'::jsonb END) AS s(step)
+    WHERE e.kind = 'flow'
+    UNION ALL
+    SELECT task_id, data::jsonb ->> 'on_error' FROM {s}.events
+    WHERE kind = 'flow' AND jsonb_typeof(data::jsonb -> 'on_error') = 'string'
+) f WHERE t.id = f.step
 """
 
 INFO_FIELDS = (
@@ -418,6 +439,8 @@ class PostgresStore(TaskStore):
         )
         found = int(self.db.execute(f"SELECT value FROM {self._s}.meta WHERE key='schema_version'").fetchone()[0])
         if found < SCHEMA_VERSION:  # the statements above brought an older schema up to date
+            if found < 3:
+                self.db.execute(_LINK_RECORDED_FLOWS.replace("{s}", self._s))
             self.db.execute(f"UPDATE {self._s}.meta SET value=%s WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             found = SCHEMA_VERSION
         self.db.commit()
@@ -624,6 +647,8 @@ class PostgresStore(TaskStore):
 
     def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> None:
         self._w(_EVENT, (task_id, session_id, kind, json.dumps(data), time.time()))
+        if kind == FLOW_EVENT:  # a workflow's steps (recorded in this transaction): they are its own
+            self._w("UPDATE {s}.tasks SET flow_id=%s WHERE id = ANY(%s)", (task_id, flow_members(data)))
         self._noted(task_id, session_id, kind)
 
     def _noted(self, task_id: str, session_id: str | None, kind: str = "") -> None:
@@ -856,7 +881,7 @@ def _event(r: tuple[Any, ...]) -> dict[str, Any]:
 _ORDER = {
     "QUEUED": "priority DESC, created_at ASC, id ASC",  # next to run first
     "SCHEDULED": "coalesce(run_at, created_at) ASC, id ASC",
-    "RUNNING": "started_at DESC, id DESC",
+    "RUNNING": "coalesce(started_at, created_at) DESC, id DESC",  # a workflow from its submit
     "SUCCEEDED": "finished_at DESC, id DESC",
     "FAILED": "finished_at DESC, id DESC",
     "CANCELLED": "finished_at DESC, id DESC",
@@ -867,6 +892,27 @@ _CARD_ROW = (
 )
 _CARD_FIELDS = tuple(c.strip() for c in _CARD_ROW.split(","))
 MAX_PAGE = 200
+# The board's columns: a live flow record (waiting for its steps: SCHEDULED with no run_at) is in
+# Running; its steps (flow_id set) are in no column.
+_LIVE_RECORD = "(state = 'SCHEDULED' AND run_at IS NULL AND name = %s)"
+_COLUMN = f"CASE WHEN {_LIVE_RECORD} THEN 'RUNNING' ELSE state END"
+_IN_COLUMN: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "QUEUED": ("state = 'QUEUED'", ()),
+    "SCHEDULED": ("state = 'SCHEDULED' AND (run_at IS NOT NULL OR name <> %s)", (FLOW_RECORD,)),
+    "RUNNING": (f"(state = 'RUNNING' OR {_LIVE_RECORD})", (FLOW_RECORD,)),
+    **{state: ("state = %s", (state,)) for state in ("SUCCEEDED", "FAILED", "CANCELLED")},
+}
+# A page's workflow cards: their steps per state and running steps (the index tasks_flow), and how
+# each one's value is made (its first `flow` event: ``flow_kind``).
+_FLOW_STATES = "SELECT flow_id, state, count(*) FROM {s}.tasks WHERE flow_id = ANY(%s) GROUP BY flow_id, state"
+_FLOW_RUNNING = (
+    "SELECT flow_id, id, name FROM {s}.tasks WHERE flow_id = ANY(%s) AND state = 'RUNNING' ORDER BY started_at, id"
+)
+_FLOW_SHAPES = (
+    "SELECT f.id, jsonb_typeof(e.d -> 'value'), jsonb_typeof(e.d -> 'inputs' -> (e.d ->> 'value')) "
+    "FROM unnest(%s::text[]) AS f(id) CROSS JOIN LATERAL (SELECT data::jsonb AS d FROM {s}.events "
+    "WHERE task_id = f.id AND kind = 'flow' ORDER BY seq LIMIT 1) AS e"
+)
 
 
 def _card_row(row: tuple[Any, ...], fields: tuple[str, ...] = _CARD_FIELDS) -> dict[str, Any]:
@@ -1006,30 +1052,58 @@ class PostgresReader(StoreReader):
                 where.append(f"strpos({column}, %s) > 0")
                 params.append(value)
         filters = " AND ".join(where) or "true"
+        if params:  # a row that matches, or a workflow one of whose steps matches
+            filters = (
+                f"({filters} OR (flow_id IS NULL AND id IN "
+                f"(SELECT flow_id FROM {{s}}.tasks WHERE flow_id IS NOT NULL AND {filters})))"
+            )
+            params = [*params, *params]
         offsets = offsets or {}
         page_size = max(1, min(MAX_PAGE, page_size))
         with self.snapshot():
-            counts = dict(
-                self._q(f"SELECT state, count(*) FROM {{s}}.tasks WHERE {filters} GROUP BY state", params).fetchall()
-            )
-            columns = []
+            counts: dict[str, int] = {}
+            steps: dict[str, int] = {}
+            for column, is_step, n in self._q(  # one scan: cards per column, steps per state
+                f"SELECT {_COLUMN} AS col, flow_id IS NOT NULL AS step, count(*) FROM {{s}}.tasks "
+                f"WHERE {filters} GROUP BY col, step",
+                [FLOW_RECORD, *params],
+            ).fetchall():
+                (steps if is_step else counts)[column] = int(n)
+            columns, cards = [], []
             for state in TaskState:
-                count = int(counts.get(state.value, 0))
+                count = counts.get(state.value, 0)
                 offset = max(0, min(int(offsets.get(state.value, 0)), max(0, count - 1)))
                 offset -= offset % page_size
+                in_column, column_params = _IN_COLUMN[state.value]
                 rows = self._q(
-                    f"SELECT {_CARD_ROW} FROM {{s}}.tasks WHERE state=%s AND {filters} "
+                    f"SELECT {_CARD_ROW} FROM {{s}}.tasks WHERE {in_column} AND flow_id IS NULL AND {filters} "
                     f"ORDER BY {_ORDER[state.value]} LIMIT %s OFFSET %s",
-                    [state.value, *params, page_size, offset],
+                    [*column_params, *params, page_size, offset],
                 ).fetchall()
+                tasks = [_card_row(r) for r in rows]
+                cards += tasks
                 columns.append(
-                    {"state": state.value, "count": count, "offset": offset, "tasks": [_card_row(r) for r in rows]}
+                    {
+                        "state": state.value,
+                        "count": count,
+                        "offset": offset,
+                        "tasks": tasks,
+                        "steps": steps.get(state.value, 0),
+                    }
+                )
+            flow_ids = [c["id"] for c in cards if c["name"] == FLOW_RECORD]
+            if flow_ids:
+                board_flows(
+                    cards,
+                    self._q(_FLOW_STATES, (flow_ids,)).fetchall(),
+                    self._q(_FLOW_RUNNING, (flow_ids,)).fetchall(),
+                    self._q(_FLOW_SHAPES, (flow_ids,)).fetchall(),
                 )
             out: dict[str, Any] = {
                 "columns": columns,
                 "seq": self.last_seq(),
                 "page_size": page_size,
-                "total": sum(int(v) for v in counts.values()),
+                "total": sum(counts.values()),
             }
             if names:
                 out["names"] = [
@@ -1038,10 +1112,10 @@ class PostgresReader(StoreReader):
         return out
 
     def task_detail(self, task_id: str, max_events: int = 200) -> dict[str, Any] | None:
-        fields = (*_CARD_FIELDS, "session_owner", "traceback", "args_bytes", "result_bytes")
+        fields = (*_CARD_FIELDS, "flow_id", "session_owner", "traceback", "args_bytes", "result_bytes")
         with self.snapshot():
             row = self._q(
-                f"SELECT {_CARD_ROW}, session_owner, traceback, octet_length(args), octet_length(result) "
+                f"SELECT {_CARD_ROW}, flow_id, session_owner, traceback, octet_length(args), octet_length(result) "
                 "FROM {s}.tasks WHERE id=%s",
                 (task_id,),
             ).fetchone()
@@ -1065,10 +1139,14 @@ class PostgresReader(StoreReader):
             row = self._q(
                 "SELECT data FROM {s}.events WHERE task_id=%s AND kind='flow' ORDER BY seq LIMIT 1", (flow_id,)
             ).fetchone()
-            if row is None:
-                return None
-            record = _json(row[0])
-            ids = [*record["steps"], *([record["on_error"]] if record.get("on_error") else [])]
+            if row is not None:
+                record = _json(row[0])
+            else:  # its event was pruned (retention): the steps that name it, in submit order
+                steps = self._q("SELECT id FROM {s}.tasks WHERE flow_id=%s ORDER BY seq", (flow_id,)).fetchall()
+                if not steps:
+                    return None
+                record = {"steps": [r[0] for r in steps], "inputs": {}, "on_error": None, "value": None}
+            ids = flow_members(record)
             rows = self._q(
                 "SELECT id, name, state, attempts, error_type, error_message FROM {s}.tasks WHERE id = ANY(%s)", (ids,)
             ).fetchall()

@@ -40,6 +40,8 @@ from ..states import CANCELLED, FAILED, LIVE, QUEUED, RUNNING, SCHEDULED, SUCCEE
 from .base import (
     ACTOR_EXIT,
     CRASHED_PATTERN,
+    FLOW_EVENT,
+    FLOW_RECORD,
     Error,
     NewTask,
     StatsRows,
@@ -47,13 +49,15 @@ from .base import (
     StoreReader,
     StoreSpace,
     TaskStore,
+    board_flows,
     check_schema,
+    flow_members,
 )
 
 log = logging.getLogger("capsule_actors.store")
 
 DB_FILE = "capsule.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 WAL_CHECKPOINT = 16 << 20  # bytes: a WAL past this is checkpointed; journal_size_limit cuts it back to this
 RESERVE = 8 << 20  # bytes the store keeps in RESERVE_SUFFIX for the writes that finish what it holds
 RESERVE_SUFFIX = "-reserve"
@@ -131,6 +135,21 @@ ALTER TABLE tasks ADD COLUMN retried_as TEXT;
 -- the backlog of a priority other than 0, in submit order (an index entry ends with its rowid);
 -- tasks of priority 0 never enter it
 CREATE INDEX IF NOT EXISTS tasks_prioritized ON tasks(priority) WHERE state='QUEUED' AND priority != 0;
+""",
+    3: """
+-- a workflow step's workflow (its flow record's id), written with the record's `flow` event: the
+-- board shows a workflow as one card (an index of step rows only: other tasks never enter it)
+ALTER TABLE tasks ADD COLUMN flow_id TEXT;
+CREATE INDEX IF NOT EXISTS tasks_flow ON tasks(flow_id, state) WHERE flow_id IS NOT NULL;
+-- the workflows recorded before: their steps, from their `flow` events
+UPDATE tasks SET flow_id = f.flow FROM (
+    SELECT e.task_id AS flow, s.value AS step
+    FROM events e, json_each(CASE WHEN json_valid(e.data) THEN e.data ELSE '{}' END, '$.steps') s
+    WHERE e.kind = 'flow'
+    UNION ALL
+    SELECT task_id, json_extract(data, '$.on_error') FROM events
+    WHERE kind = 'flow' AND json_valid(data) AND json_type(data, '$.on_error') = 'text'
+) AS f WHERE tasks.id = f.step;
 """,
 }
 
@@ -567,6 +586,11 @@ class SQLiteStore(TaskStore):
             "INSERT INTO events(task_id, session_id, kind, data, ts) VALUES (?,?,?,?,?)",
             (task_id, session_id, kind, json.dumps(data), time.time()),
         )
+        if kind == FLOW_EVENT:  # a workflow's steps (recorded in this transaction): they are its own
+            steps = flow_members(data)
+            for i in range(0, len(steps), 500):  # under SQLite's bound-parameter limit
+                part = steps[i : i + 500]
+                self._w(f"UPDATE tasks SET flow_id=? WHERE id IN ({','.join('?' * len(part))})", (task_id, *part))
         self._touched.add(task_id)
         self._any_event = True
         if session_id is not None:
@@ -812,7 +836,7 @@ def _events_after(
 _ORDER = {
     QUEUED: "priority DESC, created_at ASC, id ASC",  # next to run first
     SCHEDULED: "coalesce(run_at, created_at) ASC, id ASC",  # next due first
-    RUNNING: "started_at DESC, id DESC",
+    RUNNING: "coalesce(started_at, created_at) DESC, id DESC",  # a workflow from its submit
     SUCCEEDED: "finished_at DESC, id DESC",  # most recent first
     FAILED: "finished_at DESC, id DESC",
     CANCELLED: "finished_at DESC, id DESC",
@@ -822,6 +846,16 @@ _CARD_ROW = (
     "progress, error_type, error_message, slot"
 )
 MAX_PAGE = 200
+# The board's columns: a live flow record (waiting for its steps: SCHEDULED with no run_at, the
+# partial index tasks_scheduled finds those) is in Running; its steps (flow_id set) are in no column.
+_LIVE_RECORD = "(state='SCHEDULED' AND run_at IS NULL AND name=?)"
+_COLUMN = f"CASE WHEN {_LIVE_RECORD} THEN 'RUNNING' ELSE state END"
+_IN_COLUMN = {
+    QUEUED: ("state='QUEUED'", ()),
+    SCHEDULED: ("state='SCHEDULED' AND (run_at IS NOT NULL OR name!=?)", (FLOW_RECORD,)),
+    RUNNING: (f"(state='RUNNING' OR {_LIVE_RECORD})", (FLOW_RECORD,)),
+    **{state: ("state=?", (state.value,)) for state in (SUCCEEDED, FAILED, CANCELLED)},
+}
 
 
 def _filters(name: str | None, session: str | None, lock: str | None, task_id: str | None) -> tuple[str, list[Any]]:
@@ -968,41 +1002,82 @@ class SQLiteReader(StoreReader):
         task_id: str | None = None,
     ) -> dict[str, Any]:
         where, params = _filters(name, session, lock, task_id and task_id.strip().lower())
+        if params:  # a row that matches, or a workflow one of whose steps matches
+            steps_of = f"SELECT flow_id FROM tasks WHERE flow_id IS NOT NULL AND {where}"
+            where = f"({where} OR (flow_id IS NULL AND id IN ({steps_of})))"
+            params = [*params, *params]
         offsets = offsets or {}
         page_size = max(1, min(MAX_PAGE, page_size))
         with self.snapshot():  # one snapshot for counts and pages
             db = self._db()
-            counts = dict(
-                db.execute(f"SELECT state, count(*) FROM tasks WHERE {where} GROUP BY state", params).fetchall()
-            )
-            columns = []
+            counts: dict[str, int] = {}
+            steps: dict[str, int] = {}
+            for column, is_step, n in db.execute(  # one scan: cards per column, steps per state
+                f"SELECT {_COLUMN} AS col, flow_id IS NOT NULL AS step, count(*) FROM tasks WHERE {where} "
+                "GROUP BY col, step",
+                [FLOW_RECORD, *params],
+            ):
+                (steps if is_step else counts)[column] = int(n)
+            columns, cards = [], []
             for state in TaskState:
-                count = int(counts.get(state.value, 0))
+                count = counts.get(state.value, 0)
                 offset = max(0, min(int(offsets.get(state.value, 0)), max(0, count - 1)))
                 offset -= offset % page_size
+                in_column, column_params = _IN_COLUMN[state]
                 rows = db.execute(
-                    f"SELECT {_CARD_ROW} FROM tasks WHERE state=? AND {where} "
+                    f"SELECT {_CARD_ROW} FROM tasks WHERE {in_column} AND flow_id IS NULL AND {where} "
                     f"ORDER BY {_ORDER[state]} LIMIT ? OFFSET ?",
-                    [state.value, *params, page_size, offset],
+                    [*column_params, *params, page_size, offset],
                 ).fetchall()
+                tasks = [_card_row(r) for r in rows]
+                cards += tasks
                 columns.append(
-                    {"state": state.value, "count": count, "offset": offset, "tasks": [_card_row(r) for r in rows]}
+                    {
+                        "state": state.value,
+                        "count": count,
+                        "offset": offset,
+                        "tasks": tasks,
+                        "steps": steps.get(state.value, 0),
+                    }
                 )
+            self._board_flows(db, cards)
             out: dict[str, Any] = {
                 "columns": columns,
                 "seq": self.last_seq(),
                 "page_size": page_size,
-                "total": sum(int(v) for v in counts.values()),
+                "total": sum(counts.values()),
             }
             if names:
                 out["names"] = [r[0] for r in db.execute("SELECT DISTINCT name FROM tasks ORDER BY name LIMIT 500")]
         return out
 
+    def _board_flows(self, db: sqlite3.Connection, cards: list[dict[str, Any]]) -> None:
+        """The workflow cards' steps per state, running steps and kinds (``board_flows``): lookups
+        in the index of steps (tasks_flow) and each record's first ``flow`` event."""
+        ids = json.dumps([c["id"] for c in cards if c["name"] == FLOW_RECORD])
+        if ids == "[]":
+            return
+        of_page = "flow_id IN (SELECT value FROM json_each(?))"
+        states = db.execute(
+            f"SELECT flow_id, state, count(*) FROM tasks WHERE {of_page} GROUP BY flow_id, state", (ids,)
+        )
+        running = db.execute(
+            f"SELECT flow_id, id, name FROM tasks WHERE {of_page} AND state='RUNNING' ORDER BY started_at, id", (ids,)
+        )
+        shapes = db.execute(
+            "SELECT task_id, json_type(data, '$.value'), CASE WHEN json_type(data, '$.value') = 'text' "
+            "THEN json_type(data, '$.inputs.' || json_quote(json_extract(data, '$.value'))) END FROM events "
+            "WHERE seq IN (SELECT (SELECT seq FROM events WHERE task_id = f.value AND kind = 'flow' "
+            "ORDER BY seq LIMIT 1) FROM json_each(?) f) AND json_valid(data)",
+            (ids,),
+        )
+        board_flows(cards, states.fetchall(), running.fetchall(), shapes.fetchall())
+
     def task_detail(self, task_id: str, max_events: int = 200) -> dict[str, Any] | None:
         with self.snapshot():
             db = self._db()
             row = db.execute(
-                f"SELECT {_CARD_ROW}, session_owner, traceback, length(args) AS args_bytes, "
+                f"SELECT {_CARD_ROW}, flow_id, session_owner, traceback, length(args) AS args_bytes, "
                 "length(result) AS result_bytes FROM tasks WHERE id=?",
                 (task_id,),
             ).fetchone()
@@ -1026,10 +1101,14 @@ class SQLiteReader(StoreReader):
             row = db.execute(
                 "SELECT data FROM events WHERE task_id=? AND kind='flow' ORDER BY seq LIMIT 1", (flow_id,)
             ).fetchone()
-            if row is None:
-                return None
-            record = _json(row[0])
-            ids = [*record["steps"], *([record["on_error"]] if record.get("on_error") else [])]
+            if row is not None:
+                record = _json(row[0])
+            else:  # its event was pruned (retention): the steps that name it, in submit order
+                steps = [r[0] for r in db.execute("SELECT id FROM tasks WHERE flow_id=? ORDER BY rowid", (flow_id,))]
+                if not steps:
+                    return None
+                record = {"steps": steps, "inputs": {}, "on_error": None, "value": None}
+            ids = flow_members(record)
             found: dict[str, dict[str, Any]] = {}
             for i in range(0, len(ids), 500):
                 part = ids[i : i + 500]

@@ -14,7 +14,7 @@ from .. import messages, store
 from ..bootstrap import ClientConfig
 from ..errors import CapsuleError, NotRunning
 from ..flows import FLOW_TASK
-from ..states import ALL
+from ..states import ALL, QUEUED, RUNNING, SCHEDULED
 from ..transport import read_runtime_file
 
 if TYPE_CHECKING:
@@ -46,10 +46,21 @@ def detail(reader: store.StoreReader, task_id: str) -> dict[str, Any] | None:
         "summary": "pickled arguments (not unpickled by the board)",
     }
     if out["name"] == FLOW_TASK:  # a workflow opens into its steps (state per step)
-        out["flow"] = reader.flow_steps(task_id)
+        out["flow"] = flow = reader.flow_steps(task_id)
+        if flow is not None:
+            value = flow.get("value")
+            shape = (flow.get("inputs") or {}).get(value) if isinstance(value, str) else None
+            flow["kind"] = store.flow_kind(_json_type(value), _json_type(shape))
+        if out["state"] in (QUEUED, SCHEDULED):  # it runs until its record ends (FlowHandle.status)
+            out["record_state"], out["state"] = out["state"], RUNNING.value
     result_bytes = out.pop("result_bytes")
     out["result"] = None if not result_bytes else {"bytes": result_bytes, "format": "cloudpickle"}
     return out
+
+
+def _json_type(value: Any) -> str | None:
+    """The JSON type name of a workflow spec (``store.flow_kind`` takes SQL's names)."""
+    return "array" if isinstance(value, list) else "text" if isinstance(value, str) else None
 
 
 # ---- the live feed ---------------------------------------------------------------------------

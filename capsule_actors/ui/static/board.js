@@ -13,6 +13,8 @@
     pageSize: 50,
     clockSkew: 0,        // server time - browser time, seconds
     detailId: null,
+    detailFlow: false,   // the detail shows a workflow: its steps change without events of its own
+    detailTimer: null,
     refreshTimer: null,
     refreshing: false,
     again: false,
@@ -98,7 +100,54 @@
   }
 
   // ---- cards ----------------------------------------------------------------------------------
+  // A workflow is one card (api/board leaves its steps out of the columns): its kind and size,
+  // its steps per state, the running ones named; it opens into its steps like any card.
+  function flowCounts(f, live) {
+    const n = (s) => f.states[s] || 0;
+    const parts = [];
+    if (live || n("RUNNING")) parts.push(n("RUNNING") + " running");
+    if (n("SUCCEEDED")) parts.push(n("SUCCEEDED") + " done");
+    if (n("FAILED")) parts.push(n("FAILED") + " failed");
+    if (n("CANCELLED")) parts.push(n("CANCELLED") + " cancelled");
+    if (n("QUEUED") + n("SCHEDULED")) parts.push(n("QUEUED") + n("SCHEDULED") + " waiting");
+    return parts.join(" \u00B7 ");
+  }
+  function flowCardHtml(t) {
+    const f = t.flow;
+    const live = LIVE.has(t.state);
+    const ended = (f.states.SUCCEEDED || 0) + (f.states.FAILED || 0) + (f.states.CANCELLED || 0);
+    const pct = f.steps ? Math.round((100 * ended) / f.steps) : 0;
+    const more = (f.states.RUNNING || 0) - f.running.length;
+    const running = f.running.map((s) => esc(s.name) + ' <span class="cpsl-id">' + esc(shortId(s.id)) + "</span>");
+    const runs = running.length
+      ? '<div class="cpsl-flow-running">\u25B6 ' + running.join(", ") + (more > 0 ? " +" + more + " more" : "") + "</div>"
+      : "";
+    const meta = [
+      pct + "%",  // of its steps ended
+      '<span class="elapsed">' + esc(timing(flowTimes(t))) + "</span>",
+      '<span class="cpsl-id" title="' + esc(t.id) + '">' + esc(shortId(t.id)) + "</span>",
+    ];
+    if (t.session_id) meta.push("session " + esc(t.session_id));
+    const err = t.error && t.state !== "SUCCEEDED" ? '<div class="cpsl-error">' + esc(t.error.slice(0, 300)) + "</div>" : "";
+    const action = live  // a workflow's record is not retried (its failed steps are, from its detail)
+      ? '<button type="button" class="danger" data-action="cancel" data-id="' + esc(t.id) + '">Cancel</button>' : "";
+    return '<div class="cpsl-card cpsl-flow cpsl-' + esc(t.state) + (t.id === state.detailId ? " selected" : "") +
+      '" data-task-id="' + esc(t.id) + '" data-state="' + esc(t.state) + '" data-started="' + esc(t.created_at || "") +
+      '" data-finished="' + esc(t.finished_at || "") + '" data-created="' + esc(t.created_at || "") + '" data-run-at="">' +
+      '<div class="cpsl-card-head"><span class="cpsl-name" title="workflow (' + esc(t.name) + ')">' +
+      esc(f.kind) + ": " + esc(f.steps) + " step" + (f.steps === 1 ? "" : "s") + "</span>" +
+      '<span class="cpsl-state">' + esc(t.state) + "</span></div>" +
+      '<div class="cpsl-bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="' + pct +
+      '"><div style="width:' + pct + '%"></div></div>' +
+      '<div class="cpsl-flow-sum">' + esc(flowCounts(f, live)) + "</div>" + runs +
+      '<div class="cpsl-meta">' + meta.map((m) => "<span>" + m + "</span>").join("") + "</div>" + err +
+      '<div class="card-actions">' + action + "</div></div>";
+  }
+  function flowTimes(t) {  // a workflow runs from its submit (its record never starts)
+    return { state: t.state, started_at: t.created_at, finished_at: t.finished_at, created_at: t.created_at };
+  }
   function cardHtml(t) {
+    if (t.flow) return flowCardHtml(t);
     const pct = t.state === "SUCCEEDED" ? 100 : (t.progress == null ? null : Math.round(t.progress * 100));
     const meta = [
       pct == null ? "" : pct + "%",
@@ -127,6 +176,9 @@
   function renderColumn(col, pageSize) {
     const section = document.getElementById("col-" + col.state);
     section.querySelector(".count").textContent = col.count.toLocaleString();
+    const steps = section.querySelector(".steps");
+    steps.hidden = !col.steps;
+    steps.textContent = col.steps ? "+" + col.steps.toLocaleString() + " in workflows" : "";
     const cards = section.querySelector(".cards");
     // keyed update: a card whose task did not change keeps its element (no flicker, no lost click)
     const existing = new Map();
@@ -181,7 +233,8 @@
       const data = r.body;
       state.clockSkew = data.now - Date.now() / 1000;
       state.pageSize = data.page_size;
-      state.short = shortIds(data.columns.flatMap((col) => col.tasks.map((t) => t.id)));
+      state.short = shortIds(data.columns.flatMap((col) => col.tasks.flatMap((t) =>
+        [t.id, ...(t.flow ? t.flow.running.map((s) => s.id) : [])])));
       for (const col of data.columns) renderColumn(col, data.page_size);
       if (data.names) {
         $("#names").innerHTML = data.names.map((n) => '<option value="' + esc(n) + '">').join("");
@@ -195,6 +248,13 @@
       state.refreshing = false;
       if (state.again) { state.again = false; scheduleRefresh(0); }
     }
+  }
+  function scheduleDetail() {  // a workflow's detail follows its steps, at most ~3 times a second
+    if (state.detailTimer) return;
+    state.detailTimer = setTimeout(() => {
+      state.detailTimer = null;
+      if (state.detailId) showDetail(state.detailId);
+    }, state.detailFlow ? 300 : 0);
   }
   function scheduleRefresh(delay) {
     if (state.refreshTimer) return;
@@ -230,14 +290,15 @@
     if (!r.ok) { $("#d-title").textContent = "task " + id; $("#d-body").textContent = (r.body && r.body.error) || String(r.status); return; }
     const t = r.body;
     state.clockSkew = t.now - Date.now() / 1000;
-    $("#d-title").textContent = t.name;
+    state.detailFlow = !!t.flow;
+    $("#d-title").textContent = !t.flow ? t.name : t.flow.kind === "workflow" ? "workflow" : t.flow.kind + " (workflow)";
     const pct = t.progress == null ? "-" : Math.round(t.progress * 100) + "%" + (t.message ? " — " + esc(t.message) : "");
     const args = t.args.bytes + " bytes, " + esc(t.args.format) + " (pickled; the board does not unpickle it)";
     const result = t.result ? t.result.bytes + " bytes, " + esc(t.result.format) + " (pickled)" : "-";
     const resultLabel = t.state === "SUCCEEDED" ? "result" : "exception";
     const action = LIVE.has(t.state)
       ? '<button type="button" class="danger" data-action="cancel" data-id="' + esc(t.id) + '">Cancel</button>'
-      : '<button type="button" class="primary" data-action="retry" data-id="' + esc(t.id) + '">Retry</button>';
+      : t.flow ? "" : '<button type="button" class="primary" data-action="retry" data-id="' + esc(t.id) + '">Retry</button>';
     const events = t.events.map((e) =>
       "<tr><td>" + esc(e.seq) + "</td><td>" + esc(new Date(e.ts * 1000).toLocaleTimeString()) + '</td><td class="kind">' +
       esc(e.kind) + '</td><td class="data">' + esc(JSON.stringify(e.data).slice(0, 240)) + "</td></tr>").join("");
@@ -245,7 +306,10 @@
       '<div class="card-actions" id="d-actions">' + action + "</div>" +
       '<table id="d-fields">' +
       row("id", '<span class="cpsl-id">' + esc(t.id) + "</span>") +
-      row("state", '<span id="d-state">' + esc(t.state) + "</span>") +
+      row("state", '<span id="d-state">' + esc(t.state) + "</span>" +
+        (t.record_state ? " (its record waits for its steps: " + esc(t.record_state) + ")" : "")) +
+      (t.flow_id ? row("workflow", '<a href="#" class="cpsl-id" id="d-flow" data-open="' + esc(t.flow_id) + '">' +
+        esc(t.flow_id) + "</a> (this task is one of its steps)") : "") +
       row("attempts", esc(t.attempts)) +
       row("progress", pct) +
       row("arguments", '<span id="d-args">' + args + "</span>") +
@@ -282,6 +346,7 @@
   }
   function closeDetail() {
     state.detailId = null;
+    state.detailFlow = false;
     $("#detail").hidden = true;
     for (const el of document.querySelectorAll(".cpsl-card.selected")) el.classList.remove("selected");
   }
@@ -326,7 +391,7 @@
     source.addEventListener("tasks", (e) => {
       const d = JSON.parse(e.data);
       scheduleRefresh();
-      if (state.detailId && d.ids.indexOf(state.detailId) >= 0) showDetail(state.detailId);
+      if (state.detailId && (state.detailFlow || d.ids.indexOf(state.detailId) >= 0)) scheduleDetail();
     });
     source.onerror = () => {
       setLive(false, "reconnecting…");
