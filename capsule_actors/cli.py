@@ -489,12 +489,19 @@ def _grouped(args: argparse.Namespace, body: list[dict[str, Any]]) -> list[dict[
         members[flow["id"]] = [{**by_id[s], "in_flow": True} for s in steps if s in by_id]
         running = sum(1 for s in steps if s in by_id and by_id[s]["state"] == "RUNNING")
         flow["flow_steps"] = f"flow: {len(steps)} steps, {running} running"
+        flow["state"] = _flow_state(flow["state"])
     inside = {t["id"] for rows in members.values() for t in rows}
     grouped = []
     for t in body:
         if t["id"] not in inside:
             grouped += [t, *members.get(t["id"], [])]
     return grouped
+
+
+def _flow_state(state: str) -> str:
+    """A workflow's state as FlowHandle.status() and the board say it: RUNNING while a step is
+    left (its record waits, SCHEDULED, for every step), then how it ended."""
+    return "RUNNING" if state in ("QUEUED", "SCHEDULED") else state
 
 
 def _flow_name(t: dict[str, Any]) -> str:
@@ -519,7 +526,8 @@ def cmd_flow(args: argparse.Namespace) -> int:
         return 0
     color = use_color(sys.stdout)
     short = ids.short_ids([info["id"], *steps])
-    print(f"workflow {short[info['id']]}  {_paint(info['state'], STATE_COLORS.get(info['state']), color)}")
+    state = _flow_state(info["state"])
+    print(f"workflow {short[info['id']]}  {_paint(state, STATE_COLORS.get(state), color)}")
     rows = []
     for step in steps:
         t = infos.get(step, {"name": "?", "state": "?", "attempts": 0, "error_type": None})

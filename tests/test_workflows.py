@@ -278,7 +278,7 @@ def test_the_cli_prints_a_workflow_as_a_tree_and_groups_it_in_tasks(start, state
     wait_until(lambda: len(_lines(log)) == 1, 30)
     first, plus, waiting, cb, last = flow.steps()
     tree = cli("flow", flow.id[-8:], state_dir=state_dir, check=True).stdout.splitlines()
-    assert tree[0].split() == ["workflow", flow.id[-8:], "SCHEDULED"]  # its record waits for every step
+    assert tree[0].split() == ["workflow", flow.id[-8:], "RUNNING"]  # as status() says (its record waits)
     lines = {line.split()[0]: line.split() for line in tree[2:]}
     assert lines[first.id[-8:]][1:3] == ["add", "SUCCEEDED"]
     assert lines[waiting.id[-8:]][1:3] == ["passes_on", "RUNNING"]
@@ -286,7 +286,7 @@ def test_the_cli_prints_a_workflow_as_a_tree_and_groups_it_in_tasks(start, state
     assert lines[last.id[-8:]][4] == cb.id[-8:]
 
     listed = cli("tasks", state_dir=state_dir, check=True).stdout.splitlines()
-    assert listed[1].split()[:5] == [flow.id[-8:], "flow:", "5", "steps,", "1"]  # one line, then its steps
+    assert listed[1].split()[:7] == [flow.id[-8:], "flow:", "5", "steps,", "1", "running", "RUNNING"]  # one line
     assert [line.split()[1] for line in listed[2:7]] == [h.id[-8:] for h in flow.steps()]
     Path(gate).touch()
     assert flow.result(timeout=30) == (3 + 1) + 3 + 10
