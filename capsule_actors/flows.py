@@ -14,7 +14,7 @@ supervisor never unpickles anything: it only wraps result bytes it holds.
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import cloudpickle
 import msgpack
@@ -110,7 +110,25 @@ def flow_record(*_: Any) -> None:
 
 
 # ---- building a workflow ---------------------------------------------------------------------
-class Signature:
+class _Flow:
+    """What a signature, chain, group and chord share: ``submit`` and ``asubmit``."""
+
+    on_error: Signature | None = None  # a Chain's own, given to chain()
+
+    def submit(self, session: Session | None = None) -> FlowHandle:
+        """Record the whole workflow (one transaction) and return its handle."""
+        app, items, handle = _compile(cast("Node", self), session)
+        app.client().submit(FLOW_TASK, items)
+        return handle
+
+    async def asubmit(self, session: Session | None = None) -> FlowHandle:
+        """submit() without blocking the event loop."""
+        app, items, handle = _compile(cast("Node", self), session)
+        await app.client().asubmit(FLOW_TASK, items)
+        return handle
+
+
+class Signature(_Flow):
     """One call of a task, not submitted yet: ``task.s(*args, **kwargs)``, or
     ``task.options(priority=…, session=…).s(...)`` for that step's own priority or session."""
 
@@ -128,28 +146,19 @@ class Signature:
     def __repr__(self) -> str:
         return f"<Signature {self.task.name}{self.args!r}>"
 
-    def submit(self, session: Session | None = None) -> FlowHandle:
-        return _submit(self, None, session)
 
-
-class Chain:
+class Chain(_Flow):
     """Steps one after the other, each given the previous one's result as its first argument."""
 
     def __init__(self, steps: list[Node], on_error: Signature | None) -> None:
         self.steps, self.on_error = steps, on_error
 
-    def submit(self, session: Session | None = None) -> FlowHandle:
-        return _submit(self, self.on_error, session)
 
-
-class Group:
+class Group(_Flow):
     """Members run in parallel; the group's value is the list of their results, in order."""
 
     def __init__(self, members: list[Node]) -> None:
         self.members = members
-
-    def submit(self, session: Session | None = None) -> FlowHandle:
-        return _submit(self, None, session)
 
 
 Node: TypeAlias = Signature | Chain | Group
@@ -243,11 +252,12 @@ def _flat(spec: Spec) -> list[str]:
     return [spec] if isinstance(spec, str) else [s for part in spec for s in _flat(part)]
 
 
-def _submit(root: Node, on_error: Signature | None, session: Session | None) -> FlowHandle:
+def _compile(root: Node, session: Session | None) -> tuple[App, list[tuple[list[Any], bytes]], FlowHandle]:
+    """The Submit items of a workflow (its steps, then its record), and the handle it will have."""
     app = _app_of(root)
     compiler = _Compiler(app, session)
     out = compiler.node(root, None)
-    steps, handler = list(compiler.steps), None
+    steps, handler, on_error = list(compiler.steps), None, root.on_error
     if on_error is not None:
         handler = compiler.step(on_error, None, extra=("step id", "error"))
         compiler.items[-1] = (compiler.items[-1][0], _with_deps(compiler.items[-1][1], steps))
@@ -260,8 +270,7 @@ def _submit(root: Node, on_error: Signature | None, session: Session | None) -> 
             f"a workflow of {len(compiler.items)} steps does not fit one Submit (at most {MAX_STEPS} steps, "
             "512 KiB of lock keys and session ids): it would not be recorded in one transaction"
         )
-    app.client().submit(FLOW_TASK, compiler.items)
-    return FlowHandle(app, flow_id, compiler.steps)
+    return app, compiler.items, FlowHandle(app, flow_id, compiler.steps)
 
 
 def _with_deps(data: bytes, deps: list[str]) -> bytes:

@@ -328,3 +328,19 @@ def test_inputs_too_large_for_a_run_fail_the_step_without_running_it(start):
     callback_info = flow.steps()[-1].info()
     assert callback_info.state == cpsl.TaskState.FAILED and callback_info.attempts == 0
     assert callback_info.error is not None and callback_info.error[0] == "SerializationError"
+
+
+def test_asubmit_returns_the_handle_of_a_chain_a_chord_a_group_and_a_signature(start):
+    start(app, workers=2, process_workers=1)
+
+    async def main() -> list[object]:
+        flows = [
+            await cpsl.chain(add.s(1, 2), add.s(10)).asubmit(),
+            await cpsl.chord([add.s(i, i) for i in range(5)], total.s()).asubmit(),
+            await cpsl.group([add.s(1, 1), add.s(2, 2)]).asubmit(),
+            await add.s(2, 3).asubmit(),
+        ]
+        assert all(isinstance(flow, cpsl.FlowHandle) for flow in flows)
+        return list(await asyncio.wait_for(asyncio.gather(*flows), 30))
+
+    assert asyncio.run(main()) == [13, 20, [2, 4], 5]
