@@ -150,6 +150,12 @@ class Task(Generic[P, R]):
     def lock_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         return self._format_key("lock", self.lock, self._lock_fields, args, kwargs)
 
+    def key_parameters(self) -> dict[str, tuple[str | None, list[str]]]:
+        """Each key of this task (``lock``, ``rate_limit key``): its template and the parameters
+        it is formatted from (a workflow step's keys must not need the input it is given)."""
+        rate = self.rate_limit.key if self.rate_limit else None
+        return {"lock": (self.lock, list(self._lock_fields)), "rate_limit key": (rate, list(self._rate_fields))}
+
     def rate_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The budget a submit counts against: its formatted key, or None (one budget for the
         task, or no rate limit)."""
@@ -180,8 +186,12 @@ class Task(Generic[P, R]):
         session: Session | None,
         run_at: float | None,
         priority: int | None = None,
+        injected: tuple[Any, ...] = (),
     ) -> tuple[list[Any], bytes]:
-        """Validate and serialize one submit: (header item, payload). Raises before anything is sent."""
+        """Validate and serialize one submit: (header item, payload). Raises before anything is sent.
+        ``injected``: stand-ins for the inputs a workflow step is given first (not in its payload);
+        its keys are formatted over them and ``args`` (``flows._Compiler`` checks that no key
+        names them)."""
         if session is not None and not isinstance(session, Session):
             raise ConfigError(f"session={session!r}: expected a capsule_actors.Session or None")
         if session is None and self.needs_session:
@@ -189,8 +199,8 @@ class Task(Generic[P, R]):
                 f"task {self.name!r} declares the parameter 'session' without a default: submit it with "
                 "session=cpsl.Session(ID), or declare `session: cpsl.Session | None = None`"
             )
-        lock_key = self.lock_key(args, kwargs)
-        rate_key = self.rate_key(args, kwargs)
+        lock_key = self.lock_key((*injected, *args), kwargs)
+        rate_key = self.rate_key((*injected, *args), kwargs)
         try:
             payload = cloudpickle.dumps((args, kwargs), protocol=5)
         except Exception as exc:

@@ -276,12 +276,7 @@ def batches(prepared: list[Prepared]) -> Iterator[list[Prepared]]:
     batch: list[Prepared] = []
     size = 0
     for p in prepared:
-        cost = 16 + sum(len(v) for v in p[0] if isinstance(v, str))
-        if cost > _ITEM_MAX_BYTES:
-            raise ConfigError(
-                f"task {p[0][1]!r}: its lock key and session id take {cost} bytes; keep them "
-                f"under {_ITEM_MAX_BYTES} (they are routing keys, not data: pass data as arguments)"
-            )
+        cost = item_cost(p[0])
         if batch and (len(batch) >= _BATCH_ITEMS or size + cost > _BATCH_HEADER_BYTES):
             yield batch
             batch, size = [], 0
@@ -289,6 +284,17 @@ def batches(prepared: list[Prepared]) -> Iterator[list[Prepared]]:
         size += cost
     if batch:
         yield batch
+
+
+def item_cost(item: list[Any]) -> int:
+    """The bytes an item takes in a Submit header; ConfigError past what one item may take."""
+    cost = 16 + sum(len(v) for v in item if isinstance(v, str))
+    if cost > _ITEM_MAX_BYTES:
+        raise ConfigError(
+            f"task {item[1]!r}: its lock key and session id take {cost} bytes; keep them "
+            f"under {_ITEM_MAX_BYTES} (they are routing keys, not data: pass data as arguments)"
+        )
+    return cost
 
 
 def _submit_of(

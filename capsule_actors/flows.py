@@ -9,17 +9,22 @@ supervisor (``supervisor/flows.py``) releases a waiting step in the transaction 
 outcome releasing it; the released step's arguments are a pickle that, once unpickled in the
 actor, puts the inputs' results in front of the step's own arguments (``FlowArgs``). The
 supervisor never unpickles anything: it only wraps result bytes it holds.
+
+A step whose task has a ``lock`` is always recorded waiting (even a first step), with its key in
+the envelope: once released, it goes through its key's owner like a submit of that task
+(``on_conflict`` run/queue/join/reject; ``supervisor/flows.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Generator, Iterable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import cloudpickle
 import msgpack
 
-from .client import batches
+from .client import batches, item_cost
 from .errors import ConfigError, ProtocolError, UnknownTask
 from .handle import TaskEventStream, TaskHandle
 from .ids import new_task_id
@@ -38,10 +43,20 @@ Spec: TypeAlias = str | list["Spec"]  # where a value comes from: a step id, or 
 
 
 # ---- what the supervisor reads, and what the actor unpickles --------------------------------
-def envelope(kind: str, inputs: Spec | None, deps: list[str], args: bytes | None, handler: str | None = None) -> bytes:
-    """A waiting step's arguments: ``kind`` is "step", "error" (on_error) or "flow" (the record,
-    whose ``handler`` is the on_error step, if any)."""
-    env = {"k": kind, "in": inputs, "deps": deps, "a": args, "h": handler}
+def envelope(
+    kind: str,
+    inputs: Spec | None,
+    deps: list[str],
+    args: bytes | None,
+    handler: str | None = None,
+    key: str | None = None,
+) -> bytes:
+    """A waiting step's arguments: ``kind`` is "step", "error" (on_error), "flow" (the record,
+    whose ``handler`` is the on_error step, if any) or "join" (a locked step that joined the
+    task holding its key: ``inputs`` and ``deps`` name that task, ``args`` are the step's released
+    arguments). ``key`` is a locked step's lock key, formatted at submit: the row's own lock key
+    stays NULL until the key's owner admits the step (a waiting step holds no key)."""
+    env = {"k": kind, "in": inputs, "deps": deps, "a": args, "h": handler, "l": key}
     return MAGIC + bytes(msgpack.packb(env, use_bin_type=True))
 
 
@@ -55,10 +70,11 @@ def read_envelope(data: bytes) -> dict[str, Any]:
         raise ProtocolError(f"a workflow envelope does not decode: {exc}") from None
     if (
         not isinstance(env, dict)
-        or env.get("k") not in ("step", "error", "flow")
+        or env.get("k") not in ("step", "error", "flow", "join")
         or not isinstance(env.get("deps"), list)
         or not all(isinstance(d, str) for d in env["deps"])
         or not isinstance(env.get("a"), (bytes, type(None)))
+        or not isinstance(env.get("l"), (str, type(None)))
     ):
         raise ProtocolError("a workflow envelope has bad fields")
     return env
@@ -110,7 +126,25 @@ def flow_record(*_: Any) -> None:
 
 
 # ---- building a workflow ---------------------------------------------------------------------
-class Signature:
+class _Flow:
+    """What a signature, chain, group and chord share: ``submit`` and ``asubmit``."""
+
+    on_error: Signature | None = None  # a Chain's own, given to chain()
+
+    def submit(self, session: Session | None = None) -> FlowHandle:
+        """Record the whole workflow (one transaction) and return its handle."""
+        app, items, handle = _compile(cast("Node", self), session)
+        app.client().submit(FLOW_TASK, items)
+        return handle
+
+    async def asubmit(self, session: Session | None = None) -> FlowHandle:
+        """submit() without blocking the event loop."""
+        app, items, handle = _compile(cast("Node", self), session)
+        await app.client().asubmit(FLOW_TASK, items)
+        return handle
+
+
+class Signature(_Flow):
     """One call of a task, not submitted yet: ``task.s(*args, **kwargs)``, or
     ``task.options(priority=…, session=…).s(...)`` for that step's own priority or session."""
 
@@ -128,28 +162,19 @@ class Signature:
     def __repr__(self) -> str:
         return f"<Signature {self.task.name}{self.args!r}>"
 
-    def submit(self, session: Session | None = None) -> FlowHandle:
-        return _submit(self, None, session)
 
-
-class Chain:
+class Chain(_Flow):
     """Steps one after the other, each given the previous one's result as its first argument."""
 
     def __init__(self, steps: list[Node], on_error: Signature | None) -> None:
         self.steps, self.on_error = steps, on_error
 
-    def submit(self, session: Session | None = None) -> FlowHandle:
-        return _submit(self, self.on_error, session)
 
-
-class Group:
+class Group(_Flow):
     """Members run in parallel; the group's value is the list of their results, in order."""
 
     def __init__(self, members: list[Node]) -> None:
         self.members = members
-
-    def submit(self, session: Session | None = None) -> FlowHandle:
-        return _submit(self, None, session)
 
 
 Node: TypeAlias = Signature | Chain | Group
@@ -194,7 +219,13 @@ def _check_node(node: Any, what: str) -> None:
 
 
 class _Compiler:
-    """Turns a workflow into Submit items: each step with the spec of its inputs."""
+    """Turns a workflow into Submit items: each step with the spec of its inputs.
+
+    A step whose task has a ``lock`` is recorded waiting even with no inputs, its key (formatted
+    here, from its own arguments) in its envelope, not in its row: the supervisor sends it to the
+    key's owner for admission when it is released (``supervisor/flows.py``), as a submit of that
+    task then. So a key may not name the input a step is given (``ConfigError``): that value
+    exists only as the previous step's pickled result, which the supervisor never unpickles."""
 
     def __init__(self, app: App, session: Session | None) -> None:
         self.app, self.session = app, session
@@ -212,12 +243,15 @@ class _Compiler:
         return inputs
 
     def step(self, sig: Signature, inputs: Spec | None, extra: tuple[Any, ...] = ()) -> str:
-        task = self.check(sig, (*extra, *(() if inputs is None else (None,))))
-        item, args = task.prepare(sig.args, sig.kwargs, sig.session or self.session, None, sig.priority)
-        if inputs is not None or extra:
+        injected = (*extra, *(() if inputs is None else (None,)))
+        task = self.check(sig, injected)
+        item, args = task.prepare(sig.args, sig.kwargs, sig.session or self.session, None, sig.priority, injected)
+        key = item[2]
+        if inputs is not None or extra or key is not None:
+            item_cost(item)  # with its key, as a submit of the task would be checked
             deps = _flat(inputs) if inputs is not None else []
-            item[5] = WAITING
-            args = envelope("error" if extra else "step", inputs, deps, args)
+            item[2], item[5] = None, WAITING
+            args = envelope("error" if extra else "step", inputs, deps, args, key=key)
         self.items.append((item, args))
         self.steps.append(item[0])
         return str(item[0])
@@ -226,8 +260,6 @@ class _Compiler:
         task = sig.task
         if self.app.tasks.get(task.name) is not task:
             raise ConfigError(f"signature of task {task.name!r}, which app {self.app.name!r} does not have")
-        if task.lock is not None:
-            raise ConfigError(f"task {task.name!r} has a lock key: locked tasks cannot be workflow steps yet")
         params = [p for name, p in task.signature.parameters.items() if name != "session"]
         try:
             task.signature.replace(parameters=params).bind(*injected, *sig.args, **sig.kwargs)
@@ -236,18 +268,42 @@ class _Compiler:
             raise ConfigError(
                 f"task {task.name!r}: {given}arguments {sig.args!r} {sig.kwargs!r} do not fit: {exc}"
             ) from None
+        taken = _injected_into(params, len(injected))
+        for what, (template, fields) in task.key_parameters().items():
+            for field in fields:
+                if field in taken:
+                    raise ConfigError(
+                        f"workflow step {task.name!r}: its {what} template {template!r} names {{{field}}}, "
+                        "the input the step is given, known only when the step before it ends; a step's "
+                        "keys are formatted at submit from its own arguments: name another parameter"
+                    )
         return task
+
+
+def _injected_into(params: list[inspect.Parameter], count: int) -> set[str]:
+    """The parameters that the first ``count`` positional values bind to."""
+    taken: set[str] = set()
+    for p in params:
+        if len(taken) >= count:
+            break
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            taken.add(p.name)
+        elif p.kind == p.VAR_POSITIONAL:
+            taken.add(p.name)
+            break
+    return taken
 
 
 def _flat(spec: Spec) -> list[str]:
     return [spec] if isinstance(spec, str) else [s for part in spec for s in _flat(part)]
 
 
-def _submit(root: Node, on_error: Signature | None, session: Session | None) -> FlowHandle:
+def _compile(root: Node, session: Session | None) -> tuple[App, list[tuple[list[Any], bytes]], FlowHandle]:
+    """The Submit items of a workflow (its steps, then its record), and the handle it will have."""
     app = _app_of(root)
     compiler = _Compiler(app, session)
     out = compiler.node(root, None)
-    steps, handler = list(compiler.steps), None
+    steps, handler, on_error = list(compiler.steps), None, root.on_error
     if on_error is not None:
         handler = compiler.step(on_error, None, extra=("step id", "error"))
         compiler.items[-1] = (compiler.items[-1][0], _with_deps(compiler.items[-1][1], steps))
@@ -260,13 +316,12 @@ def _submit(root: Node, on_error: Signature | None, session: Session | None) -> 
             f"a workflow of {len(compiler.items)} steps does not fit one Submit (at most {MAX_STEPS} steps, "
             "512 KiB of lock keys and session ids): it would not be recorded in one transaction"
         )
-    app.client().submit(FLOW_TASK, compiler.items)
-    return FlowHandle(app, flow_id, compiler.steps)
+    return app, compiler.items, FlowHandle(app, flow_id, compiler.steps)
 
 
 def _with_deps(data: bytes, deps: list[str]) -> bytes:
     env = read_envelope(data)
-    return envelope(env["k"], env["in"], deps, env["a"])
+    return envelope(env["k"], env["in"], deps, env["a"], key=env.get("l"))
 
 
 def _app_of(node: Node) -> App:

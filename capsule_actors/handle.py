@@ -81,6 +81,7 @@ _ERRORS_BY_NAME = {
     "TaskCancelled": errors.TaskCancelled,
     "WorkerCrashed": errors.WorkerCrashed,
     "TaskTimeout": errors.TaskTimeout,
+    "LockConflict": errors.LockConflict,  # a workflow step its key's owner refused (on_conflict="reject")
 }
 
 

@@ -110,6 +110,20 @@ def test_waiting_workflow_steps_are_found_released_and_never_due(task_store, sto
     db.commit()
 
 
+def test_a_locked_step_takes_its_key_and_a_new_place_in_submit_order(task_store):
+    """A released locked step admitted by its key's owner: its key and arguments are written, and
+    it comes after the key's live tasks recorded before its admission (not its workflow's submit)."""
+    db = task_store
+    db.begin()
+    db.insert_tasks([new("step", state=SCHEDULED, args=b"envelope"), new("holder", lock_key="k")])
+    db.lock_step("step", "k", b"released")
+    db.requeue("step", None, None, None)
+    db.commit()
+    assert db.live_locked() == [("holder", "t", "k"), ("step", "t", "k")]
+    assert [t.id for t in db.live_tasks()] == ["holder", "step"]
+    assert db.args("step") == b"released" and db.flow_waiting() == []
+
+
 def test_schedule_marks_slots_and_session_values(task_store):
     db = task_store
     db.begin()

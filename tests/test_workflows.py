@@ -5,9 +5,12 @@ notes its own starts in a file, so every check reads what really ran in the acto
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import queue
 import random
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -57,6 +60,13 @@ def pair(xs: list[int], tag: str) -> list[object]:
 
 @app.task(retries=10, backoff=FAST)
 async def step(prev: int, log: str, label: str) -> int:
+    _note(log, label)
+    await asyncio.sleep(random.uniform(0.05, 0.3))
+    return prev + 1
+
+
+@app.task(retries=10, backoff=FAST, lock="k:{key}", on_conflict="queue")
+async def locked_step(prev: int, key: str, log: str, label: str) -> int:
     _note(log, label)
     await asyncio.sleep(random.uniform(0.05, 0.3))
     return prev + 1
@@ -133,6 +143,95 @@ def count(blobs: list[bytes]) -> int:
 @other.task()
 def foreign(x: int) -> int:
     return x
+
+
+# ---- locked steps: each run notes "start LABEL T" and "end LABEL T" (T: the system's monotonic clock)
+def _runs(log: str) -> dict[str, list[tuple[float, float]]]:
+    """label -> the (start, end) of each run that ended (a run cut short by a kill has no end)."""
+    began: dict[str, float] = {}
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for line in _lines(log):
+        what, label, at = line.split()
+        if what == "start":
+            began[label] = float(at)
+        else:
+            runs.setdefault(label, []).append((began.pop(label), float(at)))
+    return runs
+
+
+def _no_overlap(runs: list[tuple[float, float]]) -> None:
+    runs = sorted(runs)
+    for (_, end), (start, _) in itertools.pairwise(runs):
+        assert end <= start, runs
+
+
+async def _run_noted(log: str, label: str, gate: str | None = None) -> None:
+    _note(log, f"start {label} {time.monotonic()}")
+    await asyncio.sleep(0.1)
+    while gate is not None and not os.path.exists(gate):
+        await asyncio.sleep(0.02)
+    _note(log, f"end {label} {time.monotonic()}")
+
+
+@app.task(lock="slot:{name}", on_conflict="queue")
+async def guarded(prev: int, name: str, log: str, label: str) -> int:
+    await _run_noted(log, label)
+    return prev + 1
+
+
+@app.task(lock="slot:{name}", on_conflict="queue")
+async def guarded_first(name: str, log: str, label: str) -> int:
+    await _run_noted(log, label)
+    return 0
+
+
+@app.task(lock="door", on_conflict="queue", retries=3, backoff=FAST)
+async def holds(log: str, label: str, gate: str) -> int:
+    await _run_noted(log, label, gate)
+    return 7
+
+
+@app.task(lock="door", on_conflict="reject")
+async def knocks(prev: int, log: str) -> int:
+    await _run_noted(log, "knocks")
+    return prev
+
+
+@app.task(lock="door", on_conflict="join")
+async def joins(prev: int, log: str) -> int:
+    await _run_noted(log, "joins")
+    return prev
+
+
+@app.task(lock="door", on_conflict="queue")
+async def waits_turn(prev: int, log: str) -> int:
+    await _run_noted(log, "waits_turn")
+    return prev + 1
+
+
+@app.task(lock="n:{prev}")
+def keyed_by_input(prev: int) -> int:
+    return prev
+
+
+def _wait_event(handle: cpsl.TaskHandle, kind: str, timeout: float = 30.0) -> cpsl.TaskEvent:
+    """The first event of ``kind`` of a live task (its stream long-polls: read in a thread, so
+    that the wait has a deadline)."""
+    found: queue.Queue[cpsl.TaskEvent | None] = queue.Queue()
+
+    def scan() -> None:
+        try:
+            found.put(next((e for e in handle.events() if e.kind == kind), None))
+        except Exception:
+            found.put(None)
+
+    threading.Thread(target=scan, daemon=True).start()
+    try:
+        event = found.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"no {kind!r} event of task {handle.id} within {timeout} s")
+    assert event is not None, f"task {handle.id} ended without a {kind!r} event"
+    return event
 
 
 def test_a_chain_a_chord_and_their_nesting_give_the_right_results(start):
@@ -222,7 +321,8 @@ def test_bad_input_raises_config_error_before_anything_is_recorded(start):
 
 
 def test_supervisor_sigkills_lose_no_workflow_and_start_no_step_twice(start, tmp_path: Path):
-    """20 chords and 20 chains, the supervisor SIGKILLed at random moments while they run: every
+    """20 chords and 20 chains (their second steps locked, three keys among them), the supervisor
+    SIGKILLed at random moments while they run: every
     workflow ends with the right value, and no step (callbacks included: one file per run) ran
     more often than its attempts allow. A Run may leave before the commit that records its
     attempt (docs/architecture.md, group commit): a kill in between re-runs it under the same
@@ -239,8 +339,9 @@ def test_supervisor_sigkills_lose_no_workflow_and_start_no_step_twice(start, tmp
         for k in range(len(chords), min(20, len(chords) + 5)):
             members = [member.s(i, log, f"c{k}.m{i}") for i in range(5)]
             chords.append(cpsl.chord(members, callback.s(log, f"c{k}.cb", str(runs))).submit())
-            rest = [step.s(log, f"s{k}.{j}") for j in range(1, 5)]
-            chains.append(cpsl.chain(step.s(0, log, f"s{k}.0"), *rest).submit())
+            rest = [step.s(log, f"s{k}.{j}") for j in range(2, 5)]  # the second step is locked (3 keys)
+            second = locked_step.s(f"{k % 3}", log, f"s{k}.1")
+            chains.append(cpsl.chain(step.s(0, log, f"s{k}.0"), second, *rest).submit())
         time.sleep(rng.uniform(0.05, 0.6))
         os.kill(rt.pid, signal.SIGKILL)
         rt.process.wait(10)
@@ -328,3 +429,112 @@ def test_inputs_too_large_for_a_run_fail_the_step_without_running_it(start):
     callback_info = flow.steps()[-1].info()
     assert callback_info.state == cpsl.TaskState.FAILED and callback_info.attempts == 0
     assert callback_info.error is not None and callback_info.error[0] == "SerializationError"
+
+
+def test_locked_steps_of_different_workflows_never_overlap_on_their_key(start, tmp_path: Path):
+    """Chains and a group whose steps share one lock key (queue): every step runs, one at a time."""
+    log = str(tmp_path / "runs")
+    start(app, workers=2, process_workers=1)
+    chains = [
+        cpsl.chain(guarded_first.s("shared", log, f"w{k}.0"), guarded.s("shared", log, f"w{k}.1")).submit()
+        for k in range(3)
+    ]
+    members = cpsl.group([guarded.s(i, "shared", log, f"g.{i}") for i in range(2)]).submit()
+    for flow in chains:
+        assert flow.result(timeout=60) == 1
+    assert members.result(timeout=60) == [1, 2]
+    runs = _runs(log)
+    assert sorted(runs) == sorted([f"w{k}.{j}" for k in range(3) for j in range(2)] + ["g.0", "g.1"])
+    assert all(len(r) == 1 for r in runs.values())
+    _no_overlap([run for label_runs in runs.values() for run in label_runs])
+    step = chains[0].steps()[1].info()
+    assert step.lock_key == "slot:shared" and step.attempts == 1
+
+
+def test_a_locked_step_is_admitted_as_a_submit_reject_join_and_queue(start, tmp_path: Path):
+    """Given a task holding the key "door": a step that would reject fails its workflow with
+    LockConflict without running; one that joins ends with the holder's result (and releases the
+    next step); one that queues runs after the holder, never with it."""
+    log, gate = str(tmp_path / "runs"), str(tmp_path / "gate")
+    start(app, workers=2, process_workers=1)
+    holder = holds.submit(log, "holder", gate)
+    wait_until(lambda: _lines(log), 30)
+
+    rejected = cpsl.chain(add.s(1, 2), knocks.s(log), add.s(10)).submit()
+    with pytest.raises(cpsl.LockConflict, match=r"'door'.*" + holder.id):
+        rejected.result(timeout=30)
+    refused = rejected.steps()[1].info()
+    assert refused.state == cpsl.TaskState.FAILED and refused.attempts == 0
+    assert refused.error is not None and refused.error[0] == "LockConflict"
+    assert refused.lock_key == "door"
+    assert rejected.steps()[2].status() == cpsl.TaskState.CANCELLED
+
+    joined = cpsl.chain(add.s(1, 2), joins.s(log), add.s(10)).submit()
+    queued = cpsl.chain(add.s(1, 2), waits_turn.s(log)).submit()
+    _wait_event(joined.steps()[1], "joined")
+    wait_until(lambda: queued.steps()[1].info().lock_key == "door", 30)  # admitted: queued behind the holder
+    assert queued.steps()[1].status() == cpsl.TaskState.QUEUED
+    Path(gate).touch()
+    assert holder.result(timeout=30) == 7
+    assert joined.result(timeout=30) == 17  # the holder's 7, then + 10
+    assert queued.result(timeout=30) == 4
+    joiner = joined.steps()[1].info()
+    assert (joiner.state, joiner.attempts, joined.steps()[1].result(timeout=5)) == (cpsl.TaskState.SUCCEEDED, 0, 7)
+    runs = _runs(log)
+    assert "knocks" not in runs and "joins" not in runs
+    _no_overlap(runs["holder"] + runs["waits_turn"])
+
+
+def test_a_lock_key_that_names_the_input_is_refused_at_submit(start):
+    start(app, workers=1, process_workers=1)
+    with pytest.raises(cpsl.ConfigError, match=r"keyed_by_input.*\{prev\}"):
+        cpsl.chain(add.s(1, 2), keyed_by_input.s()).submit()
+    assert cpsl.chain(keyed_by_input.s(5), add.s(1)).submit().result(timeout=30) == 6  # a first step's is known
+    assert cpsl.group([keyed_by_input.s(i) for i in range(3)]).submit().result(timeout=30) == [0, 1, 2]
+
+
+def test_locked_steps_queued_and_joined_survive_a_supervisor_sigkill(start, tmp_path: Path):
+    """A step queued behind its key's holder and one that joined it, when the supervisor is
+    SIGKILLed (its actors die with it): after the restart the holder runs again, the queued step
+    runs once and after it (though its workflow was recorded before the holder: a step takes its
+    place for the key when it is admitted), and the joined one ends with the holder's result."""
+    log, gate = str(tmp_path / "runs"), str(tmp_path / "gate")
+    first_log, first_gate = str(tmp_path / "first"), str(tmp_path / "first-gate")
+    rt = start(app, workers=2, process_workers=1)
+    queued = cpsl.chain(waits.s(first_gate, first_log), waits_turn.s(log), add.s(100)).submit()
+    wait_until(lambda: _lines(first_log) == ["started"], 30)
+    holder = holds.submit(log, "holder", gate)
+    wait_until(lambda: _lines(log), 30)
+    Path(first_gate).touch()
+    wait_until(lambda: queued.steps()[1].info().lock_key == "door", 30)  # admitted: queued behind the holder
+    joined = cpsl.chain(add.s(1, 2), joins.s(log), add.s(10)).submit()
+    _wait_event(joined.steps()[1], "joined")
+
+    os.kill(rt.pid, signal.SIGKILL)
+    rt.process.wait(10)
+    start(app, workers=2, process_workers=1)
+    wait_until(lambda: sum(line.startswith("start holder") for line in _lines(log)) == 2, 30)  # run again
+    Path(gate).touch()
+    assert holder.result(timeout=30) == 7
+    assert queued.result(timeout=30) == 102
+    assert joined.result(timeout=30) == 17
+    runs = _runs(log)
+    assert len(runs["holder"]) == 1 and len(runs["waits_turn"]) == 1 and "joins" not in runs
+    assert runs["holder"][0][1] <= runs["waits_turn"][0][0]
+    assert joined.steps()[1].info().attempts == 0
+
+
+def test_asubmit_returns_the_handle_of_a_chain_a_chord_a_group_and_a_signature(start):
+    start(app, workers=2, process_workers=1)
+
+    async def main() -> list[object]:
+        flows = [
+            await cpsl.chain(add.s(1, 2), add.s(10)).asubmit(),
+            await cpsl.chord([add.s(i, i) for i in range(5)], total.s()).asubmit(),
+            await cpsl.group([add.s(1, 1), add.s(2, 2)]).asubmit(),
+            await add.s(2, 3).asubmit(),
+        ]
+        assert all(isinstance(flow, cpsl.FlowHandle) for flow in flows)
+        return list(await asyncio.wait_for(asyncio.gather(*flows), 30))
+
+    assert asyncio.run(main()) == [13, 20, [2, 4], 5]

@@ -212,6 +212,12 @@ class TaskStore(abc.ABC):
         """Replace a task's pickled arguments (a workflow step released with its inputs)."""
 
     @abc.abstractmethod
+    def lock_step(self, task_id: str, key: str, args: bytes) -> None:
+        """A released locked workflow step its key's owner decided about: its lock key, its
+        released arguments, and a new place in submit order (for its key it is submitted now:
+        recovery and the owners' rebuilds order a key's live tasks by it)."""
+
+    @abc.abstractmethod
     def results(self, task_ids: list[str]) -> dict[str, bytes]:
         """The pickled results of these tasks (a released workflow step's inputs): one query."""
 

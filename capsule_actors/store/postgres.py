@@ -557,6 +557,15 @@ class PostgresStore(TaskStore):
         self._w("UPDATE {s}.tasks SET args=%s WHERE id=%s", (args, task_id))
         self._keep_args(task_id, args)
 
+    def lock_step(self, task_id: str, key: str, args: bytes) -> None:
+        self._kept_args(task_id)
+        self._w(
+            "UPDATE {s}.tasks SET seq=nextval(pg_get_serial_sequence('{s}.tasks', 'seq')), lock_key=%s, args=%s "
+            "WHERE id=%s",
+            (key, args, task_id),
+        )
+        self._keep_args(task_id, args)
+
     def results(self, task_ids: list[str]) -> dict[str, bytes]:
         rows = self._q("SELECT id, result FROM {s}.tasks WHERE id = ANY(%s)", (task_ids,)).fetchall()
         return {task_id: bytes(result or b"") for task_id, result in rows}

@@ -513,6 +513,12 @@ class SQLiteStore(TaskStore):
     def set_args(self, task_id: str, args: bytes) -> None:
         self._w("UPDATE tasks SET args=? WHERE id=?", (args, task_id))
 
+    def lock_step(self, task_id: str, key: str, args: bytes) -> None:
+        self._w(
+            "UPDATE tasks SET rowid=(SELECT max(rowid) + 1 FROM tasks), lock_key=?, args=? WHERE id=?",
+            (key, args, task_id),
+        )
+
     def results(self, task_ids: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         for i in range(0, len(task_ids), 500):  # under SQLite's bound-parameter limit

@@ -264,14 +264,14 @@ class Supervisor:
         self.waiters = waiters = Waiters(db, tasks, outbox)
         self.keys = keys = KeyRouting(app, tasks, children, db, outbox)
         self.limits = limits = Limits(app, tasks, timers)
-        self.flows = flows = FlowSteps(db, tasks, app.max_payload_bytes)
+        self.flows = flows = FlowSteps(db, tasks, keys, app.max_payload_bytes)
         self.intake = intake = Intake(
             app, db, tasks, keys, flows, waiters, outbox, timers, self.state_dir, self._commit_durably, self.tally
         )
         self.attempts = attempts = Attempts(
             app, db, tasks, children, keys, limits, flows, waiters, outbox, timers, intake.dead_letter, self.tally
         )
-        flows.bind(intake.make_due, intake.load_stored, attempts.finish, attempts.abandon)  # built after it
+        flows.bind(intake.make_due, intake.load_stored, attempts.finish, attempts.abandon, intake.hold_step)
         self.sessions = sessions = Sessions(app, db, tasks, outbox)
         self.retention = retention = Retention(app, db, timers)
         self.node_link = NodeLink(app, self.grace, nodes, children, keys, tasks, timers)

@@ -11,6 +11,18 @@ cancels every step not finished; the on_error step is released by the first fail
 crash ``recover`` rebuilds the waiting steps from the store and applies the outcomes already
 there. Nothing is unpickled here: a released step's arguments wrap the result bytes
 (``flows.FlowArgs``), which the actor unpickles.
+
+Locked steps. A step whose task has a ``lock`` waits holding no key (its row's lock key is NULL;
+the key, formatted at submit, is in its envelope), and is recorded waiting even with no inputs
+(``release_ready`` releases those once their Submit is recorded). Released, it is *submitted to
+its key's owner* (``KeyRouting.admit``, an ``Admission``) and stays a waiting row meanwhile: a
+crash before the decision is recorded releases it again at ``recover``. The decision, in one
+turn: run or queue -- the row gets its key, its arguments and a new place in submit order
+(``TaskStore.lock_step``) and is queued as an admitted locked task (``Intake.hold_step``); join
+-- it becomes a waiting row of kind "join" on the holder, and ends with the holder's outcome
+(its result, or its error), which releases what follows it as its own end would; reject -- it
+ends FAILED with ``LockConflict`` naming the key and the holder, and the workflow with it. A
+step that ends while its owner decides (a cancel) gives the key back if it was granted.
 """
 
 from __future__ import annotations
@@ -23,11 +35,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProtocolError
-from ..flows import FlowArgs, FlowValue, Spec, read_envelope
+from ..flows import FlowArgs, FlowValue, Spec, envelope, read_envelope
 from ..states import CANCELLED, FAILED, RUNNING, SUCCEEDED, TaskState
 
 if TYPE_CHECKING:
     from ..store import Error, TaskStore
+    from .keys import KeyRouting
     from .tasks import LiveTask, TaskTable
 
 log = logging.getLogger("capsule_actors.supervisor")
@@ -43,17 +56,29 @@ class Waiting:
     deps: list[str]
     session_id: str | None
     remaining: set[str]
+    key: str | None = None  # a locked step's lock key: its owner admits it once released
+
+
+@dataclasses.dataclass(eq=False)
+class Admission:
+    """A released locked step whose key's owner is deciding (``KeyRouting.admit``'s context)."""
+
+    step: Waiting
+    args: bytes  # its released arguments, recorded once it is admitted
 
 
 class FlowSteps:
     """Owns the waiting steps in memory and who waits for which task (``watched``)."""
 
-    def __init__(self, store: TaskStore, tasks: TaskTable, max_payload_bytes: int) -> None:
+    def __init__(self, store: TaskStore, tasks: TaskTable, keys: KeyRouting, max_payload_bytes: int) -> None:
         self._max_payload = max_payload_bytes  # a released step's arguments (its inputs) must fit a Run
         self._store = store
         self._tasks = tasks
+        self._keys = keys
         self.watched: dict[str, list[str]] = {}  # task id -> the waiting ones that depend on it
         self._waiting: dict[str, Waiting] = {}
+        self._admitting: dict[str, Admission] = {}  # released locked steps, by id, until their owner decides
+        self._ready: list[str] = []  # locked steps with no inputs, recorded: release_ready() releases them
         self._ends: collections.deque[tuple[str, TaskState, bytes, Error | None]] = collections.deque()
         self._draining = False
         self._replaying = False  # recover(): outcomes seen before the restart are not new events
@@ -62,6 +87,7 @@ class FlowSteps:
         self._load: Callable[[str], LiveTask | None] = _unbound
         self._finish: Callable[[LiveTask, TaskState, bytes, Error | None], None] = _unbound
         self._abandon: Callable[[LiveTask], None] = _unbound
+        self._hold: Callable[[str, str, bool], None] = _unbound
 
     def bind(
         self,
@@ -69,8 +95,10 @@ class FlowSteps:
         load: Callable[[str], LiveTask | None],
         finish: Callable[[LiveTask, TaskState, bytes, Error | None], None],
         abandon: Callable[[LiveTask], None],
+        hold: Callable[[str, str, bool], None],
     ) -> None:
         self._make_due, self._load, self._finish, self._abandon = make_due, load, finish, abandon
+        self._hold = hold
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -84,10 +112,12 @@ class FlowSteps:
             log.error("workflow step %s cannot be read (%s): it stays SCHEDULED; cancel it", task_id, exc)
             return
         deps = list(env["deps"])
-        self._waiting[task_id] = Waiting(task_id, env["k"], env["in"], deps, session_id, set(deps))
+        self._waiting[task_id] = Waiting(task_id, env["k"], env["in"], deps, session_id, set(deps), env.get("l"))
         self.watched.setdefault(task_id, [])
         for dep in deps:
             self.watched.setdefault(dep, []).append(task_id)
+        if not deps and env["k"] == "step":  # a locked step with no inputs: admitted once all is recorded
+            self._ready.append(task_id)
         if new and env["k"] == "flow":  # its steps and their inputs: FlowHandle.from_id, `capsule-actors flow`
             inputs = {step: self._waiting[step].spec for step in deps if step in self._waiting}
             data = {"steps": deps, "inputs": inputs, "on_error": env.get("h"), "value": env["in"]}
@@ -108,8 +138,20 @@ class FlowSteps:
                     self.ended(dep, TaskState(state), result or b"", error)
         finally:
             self._replaying = False
+        self.release_ready()
         if self._waiting:
             log.info("recovered %d waiting workflow steps from the store", len(self._waiting))
+
+    def release_ready(self) -> None:
+        """Release the locked steps without inputs recorded since the last call: called once the
+        rows of a Submit are all recorded (so their flow record sees what their admission does)."""
+        if not self._ready:
+            return
+        ready, self._ready = self._ready, []
+        for task_id in ready:
+            w = self._waiting.get(task_id)
+            if w is not None and not w.remaining:
+                self._release(w, ())
 
     # ---- outcomes ----------------------------------------------------------------------------
     def ended(self, task_id: str, state: TaskState, result: bytes, error: Error | None) -> None:
@@ -126,6 +168,7 @@ class FlowSteps:
             self._draining = False
 
     def _on_end(self, task_id: str, state: TaskState, result: bytes, error: Error | None) -> None:
+        self._admitting.pop(task_id, None)  # ended while its owner decided: the decision is dropped
         own = self._waiting.pop(task_id, None)
         if own is not None and own.kind == "flow" and state != SUCCEEDED:
             self._cancel_steps(own, f"workflow {task_id} ended {state}")
@@ -136,20 +179,15 @@ class FlowSteps:
                 continue
             w.remaining.discard(task_id)
             if w.kind == "flow":
-                self._add_step_event(w, task_id, state)
-                if state != SUCCEEDED:
-                    etype, emsg, trace = error or ("TaskCancelled", "", "")
-                    why = f"step {task_id} of workflow {w.id} ended {state}: {etype}: {emsg}"
-                    self._end(w, state, result, (etype, emsg or why, trace), why)
-                elif not w.remaining:
-                    assert w.spec is not None
-                    self._end(w, SUCCEEDED, pickle.dumps(FlowValue(w.spec, self._results(w.spec)), protocol=5), None)
+                self._step_ended(w, task_id, state, result, error)
             elif w.kind == "error":
                 if state == FAILED:
                     etype, emsg, _ = error or ("TaskFailed", "", "")
                     self._release(w, (task_id, f"{etype}: {emsg}"))
                 elif not w.remaining:
                     self._end(w, CANCELLED, b"", ("TaskCancelled", "no step of the workflow failed", ""))
+            elif w.kind == "join":
+                self._end_joined(w, state, result, error)
             elif state != SUCCEEDED:
                 etype, emsg, _ = error or ("TaskCancelled", "", "")
                 self._end(
@@ -157,6 +195,19 @@ class FlowSteps:
                 )
             elif not w.remaining:
                 self._release(w, ())
+
+    def _step_ended(self, record: Waiting, step: str, state: TaskState, result: bytes, error: Error | None) -> None:
+        """A step of the workflow whose ``record`` this is ended: the record ends with its
+        failure, or with the value once every step succeeded."""
+        self._add_step_event(record, step, state)
+        if state != SUCCEEDED:
+            etype, emsg, trace = error or ("TaskCancelled", "", "")
+            why = f"step {step} of workflow {record.id} ended {state}: {etype}: {emsg}"
+            self._end(record, state, result, (etype, emsg or why, trace), why)
+        elif not record.remaining:
+            assert record.spec is not None
+            value = pickle.dumps(FlowValue(record.spec, self._results(record.spec)), protocol=5)
+            self._end(record, SUCCEEDED, value, None)
 
     def _add_step_event(self, record: Waiting, step: str, state: TaskState) -> None:
         if self._replaying:  # recorded before the restart (or, for a step recovery failed, not at all)
@@ -179,8 +230,62 @@ class FlowSteps:
             self._waiting[w.id] = w  # ended as a waiting one: it never ran
             self._end(w, FAILED, b"", ("SerializationError", why, ""))
             return
-        self._store.set_args(w.id, args)
-        self._make_due(w.id)
+        if w.key is None:
+            self._store.set_args(w.id, args)
+            self._make_due(w.id)
+            return
+        row = self._store.live_task(w.id)
+        if row is not None:
+            self._admitting[w.id] = admission = Admission(w, args)
+            self._keys.admit(w.id, w.key, row.name, admission)
+
+    # ---- locked steps ------------------------------------------------------------------------
+    def admitted(self, admission: Admission, verdict: str, holder: str, slot: str) -> None:
+        """The key's owner decided about a released locked step (``Intake.on_admitted``)."""
+        w = admission.step
+        assert w.key is not None
+        if self._admitting.get(w.id) is not admission:  # it ended meanwhile (cancelled): nothing runs
+            if verdict in ("run", "queue"):
+                self._keys.free(w.id, w.key, slot)
+            return
+        del self._admitting[w.id]
+        if verdict in ("run", "queue"):
+            self._store.lock_step(w.id, w.key, admission.args)
+            self._store.requeue(w.id, w.session_id, None, None)
+            self._hold(w.id, slot, verdict == "queue")
+        elif verdict == "join":
+            self._join(w, holder, admission.args)
+        else:
+            self._waiting[w.id] = w  # ended as a waiting one: it never ran
+            why = f"lock key {w.key!r} is held by live task {holder} (on_conflict='reject')"
+            self._end(w, FAILED, b"", ("LockConflict", why, ""))
+            self._store.lock_step(w.id, w.key, admission.args)  # its key, and arguments a retry can run
+
+    def _join(self, w: Waiting, holder: str, args: bytes) -> None:
+        """The step joins the run of ``holder``, the live task holding its key: recorded as a
+        waiting row of kind "join" (a restart waits for the holder again), it ends with the
+        holder's outcome. The holder ended already if the owner's Release crossed its answer."""
+        assert w.key is not None
+        self._store.set_args(w.id, envelope("join", holder, [holder], args, key=w.key))
+        self._store.add_event(w.id, w.session_id, "joined", {"holder": holder, "key": w.key})
+        joined = self._waiting[w.id] = Waiting(w.id, "join", holder, [holder], w.session_id, {holder}, w.key)
+        outcome = self._store.outcome(holder)
+        if outcome is None:
+            self._end_joined(joined, FAILED, b"", ("CapsuleInternalError", f"the holder {holder} is not recorded", ""))
+        elif outcome[0] in (SUCCEEDED, FAILED, CANCELLED):
+            state, result, (etype, emsg, trace) = outcome
+            error = None if state == SUCCEEDED else (etype or "TaskFailed", emsg or "", trace or "")
+            self._end_joined(joined, TaskState(state), result or b"", error)
+        else:
+            self.watched.setdefault(holder, []).append(w.id)
+
+    def _end_joined(self, w: Waiting, state: TaskState, result: bytes, error: Error | None) -> None:
+        """A joined step ends with its holder's outcome; then its row gets its key and its
+        released arguments (what a ``retry`` of it runs, locked)."""
+        args = read_envelope(self._store.args(w.id))["a"]
+        self._end(w, state, result, error)
+        if w.key is not None and args:
+            self._store.lock_step(w.id, w.key, args)
 
     def _end(self, w: Waiting, state: TaskState, result: bytes, error: Error | None, why: str = "") -> None:
         """End a waiting one without running it (its end comes back through ``ended``)."""

@@ -26,6 +26,7 @@ from ..flows import FLOW_TASK, WAITING
 from ..ids import new_task_id
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
+from .flows import Admission
 from .nodes import NODE_LOSS
 from .tasks import LiveTask, PendingSubmit
 
@@ -178,7 +179,7 @@ class Intake:
                 rows.append(row)  # unlocked, or a resent submit that is already recorded
                 continue
             pending.remaining += 1
-            self._keys.admit(task_id, lock_key, self._app.tasks[name].on_conflict, name, (pending, i, row))
+            self._keys.admit(task_id, lock_key, name, (pending, i, row))
         if batch is not None:
             batch.extend(rows)
         else:
@@ -187,8 +188,13 @@ class Intake:
             self._complete(pending)
 
     def on_admitted(self, decisions: list[Decision]) -> None:
-        """Owners decided locked items: record the ones that run or queue; answer the rest."""
-        for (pending, i, row), verdict, holder, slot in decisions:
+        """Owners decided locked items: record the ones that run or queue; answer the rest.
+        (Released workflow steps are FlowSteps' to decide about.)"""
+        for context, verdict, holder, slot in decisions:
+            if isinstance(context, Admission):
+                self._flows.admitted(context, verdict, holder, slot)
+                continue
+            pending, i, row = context
             if verdict in ("run", "queue"):
                 self._record([row], slot, verdict == "queue")
             else:
@@ -259,6 +265,32 @@ class Intake:
             tasks.add(task)
             if not blocked:
                 tasks.queue(task, row.run_at)
+        self._flows.release_ready()
+
+    def hold_step(self, task_id: str, slot: str, blocked: bool) -> None:
+        """A released locked workflow step that its key's owner admitted (run, or queue behind
+        the holder) and FlowSteps made QUEUED with its key: held as an admitted submit is."""
+        row = self._store.live_task(task_id)
+        if row is None:
+            return
+        task = LiveTask(
+            row.id,
+            row.name,
+            QUEUED,
+            row.attempts,
+            row.lock_key,
+            row.session_id,
+            row.session_owner,
+            owner=slot,
+            blocked=blocked,
+            priority=row.priority,
+            rate_key=row.rate_key,
+        )
+        if self._stored_traces:
+            task.trace = self._stored_traces.pop(row.id, None)
+        self._tasks.add(task)
+        if not blocked:
+            self._tasks.queue(task, None)
 
     def _keep_trace(self, task_id: str, traces: dict[str, str] | None) -> None:
         """A traced task held in the store only (delayed, or in the backlog) keeps its trace

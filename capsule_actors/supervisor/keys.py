@@ -55,10 +55,11 @@ class KeyRouting:
         return owner(key, self.pools[ROLE_PROCESS if self._app.tasks[name].process else ROLE_WORKER])
 
     # ---- admissions --------------------------------------------------------------------------
-    def admit(self, task_id: str, key: str, policy: str, name: str, context: Any) -> None:
-        """Ask the key's owner actor to decide; ``on_admitted`` hands ``context`` back with it."""
+    def admit(self, task_id: str, key: str, name: str, context: Any) -> None:
+        """Ask the key's owner actor to decide, by the task's ``on_conflict``; ``on_admitted``
+        hands ``context`` back with it."""
         self._admissions[task_id] = (name, context)
-        self._route([task_id, key, policy])
+        self._route([task_id, key, self._app.tasks[name].on_conflict])
 
     def _route(self, item: list[str]) -> None:
         """Send ``[task_id, key, policy]`` to the owner; hold it while that actor is down, or while
@@ -100,9 +101,14 @@ class KeyRouting:
 
     def release(self, task: LiveTask) -> None:
         """Tell the key's owner that ``task`` is over (a restarting owner rebuilds from the store)."""
-        proc = self._children.get(task.owner or "")
-        if task.lock_key is not None and proc is not None and proc.ready:
-            self._outbox.to_actor(proc, messages.Release(task.id, task.lock_key).encode())
+        if task.lock_key is not None:
+            self.free(task.id, task.lock_key, task.owner or "")
+
+    def free(self, task_id: str, key: str, slot: str) -> None:
+        """Tell the owner in ``slot`` that ``task_id`` no longer holds or waits for ``key``."""
+        proc = self._children.get(slot)
+        if proc is not None and proc.ready:
+            self._outbox.to_actor(proc, messages.Release(task_id, key).encode())
 
     def rows_for(self, slot: str) -> list[list[Any]]:
         return self._key_rows().get(slot, [])
