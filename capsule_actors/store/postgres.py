@@ -137,7 +137,7 @@ CREATE INDEX IF NOT EXISTS tasks_prioritized ON {s}.tasks(priority, seq)
 -- version 3: a workflow step's workflow (its flow record's id), written with the record's `flow`
 -- event (the board shows a workflow as one card), in an index of step rows only
 ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS flow_id text;
-CREATE INDEX IF NOT EXISTS tasks_flow ON {s}.tasks(flow_id, state) WHERE flow_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_flow ON {s}.tasks(flow_id) WHERE flow_id IS NOT NULL;
 """
 # Version 3 on a store of an older version: the steps of the workflows recorded before, from their
 # `flow` events (run once, when the version goes up).

@@ -140,7 +140,7 @@ CREATE INDEX IF NOT EXISTS tasks_prioritized ON tasks(priority) WHERE state='QUE
 -- a workflow step's workflow (its flow record's id), written with the record's `flow` event: the
 -- board shows a workflow as one card (an index of step rows only: other tasks never enter it)
 ALTER TABLE tasks ADD COLUMN flow_id TEXT;
-CREATE INDEX IF NOT EXISTS tasks_flow ON tasks(flow_id, state) WHERE flow_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_flow ON tasks(flow_id) WHERE flow_id IS NOT NULL;
 -- the workflows recorded before: their steps, from their `flow` events
 UPDATE tasks SET flow_id = f.flow FROM (
     SELECT e.task_id AS flow, s.value AS step

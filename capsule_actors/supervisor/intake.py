@@ -376,7 +376,8 @@ class Intake:
         window full of lower ones; memory is bounded by QUEUE_WINDOW per priority in use."""
         level = self._backlog.get(priority)
         if level is None:
-            if self._tasks.queued_at(priority) < QUEUE_WINDOW:
+            # fewer tasks in memory than the window: its queue has room (the cheap check first)
+            if len(self._tasks.live) < QUEUE_WINDOW or self._tasks.queued_at(priority) < QUEUE_WINDOW:
                 return False
             level = self._backlog[priority] = [0, rowid - 1]
         level[0] += 1

@@ -97,22 +97,24 @@ class ReadyQueue:
         levels = self._levels
         self.top = next((levels[p] for p in self._order if levels[p]), levels[0])
 
-    def _level(self, priority: int) -> collections.deque[str]:
-        queue = self._levels.get(priority)
-        if queue is None:
-            queue = self._levels[priority] = collections.deque()
-            bisect.insort(self._order, priority, key=lambda p: -p)
+    def _new_level(self, priority: int) -> collections.deque[str]:
+        queue = self._levels[priority] = collections.deque()
+        bisect.insort(self._order, priority, key=lambda p: -p)
         return queue
 
     def append(self, task_id: str, priority: int = 0) -> None:
-        queue = self._level(priority)
+        queue = self._levels.get(priority)
+        if queue is None:
+            queue = self._new_level(priority)
         queue.append(task_id)
         if queue is not self.top:
             self._retop()
 
     def appendleft(self, task_id: str, priority: int = 0) -> None:
         """Back to the head of its priority (a Run given back, a task a limit held back)."""
-        queue = self._level(priority)
+        queue = self._levels.get(priority)
+        if queue is None:
+            queue = self._new_level(priority)
         queue.appendleft(task_id)
         if queue is not self.top:
             self._retop()
