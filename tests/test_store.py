@@ -53,6 +53,19 @@ def test_an_attempt_and_its_outcome_with_events_in_order(task_store):
     assert db.take_touched() == (set(), set(), False)
     info = db.info("x")
     assert info is not None and info["attempts"] == 1 and info["slot"] == "w0" and info["state"] == "SUCCEEDED"
+    # the state events' JSON is written without json.dumps of a dict (store.base.quoted): any name
+    # or slot text comes back as it was
+    odd = 'a "quoted"\\ name ñ\n'
+    db.begin()
+    db.insert_tasks([new("y", name=odd)])
+    db.mark_running("y", None, 2, 'n"1/w0', time.time())
+    db.finish("y", None, FAILED, None, ("E", "bad", "tb"), time.time())
+    db.commit()
+    assert [e["data"] for e in db.events_after(0, task_id="y")] == [
+        {"state": "QUEUED", "attempt": 0, "name": odd},
+        {"state": "RUNNING", "attempt": 2, "slot": 'n"1/w0'},
+        {"state": "FAILED", "error": "E: bad"},
+    ]
 
 
 def test_retry_requeue_and_failure_keep_the_error(task_store):

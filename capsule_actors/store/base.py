@@ -31,6 +31,7 @@ Guarantees every implementation gives (the supervisor's correctness rests on the
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
@@ -371,6 +372,21 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def kv_items(self, session_id: str) -> list[tuple[str, str]]: ...
+
+
+_QUOTED: dict[str, str] = {state: json.dumps(state.value) for state in TaskState}
+
+
+def quoted(text: str) -> str:
+    """``json.dumps(text)``, remembered: the state events of every task repeat a few states,
+    task names and slots, and json.dumps of a small dict is a third of what writing one costs."""
+    found = _QUOTED.get(text)
+    if found is None:
+        if len(_QUOTED) > 4096:  # names and slots are few; anything else must not grow it
+            _QUOTED.clear()
+            _QUOTED.update({state: json.dumps(state.value) for state in TaskState})
+        found = _QUOTED[text] = json.dumps(text)
+    return found
 
 
 def check_schema(found: int, known: int, where: str) -> None:

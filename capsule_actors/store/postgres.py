@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError, StateDirError, StoreFull, StoreUnavailable
-from ..states import LIVE, RUNNING, TaskState
+from ..states import LIVE, TaskState
 from .base import (
     ACTOR_EXIT,
     CRASHED_PATTERN,
@@ -53,6 +53,7 @@ from .base import (
     board_flows,
     check_schema,
     flow_members,
+    quoted,
 )
 
 log = logging.getLogger("capsule_actors.store")
@@ -582,11 +583,13 @@ class PostgresStore(TaskStore):
         params: tuple[Any, ...],
         task_id: str,
         session_id: str | None,
-        data: dict[str, Any],
+        data: dict[str, Any] | str,
         returning: bool = False,
     ) -> Any:
-        """One statement: a change of the task's row (``sql``: an UPDATE) and its state event."""
-        event = (task_id, session_id, "state", json.dumps(data), time.time())
+        """One statement: a change of the task's row (``sql``: an UPDATE) and its state event
+        (``data``: a dict, or JSON text already: see ``quoted``)."""
+        text = data if isinstance(data, str) else json.dumps(data)
+        event = (task_id, session_id, "state", text, time.time())
         tail = "SELECT * FROM u" if returning else "SELECT 1"
         rows = self._w(f"WITH u AS ({sql}), ev AS ({_EVENT}) {tail}", (*params, *event), wait=returning)
         self._noted(task_id, session_id, "state")
@@ -599,7 +602,7 @@ class PostgresStore(TaskStore):
             (attempt, slot, now, task_id),
             task_id,
             session_id,
-            {"state": RUNNING, "attempt": attempt, "slot": slot},
+            f'{{"state": "RUNNING", "attempt": {int(attempt)}, "slot": {quoted(slot)}}}',
             returning=kept is None,
         )
         if kept is not None:
@@ -616,9 +619,7 @@ class PostgresStore(TaskStore):
         now: float,
     ) -> None:
         etype, emsg, tb = error or (None, None, None)
-        data: dict[str, Any] = {"state": state}
-        if etype:
-            data["error"] = f"{etype}: {emsg}"
+        data = {"state": state, "error": f"{etype}: {emsg}"} if etype else f'{{"state": {quoted(state)}}}'
         self._with_event(
             "UPDATE {s}.tasks SET state=%s, result=%s, error_type=%s, error_message=%s, traceback=%s, "
             "finished_at=%s, run_at=NULL WHERE id=%s RETURNING 1",

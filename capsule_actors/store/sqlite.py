@@ -52,6 +52,7 @@ from .base import (
     board_flows,
     check_schema,
     flow_members,
+    quoted,
 )
 
 log = logging.getLogger("capsule_actors.store")
@@ -503,7 +504,8 @@ class SQLiteStore(TaskStore):
             )
             if cur.rowcount:
                 new.append((row.id, int(cur.lastrowid or 0)))
-                self.add_event(row.id, row.session_id, "state", {"state": row.state, "attempt": 0, "name": row.name})
+                data = f'{{"state": {quoted(row.state)}, "attempt": 0, "name": {quoted(row.name)}}}'
+                self._add_event(row.id, row.session_id, "state", data)
         return new
 
     def args(self, task_id: str) -> bytes:
@@ -539,7 +541,8 @@ class SQLiteStore(TaskStore):
             "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=? RETURNING args",
             (attempt, slot, now, task_id),
         ).fetchone()
-        self.add_event(task_id, session_id, "state", {"state": RUNNING, "attempt": attempt, "slot": slot})
+        data = f'{{"state": "RUNNING", "attempt": {int(attempt)}, "slot": {quoted(slot)}}}'
+        self._add_event(task_id, session_id, "state", data)
         return bytes(row[0]) if row and row[0] is not None else b""
 
     def finish(
@@ -557,10 +560,10 @@ class SQLiteStore(TaskStore):
             "finished_at=?, run_at=NULL WHERE id=?",
             (state, result, etype, emsg, tb, now, task_id),
         )
-        data: dict[str, Any] = {"state": state}
         if etype:
-            data["error"] = f"{etype}: {emsg}"
-        self.add_event(task_id, session_id, "state", data)
+            self.add_event(task_id, session_id, "state", {"state": state, "error": f"{etype}: {emsg}"})
+        else:
+            self._add_event(task_id, session_id, "state", f'{{"state": {quoted(state)}}}')
 
     def requeue(
         self,
@@ -588,15 +591,19 @@ class SQLiteStore(TaskStore):
         self._w("UPDATE tasks SET progress=? WHERE id=?", (fraction, task_id))
 
     def add_event(self, task_id: str, session_id: str | None, kind: str, data: dict[str, Any]) -> None:
-        self._w(
-            "INSERT INTO events(task_id, session_id, kind, data, ts) VALUES (?,?,?,?,?)",
-            (task_id, session_id, kind, json.dumps(data), time.time()),
-        )
+        self._add_event(task_id, session_id, kind, json.dumps(data))
         if kind == FLOW_EVENT:  # a workflow's steps (recorded in this transaction): they are its own
             steps = flow_members(data)
             for i in range(0, len(steps), 500):  # under SQLite's bound-parameter limit
                 part = steps[i : i + 500]
                 self._w(f"UPDATE tasks SET flow_id=? WHERE id IN ({','.join('?' * len(part))})", (task_id, *part))
+
+    def _add_event(self, task_id: str, session_id: str | None, kind: str, data: str) -> None:
+        """An event whose data is JSON text already (the state events of every task: see quoted)."""
+        self._w(
+            "INSERT INTO events(task_id, session_id, kind, data, ts) VALUES (?,?,?,?,?)",
+            (task_id, session_id, kind, data, time.time()),
+        )
         self._touched.add(task_id)
         self._any_event = True
         if session_id is not None:
