@@ -230,8 +230,7 @@ class Attempts:
         """An attempt is recorded as started: count it, and how long the task waited for it
         (only when /metrics is served: ``_timed``)."""
         now = time.monotonic()
-        self._tally.count("started", task.name)
-        self._tally.waited(task.name, now - task.since)
+        self._tally.started(task.name, now - task.since)
         task.since = now
 
     def _give_back(self, task: LiveTask) -> None:

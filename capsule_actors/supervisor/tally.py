@@ -58,23 +58,30 @@ class TaskTally:
         self.commit_time = Histogram(COMMIT_BUCKETS)
         self.enabled = enabled
         if not enabled:  # nobody serves /metrics: the loop pays a call per event, not the bookkeeping
-            self.count = self.waited = self.ran = _ignore  # type: ignore[method-assign,assignment]
+            self.count = self.started = self.ran = _ignore  # type: ignore[method-assign,assignment]
 
     def count(self, event: str, name: str, n: int = 1) -> None:
         by_name = self.events[event]
         by_name[name] = by_name.get(name, 0) + n
 
-    def waited(self, name: str, seconds: float) -> None:
+    def started(self, name: str, waited: float) -> None:
+        """An attempt started after ``waited`` seconds in the queue (one call: it is per task)."""
+        by_name = self.events["started"]
+        by_name[name] = by_name.get(name, 0) + 1
         hist = self.queue_wait.get(name)
         if hist is None:
             hist = self.queue_wait[name] = Histogram(TASK_BUCKETS)
-        hist.observe(seconds)
+        hist.buckets[bisect.bisect_left(TASK_BUCKETS, waited)] += 1
+        hist.count += 1
+        hist.sum += waited
 
     def ran(self, name: str, seconds: float) -> None:
         hist = self.run_time.get(name)
         if hist is None:
             hist = self.run_time[name] = Histogram(TASK_BUCKETS)
-        hist.observe(seconds)
+        hist.buckets[bisect.bisect_left(TASK_BUCKETS, seconds)] += 1
+        hist.count += 1
+        hist.sum += seconds
 
 
 @dataclasses.dataclass(frozen=True)
