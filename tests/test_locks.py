@@ -41,6 +41,17 @@ async def build_report(report_id: int, log: str, seconds: float = 0.5) -> int:
     return report_id
 
 
+@app.task(lock="gated:{report_id}")
+async def gated_report(report_id: int, log: str, gate: str) -> int:
+    """Runs until ``gate`` exists: every client's submit must find it running, however slowly the
+    clients start (a fixed run time made the test depend on the machine's load)."""
+    _append(log, f"run {report_id}")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return report_id
+
+
 @app.task(lock="sync:{key}", on_conflict="queue")
 async def one_at_a_time(key: str, i: int, log: str) -> int:
     _append(log, f"start {i} {time.time():.6f}")
@@ -116,20 +127,21 @@ import sys, json
 sys.path[:0] = [{here!r}]
 import test_locks as t
 t.app.state_dir = {state!r}
-hs = [t.build_report.submit(11, {log!r}, 1.0) for _ in range(50)]
+hs = [t.gated_report.submit(11, {log!r}, {gate!r}) for _ in range(50)]
 print(json.dumps(sorted({{h.id for h in hs}})))
 """
 
 
 def test_concurrent_submits_from_four_processes_join_one_task(start, state_dir, tmp_path):
     start(app, workers=2)
-    log = tmp_path / "runs"
-    code = CLIENT.format(here=str(HERE), state=str(state_dir), log=str(log))
+    log, gate = tmp_path / "runs", tmp_path / "gate"
+    code = CLIENT.format(here=str(HERE), state=str(state_dir), log=str(log), gate=str(gate))
     clients = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
                for _ in range(4)]
     try:
         ids = [json.loads(p.communicate(timeout=60)[0]) for p in clients]
     finally:
+        gate.touch()
         for p in clients:
             p.kill()
             p.wait()
