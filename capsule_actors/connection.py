@@ -1,11 +1,17 @@
-"""A process's link to one supervisor: a DEALER socket owned by an I/O thread.
+"""A process's link to one supervisor: a DEALER socket, an I/O thread, and callers that drive it.
 
-Callers in any thread (or asyncio loop) hand requests to the I/O thread through a deque and an
-eventfd, and get a ``concurrent.futures.Future`` back, so the sync API blocks only its caller and
-the async API never blocks the event loop. Every request stays outstanding until its reply
-arrives; when the supervisor restarts, the socket reconnects and every outstanding request is
-sent again. The protocol makes that safe: task ids are made by clients, so a resent submit is
-ignored. What the requests mean (submits, acks, journals, pushed outcomes) is ``client.py``'s.
+Every request gets a ``concurrent.futures.Future``, so the sync API blocks only its caller and the
+async API never blocks the event loop. One thread at a time drives the socket (``_owner``): sends
+what is queued, reads every reply and resolves its future, follows the monitor's events. A sync
+caller that waits for a reply drives it itself while nobody else does (``_lead``: the reply wakes
+that caller, not the I/O thread, which stops watching the socket meanwhile), and a lone request
+leaves from its caller's thread (``_drive``); otherwise callers queue requests in a deque and
+kick the I/O thread through an eventfd (a burst, one kick), and the I/O thread drives the socket.
+The I/O thread alone reconnects: a caller gives the socket back when the supervisor goes. Every
+request stays outstanding until its reply arrives; when the supervisor restarts, the socket
+reconnects and every outstanding request is sent again. The protocol makes that safe: task ids
+are made by clients, so a resent submit is ignored. What the requests mean (submits, acks,
+journals, pushed outcomes) is ``client.py``'s.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import zmq
@@ -47,6 +54,7 @@ Future = concurrent.futures.Future[Reply]
 _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_IO = -1  # Connection._owner while the I/O thread drives the socket (else a waiting caller's thread id)
 REPLY_LIMIT = 64 << 20  # a reply header from our supervisor (event pages, task lists) may pass 1 MiB
 _REFRESH_INTERVAL = 0.25  # while disconnected: re-read supervisor.json for a moved endpoint
 START_HINT = "start one with `capsule-actors run MODULE:APP` (a service), or `with app.start():` (embedded)"
@@ -93,6 +101,15 @@ class Connection:
         self.connected = False
         self.refused: KeyRefused | None = None  # the supervisor over TCP refused our handshake
         self._handshakes = Handshakes()
+        # who drives the socket now (``_owner``): nobody, the I/O thread, or one caller waiting for a
+        # reply, which then does the I/O thread's turns itself (``_lead``); ``_baton`` guards it
+        self._owner: int | None = None
+        self._baton = threading.Condition(threading.Lock())
+        self._sock: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._monitor: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._fd = self._monitor_fd = -1  # their fds, polled by whoever waits (select.poll)
+        self._io_poll = select.epoll()  # the I/O thread's (a caller that leads mutes the socket's fd in it)
+        self._lead_poll = select.poll()  # the caller's that leads (one at a time)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capsule-client-io", daemon=True)
         self._thread.start()
@@ -127,9 +144,11 @@ class Connection:
         fut: Future = concurrent.futures.Future()
         fut.req = req  # type: ignore[attr-defined]
         fut.pid = self._pid  # type: ignore[attr-defined]
+        idle = len(self._outstanding) == len(self._expected)  # no request unanswered, pushes aside
         self._outstanding[req] = (msg, fut)
         self._outbox.append(msg)
-        self._kick()
+        if not (idle and self._drive()):  # a lone request leaves from here; a burst, one kick
+            self._kick()
         if self.closed and not fut.done():  # closed meanwhile: nobody will answer on this connection
             fut.set_exception(not_running(self.config))
         return fut
@@ -173,7 +192,7 @@ class Connection:
         while True:
             step = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
             try:
-                return self._check(fut.result(step))
+                return self._check(self._result(fut, step))
             except concurrent.futures.TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
@@ -192,6 +211,70 @@ class Connection:
                     )
             else:
                 gone_since = None
+
+    def _result(self, fut: Future, timeout: float) -> Reply:
+        """``fut.result(timeout)``, leading (``_lead``) while this caller can."""
+        deadline = time.monotonic() + timeout
+        if not fut.done():
+            self._lead(fut, deadline)
+        return fut.result(max(0.0, deadline - time.monotonic()))
+
+    def _may_lead(self) -> bool:
+        """Whether a caller may drive the socket: the I/O thread alone reconnects and reopens."""
+        return self.connected and not self.closed and not self._reset and self.refused is None
+
+    def _lead(self, fut: Future, deadline: float) -> None:
+        """Wait for ``fut`` on the socket itself, doing the I/O thread's turns (sends, replies,
+        monitor events, for every thread), unless another caller already does: then the reply
+        wakes this thread directly, not through the I/O thread. Gives up the socket when ``fut``
+        is done, at ``deadline``, or when the I/O thread must reconnect (``_may_lead``)."""
+        if not self._own(True):
+            return  # another caller leads (and resolves fut for us), or the I/O thread must
+        # the I/O thread stops watching the socket meanwhile: a reply then wakes this thread alone
+        self._io_poll.modify(self._fd, 0)
+        try:
+            ready: list[int] = [self._wake] if self._kicked else []
+            while True:
+                self._turn(ready)
+                if fut.done() or not self._may_lead():
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                ready = [fd for fd, _ in self._lead_poll.poll(left * 1000)]
+        finally:
+            self._io_poll.modify(self._fd, select.EPOLLIN)  # what came since the last drain wakes it
+            self._give()
+            if not self.connected:  # this turn saw the supervisor go: the I/O thread follows it
+                self._kick()
+
+    def _drive(self) -> bool:
+        """Send what is queued from the caller's thread, when nobody drives the socket."""
+        if not self._own(False):
+            return False
+        try:
+            self._turn(())
+        finally:
+            self._give()
+        return True
+
+    def _own(self, after_io: bool) -> bool:
+        """Take the socket for this caller if nobody else has it (``after_io``: once the I/O
+        thread's turn under way ends; a turn never blocks, but an event loop does not wait)."""
+        if threading.current_thread() is self._thread:
+            return False  # a callback of the I/O thread's turn: it kicks, the turn flushes next
+        with self._baton:
+            while after_io and self._owner == _IO:
+                self._baton.wait()
+            if self._owner is not None or not self._may_lead():
+                return False
+            self._owner = threading.get_ident()
+            return True
+
+    def _give(self) -> None:
+        with self._baton:
+            self._owner = None
+            self._baton.notify_all()
 
     def call(
         self,
@@ -266,44 +349,77 @@ class Connection:
     # ---- the I/O thread ----------------------------------------------------------------------
     def _run(self) -> None:
         ctx = zmq.Context()
-        poller = zmq.Poller()
-        poller.register(self._wake, zmq.POLLIN)
-        sock, monitor = self._open(ctx, poller)
+        self._open(ctx)
         self._ready.set()
+        ready: list[int] = [self._wake, self._fd, self._monitor_fd]  # a new socket: look at each once
         try:
             while not self.closed:
+                if self._take():
+                    try:
+                        self._turn(ready)
+                        if self._reset or (not self.connected and self._endpoint_moved()):
+                            self._reset = False
+                            self._close_socket()
+                            self.connected = False
+                            self._ever_connected = True  # the new socket's first connect resends the rest
+                            self._open(ctx)
+                            ready = [self._wake, self._fd, self._monitor_fd]
+                            continue
+                    finally:
+                        self._give()
                 if self._outbox:
                     timeout: int | None = 10
                 else:
                     timeout = None if self.connected else int(_REFRESH_INTERVAL * 1000)
-                ready = dict(poller.poll(timeout))
-                if self._wake in ready:
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
-                    # after the read (a kick between them would be lost with the flag still set,
-                    # and every later kick skipped) and before the flush (what is queued after
-                    # this line kicks again; what was queued before is flushed now)
-                    self._kicked = False
-                self._flush(sock)
-                if sock in ready:
-                    self._receive(sock)
-                if monitor in ready:
-                    self._on_monitor(sock, monitor)
-                if self._reset or (not self.connected and self._endpoint_moved()):
-                    self._reset = False
-                    self._close_socket(sock, monitor, poller)
-                    self.connected = False
-                    self._ever_connected = True  # the new socket's first connect resends the rest
-                    sock, monitor = self._open(ctx, poller)
+                ready = [fd for fd, _ in self._io_poll.poll(-1 if timeout is None else timeout / 1000)]
         finally:
-            self._close_socket(sock, monitor, poller)
+            self.closed = True  # before _take: a caller that leads gives the socket back at once
+            self._take()
+            self._close_socket()
             ctx.term()
-            self.closed = True
+            self._io_poll.close()
+            self._give()
             with self._wake_lock:
                 os.close(self._wake)
                 self._wake = -1
+
+    def _take(self) -> bool:
+        """The I/O thread takes the socket, once a caller that leads has left; False when that
+        caller left nothing to do (it read the wake-up and drained the socket)."""
+        with self._baton:
+            led = False
+            while self._owner is not None:
+                led = True
+                self._baton.wait()
+            if led and not (self._reset or self.closed):  # what it left shows in the next poll
+                return False
+            self._owner = _IO
+            return True
+
+    def _turn(self, ready: Collection[int]) -> None:
+        """One turn of whoever drives the socket, given the fds a poll found readable: take the
+        wake-up, the monitor's events, send what is queued, then every reply. A socket's fd only
+        says "look at EVENTS", and a send may take the signal of a reply that came meanwhile, so
+        the replies are drained after every send: a poll then never misses what came."""
+        sock, monitor = self._sock, self._monitor
+        assert sock is not None and monitor is not None
+        if self._wake in ready:
+            try:
+                os.eventfd_read(self._wake)
+            except BlockingIOError:
+                pass
+            # after the read (a kick between them would be lost with the flag still set,
+            # and every later kick skipped) and before the flush (what is queued after
+            # this line kicks again; what was queued before is flushed now)
+            self._kicked = False
+        busy = bool(self._outbox)
+        if self._monitor_fd in ready:
+            self._on_monitor(sock, monitor)
+            busy = True  # it may have resent
+        if busy:
+            self._flush(sock)
+        if busy or self._fd in ready:
+            self._receive(sock)
 
     def _flush(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
         while self._outbox:
@@ -316,7 +432,7 @@ class Connection:
                 sock.send(frames[i], _NOBLOCK_MORE if i < len(frames) - 1 else _NOBLOCK, copy=False)
             self._outbox.popleft()
 
-    def _open(self, ctx: zmq.Context, poller: zmq.Poller) -> tuple[zmq.Socket, zmq.Socket]:  # type: ignore[type-arg]
+    def _open(self, ctx: zmq.Context) -> None:  # type: ignore[type-arg]
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.sndhwm = 0  # never drop or block a request; memory is bounded by the callers
@@ -324,14 +440,18 @@ class Connection:
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS | (HANDSHAKE_EVENTS if self._remote else 0))
         keys = (self._remote.client_public, self._remote.client_secret) if self._remote else None
         connect(sock, self._info.client, self._info.server_public, keys)
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        return sock, monitor
+        self._sock, self._monitor = sock, monitor
+        self._fd, self._monitor_fd = int(sock.FD), int(monitor.FD)
+        self._io_poll.close()
+        self._io_poll, self._lead_poll = select.epoll(), select.poll()
+        for fd in (self._wake, self._fd, self._monitor_fd):
+            self._io_poll.register(fd, select.EPOLLIN)
+            self._lead_poll.register(fd, select.POLLIN)
 
-    @staticmethod
-    def _close_socket(sock: zmq.Socket, monitor: zmq.Socket, poller: zmq.Poller) -> None:  # type: ignore[type-arg]
-        poller.unregister(sock)
-        poller.unregister(monitor)
+    def _close_socket(self) -> None:
+        sock, monitor = self._sock, self._monitor
+        if sock is None or monitor is None:
+            return
         sock.disable_monitor()
         monitor.close(0)
         sock.close(0)

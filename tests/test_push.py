@@ -30,6 +30,16 @@ async def nap(seconds: float) -> float:
     return seconds
 
 
+@app.task(retries=2)
+async def gate(path: str) -> str:
+    """Runs until the test creates ``path`` (bounded: a test that forgets fails, not hangs)."""
+    for _ in range(3000):
+        if os.path.exists(path):
+            return path
+        await asyncio.sleep(0.01)
+    raise TimeoutError(path)
+
+
 @app.task(lock="only:{key}", on_conflict="reject")
 async def exclusive(key: str, seconds: float) -> str:
     await asyncio.sleep(seconds)
@@ -171,3 +181,69 @@ def test_requests_from_many_threads_each_get_their_answer(start):
         t.join(60)
     assert not any(t.is_alive() for t in threads), "requests hung"
     assert not failures, failures[0]
+
+
+def _leader(conn: Connection) -> int | None:
+    """The thread that waits on the socket itself (``Connection._lead``), if a caller does."""
+    owner = conn._owner
+    return owner if owner not in (None, -1) else None
+
+
+def test_a_caller_waiting_on_the_socket_serves_every_other_caller(start, tmp_path):
+    """One thread waits for a long task on the socket itself; the other threads' and an event
+    loop's requests go out and their answers come meanwhile (it does the I/O thread's turns)."""
+    start(app)
+    conn = app.client()._conn
+    done = tmp_path / "done"
+    waited: list[object] = []
+    waiter = threading.Thread(target=lambda: waited.append(gate.submit(str(done)).result(timeout=40)))
+    waiter.start()
+    try:
+        wait_until(lambda: _leader(conn) == waiter.ident, 20)
+        assert [add.submit(i, 1).result(timeout=10) for i in range(20)] == [i + 1 for i in range(20)]
+        assert cpsl.wait_all(add.map([(i, 2) for i in range(50)]), timeout=10) == [i + 2 for i in range(50)]
+
+        async def gathered() -> list[int]:
+            hs = await asyncio.gather(*(add.asubmit(i, 3) for i in range(20)))
+            return list(await asyncio.gather(*hs))
+
+        assert asyncio.run(asyncio.wait_for(gathered(), 20)) == [i + 3 for i in range(20)]
+        others: list[int] = []
+        threads = [threading.Thread(target=lambda k=k: others.append(add.submit(k, 0).result(timeout=10)))
+                   for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert sorted(others) == [0, 1, 2, 3]
+        assert _leader(conn) == waiter.ident  # all of that while the first caller kept the socket
+    finally:
+        done.touch()
+        waiter.join(40)
+    assert waited == [str(done)]
+    wait_until(lambda: _leader(conn) is None and not conn.outstanding(), 10)
+    assert add.submit(5, 5).result(timeout=10) == 10  # the I/O thread took the socket back
+
+
+def test_a_caller_waiting_on_the_socket_hands_it_back_for_a_restart(start, tmp_path):
+    """A supervisor that dies while a caller waits on the socket: the caller gives the socket
+    back to the I/O thread, which reconnects and resends; the wait ends with the re-run's result."""
+    rt = start(app)
+    conn = app.client()._conn
+    done = tmp_path / "done"
+    waited: list[object] = []
+    h = gate.submit(str(done))
+    waiter = threading.Thread(target=lambda: waited.append(h.result(timeout=60)))
+    waiter.start()
+    try:
+        wait_until(lambda: _leader(conn) == waiter.ident and rt.status()["tasks"].get("RUNNING", 0) == 1, 20)
+        os.kill(rt.pid, signal.SIGKILL)
+        rt.process.wait(10)
+        wait_until(lambda: not conn.connected and _leader(conn) is None, 10)
+        start(app)
+        wait_until(lambda: conn.connected, 20)
+    finally:
+        done.touch()
+        waiter.join(60)
+    assert waited == [str(done)]
+    assert h.info().attempts == 2
