@@ -273,22 +273,8 @@ class Intake:
         row = self._store.live_task(task_id)
         if row is None:
             return
-        task = LiveTask(
-            row.id,
-            row.name,
-            QUEUED,
-            row.attempts,
-            row.lock_key,
-            row.session_id,
-            row.session_owner,
-            owner=slot,
-            blocked=blocked,
-            priority=row.priority,
-            rate_key=row.rate_key,
-        )
-        if self._stored_traces:
-            task.trace = self._stored_traces.pop(row.id, None)
-        self._tasks.add(task)
+        task = self._load(row, QUEUED)
+        task.owner, task.blocked = slot, blocked
         if not blocked:
             self._tasks.queue(task, None)
 
@@ -411,7 +397,7 @@ class Intake:
             row.name,
             state,
             row.attempts,
-            None,
+            row.lock_key,
             row.session_id,
             row.session_owner,
             run_at=row.run_at,
