@@ -189,6 +189,21 @@ def click(driver: Any, selector: str, timeout: float = WAIT) -> None:
     wait_until(attempt, timeout=timeout, interval=0.05)
 
 
+def click_until(driver: Any, selector: str, done: Callable[[], Any], timeout: float = WAIT) -> None:
+    """Click, and click again every 2 s until ``done()``: a live update that replaces the element
+    while the click lands swallows that click (for actions that may be repeated: a refused one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        click(driver, selector, timeout=max(0.1, deadline - time.monotonic()))
+        again = min(deadline, time.monotonic() + 2.0)
+        while time.monotonic() < again:
+            if done():
+                return
+            time.sleep(0.02)
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{selector} clicked, but the page never showed the result within {timeout} s")
+
+
 def where(driver: Any, task_id: str) -> str | None:
     """The column (state) that shows the task's card now, if any."""
     return driver.execute_script(
@@ -261,8 +276,7 @@ def test_cancel_needs_the_token_retry_detail_and_filters_work(browser, board, tm
 
     # When the page has lost its token (cookie gone) and Cancel is clicked, then it is refused
     driver.delete_all_cookies()
-    click(driver, card_selector("RUNNING", h.id) + " button[data-action=cancel]")
-    wait_until(lambda: "401" in toast_text(driver), timeout=WAIT)
+    click_until(driver, card_selector("RUNNING", h.id) + " button[data-action=cancel]", lambda: "401" in toast_text(driver))
     assert "refused" in toast_text(driver)
     # the board answers an action only once the supervisor has (a cancel is recorded before its
     # answer): the 401 came after anything the click could have done there
