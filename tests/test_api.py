@@ -362,7 +362,8 @@ def test_submits_and_questions_in_one_drain_see_each_other(start):
     assert ok and body[0] == "SUCCEEDED" and cloudpickle.loads(frames[0]) == 1001, body
     ok, body, _ = replies[101]
     assert ok and body[0] is not None and body[0]["id"] == ids[-1], body
-    assert [h.result(timeout=30) for h in (cpsl.TaskHandle.from_id(app, i) for i in ids)] == [r + 1000 for r in range(1, 41)]
+    again = [cpsl.TaskHandle.from_id(app, i) for i in ids]
+    assert [h.result(timeout=30) for h in again] == [r + 1000 for r in range(1, 41)]
 
 
 def test_asubmit_and_amap_from_an_event_loop(start):

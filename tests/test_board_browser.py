@@ -276,7 +276,8 @@ def test_cancel_needs_the_token_retry_detail_and_filters_work(browser, board, tm
 
     # When the page has lost its token (cookie gone) and Cancel is clicked, then it is refused
     driver.delete_all_cookies()
-    click_until(driver, card_selector("RUNNING", h.id) + " button[data-action=cancel]", lambda: "401" in toast_text(driver))
+    cancel = card_selector("RUNNING", h.id) + " button[data-action=cancel]"
+    click_until(driver, cancel, lambda: "401" in toast_text(driver))
     assert "refused" in toast_text(driver)
     # the board answers an action only once the supervisor has (a cancel is recorded before its
     # answer): the 401 came after anything the click could have done there

@@ -398,7 +398,7 @@ def _more_sweeps(state_dir: Path, n: int = 2) -> None:
         marker = directory / f".{4300 + i}-dddddddddddd.tmp"
         marker.write_bytes(b"")
         os.utime(marker, (time.time() - 3600, time.time() - 3600))
-        wait_until(lambda: not marker.exists(), 10)
+        wait_until(lambda marker=marker: not marker.exists(), 10)
 
 
 def _frames(log: Path, items: list[tuple[str, int]]) -> list[bytes]:

@@ -238,7 +238,10 @@ def test_every_remote_wait_has_a_deadline(tmp_path):
         r = subprocess.run([sys.executable, "-m", "capsule_actors", "submit", "keyed_mod:app", "add", "[1, 2]", *args],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
         assert time.monotonic() - t0 <= 5 and r.returncode == 1 and "--timeout 3 s passed" in r.stderr, r.stderr
-    code = "import keyed_mod\ntry:\n    keyed_mod.add.submit(1, 2)\nexcept Exception as exc:\n    print(type(exc).__name__, exc)"
+    code = (
+        "import keyed_mod\ntry:\n    keyed_mod.add.submit(1, 2)\n"
+        "except Exception as exc:\n    print(type(exc).__name__, exc)"
+    )
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(env, CAPSULE_REMOTE_TIMEOUT="2"),
                        capture_output=True, text=True, timeout=30)

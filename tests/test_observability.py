@@ -196,9 +196,11 @@ def test_a_metrics_port_in_use_fails_the_start_naming_it(tmp_path: Path) -> None
         taken.listen()
         port = taken.getsockname()[1]
         busy = cpsl.App("busy-metrics", metrics=port, workers=1, process_workers=1)
-        with pytest.raises(cpsl.ConfigError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another port"):
-            with testing.start_runtime(busy, tmp_path / "s", timeout=60):
-                pass
+        with (
+            pytest.raises(cpsl.ConfigError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another port"),
+            testing.start_runtime(busy, tmp_path / "s", timeout=60),
+        ):
+            pass
 
 
 def test_run_refuses_a_bad_metrics_flag(tmp_path: Path) -> None:

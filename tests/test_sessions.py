@@ -930,7 +930,7 @@ def test_show_task_from_app_code_sends_the_card_and_its_updates_to_that_session(
 
     # ... and an unknown task is refused by name, nothing shown
     ghost = cpsl.TaskHandle(app, "0" * 32, "ghost")
-    with pytest.raises(cpsl.UnknownTask, match="0{32}"):
+    with pytest.raises(cpsl.UnknownTask, match=r"0{32}"):
         cpsl.Session("viewer-3").show_task(ghost)
 
 
@@ -950,7 +950,7 @@ def test_a_session_parameter_without_a_default_needs_session_at_submit(start, st
     for submit in (lambda: needs_session.submit("hi"), lambda: needs_session.map(["a", "b"]),
                    lambda: needs_session.schedule("hi", delay=5),
                    lambda: asyncio.run(needs_session.asubmit("hi"))):
-        with pytest.raises(cpsl.ConfigError, match="needs_session.*'session'.*session=cpsl.Session"):
+        with pytest.raises(cpsl.ConfigError, match=r"needs_session.*'session'.*session=cpsl\.Session"):
             submit()
     # With one: the same, nothing recorded; with session= it runs
     start(app, workers=1, process_workers=1)

@@ -1,5 +1,6 @@
 """The board's Stats view from the store (``StoreReader.stats_rows`` and ``ui/stats.py``), on
-both stores: throughput by outcome, queue depth and run-time percentiles per task name, crashed attempts and actor restarts."""
+both stores: throughput by outcome, queue depth and run-time percentiles per task name, crashed
+attempts and actor restarts."""
 
 from __future__ import annotations
 

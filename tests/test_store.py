@@ -268,7 +268,8 @@ def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_f
             db.db.execute(sql)  # type: ignore[attr-defined]
         db.db.commit()  # type: ignore[attr-defined]
     db.close()
-    with pytest.raises(StateDirError, match=rf"schema version 1, older than this capsule_actors reads \({stores.SCHEMA_VERSION}\): start"):
+    older = rf"schema version 1, older than this capsule_actors reads \({stores.SCHEMA_VERSION}\): start"
+    with pytest.raises(StateDirError, match=older):
         store_reader().board()
     db = task_store_factory()
     assert [(t.id, t.priority) for t in db.live_tasks()] == [("old", 0)]
@@ -293,7 +294,8 @@ def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_f
     db.close()
     with pytest.raises(StateDirError, match=rf"schema version 99.*\({stores.SCHEMA_VERSION}\)"):
         task_store_factory()
-    with pytest.raises(StateDirError, match=rf"schema version 99, newer than this capsule_actors knows \({stores.SCHEMA_VERSION}\)"):
+    newer = rf"schema version 99, newer than this capsule_actors knows \({stores.SCHEMA_VERSION}\)"
+    with pytest.raises(StateDirError, match=newer):
         store_reader().board()
 
 

@@ -623,7 +623,7 @@ def test_a_shown_card_follows_the_tasks_progress(start, tmp_path):
 def test_tasks_of_one_second_have_short_ids_that_tell_them_apart(start, board_of, state_dir):
     start(app)
     # Given tasks submitted a few milliseconds apart: their ids start alike
-    hs = add.map([(i, i) for i in range(4)]) + [add.submit(9, 9)]
+    hs = [*add.map([(i, i) for i in range(4)]), add.submit(9, 9)]
     for h in hs:
         h.result(timeout=30)
     assert len({h.id[:8] for h in hs}) == 1
