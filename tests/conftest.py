@@ -88,6 +88,16 @@ def kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def append_line(path: str, line: str) -> None:
+    """One line appended atomically (O_APPEND, one small write): tasks in several processes
+    record what they did in one file without their lines ever mixing."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
     """Poll until predicate() is truthy; fail the test (not hang) after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

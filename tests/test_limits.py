@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, append_line, wait_until
 
 import capsule_actors as cpsl
 from capsule_actors.supervisor.intake import QUEUE_WINDOW
@@ -24,15 +24,6 @@ STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on bo
 
 app = cpsl.App("limits", max_queued=100_000)
 TESTS = Path(__file__).resolve().parent
-
-
-def _note(log: str, line: str) -> None:
-    """One line appended atomically (O_APPEND, one small write): several writers never mix."""
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 def _lines(log: str) -> list[list[str]]:
@@ -49,31 +40,31 @@ async def _wait_for(path: str) -> None:
 
 @app.task(concurrency=1, retries=2)
 async def one_at_a_time(label: str, log: str, gate: str) -> None:
-    _note(log, f"{label} {time.time()}")
+    append_line(log, f"{label} {time.time()}")
     await _wait_for(gate)
 
 
 @app.task(concurrency=2)
 async def two_at_a_time(i: int, log: str) -> None:
-    _note(log, f"start {time.time()} {i}")
+    append_line(log, f"start {time.time()} {i}")
     await asyncio.sleep(0.15)
-    _note(log, f"end {time.time()} {i}")
+    append_line(log, f"end {time.time()} {i}")
 
 
 @app.task(rate_limit="20/s")
 async def twenty_a_second(i: int, log: str) -> int:
-    _note(log, f"{time.time()} {i}")
+    append_line(log, f"{time.time()} {i}")
     return i
 
 
 @app.task(rate_limit=cpsl.RateLimit("5/s", key="tenant:{tenant}"))
 async def per_tenant(tenant: str, i: int, log: str) -> None:
-    _note(log, f"{time.time()} {tenant}")
+    append_line(log, f"{time.time()} {tenant}")
 
 
 @app.task
 async def gated_start(label: str, log: str, gate: str) -> None:
-    _note(log, label)
+    append_line(log, label)
     await _wait_for(gate)
 
 
@@ -337,7 +328,7 @@ async def fails_until(path: str, i: int) -> int:
 def alert(task_id: str, name: str, error_type: str, error_message: str, traceback: str) -> None:
     log = os.environ.get("LIMITS_HOOK_LOG")  # set by the test that counts the hook's runs
     if log:
-        _note(log, f"{task_id} {name} {error_type} {os.getpid()}")
+        append_line(log, f"{task_id} {name} {error_type} {os.getpid()}")
 
 
 def test_on_failure_runs_once_per_dead_task_across_a_supervisor_kill(start, tmp_path: Path, monkeypatch):

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import append_line, wait_until
 
 import capsule_actors as cpsl
 
@@ -25,15 +25,6 @@ STORES = ("sqlite", "postgresql")  # every test that starts a runtime runs on bo
 app = cpsl.App("workflows")
 other = cpsl.App("other")
 FAST = cpsl.Backoff(initial=0.0)
-
-
-def _note(log: str, line: str) -> None:
-    """One line appended atomically (O_APPEND, one small write)."""
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 def _lines(log: str) -> list[str]:
@@ -60,28 +51,28 @@ def pair(xs: list[int], tag: str) -> list[object]:
 
 @app.task(retries=10, backoff=FAST)
 async def step(prev: int, log: str, label: str) -> int:
-    _note(log, label)
+    append_line(log, label)
     await asyncio.sleep(random.uniform(0.05, 0.3))
     return prev + 1
 
 
 @app.task(retries=10, backoff=FAST, lock="k:{key}", on_conflict="queue")
 async def locked_step(prev: int, key: str, log: str, label: str) -> int:
-    _note(log, label)
+    append_line(log, label)
     await asyncio.sleep(random.uniform(0.05, 0.3))
     return prev + 1
 
 
 @app.task(retries=10, backoff=FAST)
 async def member(i: int, log: str, label: str) -> int:
-    _note(log, label)
+    append_line(log, label)
     await asyncio.sleep(random.uniform(0.05, 0.3))
     return i * i
 
 
 @app.task(retries=10, backoff=FAST)
 def callback(results: list[int], log: str, label: str, runs: str) -> int:
-    _note(log, label)
+    append_line(log, label)
     Path(runs, f"{label}-{uuid.uuid4().hex}").touch()  # one file per run of this callback
     return sum(results)
 
@@ -93,12 +84,12 @@ def fails(x: int) -> int:
 
 @app.task()
 def on_error(step_id: str, error: str, log: str) -> None:
-    _note(log, f"{step_id} {error}")
+    append_line(log, f"{step_id} {error}")
 
 
 @app.task()
 async def waits(gate: str, log: str) -> int:
-    _note(log, "started")
+    append_line(log, "started")
     while not os.path.exists(gate):
         await asyncio.sleep(0.02)
     return 1
@@ -166,11 +157,11 @@ def _no_overlap(runs: list[tuple[float, float]]) -> None:
 
 
 async def _run_noted(log: str, label: str, gate: str | None = None) -> None:
-    _note(log, f"start {label} {time.monotonic()}")
+    append_line(log, f"start {label} {time.monotonic()}")
     await asyncio.sleep(0.1)
     while gate is not None and not os.path.exists(gate):
         await asyncio.sleep(0.02)
-    _note(log, f"end {label} {time.monotonic()}")
+    append_line(log, f"end {label} {time.monotonic()}")
 
 
 @app.task(lock="slot:{name}", on_conflict="queue")

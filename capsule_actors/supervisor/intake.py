@@ -391,7 +391,8 @@ class Intake:
             if len(rows) < limit:
                 del self._backlog[priority]
 
-    def _load(self, row: StoredTask, state: TaskState) -> LiveTask:
+    def _live(self, row: StoredTask, state: TaskState) -> LiveTask:
+        """The in-memory task of a stored row (with the trace context it kept, if any)."""
         task = LiveTask(
             row.id,
             row.name,
@@ -406,6 +407,10 @@ class Intake:
         )
         if self._stored_traces:
             task.trace = self._stored_traces.pop(row.id, None)
+        return task
+
+    def _load(self, row: StoredTask, state: TaskState) -> LiveTask:
+        task = self._live(row, state)
         self._tasks.add(task)
         return task
 
@@ -490,18 +495,7 @@ class Intake:
                 return None
             if row.state == QUEUED and (row.run_at or 0) <= now and self._to_backlog(row.rowid, row.priority):
                 return None
-        task = LiveTask(
-            row.id,
-            row.name,
-            row.state,
-            row.attempts,
-            row.lock_key,
-            row.session_id,
-            row.session_owner,
-            run_at=row.run_at,
-            priority=row.priority,
-            rate_key=row.rate_key,
-        )
+        task = self._live(row, row.state)
         if task.lock_key is not None:
             task.owner = self._keys.owner_of(task.name, task.lock_key)
             task.blocked = task.lock_key in held
