@@ -8,12 +8,13 @@ import contextlib
 import datetime as dt
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ import cloudpickle
 from . import bootstrap, ids, logs, messages, states
 from .app import App
 from .client import Client
-from .errors import CapsuleError, ConfigError, NotRunning, UnknownTask
+from .errors import CapsuleError, ConfigError, Fenced, NotRunning, StateDirError, StoreUnavailable, UnknownTask
 from .flows import FLOW_TASK
 from .lifecycle import profiled
 from .session import Session
@@ -68,19 +69,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args, app)
     registry = cloudpickle.dumps(app, protocol=5)
     keys = Path(args.keys).absolute() if args.keys else None
-    sup = Supervisor(
-        app,
-        registry,
-        state_dir,
-        workers=args.workers,
-        process_workers=args.process_workers,
-        grace=args.grace,
-        bind_tcp=args.bind,
-        keys_dir=keys,
-        store_url=bootstrap.store_url(store_option, app.store),
-        metrics=_metrics_option(args),
-    )
-    return profiled("supervisor", sup.run)
+    store_url = bootstrap.store_url(store_option, app.store)
+    metrics = _metrics_option(args)
+    if args.lease is not None and args.name is None:
+        raise ConfigError("--lease is a cluster member's: it goes with --name")
+    lease = {} if args.lease is None else {"lease": args.lease}
+
+    def supervisor() -> Supervisor:
+        return Supervisor(
+            app,
+            registry,
+            state_dir,
+            workers=args.workers,
+            process_workers=args.process_workers,
+            grace=args.grace,
+            bind_tcp=args.bind,
+            keys_dir=keys,
+            store_url=store_url,
+            metrics=metrics,
+            cluster_name=args.name,
+            **lease,
+        )
+
+    sup = supervisor()  # bad options fail here, before anything starts
+    if args.name is None:
+        return profiled("supervisor", sup.run)
+    return _member(supervisor, sup)
+
+
+def _member(make: Callable[[], Any], sup: Any) -> int:
+    """A cluster member: fenced (its lease ran out) or cut off from the store for longer than its
+    lease, it rejoins as a new incarnation, trying again while the store cannot be reached."""
+    log = logging.getLogger("capsule_actors.supervisor")
+    delay = 0.5
+    while True:
+        try:
+            return int(sup.run())
+        except (Fenced, StoreUnavailable) as exc:
+            log.warning("cluster member rejoining as a new incarnation after: %s", exc)
+            delay = 0.5
+        except StateDirError as exc:
+            if "cannot reach the PostgreSQL store" not in str(exc):
+                raise
+            log.warning("%s; trying again in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+        sup = make()
 
 
 def _metrics_option(args: argparse.Namespace) -> str | None:
@@ -578,6 +612,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.nodes:
         print()
         print(_nodes_table(status.nodes, color))
+    if status.members:
+        print()
+        print(_members_table(status.members, status.member, color))
     return 0
 
 
@@ -656,6 +693,28 @@ def _nodes_table(nodes: list[messages.NodeStatus], color: bool) -> str:
     ]
     header = ["NODE", "HOST", "PID", "STATE", "JOINED", "LAST SEEN", "ACTORS"]
     return _table(rows, header, right=(2,), color=color)
+
+
+def _members_table(members: list[dict[str, Any]], me: dict[str, Any] | None, color: bool) -> str:
+    """The cluster's members (live ones first): this one marked with *."""
+    live = [m for m in members if m.get("state") == "live"] + [m for m in members if m.get("state") != "live"]
+    rows = [
+        [
+            ("*" if me and m.get("id") == me.get("id") else "") + str(m.get("name")),
+            str(m.get("id")),
+            str(m.get("host")),
+            str(m.get("pid")),
+            _paint(str(m.get("state")), {"live": "green", "lost": "red"}.get(str(m.get("state"))), color),
+            _when(m.get("joined")),
+            _when(m.get("renewed")),
+            str(m.get("shards")),
+            "yes" if m.get("clock") else "",
+            str(m.get("live_tasks")),
+        ]
+        for m in live[:20]
+    ]
+    header = ["MEMBER", "ID", "HOST", "PID", "STATE", "JOINED", "RENEWED", "SHARDS", "CLOCK", "LIVE TASKS"]
+    return "cluster members:\n" + _table(rows, header, right=(1, 3, 7, 9), color=color)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -756,6 +815,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, help="seconds running tasks get at a graceful stop (default: the App's)")
     p.add_argument("--bind", metavar="tcp://HOST:PORT", help="also serve clients over TCP (CURVE keys required)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys for --bind (default: STATE_DIR/keys)")
+    p.add_argument(
+        "--name",
+        help="join a cluster as this member: supervisors sharing one PostgreSQL --store share its work and take over "
+        "from a lost member",
+    )
+    p.add_argument(
+        "--lease",
+        type=float,
+        help="a cluster member's lease in seconds: a member silent that long is taken over (default 6)",
+    )
     p.add_argument(
         "--metrics",
         metavar="[HOST:]PORT",

@@ -42,6 +42,12 @@ class StoreUnavailable(CapsuleError):
     (PostgreSQL): the supervisor stops; nothing it acknowledged is lost."""
 
 
+class Fenced(CapsuleError):
+    """This cluster member's lease ran out (it was frozen, or cut off from the store) and another
+    member may have taken over its work: it writes nothing more, stops its actors and rejoins
+    as a new incarnation."""
+
+
 class UnknownTask(CapsuleError, KeyError):
     """A task name or task id that the runtime does not know."""
 

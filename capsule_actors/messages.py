@@ -478,6 +478,8 @@ class StatusSnapshot:
     actors: list[ActorStatus]
     nodes: list[NodeStatus]
     tasks: dict[str, int]
+    members: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # a cluster's, newest first
+    member: dict[str, Any] | None = None  # the cluster member that answered: id (incarnation), name
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -491,6 +493,8 @@ class StatusSnapshot:
             [_load(ActorStatus, a) for a in body["actors"]],
             [_load(NodeStatus, n) for n in body.get("nodes") or []],
             {str(k): int(v) for k, v in (body.get("tasks") or {}).items()},
+            [dict(m) for m in body.get("members") or [] if isinstance(m, dict)],
+            body.get("member") if isinstance(body.get("member"), dict) else None,
         )
 
 

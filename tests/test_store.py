@@ -238,6 +238,15 @@ def test_the_boards_queued_column_shows_the_next_to_run_first_by_priority(task_s
     assert [t["id"] for t in queued["tasks"]] == ["high", "plain", "low"]
 
 
+def _version(store_kind: str) -> int:
+    """The schema version this code writes for the kind of store (PostgreSQL's has the cluster's tables)."""
+    if store_kind == "sqlite":
+        return stores.SCHEMA_VERSION
+    from capsule_actors.store.postgres import SCHEMA_VERSION
+
+    return SCHEMA_VERSION
+
+
 def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_factory, store_reader):
     """A store written before priorities (schema 1) opens as the current schema: its tasks get
     priority 0. Before that, a reader (the CLI or board while no supervisor runs) refuses it,
@@ -268,7 +277,7 @@ def test_a_schema_1_store_is_migrated_keeping_its_tasks(store_kind, task_store_f
             db.db.execute(sql)  # type: ignore[attr-defined]
         db.db.commit()  # type: ignore[attr-defined]
     db.close()
-    older = rf"schema version 1, older than this capsule_actors reads \({stores.SCHEMA_VERSION}\): start"
+    older = rf"schema version 1, older than this capsule_actors reads \({_version(store_kind)}\): start"
     with pytest.raises(StateDirError, match=older):
         store_reader().board()
     db = task_store_factory()
@@ -292,9 +301,9 @@ def test_a_newer_schema_is_refused_naming_both_versions(store_kind, task_store_f
         db.db.execute(f"UPDATE {db.schema}.meta SET value='99' WHERE key='schema_version'")  # type: ignore[attr-defined]
     db.commit()
     db.close()
-    with pytest.raises(StateDirError, match=rf"schema version 99.*\({stores.SCHEMA_VERSION}\)"):
+    with pytest.raises(StateDirError, match=rf"schema version 99.*\({_version(store_kind)}\)"):
         task_store_factory()
-    newer = rf"schema version 99, newer than this capsule_actors knows \({stores.SCHEMA_VERSION}\)"
+    newer = rf"schema version 99, newer than this capsule_actors knows \({_version(store_kind)}\)"
     with pytest.raises(StateDirError, match=newer):
         store_reader().board()
 

@@ -34,6 +34,7 @@ class Template:
     def __init__(self, out_fd: int) -> None:
         self.out_fd = out_fd
         self.children: set[int] = set()
+        self.lease_until: float | None = None  # a cluster member's lease (monotonic): past it, stop all
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
         os.set_blocking(self.sig_w, False)
@@ -80,7 +81,11 @@ class Template:
     def serve(self, app: Any) -> None:
         buffer = b""
         while True:
-            ready, _, _ = select.select([0, self.sig_r], [], [])
+            timeout = None if self.lease_until is None else max(0.0, self.lease_until - time.monotonic())
+            ready, _, _ = select.select([0, self.sig_r], [], [], timeout)
+            if self.lease_until is not None and time.monotonic() >= self.lease_until:
+                self._fence()
+                return
             if self.sig_r in ready:
                 while True:
                     try:
@@ -99,6 +104,18 @@ class Template:
                     command = json.loads(line)
                     if command.get("op") == "spawn":
                         self.spawn(app, command["actor"])
+                    elif command.get("op") == "lease":
+                        self.lease_until = float(command["until"])
+
+    def _fence(self) -> None:
+        """The cluster member's lease ran out without renewal (its supervisor is frozen or cut
+        off): another member may take its tasks over, so none of ours may run any more."""
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        sys.stderr.write("capsule_actors template: the cluster lease ran out; every actor was killed\n")
 
     def stop_children(self, grace: float = 2.0) -> None:
         deadline = time.monotonic() + grace

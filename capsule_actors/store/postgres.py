@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..errors import ConfigError, StateDirError, StoreFull, StoreUnavailable
+from ..errors import ConfigError, Fenced, StateDirError, StoreFull, StoreUnavailable
 from ..states import LIVE, TaskState
 from .base import (
     ACTOR_EXIT,
@@ -55,10 +55,12 @@ from .base import (
     flow_members,
     quoted,
 )
+from .cluster import SCHEMA as CLUSTER_SCHEMA
+from .cluster import shard_of
 
 log = logging.getLogger("capsule_actors.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 OUTAGE = 60.0  # seconds the supervisor waits for a lost server before it stops (StoreUnavailable)
 SIZE_EVERY = 10.0  # seconds between looks at the database's size (status)
 ARGS_CACHE = 8 << 20  # bytes of new tasks' arguments kept for their start (no round trip to read them)
@@ -71,7 +73,8 @@ _CONNECT_TIMEOUT = 10  # seconds: an unreachable server is an error at start, no
 _SESSION = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 _OPTIONS = "-c statement_timeout=60000 -c idle_in_transaction_session_timeout=600000"
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.tasks (
     seq bigserial UNIQUE,
@@ -139,7 +142,10 @@ CREATE INDEX IF NOT EXISTS tasks_prioritized ON {s}.tasks(priority, seq)
 -- event (the board shows a workflow as one card), in an index of step rows only
 ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS flow_id text;
 CREATE INDEX IF NOT EXISTS tasks_flow ON {s}.tasks(flow_id) WHERE flow_id IS NOT NULL;
+-- version 4: a cluster of supervisors on this schema (store/cluster.py)
 """
+    + CLUSTER_SCHEMA
+)
 # Version 3 on a store of an older version: the steps of the workflows recorded before, from their
 # `flow` events (run once, when the version goes up).
 _LINK_RECORDED_FLOWS = """
@@ -177,6 +183,11 @@ _ROWS = (
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[], "
     "%s::float8[], %s::float8[], %s::int4[], %s::text[])"
 )
+# a cluster member's inserts also say who holds the task, who took it in and its lock key's shard
+_MEMBER_ONE_ROW = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_MEMBER_ROWS = _ROWS[:-1] + ", %s::int8[], %s::int8[], %s::int4[])"
+_FENCE = "SELECT state FROM {s}.members WHERE id=%s FOR SHARE"
+_NOTE_BYTES = 7900  # a NOTIFY payload must stay under 8000 bytes
 
 
 def _psycopg() -> Any:
@@ -239,6 +250,15 @@ def _connect(url: str, app_name: str, *, autocommit: bool) -> tuple[Any, str]:
             "the URL (user, host, port, database), and the password (PGPASSFILE, PGPASSWORD)"
         ) from None
     return conn, schema
+
+
+def listener(store: PostgresStore) -> Any:
+    """A connection of its own that LISTENs on the store's channel (a cluster's wake-ups), its
+    socket non-blocking for the supervisor's poller."""
+    conn, schema = _connect(store._secret_url, store._app_name, autocommit=True)
+    conn.execute(f'LISTEN "{schema}"')
+    conn.pgconn.nonblocking = 1
+    return conn
 
 
 def _stored(row: tuple[Any, ...]) -> StoredTask:
@@ -315,6 +335,14 @@ class PostgresStore(TaskStore):
         self._next_size = 0.0
         self._args: dict[str, bytes] = {}  # arguments of tasks just inserted: their start needs no round trip
         self._args_bytes = 0
+        # A cluster member (store/cluster.py): its id fences every write transaction, which
+        # begins by locking the member's row FOR SHARE (the answer is read at commit); NOTIFY
+        # payloads go at commit; the tasks taken in by another member are told when they end here.
+        self.member: int | None = None
+        self.notes: set[str] = set()
+        self.notify_done: set[str] = set()
+        self._done: list[str] = []
+        self._fence_rows: Any = None  # the fence's cursor, answered at the next sync
 
     def _q(self, sql: str, params: Any = None) -> _Rows:
         """A read of this schema (``{s}`` in ``sql`` names it), riding out a lost connection."""
@@ -327,10 +355,16 @@ class PostgresStore(TaskStore):
         Sent without waiting for its answer (pipeline mode) unless ``wait``: it counts from the
         next statement that waits, or the COMMIT. ``big`` (a map()'s batch) leaves pipeline mode
         for that one statement: a large statement inside a pipeline can stall half-sent."""
+        if not self._dirty and self.member is not None:
+            self._dirty = True
+            self._fence_rows = None
+            self._fence_rows = self._run(_FENCE.replace("{s}", self._s), (self.member,), True, False, keep=True)
         self._dirty = True
         return self._run(sql.replace("{s}", self._s), params, write=True, wait=wait or big, big=big)
 
-    def _run(self, sql: str, params: Any, write: bool, wait: bool, big: bool = False) -> _Rows | None:
+    def _run(
+        self, sql: str, params: Any, write: bool, wait: bool, big: bool = False, keep: bool = False
+    ) -> _Rows | None:
         if self._gone:
             raise self._unavailable("it was lost")
         if write:
@@ -339,6 +373,8 @@ class PostgresStore(TaskStore):
             if big:
                 return self._outside_pipeline(sql, params)
             cur = self.db.execute(sql, params)
+            if keep:  # its answer is read later, after a sync (the raw cursor)
+                return cur  # type: ignore[no-any-return]
             if not wait:
                 return None
             self._pipe.sync()  # the answers so far, this one's included (and errors, if any)
@@ -351,7 +387,7 @@ class PostgresStore(TaskStore):
             if not write:
                 cur = self.db.execute(sql, params)
                 self._pipe.sync()
-            return _Rows(cur) if wait or big else None
+            return _Rows(cur) if wait or big else None  # (keep: the fence is asked again at commit)
 
     def _lost(self, exc: BaseException | None = None) -> bool:
         """The connection is gone, or going (not just a statement that failed): a broken
@@ -379,6 +415,7 @@ class PostgresStore(TaskStore):
         """A statement failed (our bug, or a constraint): the transaction is aborted; roll it back
         and redo the writes that still apply, so what the supervisor believes stays recorded."""
         log.error("a statement of the PostgreSQL store failed (%s): redoing the open transaction", exc)
+        self._fence_rows = None
         with contextlib.suppress(Exception):
             self._pipe_mode.__exit__(None, None, None)
         self.db.rollback()
@@ -397,6 +434,7 @@ class PostgresStore(TaskStore):
         """The connection broke: connect again and redo the open transaction's writes, trying for
         up to the outage; returns the last write's cursor (the statement that failed, if a write)."""
         deadline, delay = time.monotonic() + self.outage, 0.1
+        self._fence_rows = None
         log.error("lost the PostgreSQL store %s (%s): reconnecting, for up to %.0f s", self.url, cause, self.outage)
         while True:
             with contextlib.suppress(Exception):
@@ -431,7 +469,13 @@ class PostgresStore(TaskStore):
         """Create the schema, or check the one there is: a newer version than ours is refused."""
         self.db.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
         self.db.execute(f"SELECT pg_advisory_xact_lock(hashtext('{self._s}'))")  # one migrator at a time
-        for statement in _SCHEMA.split(";"):
+        current = None
+        if self.db.execute("SELECT to_regclass(%s)", (f"{self._s}.meta",)).fetchone()[0] is not None:
+            row = self.db.execute(f"SELECT value FROM {self._s}.meta WHERE key='schema_version'").fetchone()
+            current = int(row[0]) if row else None
+        # DDL only when the schema is older (or new): a cluster member joining must not take the
+        # exclusive locks of ALTER TABLE while the other members work
+        for statement in _SCHEMA.split(";") if current is None or current < SCHEMA_VERSION else []:
             if statement.strip():
                 self.db.execute(statement.replace("{s}", self._s))
         self.db.execute(
@@ -464,6 +508,9 @@ class PostgresStore(TaskStore):
     def commit(self) -> None:
         if self._gone:
             raise self._unavailable("it was lost")
+        if self.member is not None and self._dirty:
+            self._send_notes()
+            self._check_fence()
         try:
             self.db.commit()
         except Exception as exc:
@@ -481,10 +528,58 @@ class PostgresStore(TaskStore):
             self.db.commit()
         self._redo.clear()
         self._dirty = False
+        self._fence_rows = None
         self.slot_pending = False
 
     def dirty(self) -> bool:
         return self._dirty
+
+    def _send_notes(self) -> None:
+        """The turn's wake-ups for the other members (NOTIFY: delivered when this commits)."""
+        if self._done:
+            ids, self._done = self._done, []
+            chunk: list[str] = []
+            for task_id in ids:
+                chunk.append(task_id)
+                if sum(len(i) + 1 for i in chunk) > _NOTE_BYTES:
+                    self.notes.add("done " + " ".join(chunk))
+                    chunk = []
+            if chunk:
+                self.notes.add("done " + " ".join(chunk))
+        for note in sorted(self.notes):
+            self._w("SELECT pg_notify(%s, %s)", (self.schema, note))
+        self.notes.clear()
+
+    def _check_fence(self) -> None:
+        """This member's row, locked at the transaction's first write: still live, or the
+        transaction is rolled back and nothing of it is ever written (Fenced)."""
+        cur = self._fence_rows
+        if cur is None:
+            rows = self._q(_FENCE, (self.member,))
+        else:
+            try:
+                self._pipe.sync()
+                rows = _Rows(cur)
+            except Exception as exc:
+                if not self._lost(exc):
+                    self._recover_statement_error(exc)
+                    raise
+                self._reconnect(exc)
+                rows = self._q(_FENCE, (self.member,))
+        row = rows.fetchone()
+        if row is None or row[0] != "live":
+            with contextlib.suppress(Exception):
+                self._pipe_mode.__exit__(None, None, None)
+            with contextlib.suppress(Exception):
+                self.db.rollback()
+            self._redo.clear()
+            self._dirty = False
+            self._fence_rows = None
+            self._done.clear()
+            self.notes.clear()
+            with contextlib.suppress(Exception):
+                self._pipeline()
+            raise Fenced(f"cluster member {self.member} was taken over by another member: its writes are refused")
 
     # ---- housekeeping ------------------------------------------------------------------------
     def maintain(self) -> None:
@@ -509,13 +604,20 @@ class PostgresStore(TaskStore):
         if not rows:
             return []
         params: list[Any]
+        columns = "id, name, state, lock_key, session_id, session_owner, args, created_at, run_at, priority, rate_key"
+        if self.member is not None:  # a cluster member: the task is ours, taken in here, in its key's shard
+            me = self.member
+            rows_in: list[Any] = [(*r, me, me, None if r.lock_key is None else shard_of(r.lock_key)) for r in rows]
+            columns += ", owner, origin, shard"
+            one, many = _MEMBER_ONE_ROW, _MEMBER_ROWS
+        else:
+            rows_in, one, many = rows, _ONE_ROW, _ROWS
         if len(rows) == 1:  # a plain submit: no arrays to build and unpack
-            values, params = _ONE_ROW, [*rows[0]]
+            values, params = one, [*rows_in[0]]
         else:  # a map(): every row in one statement
-            values, params = _ROWS, [list(c) for c in zip(*rows)]
+            values, params = many, [list(c) for c in zip(*rows_in)]
         new = self._w(
-            "WITH new AS (INSERT INTO {s}.tasks(id, name, state, lock_key, session_id, session_owner, args, "
-            f"created_at, run_at, priority, rate_key) {values} ON CONFLICT (id) DO NOTHING "
+            f"WITH new AS (INSERT INTO {{s}}.tasks({columns}) {values} ON CONFLICT (id) DO NOTHING "
             "RETURNING seq, id, name, state, session_id), "
             "ev AS (INSERT INTO {s}.events(task_id, session_id, kind, data, ts) "
             "SELECT id, session_id, 'state', json_build_object('state', state, 'attempt', 0, 'name', name)::text, %s "
@@ -573,7 +675,8 @@ class PostgresStore(TaskStore):
 
     def flow_waiting(self) -> list[tuple[str, str | None, bytes]]:
         rows = self._q(
-            "SELECT id, session_id, args FROM {s}.tasks WHERE state='SCHEDULED' AND run_at IS NULL ORDER BY seq"
+            "SELECT id, session_id, args FROM {s}.tasks WHERE state='SCHEDULED' AND run_at IS NULL"
+            f"{self._owned()} ORDER BY seq"
         ).fetchall()
         return [(task_id, sid, bytes(args or b"")) for task_id, sid, args in rows]
 
@@ -628,6 +731,9 @@ class PostgresStore(TaskStore):
             session_id,
             data,
         )
+        if task_id in self.notify_done:  # taken in by another member: it hears at our commit
+            self.notify_done.discard(task_id)
+            self._done.append(task_id)
 
     def requeue(
         self,
@@ -738,8 +844,14 @@ class PostgresStore(TaskStore):
     def find_ids(self, ending: str, limit: int) -> list[str]:
         return [r[0] for r in self._q(_FIND_IDS_SQL, (len(ending), ending, limit)).fetchall()]
 
+    def _owned(self) -> str:
+        """The condition on a member's own rows (none without a cluster)."""
+        return "" if self.member is None else f" AND owner = {int(self.member)}"
+
     def live_tasks(self) -> Iterator[StoredTask]:
-        rows = self._q(f"SELECT {_STORED} FROM {{s}}.tasks WHERE state IN {_LIVE_SQL} ORDER BY seq").fetchall()
+        rows = self._q(
+            f"SELECT {_STORED} FROM {{s}}.tasks WHERE state IN {_LIVE_SQL}{self._owned()} ORDER BY seq"
+        ).fetchall()
         return (_stored(r) for r in rows)
 
     def backlog(self, priority: int, after: int, limit: int) -> list[StoredTask]:
@@ -753,8 +865,8 @@ class PostgresStore(TaskStore):
 
     def live_locked(self) -> list[tuple[str, str, str]]:
         rows = self._q(
-            f"SELECT id, name, lock_key FROM {{s}}.tasks WHERE state IN {_LIVE_SQL} AND lock_key IS NOT NULL "
-            "ORDER BY seq"
+            f"SELECT id, name, lock_key FROM {{s}}.tasks WHERE state IN {_LIVE_SQL} AND lock_key IS NOT NULL"
+            f"{self._owned()} ORDER BY seq"
         ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 

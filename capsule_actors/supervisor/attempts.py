@@ -338,6 +338,12 @@ class Attempts:
         if task.id in self._flow_watched:
             self._flow_ended(task.id, state, result, error)
 
+    def cancel(self, task: LiveTask) -> None:
+        """Cancelled by request: a running attempt is abandoned (its actor told, or replaced)."""
+        if task.state == RUNNING and task.actor is not None:
+            self.abandon(task)
+        self.finish(task, CANCELLED, b"", ("TaskCancelled", "cancelled by request", ""))
+
     # ---- an actor died -----------------------------------------------------------------------
     def actor_exited(self, proc: ActorProcess, cause: str) -> None:
         """The attempts a dead actor had: the ones it began crashed with it (or, when we are

@@ -78,6 +78,7 @@ class Children:
         self._to_stop: list[str] = []  # the stop protocol: slots still to stop, in reverse start order
         self.stopping = False
         self.template: ActorTemplate | None = None
+        self.lease_until: float | None = None  # a cluster member's: its template stops every actor then
         self._template_intensity = RestartIntensity(app.max_restarts, app.restart_window)
         self._gens = itertools.count(1)  # incarnation numbers: a message from a buried one is ignored
         for spec in specs:
@@ -126,6 +127,8 @@ class Children:
         if self.template is None and not self.stopping:
             self.template = ActorTemplate(self._registry, sys.path)
             self._poller.register(self.template.fd, zmq.POLLIN)
+            if self.lease_until is not None:
+                self.template.lease(self.lease_until)
 
     def start_actor(self, spec: ChildSpec) -> None:
         if self.stopping or spec.slot in self.procs:
@@ -173,6 +176,12 @@ class Children:
         node = self._nodes.get(proc.spec.node)
         if node is not None:
             self._outbox.to_node(node.identity, messages.Kill(proc.spec.slot, proc.gen, sig))
+
+    def lease(self, until: float) -> None:
+        """A cluster member's lease end (monotonic), for the template to enforce on the actors."""
+        self.lease_until = until
+        if self.template is not None:
+            self.template.lease(until)
 
     def replace(self, proc: ActorProcess) -> None:
         """Kill an actor on purpose (to stop the body a process actor runs): SIGTERM, SIGKILL after

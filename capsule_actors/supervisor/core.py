@@ -31,6 +31,7 @@ from ..errors import (
     AlreadyRunning,
     CapsuleError,
     ConfigError,
+    Fenced,
     KeyRefused,
     ProtocolError,
     StateDirError,
@@ -52,6 +53,7 @@ from ..transport import (
 )
 from .attempts import Attempts
 from .children import HEARTBEAT_CHECK, MEMORY_CHECK, Children
+from .cluster import LEASE, Membership
 from .flows import FlowSteps
 from .intake import Intake
 from .keygate import KeyGate, key_name
@@ -126,6 +128,8 @@ class Supervisor:
         keys_dir: Path | None = None,
         store_url: str | None = None,
         metrics: str | None = None,
+        cluster_name: str | None = None,
+        lease: float = LEASE,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -136,6 +140,17 @@ class Supervisor:
         self.bind_tcp = bind_tcp
         self.keys_dir = keys_dir
         self.store_url = store_url  # None: SQLite in the state directory; resolved by the caller (bootstrap.py)
+        if cluster_name is not None and not store.is_postgres(store_url):
+            raise ConfigError(
+                f"--name {cluster_name!r}: a cluster member needs a PostgreSQL store that every member shares "
+                "(--store postgresql://…, or CAPSULE_STORE); SQLite serves one supervisor only"
+            )
+        if not lease > 0:
+            raise ConfigError(f"--lease {lease!r}: expected seconds above 0")
+        self.cluster_name = cluster_name
+        self.lease = lease
+        self.membership: Membership | None = None
+        self.fenced = False
         self.remote_sock: Socket | None = None
         self.keygate: KeyGate | None = None  # the TCP socket's authorized keys (--bind)
         self.started_at = time.time()
@@ -165,6 +180,8 @@ class Supervisor:
         try:
             self._build()
             self.store.begin()
+            if self.membership is not None:
+                self.membership.join()
             schedules = ((s.name, s.cron, s.tz) for s in self.app.schedules.values())
             self.store.register_schedules(schedules, time.time())
             self.intake.recover()
@@ -185,6 +202,14 @@ class Supervisor:
                 self._publish_metrics()
             while not (self.children.stopping and not self.children.procs):
                 self._turn()
+            if self.membership is not None:
+                self.membership.leave()
+        except Fenced as exc:
+            log.error("%s", exc)
+            self.fenced = True
+            if hasattr(self, "children"):
+                self.children.kill_all()
+            raise
         except StoreUnavailable as exc:
             log.error("%s", exc)
             raise
@@ -265,13 +290,45 @@ class Supervisor:
         self.keys = keys = KeyRouting(app, tasks, children, db, outbox)
         self.limits = limits = Limits(app, tasks, timers)
         self.flows = flows = FlowSteps(db, tasks, keys, app.max_payload_bytes)
+        if self.cluster_name is not None:
+            from ..store.postgres import PostgresStore
+
+            assert isinstance(db, PostgresStore)
+            self.membership = Membership(
+                self.cluster_name,
+                self.lease,
+                str(self.state_dir),
+                db,
+                tasks,
+                keys,
+                waiters,
+                children,
+                timers,
+                self.poller,
+                self.commit,
+            )
         self.intake = intake = Intake(
-            app, db, tasks, keys, flows, waiters, outbox, timers, self.state_dir, self._commit_durably, self.tally
+            app,
+            db,
+            tasks,
+            keys,
+            flows,
+            waiters,
+            outbox,
+            timers,
+            self.state_dir,
+            self._commit_durably,
+            self.tally,
+            self.membership,
         )
+        if self.membership is not None:
+            self.membership.bind(intake, flows)
         self.attempts = attempts = Attempts(
             app, db, tasks, children, keys, limits, flows, waiters, outbox, timers, intake.dead_letter, self.tally
         )
         flows.bind(intake.make_due, intake.load_stored, attempts.finish, attempts.abandon, intake.hold_step)
+        if self.membership is not None:
+            self.membership.bind_attempts(attempts, outbox)
         self.sessions = sessions = Sessions(app, db, tasks, outbox)
         self.retention = retention = Retention(app, db, timers)
         self.node_link = NodeLink(app, self.grace, nodes, children, keys, tasks, timers)
@@ -287,10 +344,11 @@ class Supervisor:
             children=children,
             nodes=nodes,
             tally=self.tally,
+            membership=self.membership,
         )
         self.status = status
         self.requests = ClientRequests(
-            app, db, tasks, intake, attempts, keys, limits, waiters, sessions, status, outbox
+            app, db, tasks, intake, attempts, keys, limits, waiters, sessions, status, outbox, self.membership
         )
         # actor messages: the handler of each type, and the role it must come from (None: any)
         self.actor_handlers: dict[type, tuple[Callable[[ActorProcess, Any, Frames], None], str | None]] = {
@@ -376,15 +434,10 @@ class Supervisor:
         if hasattr(self, "children"):
             self.children.close()
             self.node_link.stop()
+        if self.membership is not None:
+            self.membership.close()
         if hasattr(self, "store"):
-            try:
-                if hasattr(self, "outbox") and not self._commit_at_stop():
-                    log.error(
-                        "stopped with writes the task store had no room for: the submits among them were "
-                        "not acknowledged, and the tasks that finished meanwhile run again at the next start"
-                    )
-            finally:
-                self.store.close()
+            self._close_store()
         if hasattr(self, "ctx"):
             if hasattr(self, "outbox"):
                 self.outbox.flush()
@@ -403,11 +456,22 @@ class Supervisor:
         if hasattr(self, "_lock_fd"):
             os.close(self._lock_fd)
 
+    def _close_store(self) -> None:
+        """The last commit (none for a fenced cluster member: nothing more of its may be written)."""
+        try:
+            if not self.fenced and hasattr(self, "outbox") and not self._commit_at_stop():
+                log.error(
+                    "stopped with writes the task store had no room for: the submits among them were "
+                    "not acknowledged, and the tasks that finished meanwhile run again at the next start"
+                )
+        finally:
+            self.store.close()
+
     def _commit_at_stop(self) -> bool:
         """The last commit; a store whose server is gone has nothing more to take."""
         try:
             return self.commit()
-        except StoreUnavailable:
+        except (StoreUnavailable, Fenced):
             return False
 
     def _announce(self, line: str) -> None:
@@ -432,6 +496,8 @@ class Supervisor:
             deadline = self.lazy_commit_at if deadline is None else min(deadline, self.lazy_commit_at)
         timeout = None if deadline is None else int(max(0.0, (deadline - time.monotonic()) * 1000)) + 1
         ready = dict(self.poller.poll(timeout))
+        if self.membership is not None:
+            self.membership.check()
         db, outbox = self.store, self.outbox
         db.begin()
         self._handle(ready)
@@ -469,6 +535,11 @@ class Supervisor:
         """Everything that is waiting: signals, child exits, messages, due timers."""
         if self.sig_r.fileno() in ready:
             self._on_signals()
+        membership = self.membership
+        if membership is not None:
+            if membership.listen_fd in ready:
+                membership.on_notify()
+            membership.service()
         template = self.children.template
         if template is not None and (template.fd in ready or template.pending()):
             self.children.on_template_events()
@@ -559,7 +630,7 @@ class Supervisor:
                 self.dropped += 1
                 if self.dropped <= 10 or self.dropped % 1000 == 0:
                     log.warning("dropped a malformed message (%d so far): %s", self.dropped, exc)
-            except StoreUnavailable:  # the store's server is gone for good: stop (nothing is lost)
+            except (StoreUnavailable, Fenced):  # the store's server is gone for good, or we were taken over
                 raise
             except Exception:  # our bug: log it and keep serving everyone else
                 log.exception("internal error while handling a message; the supervisor goes on")
@@ -650,6 +721,8 @@ class Supervisor:
         self.tasks.promote(msg.task_ids)
 
     def _on_fire(self, proc: ActorProcess, msg: messages.Fire, payload: Frames) -> None:
+        if self.membership is not None and not self.membership.clock:
+            return  # another cluster member runs the clock
         self.intake.on_fire(msg)
 
     def _on_due(self, proc: ActorProcess, msg: messages.Due, payload: Frames) -> None:

@@ -103,6 +103,10 @@ class FlowSteps:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    def __contains__(self, task_id: str) -> bool:
+        """A waiting step (not an input someone waits for)."""
+        return task_id in self._waiting
+
     # ---- recording ---------------------------------------------------------------------------
     def add(self, task_id: str, session_id: str | None, args: bytes, new: bool = True) -> None:
         """A waiting step was recorded (``new``), or found in the store at start."""
@@ -127,7 +131,8 @@ class FlowSteps:
         """At start: the waiting steps from the store, then the outcomes they missed (a step
         whose inputs ended while the supervisor was down, or that recovery just failed)."""
         for task_id, session_id, args in self._store.flow_waiting():
-            self.add(task_id, session_id, args, new=False)
+            if task_id not in self._waiting:  # (a cluster member adopting a lost member's steps)
+                self.add(task_id, session_id, args, new=False)
         self._replaying = True
         try:
             for dep in [d for d in self.watched if d not in self._waiting]:

@@ -16,16 +16,18 @@ from ..errors import (
     Backpressure,
     CapsuleError,
     CapsuleInternalError,
+    ConfigError,
     ProtocolError,
     SerializationError,
     StoreFull,
     StoreUnavailable,
     WorkerCrashed,
 )
-from ..flows import FLOW_TASK, WAITING
+from ..flows import FLOW_TASK, WAITING, read_envelope
 from ..ids import new_task_id
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
+from .cluster import CLUSTER_WINDOW
 from .flows import Admission
 from .nodes import NODE_LOSS
 from .tasks import LiveTask, PendingSubmit
@@ -33,6 +35,8 @@ from .tasks import LiveTask, PendingSubmit
 if TYPE_CHECKING:
     from ..app import App
     from ..store import Error, TaskStore
+    from ..store.cluster import Asked
+    from .cluster import Membership
     from .flows import FlowSteps
     from .keys import Decision, KeyRouting
     from .outbox import Frames, Outbox
@@ -64,6 +68,7 @@ class Intake:
         state_dir: Path,
         commit: Callable[[], None],
         tally: TaskTally,
+        cluster: Membership | None = None,
     ) -> None:
         self._app = app
         self._store = store
@@ -76,6 +81,7 @@ class Intake:
         self._state_dir = state_dir
         self._commit = commit  # the loop's commit (journals are removed only once their tasks are in)
         self._tally = tally
+        self._cluster = cluster  # a cluster member: a pool instead of a backlog, admissions across members
         # Unlocked QUEUED tasks of a priority beyond QUEUE_WINDOW of it stay in the store only:
         # per priority, all of them have a rowid above that priority's mark, and page_in loads
         # them in submit order as that priority's queue drains: [count, mark] by priority.
@@ -108,6 +114,11 @@ class Intake:
             app.get_task(item[1])
             if len(frame) > app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
+            if self._cluster is not None and item[5] == WAITING and read_envelope(frame).get("l"):
+                raise ConfigError(
+                    f"workflow step {item[0]} ({item[1]}) has a lock key: locked workflow steps do not run on a "
+                    "cluster yet (a step's key would be admitted where its workflow is, not by its shard's holder)"
+                )
         if not msg.journaled:  # a journaled one is acknowledged already (its journal has it): recorded
             self.refuse_if_full()
         if not msg.journaled and self.live_count() + len(msg.items) > app.max_queued:
@@ -179,6 +190,9 @@ class Intake:
                 rows.append(row)  # unlocked, or a resent submit that is already recorded
                 continue
             pending.remaining += 1
+            if self._cluster is not None and not self._cluster.holds(lock_key):
+                self._cluster.ask(row, (pending, i, row))  # its shard's holder, another member, decides
+                continue
             self._keys.admit(task_id, lock_key, name, (pending, i, row))
         if batch is not None:
             batch.extend(rows)
@@ -194,6 +208,9 @@ class Intake:
             if isinstance(context, Admission):
                 self._flows.admitted(context, verdict, holder, slot)
                 continue
+            if self._cluster is not None and not isinstance(context, tuple):  # asked by another member
+                self._decided_asked(context, verdict, holder, slot)
+                continue
             pending, i, row = context
             if verdict in ("run", "queue"):
                 self._record([row], slot, verdict == "queue")
@@ -203,6 +220,31 @@ class Intake:
             pending.remaining -= 1
             if not pending.remaining:
                 self._complete(pending)
+
+    def remote_decided(self, context: Any, verdict: str, holder: str | None) -> None:
+        """The member holding a locked item's shard decided it (and, for run or queue, recorded it)."""
+        pending, i, row = context
+        self._traces.pop(row.id, None)
+        recorded = verdict in ("run", "queue")
+        pending.results[i] = [row.id if recorded else holder, verdict == "join", verdict == "reject"]
+        pending.remaining -= 1
+        if not pending.remaining:
+            self._complete(pending)
+
+    def admit_asked(self, asked: Asked) -> None:
+        """Another member's locked submit, in one of our shards: our key owner decides it."""
+        assert self._cluster is not None and asked.row.lock_key is not None
+        if asked.task_id in self._tasks or self._store.exists(asked.task_id):  # decided and recorded before
+            self._cluster.answer(asked, "run", None)
+            return
+        self._keys.admit(asked.task_id, asked.row.lock_key, asked.row.name, asked)
+
+    def _decided_asked(self, asked: Asked, verdict: str, holder: str | None, slot: str) -> None:
+        assert self._cluster is not None
+        if verdict in ("run", "queue"):
+            self._record([asked.row], slot, verdict == "queue")
+            self._store.notify_done.add(asked.task_id)  # type: ignore[attr-defined]
+        self._cluster.answer(asked, verdict, holder)
 
     def _complete(self, pending: PendingSubmit) -> None:
         """Every item is decided: acknowledge the client, or record the schedule's fired slot."""
@@ -232,6 +274,7 @@ class Intake:
         by_id = {r.id: r for r in rows}
         traces = {r.id: self._traces.pop(r.id) for r in rows if r.id in self._traces} if self._traces else None
         timed = self._tally.enabled
+        pooled: list[str] = []  # a cluster member's: unlocked tasks any member may take
         for task_id, rowid in self._store.insert_tasks(rows):
             row = by_id[task_id]
             if timed:
@@ -241,9 +284,16 @@ class Intake:
                     self._flows.add(task_id, row.session_id, row.args)
                 else:
                     tasks.want_clock()  # unlocked delayed tasks stay in the store until the clock says
+                    if self._cluster is not None:
+                        pooled.append(task_id)
                 self._keep_trace(task_id, traces)
                 continue
-            if row.lock_key is None and self._to_backlog(rowid, row.priority):
+            if row.lock_key is None and self._cluster is not None:
+                if tasks.queued_at(row.priority) >= CLUSTER_WINDOW and row.id not in self._flows.watched:
+                    pooled.append(task_id)
+                    self._keep_trace(task_id, traces)
+                    continue
+            elif row.lock_key is None and self._to_backlog(rowid, row.priority):
                 self._keep_trace(task_id, traces)
                 continue
             task = LiveTask(
@@ -265,6 +315,9 @@ class Intake:
             tasks.add(task)
             if not blocked:
                 tasks.queue(task, row.run_at)
+        if pooled:
+            assert self._cluster is not None
+            self._cluster.table.to_pool(pooled)
         self._flows.release_ready()
 
     def hold_step(self, task_id: str, slot: str, blocked: bool) -> None:
@@ -372,7 +425,10 @@ class Intake:
     def page_in(self) -> None:
         """Load the oldest backlog tasks of each priority whose queue is half empty. (Tasks a
         limit holds back are not in those queues: a window of them never keeps runnable work
-        in the store.)"""
+        in the store.) A cluster member claims from the pool instead."""
+        if self._cluster is not None:
+            self._claim_pool(self._cluster)
+            return
         if not self._backlog:
             return
         for priority, level in list(self._backlog.items()):
@@ -390,6 +446,46 @@ class Intake:
                 self._tasks.due(row.id)
             if len(rows) < limit:
                 del self._backlog[priority]
+
+    def _claim_pool(self, cluster: Membership) -> None:
+        """Take queued tasks from the cluster's pool while our queue is half empty (and the pool
+        may have some: a notification or the renewal says so)."""
+        room = CLUSTER_WINDOW - self._tasks.queued_count()
+        if not cluster.pool_hint or room < CLUSTER_WINDOW // 2:
+            return
+        rows = cluster.table.claim_queued(room, time.time())
+        if len(rows) < room:
+            cluster.pool_hint = False
+        for row in rows:
+            if row.id in self._tasks:
+                continue
+            self._load(row, QUEUED)
+            self._tasks.due(row.id)
+
+    def adopt(self, rows: list[StoredTask]) -> None:
+        """A cluster member took shards: their live tasks (left by the last holder) are ours,
+        each key's first one holding it, as at recovery."""
+        now = time.time()
+        held = {t.lock_key for t in self._tasks if t.lock_key is not None and not t.blocked}
+        for row in rows:
+            task = self._recovered(row, now, held)
+            if task is not None and task.id not in self._tasks:
+                self._tasks.add(task)
+                if not task.blocked:
+                    self._tasks.queue(task, task.run_at)
+
+    def crashed(self, row: StoredTask, why: str) -> None:
+        """A running attempt of a lost cluster member: it ends as WorkerCrashed, retried (left in
+        the store, for whoever takes it next) if it may be, else failed for good."""
+        spec = self._app.tasks.get(row.name) or (self._app.get_task(row.name) if row.name == FLOW_TASK else None)
+        now = time.time()
+        if spec is not None and row.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed):
+            error = ("WorkerCrashed", f"{why} while the task was running; re-running it", "")
+            self._store.requeue(row.id, row.session_id, None, error)
+            return
+        error = ("WorkerCrashed", f"{why} while the task was running and no retry remained", "")
+        self._store.finish(row.id, row.session_id, FAILED, None, error, now)
+        self.dead_letter(row.id, row.name, error)
 
     def _live(self, row: StoredTask, state: TaskState) -> LiveTask:
         """The in-memory task of a stored row (with the trace context it kept, if any)."""
@@ -420,7 +516,7 @@ class Intake:
         task = self._tasks.get(task_id)
         if task is not None:
             return task
-        row = self._store.live_task(task_id)
+        row = self._store.live_task(task_id) if self._cluster is None else self._cluster.table.claim_one(task_id)
         if row is None or row.state not in (SCHEDULED, QUEUED) or row.lock_key is not None:
             return None
         level = self._backlog.get(row.priority)

@@ -89,6 +89,18 @@ class KeyRouting:
                 decided.append(Decision(entry[1], verdict, holder, proc.spec.slot))
         return decided
 
+    def keys_in_flight(self) -> list[str]:
+        """The keys of admissions not decided yet (a cluster member keeps their shards)."""
+        keys = [item[1] for items in self._waiting.values() for item in items] + [item[1] for item in self._held]
+        keys += [item[1] for proc in self._children.procs.values() for item in proc.admitting.values()]
+        return keys
+
+    def rekey(self) -> None:
+        """Live keys came from the store (a cluster member adopted a shard's tasks): every owner
+        rebuilds its table, as at a change of pools."""
+        self.rekeying = True
+        self.finish_rekey()
+
     def actor_up(self, proc: ActorProcess) -> None:
         """A key owner said hello: the admissions that waited for it go now."""
         for item in self._waiting.pop(proc.spec.slot, []):

@@ -13,13 +13,14 @@ from ..errors import (
     CapsuleError,
     CapsuleInternalError,
     ConfigError,
+    Fenced,
     ProtocolError,
     StoreUnavailable,
     UnknownTask,
 )
 from ..flows import FLOW_TASK
 from ..ids import new_task_id
-from ..states import CANCELLED, QUEUED, SCHEDULED
+from ..states import QUEUED, RUNNING, SCHEDULED
 from .intake import NO_ARGS
 from .tasks import PendingSubmit
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from ..app import App
     from ..store import TaskStore
     from .attempts import Attempts
+    from .cluster import Membership
     from .intake import Intake
     from .keys import KeyRouting
     from .limits import Limits
@@ -59,8 +61,10 @@ class ClientRequests:
         sessions: Sessions,
         status: StatusReport,
         outbox: Outbox,
+        cluster: Membership | None = None,
     ) -> None:
         self._app = app
+        self._cluster = cluster
         self._limits = limits
         self._store = store
         self._tasks = tasks
@@ -106,7 +110,7 @@ class ClientRequests:
             self._intake.flush()
         try:
             handler(ident, msg, payload)
-        except StoreUnavailable:  # not this request's fault: the supervisor stops, unanswered
+        except (StoreUnavailable, Fenced):  # not this request's fault: the supervisor stops, unanswered
             raise
         except CapsuleError as exc:
             self._outbox.error(ident, msg.req, exc)  # type: ignore[attr-defined]
@@ -122,7 +126,7 @@ class ClientRequests:
         if outcome is None:
             raise unknown(msg.task_id)
         state, result, error = outcome
-        if state in (SCHEDULED, QUEUED):  # delayed, or in the backlog: in the store only for now
+        if state in (SCHEDULED, QUEUED, RUNNING):  # delayed, in the backlog, or held by another cluster member
             self._waiters.wait(msg.task_id, ident, msg.req)
             return
         self._outbox.reply(ident, msg.req, True, messages.Outcome(state, *error).to_wire(), [result or b""])
@@ -151,13 +155,15 @@ class ClientRequests:
         task_id = self._full_id(msg.task_id)
         task = self._intake.load_stored(task_id)
         if task is None:
-            if self._store.info(task_id) is None:
+            info = self._store.info(task_id)
+            if info is None:
                 raise unknown(task_id)
+            if self._cluster is not None and info["state"] in states.LIVE:  # held by another member
+                self._cluster.cancel_elsewhere(task_id, ident, msg.req)
+                return
             self._outbox.reply(ident, msg.req, True, False)
             return
-        if task.state == states.RUNNING and task.actor is not None:
-            self._attempts.abandon(task)
-        self._attempts.finish(task, CANCELLED, b"", ("TaskCancelled", "cancelled by request", ""))
+        self._attempts.cancel(task)
         self._outbox.reply(ident, msg.req, True, True)
 
     def on_list(self, ident: bytes, msg: messages.ListTasks, payload: Frames) -> None:

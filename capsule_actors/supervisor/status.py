@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..store import TaskStore
     from .attempts import Attempts
     from .children import Children
+    from .cluster import Membership
     from .intake import Intake
     from .node_table import NodeTable
     from .retention import Retention
@@ -67,6 +68,7 @@ class StatusReport:
         children: Children,
         nodes: NodeTable,
         tally: TaskTally,
+        membership: Membership | None = None,
     ) -> None:
         self._state_dir = state_dir
         self._endpoint = endpoint
@@ -78,6 +80,7 @@ class StatusReport:
         self._retention = retention
         self._children = children
         self._nodes = nodes
+        self._membership = membership
         self._tally = tally
 
     def snapshot(self) -> messages.StatusSnapshot:
@@ -104,7 +107,9 @@ class StatusReport:
             free_bytes=space.free_bytes,
             store_full=space.full,
         )
-        return messages.StatusSnapshot(supervisor, actors, self._nodes.status(time.monotonic()), self.task_counts())
+        members, member = self._membership.status() if self._membership is not None else ([], None)
+        nodes = self._nodes.status(time.monotonic())
+        return messages.StatusSnapshot(supervisor, actors, nodes, self.task_counts(), members, member)
 
     def task_counts(self) -> dict[str, int]:
         """Tasks per state, without scanning the table: live ones from memory, finished ones

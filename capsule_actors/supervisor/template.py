@@ -61,6 +61,11 @@ class ActorTemplate:
         except (BrokenPipeError, ValueError):
             return False
 
+    def lease(self, until: float) -> None:
+        """A cluster member's lease: past ``until`` (monotonic) the template SIGKILLs every actor and
+        exits, even while the supervisor is frozen."""
+        self._write((json.dumps({"op": "lease", "until": until}) + "\n").encode())
+
     def spawn(
         self, spec: ChildSpec, gen: int, endpoint: str, server_key: str | None, state_dir: str, **extra: Any
     ) -> ActorProcess | None:

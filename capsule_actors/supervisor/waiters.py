@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import messages
+from ..states import LIVE
 
 if TYPE_CHECKING:
     from ..store import TaskStore
@@ -46,6 +47,21 @@ class Waiters:
         for ident, req in waiting:
             self._index.pop((ident, req), None)
             self._outbox.reply(ident, req, True, body, [result])
+
+    def waited(self) -> list[str]:
+        """The tasks someone waits for."""
+        return list(self._by_task)
+
+    def settle_stored(self, task_id: str) -> None:
+        """Answer the waits on a task that ended elsewhere (on another cluster member), from the
+        store; nothing when it has not ended (or is not waited for)."""
+        if task_id not in self._by_task:
+            return
+        outcome = self._store.outcome(task_id)
+        if outcome is None or outcome[0] in LIVE:
+            return
+        state, result, error = outcome
+        self.settle(task_id, messages.Outcome(state, *error), result or b"")
 
     def forget(self, ident: bytes, req: int) -> None:
         """The client gave up on ``req`` (its wait timed out, or its event loop cancelled it)."""
