@@ -33,12 +33,13 @@ def binaries() -> Path | None:
 class PostgresServer:
     """``with PostgresServer() as pg: pg.url(db)``; the server and its files are gone afterwards."""
 
-    def __init__(self, *, fsync: bool = True) -> None:
+    def __init__(self, *, fsync: bool = True, listen: str = "") -> None:
         bindir = binaries()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed: `apt-get install postgresql` (as .ci/run does)")
         self.bin = bindir
         self.fsync = fsync
+        self.listen = listen  # an address to listen on over TCP too (trust from anywhere: tests only)
         self.dir = Path(tempfile.mkdtemp(prefix="cpsl-pg-"))
         self.data = self.dir / "data"
         self.pid: int | None = None
@@ -62,11 +63,15 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-instructions")
+        if self.listen:
+            with open(self.data / "pg_hba.conf", "a") as hba:  # root may write it; so may its owner
+                hba.write("host all all 0.0.0.0/0 trust\n")
         self.resume()
         return self
 
     def _options(self) -> str:
-        options = f"-k {self.dir} -c listen_addresses='' -p {PORT} -c fsync={'on' if self.fsync else 'off'}"
+        fsync = "on" if self.fsync else "off"
+        options = f"-k {self.dir} -c listen_addresses='{self.listen}' -p {PORT} -c fsync={fsync}"
         return options + " -c max_connections=200 -c shared_buffers=64MB"
 
     def resume(self) -> None:
@@ -96,6 +101,10 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         """A libpq URL to ``database`` over the private socket (no password: trust on the socket)."""
         return f"postgresql://{USER}@/{database}?host={self.dir}&port={PORT}"
+
+    def tcp_url(self, database: str = "postgres") -> str:
+        """The same over TCP, to the ``listen`` address."""
+        return f"postgresql://{USER}@{self.listen}:{PORT}/{database}"
 
     def create_database(self, name: str) -> str:
         self._run("createdb", "-h", self.host, "-p", str(PORT), "-U", USER, name)

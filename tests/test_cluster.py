@@ -88,20 +88,25 @@ class Cluster:
 
     # -- starting and stopping
     def start(self, name: str, *, workers: int = 1, process_workers: int = 1, lease: float = LEASE,
-              env: dict[str, str] | None = None, wait: bool = True) -> Member:
+              env: dict[str, str] | None = None, wait: bool = True, url: str | None = None,
+              prefix: tuple[str, ...] = ()) -> Member:
         """``capsule-actors run cluster_app:app --name NAME`` on a state directory of its own; with
         ``wait``, until it has joined (its status names it) and its actors are ready."""
         import cluster_app
 
         state_dir = self.root / name
-        log_path = self.root / f"{name}.log"
+        log_path = self.root / (f"{name}.log" if name not in self.members else f"{name}.{len(self.members)}.log")
         log_file = open(log_path, "w")  # noqa: SIM115 (closed at teardown)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
         environ.update(env or {}, CLUSTER_MEMBER=name, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))
-        cmd = [sys.executable, "-m", "capsule_actors", "run", APP, "--state-dir", str(state_dir), "--store", self.url,
+        cmd = [*prefix, sys.executable, "-m", "capsule_actors", "run", APP, "--state-dir", str(state_dir),
+               "--store", url or self.url,
                *self.cluster_args(name, lease), "--workers", str(workers), "--process-workers",
                str(process_workers), "--grace", "5"]
         proc = subprocess.Popen(cmd, cwd=self.root, env=environ, stdout=log_file, stderr=subprocess.STDOUT)
+        if name in self.members:  # a restart: the old one stays known (and stopped) under another name
+            before = self.members.pop(name)
+            self.members[f"{name}@{before.pid}"] = before
         member = Member(name, state_dir, proc, log_path, log_file, cluster_app.make_app(state_dir))
         self.members[name] = member
         if wait:
@@ -604,3 +609,156 @@ def test_a_graceful_stop_hands_the_shards_and_the_clock_over_at_once(cluster):
     assert sorted(by_tag) == sorted(ids)
     assert all(runs[-1].ended for runs in by_tag.values())
     assert_no_key_ran_twice_at_once(cluster.records)
+
+
+@pytest.mark.timeout(150)
+def test_a_tasks_events_stream_live_through_a_member_that_does_not_run_it(cluster):
+    # Given a locked task running on bravo, submitted through alpha
+    alpha = cluster.start("alpha")
+    cluster.start("bravo")
+    cluster.wait_formed("alpha", "bravo", min_shards=SHARDS // 4)
+    ids = submit_held(cluster, [alpha], keys=24, per_key=1, seconds=2.0)
+    run = wait_until(lambda: open_runs(cluster.records, "bravo"), 30, 0.05)[0]
+
+    # When its events are followed through alpha (a long poll there)
+    received = []
+    for event in cpsl.TaskHandle.from_id(alpha.app, ids[run.tag]).events():
+        received.append((event, time.time()))
+
+    # Then the stream ends with its end, heard within moments of bravo writing it
+    states = [e.data.get("state") for e, _ in received if e.kind == "state"]
+    assert states[0] == "QUEUED" and "RUNNING" in states and states[-1] == "SUCCEEDED", states
+    last, heard = received[-1]
+    assert heard - last.ts < 1.5, (heard, last.ts)
+
+
+@pytest.mark.timeout(240)
+def test_a_rolling_restart_of_every_member_loses_nothing(cluster):
+    # Given two members with locked and unlocked work in flight, submitted through both
+    alpha = cluster.start("alpha")
+    bravo = cluster.start("bravo")
+    cluster.wait_formed("alpha", "bravo", min_shards=SHARDS // 4)
+    ids = submit_held(cluster, [alpha, bravo], keys=16, per_key=4, seconds=0.4)
+    unlocked = [h.id for h in alpha.app.tasks["where"].map([0.05] * 150)]
+    wait_until(lambda: open_runs(cluster.records, "alpha") or open_runs(cluster.records, "bravo"), 30, 0.05)
+
+    # When each member in turn is stopped gracefully and started again (a new incarnation), the
+    # other carrying the work meanwhile
+    old = {}
+    for name in ("alpha", "bravo"):
+        member = cluster.members[name]
+        old[name] = cluster.status(member)["member"]["id"]
+        descendants = cluster.track(member)
+        os.kill(member.pid, signal.SIGTERM)
+        assert member.proc.wait(60) == 0, member.log()
+        wait_until(lambda pids=descendants: gone(pids), 15)  # nothing of the old one is left running
+        cluster.start(name)
+        cluster.wait_formed("alpha", "bravo")
+
+    # Then every task succeeded, asked through either new incarnation, and no key ran twice at once
+    alpha, bravo = cluster.members["alpha"], cluster.members["bravo"]
+    assert cluster.status(alpha)["member"]["id"] != old["alpha"]
+    assert cluster.status(bravo)["member"]["id"] != old["bravo"]
+    assert len(results(alpha, list(ids.values()), timeout=120)) == len(ids)
+    assert set(results(bravo, unlocked, timeout=120)) <= {"alpha", "bravo"}
+    for task_id in [*ids.values(), *unlocked]:
+        assert record(alpha, task_id)["state"] == "SUCCEEDED"
+    by_tag = runs_by_tag(cluster.records)
+    assert sorted(by_tag) == sorted(ids) and all(runs[-1].ended for runs in by_tag.values())
+    assert_no_key_ran_twice_at_once(cluster.records)
+
+
+# ---- a member cut off from PostgreSQL (and from its peers) in a network namespace ----------------
+def _netns_available() -> bool:
+    if os.geteuid() != 0 or not (shutil.which("ip") or Path("/usr/sbin/ip").exists()):
+        return False
+    name = f"cpsl-probe-{os.getpid()}"
+    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    return ok
+
+
+@contextlib.contextmanager
+def _netns(tag: str) -> Iterator[tuple[str, str, str]]:
+    """A namespace joined to this one by a veth pair: (netns name, host-side link, host address)."""
+    ns, host_if, ns_if = f"cpsl-{tag}", f"cph{tag}", f"cpn{tag}"
+    octet = 100 + os.getpid() % 100
+    host_ip, ns_ip = f"10.{octet}.9.1", f"10.{octet}.9.2"
+    steps = [["ip", "netns", "add", ns],
+             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+             ["ip", "link", "set", ns_if, "netns", ns],
+             ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, timeout=10)
+        yield ns, host_if, host_ip
+    finally:
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            kill_tree(int(pid))
+        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
+@pytest.fixture
+def cut_cluster() -> Iterator[tuple[Cluster, str, str, str]]:
+    """A cluster whose PostgreSQL server listens on its socket and, over TCP, on the host side of a
+    network namespace's link: (cluster, namespace, host-side link, a store URL over that link)."""
+    from conftest import skip_or_fail
+    from postgres_server import PostgresServer, binaries
+
+    if not _netns_available():
+        skip_or_fail("a network namespace needs root and `ip netns` (CI runs as root)")
+    if binaries() is None:
+        skip_or_fail("PostgreSQL is not installed")
+    root = Path(tempfile.mkdtemp(prefix="cpsl-cl-"))
+    with _netns(f"k{os.getpid() % 10}") as (ns, host_if, host_ip), PostgresServer(fsync=False, listen=host_ip) as pg:
+        pg.create_database("capsule")
+        c = Cluster(root, pg.url("capsule") + "&schema=cut")
+        try:
+            yield c, ns, host_if, pg.tcp_url("capsule") + "?schema=cut"
+        finally:
+            c.stop_all()
+            for member in c.members.values():
+                print(f"---- log of member {member.name} (pid {member.pid}) ----\n{member.log(8000)}")
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(240)
+def test_a_member_cut_off_from_postgresql_is_taken_over_and_rejoins(cut_cluster):
+    # Given two members, bravo in a network namespace that reaches PostgreSQL over its one link
+    c, ns, host_if, tcp_url = cut_cluster
+    alpha = c.start("alpha")
+    bravo = c.start("bravo", url=tcp_url, prefix=("ip", "netns", "exec", ns))
+    c.wait_formed("alpha", "bravo", min_shards=SHARDS // 4)
+    bravo_id = c.status(bravo)["member"]["id"]
+    ids = submit_held(c, [alpha], keys=24, per_key=2, seconds=3.0)
+    wait_until(lambda: open_runs(c.records, "bravo"), 30, 0.05)
+    actors = [a["pid"] for a in c.status(bravo)["actors"] if a.get("pid")]
+
+    # When bravo's link goes down (PostgreSQL, and with it every other member, out of its reach)
+    subprocess.run(["ip", "link", "set", host_if, "down"], check=True, timeout=10)
+    cut_at = time.time()
+
+    # Then bravo's actors stop by themselves within its lease, alpha takes over, and every task
+    # succeeds there; no key ran twice at once
+    wait_until(lambda: gone(actors), LEASE + 5)
+    assert time.time() - cut_at < LEASE + 5
+    assert len(results(alpha, list(ids.values()), timeout=120)) == len(ids)
+    assert_no_key_ran_twice_at_once(c.records)
+    assert (row(c.status(alpha), bravo_id) or {}).get("state") == "lost"
+
+    # ... and when the link is back, bravo rejoins as a new incarnation by itself
+    subprocess.run(["ip", "link", "set", host_if, "up"], check=True, timeout=10)
+
+    def rejoined() -> bool:
+        status = c.try_status(bravo, timeout=10)
+        return bool(status and status.get("member") and status["member"]["id"] != bravo_id)
+    wait_until(rejoined, 90, interval=0.5)
+    assert bravo.proc.poll() is None
+    for task_id in ids.values():  # its late writes changed nothing
+        assert record(alpha, task_id)["state"] == "SUCCEEDED"

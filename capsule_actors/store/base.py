@@ -373,6 +373,14 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def kv_items(self, session_id: str) -> list[tuple[str, str]]: ...
 
+    def kv_cas(self, session_id: str, key: str, expected: str | None, text: str) -> bool:
+        """Set ``key`` to ``text`` if its value is ``expected`` (None: absent). One writer makes
+        the read and the write one step; a store that several writers share overrides this."""
+        if self.kv_get(session_id, key) != expected:
+            return False
+        self.kv_set(session_id, key, text)
+        return True
+
 
 _QUOTED: dict[str, str] = {state: json.dumps(state.value) for state in TaskState}
 

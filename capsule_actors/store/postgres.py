@@ -188,6 +188,7 @@ _MEMBER_ONE_ROW = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %
 _MEMBER_ROWS = _ROWS[:-1] + ", %s::int8[], %s::int8[], %s::int4[])"
 _FENCE = "SELECT state FROM {s}.members WHERE id=%s FOR SHARE"
 _NOTE_BYTES = 7900  # a NOTIFY payload must stay under 8000 bytes
+EV_NOTE_EVERY = 0.05  # seconds between a member's "ev" notes (events written: feeds elsewhere look again)
 
 
 def _psycopg() -> Any:
@@ -343,6 +344,9 @@ class PostgresStore(TaskStore):
         self.notify_done: set[str] = set()
         self._done: list[str] = []
         self._fence_rows: Any = None  # the fence's cursor, answered at the next sync
+        self._session_sql = ""  # settings of this connection, made again after a reconnect
+        self._evented = False  # events written since the last "ev" note (a cluster's event feeds)
+        self._ev_noted = 0.0
 
     def _q(self, sql: str, params: Any = None) -> _Rows:
         """A read of this schema (``{s}`` in ``sql`` names it), riding out a lost connection."""
@@ -441,6 +445,8 @@ class PostgresStore(TaskStore):
                 self.db.close()
             try:
                 self.db, _ = _connect(self._secret_url, self._app_name, autocommit=False)
+                if self._session_sql:
+                    self.db.execute(self._session_sql)
                 cur = None
                 for sql, params in self._redo:  # in plain mode: each answered before the next
                     cur = self.db.execute(sql, params)
@@ -534,6 +540,15 @@ class PostgresStore(TaskStore):
     def dirty(self) -> bool:
         return self._dirty
 
+    def become_member(self, member: int, lease: float) -> None:
+        """This store's writes are now a cluster member's: fenced by its row, and the server ends
+        the member's session if it sits in an open transaction for a lease (a member cut off
+        mid-transaction would otherwise hold the lock on its own row, which a takeover skips)."""
+        self.member = member
+        self.outage = min(self.outage, lease)  # past its lease a member is fenced anyway
+        self._session_sql = f"SET idle_in_transaction_session_timeout = {max(1000, int(lease * 1000))}"
+        self._w(self._session_sql)
+
     def _send_notes(self) -> None:
         """The turn's wake-ups for the other members (NOTIFY: delivered when this commits)."""
         if self._done:
@@ -546,6 +561,9 @@ class PostgresStore(TaskStore):
                     chunk = []
             if chunk:
                 self.notes.add("done " + " ".join(chunk))
+        if self._evented and time.monotonic() - self._ev_noted >= EV_NOTE_EVERY:
+            self._evented, self._ev_noted = False, time.monotonic()
+            self.notes.add("ev")  # other members' event long polls look again
         for note in sorted(self.notes):
             self._w("SELECT pg_notify(%s, %s)", (self.schema, note))
         self.notes.clear()
@@ -770,7 +788,7 @@ class PostgresStore(TaskStore):
     def _noted(self, task_id: str, session_id: str | None, kind: str = "") -> None:
         """An event was added: who to wake, and the card updates it causes."""
         self._touched.add(task_id)
-        self._any_event = True
+        self._any_event = self._evented = True
         if session_id is not None:
             self._touched_sessions.add(session_id)
         if task_id in self._cards and kind in ("state", "progress"):
@@ -974,6 +992,23 @@ class PostgresStore(TaskStore):
             "ON CONFLICT (session_id, key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
             (session_id, key, text, time.time()),
         )
+
+    def kv_cas(self, session_id: str, key: str, expected: str | None, text: str) -> bool:
+        """One statement, so that members of a cluster writing one key never lose an update."""
+        if expected is None:
+            sql = (
+                "INSERT INTO {s}.session_kv(session_id, key, value, updated_at) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (session_id, key) DO NOTHING RETURNING 1"
+            )
+            params: tuple[Any, ...] = (session_id, key, text, time.time())
+        else:
+            sql = (
+                "UPDATE {s}.session_kv SET value=%s, updated_at=%s WHERE session_id=%s AND key=%s AND value=%s "
+                "RETURNING 1"
+            )
+            params = (text, time.time(), session_id, key, expected)
+        rows = self._w(sql, params, wait=True)
+        return rows is not None and rows.fetchone() is not None
 
     def kv_delete(self, session_id: str, key: str) -> bool:
         deleted = self._w("DELETE FROM {s}.session_kv WHERE session_id=%s AND key=%s", (session_id, key), wait=True)

@@ -82,6 +82,7 @@ class Membership:
         self.shards: set[int] = set()
         self.clock = False
         self.pool_hint = True  # the pool may hold tasks: look when there is room
+        self.pooled = 0  # live tasks in the pool, counted at each renewal (max_queued counts them)
         self._hints: set[str] = set()  # what notifications asked to look at this turn
         self._asked: dict[str, Any] = {}  # task id -> its submit's context, until its verdict comes
         self._listener: Any = None
@@ -99,8 +100,7 @@ class Membership:
         over at once; then shards, the clock, and LISTEN."""
         began = time.monotonic()
         self.me, stale = self.table.join(self.name, self._state_dir, self.lease)
-        self._store.member = self.me
-        self._store.outage = min(self._store.outage, self.lease)  # past the lease we are fenced anyway
+        self._store.become_member(self.me, self.lease)
         for row in stale:
             self._take_over(row, "an earlier incarnation of this member")
         self._listen()
@@ -134,9 +134,10 @@ class Membership:
                 self._take_over(row, f"cluster member {row.name} (host {row.host}, pid {row.pid}) was lost")
             self._rebalance()
             self._claim_clock()
-            self._hints.update(("admit", "verdict", "cancel", "cancelled"))
+            self._hints.update(("admit", "verdict", "cancel", "cancelled", "ev"))
             self.service()
             self.pool_hint = True
+            self.pooled = self.table.pool_size()
             self._adopt_waiting_steps()
             self._ended_elsewhere(None)
             self._commit()
@@ -270,6 +271,8 @@ class Membership:
             self._cancel_asked()
         if "cancelled" in hints:
             self._read_cancels()
+        if "ev" in hints:
+            self._waiters.recheck_polls()
 
     def relisten(self) -> None:
         if self._listener is None:

@@ -330,8 +330,8 @@ class Supervisor:
         if self.membership is not None:
             self.membership.bind_attempts(attempts, outbox)
         self.sessions = sessions = Sessions(app, db, tasks, outbox)
-        self.retention = retention = Retention(app, db, timers)
-        self.node_link = NodeLink(app, self.grace, nodes, children, keys, tasks, timers)
+        self.retention = retention = Retention(app, db, timers, self.membership)
+        self.node_link = NodeLink(app, self.grace, nodes, children, keys, tasks, timers, self.membership)
         status = StatusReport(
             state_dir=self.state_dir,
             endpoint=self.client_addr,

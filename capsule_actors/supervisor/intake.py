@@ -102,8 +102,10 @@ class Intake:
         return sum(count for count, _ in self._backlog.values())
 
     def live_count(self) -> int:
-        """Queued, scheduled or running tasks: in memory, in the backlog, or batched."""
-        return len(self._tasks) + self.backlog + len(self._batch)
+        """Queued, scheduled or running tasks: in memory, in the backlog, or batched (and, for a
+        cluster member, in the cluster's pool as last counted)."""
+        pooled = self._cluster.pooled if self._cluster is not None else 0
+        return len(self._tasks) + self.backlog + len(self._batch) + pooled
 
     # ---- submits -----------------------------------------------------------------------------
     def on_submit(self, ident: bytes, msg: messages.Submit, payload: Frames) -> None:
@@ -318,6 +320,7 @@ class Intake:
         if pooled:
             assert self._cluster is not None
             self._cluster.table.to_pool(pooled)
+            self._cluster.pooled += len(pooled)
         self._flows.release_ready()
 
     def hold_step(self, task_id: str, slot: str, blocked: bool) -> None:

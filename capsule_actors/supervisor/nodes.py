@@ -24,6 +24,7 @@ from .specs import ROLE_PROCESS, ROLE_WORKER, WORKER_CONCURRENCY, ChildSpec
 
 if TYPE_CHECKING:
     from .children import Children
+    from .cluster import Membership
     from .keys import KeyRouting
     from .outbox import Frames
     from .tasks import TaskTable
@@ -91,14 +92,24 @@ class NodeLink:
         keys: KeyRouting,
         tasks: TaskTable,
         timers: Timers,
+        membership: Membership | None = None,
     ) -> None:
         self._app = app
+        self._membership = membership  # a cluster member answers pings only within its own lease
         self._grace = grace
         self._nodes = nodes
         self._children = children
         self._keys = keys
         self._tasks = tasks
         self._timers = timers
+
+    def _on_ping(self, node: RemoteNode, ident: bytes, msg: messages.NodePing) -> None:
+        """Answered with a lease; a cluster member leases its nodes only while its own lease has
+        NODE_LEASE left, so that their actors stop before another member may take its tasks over."""
+        node.rss = clean_rss(msg.rss)
+        member = self._membership
+        if member is None or member.deadline - time.monotonic() >= NODE_LEASE:
+            self._nodes.send(ident, messages.Lease(msg.seq))
 
     def stop(self) -> None:
         """The supervisor stops: nodes fence their actors now instead of when their lease ends."""
@@ -128,8 +139,7 @@ class NodeLink:
             return
         node.last_seen = time.monotonic()
         if isinstance(msg, messages.NodePing):
-            node.rss = clean_rss(msg.rss)
-            self._nodes.send(ident, messages.Lease(msg.seq))
+            self._on_ping(node, ident, msg)
             return
         proc = self._children.get(getattr(msg, "slot", ""))
         if proc is not None and (proc.spec.node != node.name or proc.gen != getattr(msg, "gen", -1)):

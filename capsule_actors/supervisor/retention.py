@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..app import App
     from ..store import TaskStore
+    from .cluster import Membership
     from .timers import Timers
 
 log = logging.getLogger("capsule_actors.supervisor")
@@ -30,8 +31,9 @@ PRUNE_CHECK = 1.0  # seconds between looks when nothing is left to prune
 class Retention:
     """A timer that prunes old events and expired results; counts what it pruned."""
 
-    def __init__(self, app: App, store: TaskStore, timers: Timers) -> None:
+    def __init__(self, app: App, store: TaskStore, timers: Timers, membership: Membership | None = None) -> None:
         self._app = app
+        self._membership = membership  # in a cluster, the member with the clock prunes for all
         self._store = store
         self._timers = timers
         self.pruned: collections.Counter[str] = collections.Counter()  # finished tasks removed, by state
@@ -39,7 +41,7 @@ class Retention:
     def prune(self) -> None:
         """This turn's share: batches until none is full or the budget is spent."""
         deadline = time.monotonic() + PRUNE_BUDGET
-        more = True
+        more = self._membership is None or self._membership.clock
         while more and time.monotonic() < deadline:
             more = self._batch()
         self._timers.add(0.0 if more else PRUNE_CHECK, self.prune)

@@ -76,7 +76,5 @@ class Sessions:
         elif msg.op == "items":
             body = [list(row) for row in store.kv_items(sid)]
         else:  # cas
-            body = store.kv_get(sid, key) == msg.expected
-            if body:
-                store.kv_set(sid, key, msg.value or "null")
+            body = store.kv_cas(sid, key, msg.expected, msg.value or "null")
         self._outbox.reply(ident, msg.req, True, body)

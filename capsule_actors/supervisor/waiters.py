@@ -96,6 +96,14 @@ class Waiters:
                 self._index.pop((ident, req), None)
                 self.poll(ident, req, key, after)
 
+    def recheck_polls(self) -> None:
+        """Every held poll looks again (another cluster member wrote events)."""
+        polls, self._polls = self._polls, {}
+        for key, held in polls.items():
+            for ident, req, after in held:
+                self._index.pop((ident, req), None)
+                self.poll(ident, req, key, after)
+
     def _send_events(self, ident: bytes, req: int, key: PollKey, after: int) -> bool:
         """Reply with events after ``after`` if there are any (or the task has ended)."""
         store = self._store
