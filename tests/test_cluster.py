@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+import netns
 import psutil
 import pytest
 from conftest import ROOT, cli, kill_tree, wait_until
@@ -669,41 +670,6 @@ def test_a_rolling_restart_of_every_member_loses_nothing(cluster):
 
 
 # ---- a member cut off from PostgreSQL (and from its peers) in a network namespace ----------------
-def _netns_available() -> bool:
-    if os.geteuid() != 0 or not (shutil.which("ip") or Path("/usr/sbin/ip").exists()):
-        return False
-    name = f"cpsl-probe-{os.getpid()}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    if ok:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-    return ok
-
-
-@contextlib.contextmanager
-def _netns(tag: str) -> Iterator[tuple[str, str, str]]:
-    """A namespace joined to this one by a veth pair: (netns name, host-side link, host address)."""
-    ns, host_if, ns_if = f"cpsl-{tag}", f"cph{tag}", f"cpn{tag}"
-    octet = 100 + os.getpid() % 100
-    host_ip, ns_ip = f"10.{octet}.9.1", f"10.{octet}.9.2"
-    steps = [["ip", "netns", "add", ns],
-             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-             ["ip", "link", "set", ns_if, "netns", ns],
-             ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
-             ["ip", "link", "set", host_if, "up"],
-             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
-             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
-             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
-    try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, timeout=10)
-        yield ns, host_if, host_ip
-    finally:
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            kill_tree(int(pid))
-        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-
-
 @pytest.fixture
 def cut_cluster() -> Iterator[tuple[Cluster, str, str, str]]:
     """A cluster whose PostgreSQL server listens on its socket and, over TCP, on the host side of a
@@ -711,12 +677,15 @@ def cut_cluster() -> Iterator[tuple[Cluster, str, str, str]]:
     from conftest import skip_or_fail
     from postgres_server import PostgresServer, binaries
 
-    if not _netns_available():
+    if not netns.available():
         skip_or_fail("a network namespace needs root and `ip netns` (CI runs as root)")
     if binaries() is None:
         skip_or_fail("PostgreSQL is not installed")
     root = Path(tempfile.mkdtemp(prefix="cpsl-cl-"))
-    with _netns(f"k{os.getpid() % 10}") as (ns, host_if, host_ip), PostgresServer(fsync=False, listen=host_ip) as pg:
+    with (
+        netns.namespace(f"k{os.getpid() % 10}", "9") as (ns, host_if, host_ip),
+        PostgresServer(fsync=False, listen=host_ip) as pg,
+    ):
         pg.create_database("capsule")
         c = Cluster(root, pg.url("capsule") + "&schema=cut")
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import netns
 import psutil
 import pytest
 import zmq
@@ -569,45 +570,10 @@ def test_nodes_rejoin_a_restarted_supervisor_and_its_running_tasks_rerun_after_t
 
 
 # ---- a real partition: network namespaces --------------------------------------------------------
-def _netns_available() -> bool:
-    if os.geteuid() != 0 or (not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists()):
-        return False
-    name = f"cpsl-probe-{os.getpid()}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    if ok:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-    return ok
-
-
-@contextlib.contextmanager
-def _netns(tag: str) -> Iterator[tuple[str, str, str]]:
-    """A namespace joined to this one by a veth pair: (netns name, host-side link, host address)."""
-    ns, host_if, ns_if = f"cpsl-{tag}", f"cph{tag}", f"cpn{tag}"
-    octet = 100 + os.getpid() % 100
-    host_ip, ns_ip = f"10.{octet}.{tag[-1]}.1", f"10.{octet}.{tag[-1]}.2"
-    steps = [["ip", "netns", "add", ns],
-             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-             ["ip", "link", "set", ns_if, "netns", ns],
-             ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
-             ["ip", "link", "set", host_if, "up"],
-             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
-             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
-             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
-    try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, timeout=10)
-        yield ns, host_if, host_ip
-    finally:
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            kill_tree(int(pid))
-        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-
-
 def test_a_node_in_its_own_network_namespace_is_fenced_when_its_link_goes_down(cluster, tmp_path):
-    if not _netns_available():
+    if not netns.available():
         skip_or_fail("a network namespace needs root and `ip netns` (CI runs as root)")
-    with _netns(f"a{os.getpid() % 10}") as (ns, host_if, host_ip):
+    with netns.namespace(f"a{os.getpid() % 10}") as (ns, host_if, host_ip):
         cluster.address = f"tcp://{host_ip}:{cluster.port}"
         cluster.start_supervisor()
         node = cluster.start_node("n1", workers=1, prefix=("ip", "netns", "exec", ns))
