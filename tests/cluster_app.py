@@ -45,10 +45,18 @@ def make_app(state_dir: str | os.PathLike[str] | None = None) -> cpsl.App:
 
     @app.task(lock="k:{key}", on_conflict="queue", retries=3)
     def held(key: str, seconds: float, log: str, tag: str) -> str:
-        """Holds key ``key`` for ``seconds``. Takes a non-blocking flock on a file of the key
-        while it runs (an ``overlap`` line if another run holds it), and writes ``start``, a
-        ``tick`` every TICK s, then ``end``: a run that was killed stops ticking, so its last
-        tick is when it last ran."""
+        """Holds key ``key`` for ``seconds`` (``hold``)."""
+        return hold(key, seconds, log, tag)
+
+    @app.task(lock="k:{key}", on_conflict="queue", retries=3)
+    def then(prev: str, key: str, seconds: float, log: str, tag: str) -> str:
+        """A locked workflow step: holds its key as ``held`` does, after the step before it."""
+        return f"{prev}>{hold(key, seconds, log, tag)}"
+
+    def hold(key: str, seconds: float, log: str, tag: str) -> str:
+        """Takes a non-blocking flock on a file of the key while it runs (an ``overlap`` line if
+        another run holds it), and writes ``start``, a ``tick`` every TICK s, then ``end``: a run
+        that was killed stops ticking, so its last tick is when it last ran."""
         run = uuid.uuid4().hex[:12]
         lock_dir = log + ".locks"
         os.makedirs(lock_dir, exist_ok=True)

@@ -612,6 +612,28 @@ def test_a_graceful_stop_hands_the_shards_and_the_clock_over_at_once(cluster):
     assert_no_key_ran_twice_at_once(cluster.records)
 
 
+@pytest.mark.timeout(180)
+def test_locked_workflow_steps_are_admitted_by_their_shards_holder(cluster):
+    # Given two members that share the shards
+    alpha = cluster.start("alpha")
+    cluster.start("bravo")
+    cluster.wait_formed("alpha", "bravo", min_shards=SHARDS // 4)
+
+    # When 24 chains whose second step is locked (8 keys) are submitted through alpha
+    where, then = alpha.app.tasks["where"], alpha.app.tasks["then"]
+    flows = [
+        cpsl.chain(where.s(0.01), then.s(f"key{k % 8}", 0.2, cluster.records, f"c{k}")).submit() for k in range(24)
+    ]
+
+    # Then every chain ends with both steps' members, the locked steps ran on both members (each
+    # on its key's shard holder: one member per key), and no key ran twice at once
+    results = [flow.result(timeout=120) for flow in flows]
+    second = collections.Counter(r.split(">")[1] for r in results)
+    assert set(second) == {"alpha", "bravo"}, results
+    by_key = assert_no_key_ran_twice_at_once(cluster.records)
+    assert len(by_key) == 8 and all(len({r.member for r in runs}) == 1 for runs in by_key.values())
+
+
 @pytest.mark.timeout(150)
 def test_a_tasks_events_stream_live_through_a_member_that_does_not_run_it(cluster):
     # Given a locked task running on bravo, submitted through alpha

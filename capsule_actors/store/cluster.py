@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS {s}.admissions (
     origin bigint NOT NULL,
     shard integer NOT NULL,
     item bytea NOT NULL,
+    kind text NOT NULL DEFAULT 'submit',
     taker bigint,
     verdict text,
     holder text
@@ -114,6 +115,7 @@ class Asked:
     task_id: str
     origin: int
     row: NewTask
+    kind: str = "submit"  # or "step": a released workflow step, recorded already (waiting)
 
 
 def pack_task(row: NewTask) -> bytes:
@@ -286,11 +288,12 @@ class ClusterTable:
         return sorted(self._claimed(rows), key=lambda t: (-t.priority, t.rowid))
 
     def claim_one(self, task_id: str) -> StoredTask | None:
-        """One pool task (a delayed one come due, or one being cancelled), if nobody took it."""
+        """One unlocked task held in the store only -- ours (a released workflow step) or the
+        pool's, if nobody took it (a delayed one come due, or one being cancelled) -- now ours."""
         rows = self._db._w(
-            f"UPDATE {{s}}.tasks SET owner=%s WHERE id=%s AND owner=%s AND state IN {_LIVE} "
-            f"RETURNING {_STORED}, origin",
-            (self.me, task_id, POOL),
+            "UPDATE {s}.tasks SET owner=%s WHERE id=%s AND owner IN (%s, %s) AND state IN ('QUEUED','SCHEDULED') "
+            f"AND lock_key IS NULL RETURNING {_STORED}, origin",
+            (self.me, task_id, POOL, self.me),
             wait=True,
         )
         claimed = self._claimed(rows)
@@ -306,12 +309,12 @@ class ClusterTable:
         return sorted(out, key=lambda t: t.rowid)
 
     # ---- admissions --------------------------------------------------------------------------
-    def ask(self, row: NewTask, shard: int) -> None:
+    def ask(self, row: NewTask, shard: int, kind: str = "submit") -> None:
         """Ask the holder of ``shard`` to admit ``row`` (answered through ``verdicts``)."""
         self._db._w(
-            "INSERT INTO {s}.admissions(task_id, origin, shard, item) VALUES (%s, %s, %s, %s) "
+            "INSERT INTO {s}.admissions(task_id, origin, shard, item, kind) VALUES (%s, %s, %s, %s, %s) "
             "ON CONFLICT (task_id) DO NOTHING",
-            (row.id, self.me, shard, pack_task(row)),
+            (row.id, self.me, shard, pack_task(row), kind),
         )
         self.notify("admit")
 
@@ -322,12 +325,24 @@ class ClusterTable:
         rows = self._db._w(
             "UPDATE {s}.admissions SET taker=%s WHERE seq IN (SELECT seq FROM {s}.admissions WHERE taker IS NULL "
             "AND verdict IS NULL AND shard = ANY(%s) ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) "
-            "RETURNING seq, task_id, origin, item",
+            "RETURNING seq, task_id, origin, item, kind",
             (self.me, shards, limit),
             wait=True,
         )
         found = sorted(rows.fetchall(), key=lambda r: r[0]) if rows is not None else []
-        return [Asked(r[1], int(r[2]), unpack_task(bytes(r[3]))) for r in found]
+        return [Asked(r[1], int(r[2]), unpack_task(bytes(r[3])), r[4]) for r in found]
+
+    def claim_step(self, task_id: str) -> bool:
+        """A workflow step admitted here: ours, unless it ended meanwhile (its workflow cancelled)."""
+        rows = self._db._w(
+            "UPDATE {s}.tasks SET owner=%s WHERE id=%s AND state='SCHEDULED' RETURNING origin",
+            (self.me, task_id),
+            wait=True,
+        )
+        row = rows.fetchone() if rows is not None else None
+        if row is not None and row[0] != self.me:
+            self._db.notify_done.add(task_id)
+        return row is not None
 
     def answer(self, task_id: str, origin: int, verdict: str, holder: str | None) -> None:
         self._db._w("UPDATE {s}.admissions SET verdict=%s, holder=%s WHERE task_id=%s", (verdict, holder, task_id))

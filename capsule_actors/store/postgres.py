@@ -681,9 +681,9 @@ class PostgresStore(TaskStore):
     def lock_step(self, task_id: str, key: str, args: bytes) -> None:
         self._kept_args(task_id)
         self._w(
-            "UPDATE {s}.tasks SET seq=nextval(pg_get_serial_sequence('{s}.tasks', 'seq')), lock_key=%s, args=%s "
-            "WHERE id=%s",
-            (key, args, task_id),
+            "UPDATE {s}.tasks SET seq=nextval(pg_get_serial_sequence('{s}.tasks', 'seq')), lock_key=%s, args=%s, "
+            "shard=%s WHERE id=%s",
+            (key, args, None if self.member is None else shard_of(key), task_id),
         )
         self._keep_args(task_id, args)
 

@@ -20,14 +20,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Fenced
-from ..states import LIVE, SUCCEEDED
+from ..states import LIVE, QUEUED, SUCCEEDED
+from ..store import NewTask
 from ..store.cluster import SHARDS, Asked, ClusterTable, MemberRow, shard_of
+from .flows import Admission, FlowSteps
 
 if TYPE_CHECKING:
+    from ..store import StoredTask
     from ..store.postgres import PostgresStore
     from .attempts import Attempts
     from .children import Children
-    from .flows import FlowSteps
     from .intake import Intake
     from .keys import KeyRouting
     from .outbox import Outbox
@@ -285,6 +287,28 @@ class Membership:
         self._asked[row.id] = context
         self.table.ask(row, shard_of(row.lock_key))
 
+    def ask_step(self, row: StoredTask, key: str, admission: Admission) -> bool:
+        """A released locked workflow step whose key's shard another member holds: ask it (True),
+        or False when the shard is ours (decided here, as on one supervisor)."""
+        if self.holds(key):
+            return False
+        self._asked[row.id] = admission
+        task = NewTask(
+            row.id,
+            row.name,
+            QUEUED,
+            key,
+            row.session_id,
+            row.session_owner,
+            admission.args,
+            time.time(),
+            None,
+            row.priority,
+            row.rate_key,
+        )
+        self.table.ask(task, shard_of(key), kind="step")
+        return True
+
     def _decide_asked(self) -> None:
         assert self._intake is not None
         for asked in self.table.take_asked(sorted(self.shards)):
@@ -297,9 +321,12 @@ class Membership:
         if not self._asked:
             return
         assert self._intake is not None
+        assert self._flows is not None
         for task_id, verdict, holder in self.table.verdicts():
             context = self._asked.pop(task_id, None)
-            if context is not None:
+            if isinstance(context, Admission):
+                self._flows.admitted_elsewhere(context, verdict, holder)
+            elif context is not None:
                 self._intake.remote_decided(context, verdict, holder)
 
     # ---- cancels across members -------------------------------------------------------------

@@ -326,7 +326,8 @@ class Supervisor:
         self.attempts = attempts = Attempts(
             app, db, tasks, children, keys, limits, flows, waiters, outbox, timers, intake.dead_letter, self.tally
         )
-        flows.bind(intake.make_due, intake.load_stored, attempts.finish, attempts.abandon, intake.hold_step)
+        ask = self.membership.ask_step if self.membership is not None else None
+        flows.bind(intake.make_due, intake.load_stored, attempts.finish, attempts.abandon, intake.hold_step, ask)
         if self.membership is not None:
             self.membership.bind_attempts(attempts, outbox)
         self.sessions = sessions = Sessions(app, db, tasks, outbox)

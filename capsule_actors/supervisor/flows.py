@@ -39,7 +39,7 @@ from ..flows import FlowArgs, FlowValue, Spec, envelope, read_envelope
 from ..states import CANCELLED, FAILED, RUNNING, SUCCEEDED, TaskState
 
 if TYPE_CHECKING:
-    from ..store import Error, TaskStore
+    from ..store import Error, StoredTask, TaskStore
     from .keys import KeyRouting
     from .tasks import LiveTask, TaskTable
 
@@ -96,9 +96,11 @@ class FlowSteps:
         finish: Callable[[LiveTask, TaskState, bytes, Error | None], None],
         abandon: Callable[[LiveTask], None],
         hold: Callable[[str, str, bool], None],
+        ask_elsewhere: Callable[[StoredTask, str, Admission], bool] | None = None,
     ) -> None:
         self._make_due, self._load, self._finish, self._abandon = make_due, load, finish, abandon
         self._hold = hold
+        self._ask_elsewhere = ask_elsewhere  # a cluster member: a key whose shard another member holds
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -242,6 +244,8 @@ class FlowSteps:
         row = self._store.live_task(w.id)
         if row is not None:
             self._admitting[w.id] = admission = Admission(w, args)
+            if self._ask_elsewhere is not None and self._ask_elsewhere(row, w.key, admission):
+                return
             self._keys.admit(w.id, w.key, row.name, admission)
 
     # ---- locked steps ------------------------------------------------------------------------
@@ -265,6 +269,17 @@ class FlowSteps:
             why = f"lock key {w.key!r} is held by live task {holder} (on_conflict='reject')"
             self._end(w, FAILED, b"", ("LockConflict", why, ""))
             self._store.lock_step(w.id, w.key, admission.args)  # its key, and arguments a retry can run
+
+    def admitted_elsewhere(self, admission: Admission, verdict: str, holder: str | None) -> None:
+        """Another cluster member, holding the key's shard, decided: run or queue -- it took the
+        step, and its end is heard like any input's; join or reject -- as a local decision."""
+        w = admission.step
+        if self._admitting.get(w.id) is not admission:
+            return
+        if verdict in ("run", "queue", "gone"):
+            del self._admitting[w.id]
+            return
+        self.admitted(admission, verdict, holder or "", "")
 
     def _join(self, w: Waiting, holder: str, args: bytes) -> None:
         """The step joins the run of ``holder``, the live task holding its key: recorded as a

@@ -16,14 +16,13 @@ from ..errors import (
     Backpressure,
     CapsuleError,
     CapsuleInternalError,
-    ConfigError,
     ProtocolError,
     SerializationError,
     StoreFull,
     StoreUnavailable,
     WorkerCrashed,
 )
-from ..flows import FLOW_TASK, WAITING, read_envelope
+from ..flows import FLOW_TASK, WAITING
 from ..ids import new_task_id
 from ..states import FAILED, QUEUED, RUNNING, SCHEDULED, TaskState
 from ..store import NewTask, StoredTask
@@ -116,11 +115,6 @@ class Intake:
             app.get_task(item[1])
             if len(frame) > app.max_payload_bytes:
                 raise SerializationError(f"payload of {len(frame)} bytes is over max_payload_bytes")
-            if self._cluster is not None and item[5] == WAITING and read_envelope(frame).get("l"):
-                raise ConfigError(
-                    f"workflow step {item[0]} ({item[1]}) has a lock key: locked workflow steps do not run on a "
-                    "cluster yet (a step's key would be admitted where its workflow is, not by its shard's holder)"
-                )
         if not msg.journaled:  # a journaled one is acknowledged already (its journal has it): recorded
             self.refuse_if_full()
         if not msg.journaled and self.live_count() + len(msg.items) > app.max_queued:
@@ -236,6 +230,9 @@ class Intake:
     def admit_asked(self, asked: Asked) -> None:
         """Another member's locked submit, in one of our shards: our key owner decides it."""
         assert self._cluster is not None and asked.row.lock_key is not None
+        if asked.kind == "step":  # a workflow step, recorded (waiting) by the member that holds its workflow
+            self._keys.admit(asked.task_id, asked.row.lock_key, asked.row.name, asked)
+            return
         if asked.task_id in self._tasks or self._store.exists(asked.task_id):  # decided and recorded before
             self._cluster.answer(asked, "run", None)
             return
@@ -243,7 +240,17 @@ class Intake:
 
     def _decided_asked(self, asked: Asked, verdict: str, holder: str | None, slot: str) -> None:
         assert self._cluster is not None
-        if verdict in ("run", "queue"):
+        if asked.kind == "step" and verdict in ("run", "queue"):
+            row = asked.row
+            assert row.lock_key is not None
+            if not self._cluster.table.claim_step(asked.task_id):  # it ended meanwhile (its workflow cancelled)
+                self._keys.free(asked.task_id, row.lock_key, slot)
+                verdict = "gone"
+            else:  # ours now: held as a local step admitted (run, or queued behind the holder)
+                self._store.lock_step(row.id, row.lock_key, row.args)
+                self._store.requeue(row.id, row.session_id, None, None)
+                self.hold_step(row.id, slot, verdict == "queue")
+        elif verdict in ("run", "queue"):
             self._record([asked.row], slot, verdict == "queue")
             self._store.notify_done.add(asked.task_id)  # type: ignore[attr-defined]
         self._cluster.answer(asked, verdict, holder)
