@@ -27,7 +27,7 @@ from .session import DEFAULT_OWNER_ID, Session, bound_session
 
 if TYPE_CHECKING:
     from .bootstrap import ClientConfig
-    from .client import Client, Prepared, Submitted
+    from .client import AppClient, Prepared, Submitted
     from .runtime import Runtime
 
 P = ParamSpec("P")
@@ -488,7 +488,7 @@ class App:
             retry_on=None, timeout=None, process=False,
         )  # fmt: skip
         self._config: ClientConfig | None = None  # bound by app.start() or the CLI (bootstrap.py)
-        self._client: Client | None = None  # the client found for it in this process (a cache)
+        self._client: AppClient | None = None  # the client found for it in this process (a cache)
 
     def __repr__(self) -> str:
         return f"<App {self.name} tasks={list(self.tasks)}>"
@@ -653,14 +653,22 @@ class App:
     def resolved_state_dir(self) -> Path:
         return self.client_config().state_dir
 
-    def client(self) -> Client:
-        """This process's client of the app's running supervisor (NotRunning if none): found
-        once, then kept until it closes (or the process forks)."""
+    def client(self) -> AppClient:
+        """This process's client of the app's running supervisor (NotRunning if none), or, where
+        none runs and the store is PostgreSQL, of the store itself (``bootstrap.store_only``):
+        decided once, then kept until it closes (or the process forks)."""
         client = self._client
         if client is None or client.closed or client.pid != current_pid():
-            from .client import Client
+            config = self.client_config()
+            url = bootstrap.store_only(config, self.store)
+            if url is not None:
+                from .store_client import StoreClient
 
-            client = self._client = Client.shared(self.client_config())
+                client = self._client = StoreClient.shared(self, config, url)
+            else:
+                from .client import Client
+
+                client = self._client = Client.shared(config)
         return client
 
     def start(self, **overrides: Any) -> Runtime:

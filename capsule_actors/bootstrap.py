@@ -14,6 +14,15 @@ The store the supervisor keeps its tasks in is resolved the same way, where the 
 a board) starts: ``--store``, else ``App(store=)``, else ``CAPSULE_STORE``, else SQLite in the
 state directory (``store_url``).
 
+A plain app process (not an actor, no ``CAPSULE_CONNECT``) whose App's store (``App(store=)``,
+else ``CAPSULE_STORE``) is a PostgreSQL URL, and for whose state directory no supervisor runs
+(no live ``supervisor.json``), submits straight into that store: its App gets a store-only
+client (``store_client.py``) instead of a supervisor's (``store_only``). A cluster's members
+(``capsule-actors run … --name``) claim those tasks from the store's pool; a supervisor that is
+no member runs them at its next start. ``App.client()`` decides this when it first needs a
+client, and keeps the answer until that client closes; ``app.start()`` and a supervisor
+started meanwhile are found at that point, not later.
+
 This module is the only reader of those variables.
 """
 
@@ -24,7 +33,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError, StateDirError
-from .transport import RemoteEndpoint
+from .transport import RemoteEndpoint, read_runtime_file
 
 STATE_DIR_ENV = "CAPSULE_STATE_DIR"
 CONNECT_ENV = "CAPSULE_CONNECT"
@@ -104,3 +113,14 @@ def store_url(explicit: str | None, app_store: str | None) -> str | None:
     """The store a supervisor or board opens: ``--store``, else the App's, else $CAPSULE_STORE,
     else None (SQLite in the state directory)."""
     return check_store(explicit) or app_store or check_store(os.environ.get(STORE_ENV) or None)
+
+
+def store_only(config: ClientConfig, app_store: str | None) -> str | None:
+    """The PostgreSQL store a plain app process submits straight into (the module's docstring
+    says when), or None: it talks to a supervisor."""
+    if config.remote is not None or _process_config is not None:
+        return None
+    url = app_store or check_store(os.environ.get(STORE_ENV) or None)
+    if url is None or not url.startswith(("postgresql://", "postgres://")):
+        return None
+    return url if read_runtime_file(config.state_dir) is None else None

@@ -49,11 +49,49 @@ class Submitted:
     ack: tuple[Future, int] | None = None  # journaled: the ack (and this item's index) to take later
 
 
+class AppClient(Protocol):
+    """What handles, sessions, workflows and ``App`` use of this process's client: a ``Client``
+    of a supervisor, or, where no supervisor runs and the store is PostgreSQL, a
+    ``store_client.StoreClient`` that answers from the store (``bootstrap.store_only``)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    def request(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None) -> Future: ...
+
+    def call(
+        self,
+        make: Callable[[int], messages.Message],
+        frames: list[bytes] | None = None,
+        timeout: float | None = None,
+        must_run: bool = False,
+    ) -> Reply: ...
+
+    async def acall(self, make: Callable[[int], messages.Message], frames: list[bytes] | None = None) -> Reply: ...
+
+    def wait_reply(self, fut: Future, timeout: float | None, must_run: bool = False) -> Reply: ...
+
+    async def await_reply(self, fut: Future) -> Reply: ...
+
+    def forget(self, fut: Future) -> None: ...
+
+    def discard(self, fut: Future) -> None: ...
+
+    def wait(self, task_id: str) -> Future: ...
+
+    def submit(self, name: str, prepared: list[Prepared]) -> list[Submitted]: ...
+
+    async def asubmit(self, name: str, prepared: list[Prepared]) -> list[Submitted]: ...
+
+
 class ClientSource(Protocol):
     """What finds this process's client of a supervisor: an App (``App.client()``). Handles and
     sessions hold one, so they travel between processes and find the client there."""
 
-    def client(self) -> Client: ...
+    def client(self) -> AppClient: ...
 
 
 def wait_request(task_id: str, req: int) -> messages.Message:
@@ -89,13 +127,16 @@ class Client:
 
     @classmethod
     def close_all(cls, state_dir: Path | None = None) -> None:
-        """Close this process's clients (of one state directory, or all)."""
+        """Close this process's clients (of one state directory, or all), store-only ones too."""
+        from .store_client import StoreClient
+
         with cls._shared_lock:
             keys = [k for k in cls._shared if state_dir is None or k[1].state_dir == state_dir]
             clients = [cls._shared.pop(k) for k in keys]
         for client in clients:
             if client.pid == current_pid():
                 client.close()
+        StoreClient.close_all(state_dir)
 
     def close(self) -> None:
         self._conn.close()

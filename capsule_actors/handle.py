@@ -17,7 +17,7 @@ from .lifecycle import current_pid
 from .states import TaskState
 
 if TYPE_CHECKING:
-    from .client import Client, ClientSource, Submitted
+    from .client import AppClient, ClientSource, Submitted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +151,7 @@ class TaskHandle:
         return handle
 
     @property
-    def _client(self) -> Client:
+    def _client(self) -> AppClient:
         return self._app.client()
 
     # ---- state -------------------------------------------------------------------------------

@@ -75,6 +75,18 @@ def make_app(state_dir: str | os.PathLike[str] | None = None) -> cpsl.App:
                 fcntl.flock(fh, fcntl.LOCK_UN)
         return member()
 
+    @app.task(lock="j:{key}", on_conflict="join")
+    def joined(key: str, seconds: float) -> str:
+        """A lock key whose later submits join the live one (``test_store_client.py``)."""
+        time.sleep(seconds)
+        return member()
+
+    @app.task(lock="r:{key}", on_conflict="reject")
+    def refused(key: str, seconds: float) -> str:
+        """A lock key whose later submits are refused while one is live (``test_store_client.py``)."""
+        time.sleep(seconds)
+        return member()
+
     if os.environ.get(BEAT_LOG):
 
         @app.schedule("*/2 * * * * *")

@@ -211,8 +211,8 @@ class ClusterTable:
         db._w("UPDATE {s}.tasks SET owner=%s WHERE owner=%s AND state IN " + _LIVE, (POOL, member))
         db._w("UPDATE {s}.shards SET owner=NULL, epoch=epoch+1 WHERE owner=%s", (member,))
         db._w("UPDATE {s}.admissions SET taker=NULL WHERE taker=%s AND verdict IS NULL", (member,))
-        db._w(
-            "DELETE FROM {s}.admissions a WHERE verdict IS NOT NULL AND NOT EXISTS "
+        db._w(  # (a negative origin is a store-only client's: it reads its verdicts itself)
+            "DELETE FROM {s}.admissions a WHERE verdict IS NOT NULL AND a.origin > 0 AND NOT EXISTS "
             "(SELECT 1 FROM {s}.members m WHERE m.id = a.origin AND m.state = 'live')"
         )
         db._w("DELETE FROM {s}.cancels WHERE origin=%s", (member,))

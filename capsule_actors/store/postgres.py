@@ -623,9 +623,12 @@ class PostgresStore(TaskStore):
             return []
         params: list[Any]
         columns = "id, name, state, lock_key, session_id, session_owner, args, created_at, run_at, priority, rate_key"
-        if self.member is not None:  # a cluster member: the task is ours, taken in here, in its key's shard
-            me = self.member
-            rows_in: list[Any] = [(*r, me, me, None if r.lock_key is None else shard_of(r.lock_key)) for r in rows]
+        placed = self._placed()
+        if placed is not None:  # a cluster's: who holds the task, who took it in, its lock key's shard
+            owner, origin = placed
+            rows_in: list[Any] = [
+                (*r, owner, origin, None if r.lock_key is None else shard_of(r.lock_key)) for r in rows
+            ]
             columns += ", owner, origin, shard"
             one, many = _MEMBER_ONE_ROW, _MEMBER_ROWS
         else:
@@ -651,6 +654,11 @@ class PostgresStore(TaskStore):
             self._noted(task_id, session_id)
             self._keep_args(task_id, by_id[task_id].args)
         return [(task_id, int(seq)) for task_id, seq, _ in new.rows]
+
+    def _placed(self) -> tuple[int, int | None] | None:
+        """(owner, origin) of the tasks this store inserts: a cluster member's are its own, taken
+        in by it; None without a cluster (``store/submitter.py`` puts its tasks in the pool)."""
+        return None if self.member is None else (self.member, self.member)
 
     def _keep_args(self, task_id: str, args: bytes) -> None:
         """Keep a new task's arguments a while (bounded): its start, usually in the same turn,

@@ -248,6 +248,8 @@ class Membership:
                     self._ended_elsewhere(payload[5:].split())
                 elif payload == "pool":
                     self.pool_hint = True
+                    if self.clock:  # it may hold a delayed task: the clock looks again
+                        self._tasks.want_clock()
                 elif payload.startswith(("verdict ", "cancelled ")):
                     kind, _, member = payload.partition(" ")
                     if member == str(self.me):

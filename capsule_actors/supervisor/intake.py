@@ -236,6 +236,12 @@ class Intake:
         if asked.task_id in self._tasks or self._store.exists(asked.task_id):  # decided and recorded before
             self._cluster.answer(asked, "run", None)
             return
+        if asked.row.name not in self._app.tasks:  # recorded, failed at once (its asker hears of its end)
+            self._store.insert_tasks([asked.row])
+            self._store.notify_done.add(asked.task_id)  # type: ignore[attr-defined]
+            self._unknown(asked.row)
+            self._cluster.answer(asked, "run", None)
+            return
         self._keys.admit(asked.task_id, asked.row.lock_key, asked.row.name, asked)
 
     def _decided_asked(self, asked: Asked, verdict: str, holder: str | None, slot: str) -> None:
@@ -467,10 +473,21 @@ class Intake:
         if len(rows) < room:
             cluster.pool_hint = False
         for row in rows:
-            if row.id in self._tasks:
+            if row.id in self._tasks or self._unknown(row):
                 continue
             self._load(row, QUEUED)
             self._tasks.due(row.id)
+
+    def _unknown(self, row: StoredTask | NewTask) -> bool:
+        """A task from the store whose name this App does not have (put there by a client or a
+        member of another version): it fails at once with UnknownTask, as at recovery, instead of
+        reaching a dispatch that cannot run it. True when it did."""
+        if row.name in self._app.tasks or row.name == FLOW_TASK:
+            return False
+        error = ("UnknownTask", f"the app has no task {row.name!r}", "")
+        self._store.finish(row.id, row.session_id, FAILED, None, error, time.time())
+        self.dead_letter(row.id, row.name, error)
+        return True
 
     def adopt(self, rows: list[StoredTask]) -> None:
         """A cluster member took shards: their live tasks (left by the last holder) are ours,
@@ -527,7 +544,7 @@ class Intake:
         if task is not None:
             return task
         row = self._store.live_task(task_id) if self._cluster is None else self._cluster.table.claim_one(task_id)
-        if row is None or row.state not in (SCHEDULED, QUEUED) or row.lock_key is not None:
+        if row is None or row.state not in (SCHEDULED, QUEUED) or row.lock_key is not None or self._unknown(row):
             return None
         level = self._backlog.get(row.priority)
         if row.state == QUEUED and level is not None:
