@@ -266,15 +266,20 @@ class Cluster:
         return result
 
     def kill(self, member: Member) -> int:
-        """SIGKILL the member's process group, then any descendant of it outside the group; how
-        many descendants were outside it."""
+        """SIGKILL the member's process group, and any descendant of it outside the group (none is
+        expected: the actor template and its actors stay in the member's group); how many were."""
         kids = self.track(member)
+        outside = []
+        for pid, created in kids:
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) != member.pid:
+                    outside.append((pid, created))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(member.pid, signal.SIGKILL)
-        outside = kill_pids(kids)
+        kill_pids(outside)
         with contextlib.suppress(subprocess.TimeoutExpired):
             member.proc.wait(10)
-        return outside
+        return len(outside)
 
     def tail(self, member: Member, chars: int = 3000) -> str:
         with contextlib.suppress(OSError):
@@ -569,7 +574,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], fo: dict[str, A
             print(f"UNEXPECTED rounds (next attempt not on the survivor, or not SUCCEEDED): {fo['wrong']}")
         if fo["outside_group"]:
             print(f"note: {fo['outside_group']} process(es) of the victims were outside their process group "
-                  f"(the actor template runs in a session of its own) and were SIGKILLed by pid at once")
+                  f"and were SIGKILLed by pid at once")
     print()
     if problems:
         print("member logs: ERROR / Traceback lines")
