@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     logs: dict[str, Path] = {}
     rows: list[dict[str, Any]] = []
     fo: dict[str, Any] | None = None
-    with Watchdog(hard, "cluster.py") as dog, temp_dir("cpsl-cl-") as tmp, \
+    with Watchdog(hard, "cluster.py") as dog, temp_dir("cpsl-bench-cl-") as tmp, \
             postgres(args.store, args.fsync, schemas, dog) as (base, note):
         print(note)
         print(f"members: --workers {args.workers} --process-workers {args.process_workers} --lease {args.lease:g}")
