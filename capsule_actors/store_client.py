@@ -528,7 +528,7 @@ class StoreClient:
                 return db.kv_delete(sid, key)
             if msg.op == "items":
                 return [list(row) for row in db.kv_items(sid)]
-            return db.kv_cas(sid, key, msg.value or "null", msg.expected)
+            return db.kv_cas(sid, key, msg.expected, msg.value or "null")
 
         _resolve(fut, (self._tx(work), []))
 

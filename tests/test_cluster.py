@@ -382,6 +382,17 @@ def test_every_member_lists_the_cluster_with_its_shards_and_one_clock(cluster):
         assert "members" in text.stdout.lower() and "alpha" in text.stdout and "bravo" in text.stdout, text.stdout
 
 
+@pytest.mark.timeout(120)
+def test_members_started_together_on_a_new_schema_both_join(cluster):
+    # Given three members started at the same moment on a schema nobody made yet
+    members = [cluster.start(name, wait=False) for name in ("alpha", "bravo", "charlie")]
+
+    # Then each one joins (creating the schema is one member's job, the others wait for it)
+    for member in members:
+        cluster.wait_joined(member)
+    cluster.wait_formed("alpha", "bravo", "charlie")
+
+
 @pytest.mark.timeout(180)
 def test_unlocked_work_beyond_one_members_queue_is_shared(cluster):
     # Given two members with one process actor each
@@ -417,6 +428,19 @@ def test_a_lock_key_never_runs_on_two_members_at_once(cluster):
     by_tag = runs_by_tag(cluster.records)
     assert sorted(by_tag) == sorted(ids) and all(len(runs) == 1 and runs[0].ended for runs in by_tag.values())
     assert_no_key_ran_twice_at_once(cluster.records)
+
+    # ... and the board of either member's state directory shows every task of the cluster
+    from capsule_actors import store
+
+    for member in (alpha, bravo):
+        reader = store.open_reader(member.state_dir)
+        assert reader is not None
+        try:
+            columns = {c["state"]: c for c in reader.board(page_size=100)["columns"]}
+        finally:
+            reader.close()
+        assert columns["SUCCEEDED"]["count"] == len(ids), member.name
+        assert {t["id"] for t in columns["SUCCEEDED"]["tasks"]} == set(ids.values())
 
 
 @pytest.mark.timeout(180)

@@ -473,8 +473,10 @@ class PostgresStore(TaskStore):
 
     def _migrate(self) -> None:
         """Create the schema, or check the one there is: a newer version than ours is refused."""
+        # one migrator at a time, from before the schema exists (two members starting together
+        # would both try to create it)
+        self.db.execute(f"SELECT pg_advisory_xact_lock(hashtext('{self._s}'))")
         self.db.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
-        self.db.execute(f"SELECT pg_advisory_xact_lock(hashtext('{self._s}'))")  # one migrator at a time
         current = None
         if self.db.execute("SELECT to_regclass(%s)", (f"{self._s}.meta",)).fetchone()[0] is not None:
             row = self.db.execute(f"SELECT value FROM {self._s}.meta WHERE key='schema_version'").fetchone()

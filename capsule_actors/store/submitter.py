@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import Any
 
 from ..errors import StoreUnavailable
 from .base import FLOW_RECORD, NewTask
@@ -126,23 +125,3 @@ class PoolWriter(PostgresStore):
         return int(
             self._q("SELECT count(*) FROM {s}.members WHERE state='live' AND expires > clock_timestamp()").value()
         )
-
-    # ---- session.db ----------------------------------------------------------------------------
-    def kv_cas(self, session_id: str, key: str, value: str, expected: str | None) -> bool:
-        """Set ``key`` to ``value`` if it holds ``expected`` (None: absent), in one statement."""
-        now = time.time()
-        if expected is None:
-            rows: Any = self._w(
-                "INSERT INTO {s}.session_kv(session_id, key, value, updated_at) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (session_id, key) DO NOTHING RETURNING 1",
-                (session_id, key, value, now),
-                wait=True,
-            )
-        else:
-            rows = self._w(
-                "UPDATE {s}.session_kv SET value=%s, updated_at=%s WHERE session_id=%s AND key=%s AND value=%s "
-                "RETURNING 1",
-                (value, now, session_id, key, expected),
-                wait=True,
-            )
-        return rows is not None and rows.fetchone() is not None
