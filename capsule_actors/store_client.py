@@ -41,7 +41,6 @@ import concurrent.futures
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import os
 import secrets
@@ -67,7 +66,7 @@ from .errors import (
 )
 from .lifecycle import current_pid
 from .states import LIVE, QUEUED, SCHEDULED, TaskState
-from .store.base import FLOW_RECORD, NewTask
+from .store.base import FLOW_RECORD, NewTask, check_session_kv, session_kv
 
 if TYPE_CHECKING:
     from .app import App
@@ -509,28 +508,8 @@ class StoreClient:
 
     def _on_session_kv(self, msg: messages.SessionKV, fut: Future) -> None:
         """One ``session.db`` operation, as a supervisor's ``Sessions.on_session_kv`` does it."""
-        db, sid, key = self._db, msg.session_id, msg.key
-        if msg.value is not None:
-            if len(msg.value) > self.app.max_payload_bytes:
-                raise ConfigError(f"session.db value of {len(msg.value)} bytes is over max_payload_bytes")
-            try:
-                json.loads(msg.value)
-            except ValueError:
-                raise ProtocolError("SessionKV value is not JSON") from None
-
-        def work() -> Any:
-            if msg.op == "get":
-                return db.kv_get(sid, key)
-            if msg.op == "set":
-                db.kv_set(sid, key, msg.value or "null")
-                return True
-            if msg.op == "del":
-                return db.kv_delete(sid, key)
-            if msg.op == "items":
-                return [list(row) for row in db.kv_items(sid)]
-            return db.kv_cas(sid, key, msg.expected, msg.value or "null")
-
-        _resolve(fut, (self._tx(work), []))
+        check_session_kv(msg, self.app.max_payload_bytes)
+        _resolve(fut, (self._tx(lambda: session_kv(self._db, msg)), []))
 
     # ---- cancels -----------------------------------------------------------------------------
     def _on_cancel(self, msg: messages.Cancel, fut: Future) -> None:

@@ -53,6 +53,13 @@ def make_app(state_dir: str | os.PathLike[str] | None = None) -> cpsl.App:
         """A locked workflow step: holds its key as ``held`` does, after the step before it."""
         return f"{prev}>{hold(key, seconds, log, tag)}"
 
+    @app.task(retries=3)
+    def count(name: str) -> int:
+        """Adds one to ``name`` in its session's ``session.db`` (a compare-and-set loop)."""
+        session = cpsl.current_session()
+        assert session is not None
+        return int(session.db.increment(name))
+
     def hold(key: str, seconds: float, log: str, tag: str) -> str:
         """Takes a non-blocking flock on a file of the key while it runs (an ``overlap`` line if
         another run holds it), and writes ``start``, a ``tick`` every TICK s, then ``end``: a run

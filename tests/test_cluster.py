@@ -679,6 +679,55 @@ def test_a_tasks_events_stream_live_through_a_member_that_does_not_run_it(cluste
     assert heard - last.ts < 1.5, (heard, last.ts)
 
 
+@pytest.mark.timeout(150)
+def test_a_task_running_on_one_member_is_cancelled_through_another(cluster):
+    # Given a long process=True task running on bravo (submitted there)
+    alpha = cluster.start("alpha")
+    bravo = cluster.start("bravo")
+    cluster.wait_formed("alpha", "bravo")
+    running = bravo.app.tasks["where"].submit(60.0)
+    wait_until(lambda: record(bravo, running.id)["state"] == "RUNNING", 30, 0.05)
+    actor = next(a["pid"] for a in cluster.status(bravo)["actors"] if a["slot"] == "p0")
+
+    # When it is cancelled through alpha, which does not hold it
+    handle = cpsl.TaskHandle.from_id(alpha.app, running.id)
+    assert handle.cancel() is True
+
+    # Then it ends CANCELLED (its result says so, through either member), bravo replaced the
+    # process actor that ran it, and a second cancel finds nothing to cancel
+    with pytest.raises(cpsl.TaskCancelled):
+        handle.result(timeout=30)
+    with pytest.raises(cpsl.TaskCancelled):
+        running.result(timeout=30)
+    assert record(alpha, running.id)["state"] == "CANCELLED"
+    wait_until(lambda: gone([actor]), 15)
+    assert handle.cancel() is False
+
+
+@pytest.mark.timeout(150)
+def test_session_db_updates_from_two_members_at_once_are_never_lost(cluster):
+    # Given two members
+    alpha = cluster.start("alpha")
+    bravo = cluster.start("bravo")
+    cluster.wait_formed("alpha", "bravo")
+
+    # When 120 tasks of one session, through both members (so running on both), each add one to
+    # the same session.db key with compare-and-set
+    session = cpsl.Session("counted")
+
+    def send(member: Member) -> list[str]:
+        count = member.app.tasks["count"].options(session=session)
+        return [count.submit("n").id for _ in range(60)]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ids = [task_id for part in pool.map(send, [alpha, bravo]) for task_id in part]
+
+    # Then every one succeeded and the key counts all 120 (no update lost between the members)
+    values = results(alpha, ids, timeout=120)
+    assert sorted(values) == list(range(1, 121))
+    assert alpha.app.session("counted").db["n"] == 120
+
+
 @pytest.mark.timeout(240)
 def test_a_rolling_restart_of_every_member_loses_nothing(cluster):
     # Given two members with locked and unlocked work in flight, submitted through both

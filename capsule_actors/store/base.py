@@ -34,10 +34,13 @@ import abc
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..errors import StateDirError
+from ..errors import ConfigError, ProtocolError, StateDirError
 from ..states import TaskState
+
+if TYPE_CHECKING:
+    from ..messages import SessionKV
 
 
 class NewTask(NamedTuple):
@@ -485,3 +488,30 @@ class StoreReader(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+def check_session_kv(msg: SessionKV, max_payload_bytes: int) -> None:
+    """A value must be JSON and fit max_payload_bytes (checked before anything is written)."""
+    if msg.value is not None:
+        if len(msg.value) > max_payload_bytes:
+            raise ConfigError(f"session.db value of {len(msg.value)} bytes is over max_payload_bytes")
+        try:
+            json.loads(msg.value)
+        except ValueError:
+            raise ProtocolError("SessionKV value is not JSON") from None
+
+
+def session_kv(store: TaskStore, msg: SessionKV) -> Any:
+    """Do one checked ``session.db`` operation on ``store``: its answer (a supervisor's, and the
+    store-only client's)."""
+    sid, key = msg.session_id, msg.key
+    if msg.op == "get":
+        return store.kv_get(sid, key)
+    if msg.op == "set":
+        store.kv_set(sid, key, msg.value or "null")
+        return True
+    if msg.op == "del":
+        return store.kv_delete(sid, key)
+    if msg.op == "items":
+        return [list(row) for row in store.kv_items(sid)]
+    return store.kv_cas(sid, key, msg.expected, msg.value or "null")  # cas

@@ -19,14 +19,19 @@ Several supervisors (members) share one PostgreSQL schema. What each statement h
   a store used by one supervisor (no cluster). ``tasks.origin`` is the member it was submitted
   to (told when the task ends elsewhere); ``tasks.shard`` the shard of its lock key.
 - ``admissions``: a locked submit whose shard another member holds waits here for that member's
-  decision (run, queue, join, reject), which the submitting member reads back to answer its client.
+  decision (run, queue, join, reject), which the submitting member reads back to answer its client
+  (kind ``step``: a released workflow step, whose waiting row the holder takes). ``cancels``: a
+  cancel of a task another member holds, answered by it. In both, a negative origin is a
+  store-only client (``store_client.py``), never a member.
 
-Wake-ups go by ``NOTIFY`` on one channel per schema (``pool``, ``admit``, ``verdict``, ``done IDS``,
-``member``); every member also polls at each renewal, so a lost notification costs a delay only.
+Wake-ups go by ``NOTIFY`` on one channel per schema (``pool``, ``admit``, ``verdict ORIGIN``,
+``cancel``, ``cancelled ORIGIN``, ``done IDS``, ``ev``, ``member``); every member also looks at
+each renewal, so a lost notification costs a delay only.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import zlib
@@ -154,7 +159,7 @@ class ClusterTable:
         new = db._w(
             "INSERT INTO {s}.members(name, host, pid, state_dir, state, lease, joined, renewed, expires) "
             "VALUES (%s, %s, %s, %s, 'live', %s, %s, %s, clock_timestamp() + make_interval(secs => %s)) RETURNING id",
-            (name, host, _pid(), state_dir, lease, now, now, lease),
+            (name, host, os.getpid(), state_dir, lease, now, now, lease),
             wait=True,
         )
         assert new is not None
@@ -406,9 +411,3 @@ class ClusterTable:
     def notify(self, payload: str) -> None:
         """Sent at commit (NOTIFY is transactional), to every member listening, this one included."""
         self._db.notes.add(payload)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

@@ -4,11 +4,11 @@ every read and write comes here, so the store has one writer."""
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import messages
-from ..errors import ConfigError, ProtocolError, UnknownTask
+from ..errors import ProtocolError, UnknownTask
+from ..store.base import check_session_kv, session_kv
 
 if TYPE_CHECKING:
     from ..app import App
@@ -57,24 +57,5 @@ class Sessions:
 
     def on_session_kv(self, ident: bytes, msg: messages.SessionKV, payload: Frames) -> None:
         """One ``session.db`` operation (``messages.SessionKV`` says what each answers)."""
-        store, sid, key = self._store, msg.session_id, msg.key
-        if msg.value is not None:
-            if len(msg.value) > self._app.max_payload_bytes:
-                raise ConfigError(f"session.db value of {len(msg.value)} bytes is over max_payload_bytes")
-            try:
-                json.loads(msg.value)
-            except ValueError:
-                raise ProtocolError("SessionKV value is not JSON") from None
-        body: Any
-        if msg.op == "get":
-            body = store.kv_get(sid, key)
-        elif msg.op == "set":
-            store.kv_set(sid, key, msg.value or "null")
-            body = True
-        elif msg.op == "del":
-            body = store.kv_delete(sid, key)
-        elif msg.op == "items":
-            body = [list(row) for row in store.kv_items(sid)]
-        else:  # cas
-            body = store.kv_cas(sid, key, msg.expected, msg.value or "null")
-        self._outbox.reply(ident, msg.req, True, body)
+        check_session_kv(msg, self._app.max_payload_bytes)
+        self._outbox.reply(ident, msg.req, True, session_kv(self._store, msg))
