@@ -10,7 +10,8 @@ its own session (process group) and stopped by pid. PostgreSQL is a server of th
 names one; every scenario gets a fresh schema (``?schema=``; on a ``--store`` server they are
 dropped at the end).
 
-Throughput, for N = 1, 2, 3 members (``--members``), each ``--workers 1 --process-workers 1``:
+Throughput, for N = 1, 2, 3 members (``--members``), each ``--workers 1 --process-workers 1``, and
+for N = 0: one supervisor on the same store without ``--name`` (no cluster), what a member costs:
 
   unlocked    ``--n`` no-op ``submit()`` calls in a loop from this process through member m1's
               state directory, then every result (``wait_all``): tasks/s = n / (first submit ->
@@ -174,8 +175,10 @@ def kill_pids(pids: list[tuple[int, float]]) -> int:
 class Cluster:
     """Members on one store URL (one schema), in ``root``; every process stopped by pid in ``close``."""
 
-    def __init__(self, root: Path, url: str, args: argparse.Namespace, logs: dict[str, Path]) -> None:
+    def __init__(self, root: Path, url: str, args: argparse.Namespace, logs: dict[str, Path],
+                 plain: bool = False) -> None:
         self.root, self.url, self.args = root, url, args
+        self.plain = plain  # one supervisor without --name: what a member costs, beside it
         self.members: dict[str, Member] = {}
         self.procs: list[subprocess.Popen[bytes]] = []  # every member process ever started
         self.seen: dict[int, float] = {}  # pid -> create_time of every descendant seen
@@ -191,8 +194,9 @@ class Cluster:
         log_file = open(log_path, "a")  # noqa: SIM115 (closed in close(); a restart appends)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
         env.update(CLUSTER_MEMBER=name, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO_ROOT)]))
+        member_args = [] if self.plain else ["--name", name, "--lease", f"{self.args.lease:g}"]
         cmd = [sys.executable, "-m", "capsule_actors", "run", APP, "--state-dir", str(state_dir),
-               "--store", self.url, "--name", name, "--lease", f"{self.args.lease:g}",
+               "--store", self.url, *member_args,
                "--workers", str(self.args.workers), "--process-workers", str(self.args.process_workers),
                "--grace", "2"]
         proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
@@ -234,7 +238,7 @@ class Cluster:
                                    f"log: {self.root / (member.name + '.log')}\n{self.tail(member)}")
             status = self.status(member, timeout=min(15.0, deadline.left()))
             me = (status or {}).get("member") or {}
-            if status is None or me.get("name") != member.name:
+            if status is None or (me.get("name") != member.name and not self.plain):
                 return None
             return status if status["actors"] and all(a["state"] == "ready" for a in status["actors"]) else None
 
@@ -383,13 +387,14 @@ def measure(what: str, batch: Batch, one: One | None, names: list[str], args: ar
 
 def throughput(n_members: int, url: str, root: Path, args: argparse.Namespace, logs: dict[str, Path],
                dog: Watchdog) -> list[dict[str, Any]]:
-    cluster = Cluster(root / f"n{n_members}", url, args, logs)
+    cluster = Cluster(root / f"n{n_members}", url, args, logs, plain=n_members == 0)
     dog.on_expire(cluster.close)
-    names = [f"m{i}" for i in range(1, n_members + 1)]
+    names = [f"m{i}" for i in range(1, max(1, n_members) + 1)]
     try:
         start = Deadline(90, f"{n_members} member(s) joining")
         start_members(cluster, names, start)
-        cluster.wait_formed(names, SHARDS // (2 * n_members), start)
+        if not cluster.plain:
+            cluster.wait_formed(names, SHARDS // (2 * n_members), start)
         app = cluster.members["m1"].app
         noop, locked = app.tasks["noop"], app.tasks["locked_noop"]
         def key(i: int) -> str:
@@ -516,7 +521,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rt", type=int, default=200, help="sequential round trips per row (default 200)")
     parser.add_argument("--api", default="submit,map",
                         help="how the throughput rows submit: submit (a loop), map (one batch); default both")
-    parser.add_argument("--members", default="1,2,3", help="member counts for throughput (default 1,2,3)")
+    parser.add_argument("--members", default="0,1,2,3",
+                        help="member counts for throughput; 0: one supervisor without --name (default 0,1,2,3)")
     parser.add_argument("--workers", type=int, default=1, help="worker actors per member (default 1)")
     parser.add_argument("--process-workers", type=int, default=1, help="process actors per member (default 1)")
     parser.add_argument("--kills", type=int, default=20, help="failover rounds, 0 to skip (default 20)")
@@ -537,8 +543,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.counts = [] if args.no_throughput else [int(c) for c in args.members.split(",") if c.strip()]
     if args.n < 1 or args.rt < 1 or args.repeat < 1 or args.keys < 1 or args.kills < 0 or args.lease <= 0:
         parser.error("--n, --rt, --repeat, --keys >= 1; --kills >= 0; --lease > 0")
-    if any(not 1 <= c <= 9 for c in args.counts) or args.workers < 1 or args.process_workers < 0:
-        parser.error("--members: counts in 1-9; --workers >= 1; --process-workers >= 0")
+    if any(not 0 <= c <= 9 for c in args.counts) or args.workers < 1 or args.process_workers < 0:
+        parser.error("--members: counts in 0-9; --workers >= 1; --process-workers >= 0")
     return args
 
 

@@ -24,7 +24,6 @@ from .cluster import POOL, ClusterTable, shard_of
 from .postgres import PostgresStore
 
 _LIVE = "('QUEUED','SCHEDULED','RUNNING')"
-_TERMINAL = "('SUCCEEDED','FAILED','CANCELLED')"
 CANCELLED_BY_REQUEST = ("TaskCancelled", "cancelled by request")  # as a supervisor records a cancel
 
 
@@ -115,11 +114,6 @@ class PoolWriter(PostgresStore):
         return None if row is None else (str(row[0]), None if row[1] is None else int(row[1]))
 
     # ---- reading -------------------------------------------------------------------------------
-    def ended(self, task_ids: list[str]) -> list[str]:
-        """Which of these tasks have ended (one indexed look for every outstanding wait)."""
-        rows = self._q(f"SELECT id FROM {{s}}.tasks WHERE id = ANY(%s) AND state IN {_TERMINAL}", (task_ids,))
-        return [r[0] for r in rows.fetchall()]
-
     def live_members(self) -> int:
         """Members whose lease runs now (the server's clock)."""
         return int(

@@ -379,6 +379,7 @@ class Membership:
         if ids is None:
             ids = [t for t in self._waiters.waited() if t not in tasks]
             ids += [t for t in flows.watched if t not in tasks and t not in flows][:FALLBACK_LOOKS]
+            ids = self._store.ended(ids) if ids else []  # one look for all of them
         for task_id in ids:
             if task_id in tasks:
                 continue
