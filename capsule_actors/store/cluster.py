@@ -6,11 +6,13 @@ Several supervisors (members) share one PostgreSQL schema. What each statement h
   renews its ``expires`` (the server's clock: ``clock_timestamp()``, so no two hosts' clocks are
   compared) every quarter of its lease. Another member marks it ``lost`` once ``expires`` is past,
   locking the row ``FOR UPDATE SKIP LOCKED`` so that it never waits for the member it takes over.
-- Fencing: every write transaction of a member begins by locking its own row ``FOR SHARE``
-  (``PostgresStore``'s fence). A takeover's ``FOR UPDATE`` skips the row while a transaction of
-  the member is open; a member's transaction that begins after the takeover waits for it, then
-  finds its row ``lost`` and rolls back (``Fenced``). So a member's writes either commit before
-  the takeover (which then sees them) or not at all.
+- Fencing: every write transaction of a member begins with ``fence(id)`` (``FENCE_FUNCTION``),
+  which locks its own row ``FOR SHARE`` or raises ``REFUSED``, aborting the transaction. A
+  takeover's ``FOR UPDATE`` skips the row while a transaction of the member is open; a member's
+  transaction that begins after the takeover waits for it, then finds its row ``lost`` and is
+  refused (``PostgresStore`` rolls back and raises ``Fenced``). So a member's writes either commit
+  before the takeover (which then sees them) or not at all; and the fence is pipelined with the
+  writes, so it costs the member no round trip of its own.
 - ``shards``: lock keys map to ``SHARDS`` shards (``shard_of``); each row has one owner (a member
   id) or none, and an ``epoch`` raised at each change of hands. Shard -1 is the clock. A member
   claims free rows ``FOR UPDATE SKIP LOCKED`` and gives back only shards it has nothing live on,
@@ -93,6 +95,21 @@ ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS origin bigint;
 ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS shard integer;
 CREATE INDEX IF NOT EXISTS tasks_owned ON {s}.tasks(owner, seq)
     WHERE owner IS NOT NULL AND state IN ('QUEUED', 'SCHEDULED', 'RUNNING');
+"""
+
+# The fence, the first statement of a member's every write transaction: its own row locked FOR
+# SHARE (a takeover holding it FOR UPDATE makes this wait, then see the row lost), or REFUSED
+# raised, which aborts the transaction, so its COMMIT writes nothing (no round trip of its own).
+REFUSED = "CF001"
+FENCE_FUNCTION = """
+CREATE OR REPLACE FUNCTION {s}.fence(member bigint) RETURNS void LANGUAGE plpgsql AS $fence$
+BEGIN
+    PERFORM 1 FROM {s}.members WHERE id = member AND state = 'live' FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CF001', MESSAGE = format('cluster member %s was taken over', member);
+    END IF;
+END
+$fence$
 """
 
 _LIVE = "('QUEUED','SCHEDULED','RUNNING')"

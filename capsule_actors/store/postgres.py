@@ -55,8 +55,8 @@ from .base import (
     flow_members,
     quoted,
 )
+from .cluster import FENCE_FUNCTION, REFUSED, shard_of
 from .cluster import SCHEMA as CLUSTER_SCHEMA
-from .cluster import shard_of
 
 log = logging.getLogger("capsule_actors.store")
 
@@ -186,7 +186,7 @@ _ROWS = (
 # a cluster member's inserts also say who holds the task, who took it in and its lock key's shard
 _MEMBER_ONE_ROW = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _MEMBER_ROWS = _ROWS[:-1] + ", %s::int8[], %s::int8[], %s::int4[])"
-_FENCE = "SELECT state FROM {s}.members WHERE id=%s FOR SHARE"
+_FENCE = "SELECT {s}.fence(%s)"  # store/cluster.py FENCE_FUNCTION: raises REFUSED unless the member is live
 _NOTE_BYTES = 7900  # a NOTIFY payload must stay under 8000 bytes
 EV_NOTE_EVERY = 0.05  # seconds between a member's "ev" notes (events written: feeds elsewhere look again)
 
@@ -343,7 +343,6 @@ class PostgresStore(TaskStore):
         self.notes: set[str] = set()
         self.notify_done: set[str] = set()
         self._done: list[str] = []
-        self._fence_rows: Any = None  # the fence's cursor, answered at the next sync
         self._session_sql = ""  # settings of this connection, made again after a reconnect
         self._evented = False  # events written since the last "ev" note (a cluster's event feeds)
         self._ev_noted = 0.0
@@ -359,16 +358,13 @@ class PostgresStore(TaskStore):
         Sent without waiting for its answer (pipeline mode) unless ``wait``: it counts from the
         next statement that waits, or the COMMIT. ``big`` (a map()'s batch) leaves pipeline mode
         for that one statement: a large statement inside a pipeline can stall half-sent."""
-        if not self._dirty and self.member is not None:
+        if not self._dirty and self.member is not None:  # a member's transaction begins with its fence
             self._dirty = True
-            self._fence_rows = None
-            self._fence_rows = self._run(_FENCE.replace("{s}", self._s), (self.member,), True, False, keep=True)
+            self._run(_FENCE.replace("{s}", self._s), (self.member,), write=True, wait=False)
         self._dirty = True
         return self._run(sql.replace("{s}", self._s), params, write=True, wait=wait or big, big=big)
 
-    def _run(
-        self, sql: str, params: Any, write: bool, wait: bool, big: bool = False, keep: bool = False
-    ) -> _Rows | None:
+    def _run(self, sql: str, params: Any, write: bool, wait: bool, big: bool = False) -> _Rows | None:
         if self._gone:
             raise self._unavailable("it was lost")
         if write:
@@ -377,13 +373,12 @@ class PostgresStore(TaskStore):
             if big:
                 return self._outside_pipeline(sql, params)
             cur = self.db.execute(sql, params)
-            if keep:  # its answer is read later, after a sync (the raw cursor)
-                return cur  # type: ignore[no-any-return]
             if not wait:
                 return None
             self._pipe.sync()  # the answers so far, this one's included (and errors, if any)
             return _Rows(cur)
         except Exception as exc:
+            self._refuse_if_fenced(exc)
             if not self._lost(exc):  # an error of a statement (this one, or one sent before it)
                 self._recover_statement_error(exc)
                 raise
@@ -391,7 +386,7 @@ class PostgresStore(TaskStore):
             if not write:
                 cur = self.db.execute(sql, params)
                 self._pipe.sync()
-            return _Rows(cur) if wait or big else None  # (keep: the fence is asked again at commit)
+            return _Rows(cur) if wait or big else None
 
     def _lost(self, exc: BaseException | None = None) -> bool:
         """The connection is gone, or going (not just a statement that failed): a broken
@@ -419,7 +414,6 @@ class PostgresStore(TaskStore):
         """A statement failed (our bug, or a constraint): the transaction is aborted; roll it back
         and redo the writes that still apply, so what the supervisor believes stays recorded."""
         log.error("a statement of the PostgreSQL store failed (%s): redoing the open transaction", exc)
-        self._fence_rows = None
         with contextlib.suppress(Exception):
             self._pipe_mode.__exit__(None, None, None)
         self.db.rollback()
@@ -430,6 +424,7 @@ class PostgresStore(TaskStore):
                     self.db.execute(sql, params)
                 kept.append((sql, params))
             except Exception as again:
+                self._refuse_if_fenced(again)
                 log.error("dropped a write that fails again: %s (%s)", sql[:120], again)
         self._redo = kept
         self._pipeline()
@@ -438,7 +433,6 @@ class PostgresStore(TaskStore):
         """The connection broke: connect again and redo the open transaction's writes, trying for
         up to the outage; returns the last write's cursor (the statement that failed, if a write)."""
         deadline, delay = time.monotonic() + self.outage, 0.1
-        self._fence_rows = None
         log.error("lost the PostgreSQL store %s (%s): reconnecting, for up to %.0f s", self.url, cause, self.outage)
         while True:
             with contextlib.suppress(Exception):
@@ -456,6 +450,7 @@ class PostgresStore(TaskStore):
             except StateDirError as exc:
                 cause = exc
             except Exception as exc:
+                self._refuse_if_fenced(exc)
                 if not self._lost(exc):
                     raise
                 cause = exc
@@ -483,9 +478,12 @@ class PostgresStore(TaskStore):
             current = int(row[0]) if row else None
         # DDL only when the schema is older (or new): a cluster member joining must not take the
         # exclusive locks of ALTER TABLE while the other members work
-        for statement in _SCHEMA.split(";") if current is None or current < SCHEMA_VERSION else []:
+        ddl = current is None or current < SCHEMA_VERSION
+        for statement in _SCHEMA.split(";") if ddl else []:
             if statement.strip():
                 self.db.execute(statement.replace("{s}", self._s))
+        # the fence, made again at each start (no table lock; a function body has semicolons of its own)
+        self.db.execute(FENCE_FUNCTION.replace("{s}", self._s))
         self.db.execute(
             f"INSERT INTO {self._s}.meta(key, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
             (str(SCHEMA_VERSION),),
@@ -518,15 +516,19 @@ class PostgresStore(TaskStore):
             raise self._unavailable("it was lost")
         if self.member is not None and self._dirty:
             self._send_notes()
-            self._check_fence()
         try:
             self.db.commit()
         except Exception as exc:
+            self._refuse_if_fenced(exc)
             psycopg = _psycopg()
             if isinstance(exc, psycopg.errors.DiskFull):  # rolled back: open it again with its writes
                 self.db.rollback()
-                for sql, params in self._redo:
-                    self.db.execute(sql, params)
+                try:
+                    for sql, params in self._redo:
+                        self.db.execute(sql, params)
+                except Exception as again:
+                    self._refuse_if_fenced(again)
+                    raise
                 self._dirty = False
                 raise StoreFull(f"no room on the PostgreSQL store {self.url}'s server: {exc}") from None
             if self._lost(exc):  # the COMMIT may or may not have happened: redo (idempotent but for
@@ -536,7 +538,6 @@ class PostgresStore(TaskStore):
             self.db.commit()
         self._redo.clear()
         self._dirty = False
-        self._fence_rows = None
         self.slot_pending = False
 
     def dirty(self) -> bool:
@@ -570,36 +571,22 @@ class PostgresStore(TaskStore):
             self._w("SELECT pg_notify(%s, %s)", (self.schema, note))
         self.notes.clear()
 
-    def _check_fence(self) -> None:
-        """This member's row, locked at the transaction's first write: still live, or the
-        transaction is rolled back and nothing of it is ever written (Fenced)."""
-        cur = self._fence_rows
-        if cur is None:
-            rows = self._q(_FENCE, (self.member,))
-        else:
-            try:
-                self._pipe.sync()
-                rows = _Rows(cur)
-            except Exception as exc:
-                if not self._lost(exc):
-                    self._recover_statement_error(exc)
-                    raise
-                self._reconnect(exc)
-                rows = self._q(_FENCE, (self.member,))
-        row = rows.fetchone()
-        if row is None or row[0] != "live":
-            with contextlib.suppress(Exception):
-                self._pipe_mode.__exit__(None, None, None)
-            with contextlib.suppress(Exception):
-                self.db.rollback()
-            self._redo.clear()
-            self._dirty = False
-            self._fence_rows = None
-            self._done.clear()
-            self.notes.clear()
-            with contextlib.suppress(Exception):
-                self._pipeline()
-            raise Fenced(f"cluster member {self.member} was taken over by another member: its writes are refused")
+    def _refuse_if_fenced(self, exc: BaseException) -> None:
+        """The fence refused this member's transaction (it was taken over): nothing of it is
+        written, ever -- roll it back, forget its writes, and raise Fenced."""
+        if getattr(exc, "sqlstate", None) != REFUSED:
+            return
+        with contextlib.suppress(Exception):
+            self._pipe_mode.__exit__(None, None, None)
+        with contextlib.suppress(Exception):
+            self.db.rollback()
+        self._redo.clear()
+        self._dirty = False
+        self._done.clear()
+        self.notes.clear()
+        with contextlib.suppress(Exception):
+            self._pipeline()
+        raise Fenced(f"cluster member {self.member} was taken over by another member: its writes are refused")
 
     # ---- housekeeping ------------------------------------------------------------------------
     def maintain(self) -> None:
