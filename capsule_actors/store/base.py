@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -204,8 +204,10 @@ class TaskStore(abc.ABC):
 
     # ---- tasks -------------------------------------------------------------------------------
     @abc.abstractmethod
-    def insert_tasks(self, rows: Iterable[NewTask]) -> list[tuple[str, int]]:
-        """Record new tasks; return (id, rowid) of those that were new (a known id is ignored)."""
+    def insert_tasks(self, rows: Iterable[NewTask], pooled: Collection[str] = ()) -> list[tuple[str, int]]:
+        """Record new tasks; return (id, rowid) of those that were new (a known id is ignored).
+        ``pooled``: ids a cluster member records in its cluster's pool (a store with no cluster
+        ignores it)."""
 
     @abc.abstractmethod
     def args(self, task_id: str) -> bytes:

@@ -293,10 +293,6 @@ class ClusterTable:
         return len(rows.fetchall()) if rows is not None else 0
 
     # ---- the pool ----------------------------------------------------------------------------
-    def to_pool(self, task_ids: list[str]) -> None:
-        self._db._w("UPDATE {s}.tasks SET owner=%s WHERE id = ANY(%s)", (POOL, task_ids))
-        self.notify("pool")
-
     def claim_queued(self, limit: int, now: float) -> list[StoredTask]:
         """Up to ``limit`` unlocked QUEUED pool tasks that may start now, highest priority first,
         then in submit order; ours from now on."""

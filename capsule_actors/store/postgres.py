@@ -32,7 +32,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -55,7 +55,7 @@ from .base import (
     flow_members,
     quoted,
 )
-from .cluster import FENCE_FUNCTION, REFUSED, shard_of
+from .cluster import FENCE_FUNCTION, POOL, REFUSED, shard_of
 from .cluster import SCHEMA as CLUSTER_SCHEMA
 
 log = logging.getLogger("capsule_actors.store")
@@ -606,7 +606,7 @@ class PostgresStore(TaskStore):
         return StoreSpace(self.url, self._bytes, 0, -1, False)  # free space: the server's to watch
 
     # ---- tasks -------------------------------------------------------------------------------
-    def insert_tasks(self, rows: Iterable[NewTask]) -> list[tuple[str, int]]:
+    def insert_tasks(self, rows: Iterable[NewTask], pooled: Collection[str] = ()) -> list[tuple[str, int]]:
         rows = list(rows)
         if not rows:
             return []
@@ -616,7 +616,8 @@ class PostgresStore(TaskStore):
         if placed is not None:  # a cluster's: who holds the task, who took it in, its lock key's shard
             owner, origin = placed
             rows_in: list[Any] = [
-                (*r, owner, origin, None if r.lock_key is None else shard_of(r.lock_key)) for r in rows
+                (*r, POOL if r.id in pooled else owner, origin, None if r.lock_key is None else shard_of(r.lock_key))
+                for r in rows
             ]
             columns += ", owner, origin, shard"
             one, many = _MEMBER_ONE_ROW, _MEMBER_ROWS

@@ -30,7 +30,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -494,7 +494,7 @@ class SQLiteStore(TaskStore):
         return self.db.execute(sql, params)
 
     # ---- tasks -------------------------------------------------------------------------------
-    def insert_tasks(self, rows: Iterable[NewTask]) -> list[tuple[str, int]]:
+    def insert_tasks(self, rows: Iterable[NewTask], pooled: Collection[str] = ()) -> list[tuple[str, int]]:
         new = []
         for row in rows:
             cur = self._w(

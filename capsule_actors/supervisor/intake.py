@@ -289,8 +289,9 @@ class Intake:
         by_id = {r.id: r for r in rows}
         traces = {r.id: self._traces.pop(r.id) for r in rows if r.id in self._traces} if self._traces else None
         timed = self._tally.enabled
-        pooled: list[str] = []  # a cluster member's: unlocked tasks any member may take
-        for task_id, rowid in self._store.insert_tasks(rows):
+        pooled = self._to_pool(rows) if self._cluster is not None else ()
+        recorded = self._store.insert_tasks(rows, pooled)
+        for task_id, rowid in recorded:
             row = by_id[task_id]
             if timed:
                 self._tally.count("submitted", row.name)
@@ -299,16 +300,11 @@ class Intake:
                     self._flows.add(task_id, row.session_id, row.args)
                 else:
                     tasks.want_clock()  # unlocked delayed tasks stay in the store until the clock says
-                    if self._cluster is not None:
-                        pooled.append(task_id)
                 self._keep_trace(task_id, traces)
                 continue
-            if row.lock_key is None and self._cluster is not None:
-                if tasks.queued_at(row.priority) >= CLUSTER_WINDOW and row.id not in self._flows.watched:
-                    pooled.append(task_id)
-                    self._keep_trace(task_id, traces)
-                    continue
-            elif row.lock_key is None and self._to_backlog(rowid, row.priority):
+            if task_id in pooled or (
+                self._cluster is None and row.lock_key is None and self._to_backlog(rowid, row.priority)
+            ):
                 self._keep_trace(task_id, traces)
                 continue
             task = LiveTask(
@@ -332,9 +328,29 @@ class Intake:
                 tasks.queue(task, row.run_at)
         if pooled:
             assert self._cluster is not None
-            self._cluster.table.to_pool(pooled)
-            self._cluster.pooled += len(pooled)
+            self._cluster.pooled += sum(1 for task_id, _ in recorded if task_id in pooled)
+            self._cluster.table.notify("pool")
         self._flows.release_ready()
+
+    def _to_pool(self, rows: list[NewTask]) -> set[str]:
+        """A cluster member's new unlocked tasks that go to the pool, recorded there at once: the
+        delayed ones, and the queued ones beyond CLUSTER_WINDOW of their priority in memory."""
+        room: dict[int, int] = {}
+        pooled = set()
+        for row in rows:
+            if row.lock_key is not None or (row.state == SCHEDULED and row.run_at is None):
+                continue  # locked: its shard's; a waiting workflow step: its workflow's member's
+            if row.state == SCHEDULED:
+                pooled.add(row.id)
+                continue
+            free = room.get(row.priority)
+            if free is None:
+                free = CLUSTER_WINDOW - self._tasks.queued_at(row.priority)
+            if free > 0:
+                room[row.priority] = free - 1
+            else:
+                pooled.add(row.id)
+        return pooled
 
     def hold_step(self, task_id: str, slot: str, blocked: bool) -> None:
         """A released locked workflow step that its key's owner admitted (run, or queue behind
