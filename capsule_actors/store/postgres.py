@@ -576,6 +576,11 @@ class PostgresStore(TaskStore):
         written, ever -- roll it back, forget its writes, and raise Fenced."""
         if getattr(exc, "sqlstate", None) != REFUSED:
             return
+        self.abort()
+        raise Fenced(f"cluster member {self.member} was taken over by another member: its writes are refused")
+
+    def abort(self) -> None:
+        """Roll the open transaction back and forget its writes (and the notes they made)."""
         with contextlib.suppress(Exception):
             self._pipe_mode.__exit__(None, None, None)
         with contextlib.suppress(Exception):
@@ -586,7 +591,6 @@ class PostgresStore(TaskStore):
         self.notes.clear()
         with contextlib.suppress(Exception):
             self._pipeline()
-        raise Fenced(f"cluster member {self.member} was taken over by another member: its writes are refused")
 
     # ---- housekeeping ------------------------------------------------------------------------
     def maintain(self) -> None:

@@ -14,7 +14,6 @@ are ``ClusterTable``'s (``store/cluster.py``), with the client's own negative or
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
@@ -43,19 +42,6 @@ class PoolWriter(PostgresStore):
         if self._dirty:
             self._send_notes()  # a member sends them only after its fence: we have none
         super().commit()
-
-    def abort(self) -> None:
-        """Roll the open transaction back and forget its writes: the request that made them failed."""
-        with contextlib.suppress(Exception):
-            self._pipe_mode.__exit__(None, None, None)
-        with contextlib.suppress(Exception):
-            self.db.rollback()
-        self._redo.clear()
-        self._dirty = False
-        self.notes.clear()
-        self._done.clear()
-        with contextlib.suppress(Exception):
-            self._pipeline()
 
     def _unavailable(self, why: str) -> StoreUnavailable:
         return StoreUnavailable(
