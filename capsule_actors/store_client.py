@@ -66,7 +66,7 @@ from .errors import (
 )
 from .lifecycle import current_pid
 from .states import LIVE, QUEUED, SCHEDULED, TaskState
-from .store.base import FLOW_RECORD, NewTask, check_session_kv, session_kv
+from .store.base import FLOW_RECORD, NewTask, PollKey, check_session_kv, events_page, session_kv
 
 if TYPE_CHECKING:
     from .app import App
@@ -78,8 +78,6 @@ log = logging.getLogger("capsule_actors.client")
 POLL = 0.5  # seconds between looks at outstanding waits and answers (notifications are the fast path)
 EVENT_POLL = 0.25  # seconds between looks for new events while an events() or subscribe() waits
 NO_MEMBER = 10.0  # seconds with no live member before a locked submit or a cancel gives up
-EVENT_PAGE = 500  # events per answer, as a supervisor's (supervisor/waiters.py)
-PollKey = tuple[str, str]  # ("t", task id) | ("s", session id) | ("a", "")
 T = TypeVar("T")
 
 
@@ -459,19 +457,7 @@ class StoreClient:
         self._kick()
 
     def _events(self, key: PollKey, after: int) -> dict[str, Any] | None:
-        """A supervisor's answer to an events poll, or None while there is nothing to say. A task's
-        end is read before its events: every event up to it is then among them."""
-        db = self._db
-        if key[0] == "t":
-            terminal = db.live_task(key[1]) is None
-            events = db.events_after(after, EVENT_PAGE, task_id=key[1])
-        elif key[0] == "s":
-            terminal, events = False, db.events_after(after, EVENT_PAGE, session_id=key[1])
-        else:
-            terminal, events = False, db.events_after(after, EVENT_PAGE)
-        if not events and not terminal:
-            return None
-        return {"events": events, "terminal": terminal, "more": len(events) == EVENT_PAGE}
+        return events_page(self._db, key, after)
 
     def _answer_polls(self) -> None:
         with self._state:
@@ -652,23 +638,17 @@ class StoreClient:
 
     def _notes(self, conn: Any) -> list[str]:
         """The ids of the ``done`` notes received; a note for us wakes the answers' waiters."""
-        ended: list[str] = []
-        ours = (f"verdict {self.origin}", f"cancelled {self.origin}")
+        from .store.postgres import notes
+
         try:
-            pgconn = conn.pgconn
-            pgconn.consume_input()
-            answered = False
-            while (note := pgconn.notifies()) is not None:
-                payload = note.extra.decode()
-                if payload.startswith("done "):
-                    ended += payload[5:].split()
-                elif payload in ours:
-                    answered = True
-            if answered:
-                with self._changed:
-                    self._generation += 1
-                    self._changed.notify_all()
+            payloads = notes(conn)
         except Exception as exc:
             log.warning("lost the LISTEN connection to %s (%s): polling until it is back", self.where, exc)
             self._close_listener()
-        return ended
+            return []
+        ours = (f"verdict {self.origin}", f"cancelled {self.origin}")
+        if any(payload in ours for payload in payloads):
+            with self._changed:
+                self._generation += 1
+                self._changed.notify_all()
+        return [task_id for payload in payloads if payload.startswith("done ") for task_id in payload[5:].split()]

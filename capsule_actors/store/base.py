@@ -517,3 +517,25 @@ def session_kv(store: TaskStore, msg: SessionKV) -> Any:
     if msg.op == "items":
         return [list(row) for row in store.kv_items(sid)]
     return store.kv_cas(sid, key, msg.expected, msg.value or "null")  # cas
+
+
+EVENT_PAGE = 500  # events per answer to an events long poll
+PollKey = tuple[str, str]  # ("t", task id) | ("s", session id) | ("a", ""): what an events poll follows
+
+
+def events_page(store: TaskStore, key: PollKey, after: int, held: bool = False) -> dict[str, Any] | None:
+    """The answer to an events long poll (a supervisor's, and the store-only client's), or None
+    while there is nothing to say. A task's end is read before its events, so every event up to
+    its end is among them even when another writer (a cluster member) ends it in between.
+    ``held``: the task is live in the caller's memory (no need to ask the store)."""
+    kind, value = key
+    if kind == "t":
+        terminal = not held and store.live_task(value) is None
+        events = store.events_after(after, EVENT_PAGE, task_id=value)
+    elif kind == "s":
+        terminal, events = False, store.events_after(after, EVENT_PAGE, session_id=value)
+    else:
+        terminal, events = False, store.events_after(after, EVENT_PAGE)
+    if not events and not terminal:
+        return None
+    return {"events": events, "terminal": terminal, "more": len(events) == EVENT_PAGE}

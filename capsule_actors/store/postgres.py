@@ -262,6 +262,17 @@ def listener(store: PostgresStore) -> Any:
     return conn
 
 
+def notes(conn: Any) -> list[str]:
+    """The NOTIFY payloads a ``listener`` connection received, without waiting; raises when the
+    connection broke."""
+    pgconn = conn.pgconn
+    pgconn.consume_input()
+    payloads = []
+    while (note := pgconn.notifies()) is not None:
+        payloads.append(note.extra.decode())
+    return payloads
+
+
 def _stored(row: tuple[Any, ...]) -> StoredTask:
     return StoredTask(int(row[0]), row[1], row[2], TaskState(row[3]), *row[4:])
 
@@ -337,8 +348,8 @@ class PostgresStore(TaskStore):
         self._args: dict[str, bytes] = {}  # arguments of tasks just inserted: their start needs no round trip
         self._args_bytes = 0
         # A cluster member (store/cluster.py): its id fences every write transaction, which
-        # begins by locking the member's row FOR SHARE (the answer is read at commit); NOTIFY
-        # payloads go at commit; the tasks taken in by another member are told when they end here.
+        # begins with fence(member) (``_w``); NOTIFY payloads go at commit; the tasks taken in by
+        # another member are told when they end here.
         self.member: int | None = None
         self.notes: set[str] = set()
         self.notify_done: set[str] = set()
@@ -557,11 +568,13 @@ class PostgresStore(TaskStore):
         if self._done:
             ids, self._done = self._done, []
             chunk: list[str] = []
+            size = 0
             for task_id in ids:
                 chunk.append(task_id)
-                if sum(len(i) + 1 for i in chunk) > _NOTE_BYTES:
+                size += len(task_id) + 1
+                if size > _NOTE_BYTES:
                     self.notes.add("done " + " ".join(chunk))
-                    chunk = []
+                    chunk, size = [], 0
             if chunk:
                 self.notes.add("done " + " ".join(chunk))
         if self._evented and time.monotonic() - self._ev_noted >= EV_NOTE_EVERY:

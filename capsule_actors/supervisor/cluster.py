@@ -236,29 +236,29 @@ class Membership:
 
     def on_notify(self) -> None:
         """What the LISTEN connection received (a broken one is closed: the renewals poll)."""
-        conn = self._listener
-        if conn is None:
+        from ..store.postgres import notes
+
+        if self._listener is None:
             return
         try:
-            pgconn = conn.pgconn
-            pgconn.consume_input()
-            while (note := pgconn.notifies()) is not None:
-                payload = note.extra.decode()
-                if payload.startswith("done "):
-                    self._ended_elsewhere(payload[5:].split())
-                elif payload == "pool":
-                    self.pool_hint = True
-                    if self.clock:  # it may hold a delayed task: the clock looks again
-                        self._tasks.want_clock()
-                elif payload.startswith(("verdict ", "cancelled ")):
-                    kind, _, member = payload.partition(" ")
-                    if member == str(self.me):
-                        self._hints.add(kind)
-                else:
-                    self._hints.add(payload)
+            payloads = notes(self._listener)
         except Exception as exc:
             log.warning("cluster member %s lost its LISTEN connection (%s): it polls until it is back", self.name, exc)
             self.close()
+            return
+        for payload in payloads:
+            if payload.startswith("done "):
+                self._ended_elsewhere(payload[5:].split())
+            elif payload == "pool":
+                self.pool_hint = True
+                if self.clock:  # it may hold a delayed task: the clock looks again
+                    self._tasks.want_clock()
+            elif payload.startswith(("verdict ", "cancelled ")):
+                kind, _, member = payload.partition(" ")
+                if member == str(self.me):
+                    self._hints.add(kind)
+            else:
+                self._hints.add(payload)
 
     def service(self) -> None:
         """Act on the turn's hints: admissions to decide, verdicts to answer, shards to balance."""

@@ -32,7 +32,7 @@ from .nodes import NODE_LOSS
 from .tasks import LiveTask, PendingSubmit
 
 if TYPE_CHECKING:
-    from ..app import App
+    from ..app import App, Task
     from ..store import Error, TaskStore
     from ..store.cluster import Asked
     from .cluster import Membership
@@ -518,17 +518,26 @@ class Intake:
                     self._tasks.queue(task, task.run_at)
 
     def crashed(self, row: StoredTask, why: str) -> None:
-        """A running attempt of a lost cluster member: it ends as WorkerCrashed, retried (left in
-        the store, for whoever takes it next) if it may be, else failed for good."""
-        spec = self._app.tasks.get(row.name) or (self._app.get_task(row.name) if row.name == FLOW_TASK else None)
-        now = time.time()
+        """A running attempt of a lost cluster member (left in the store for whoever takes it
+        next): see ``_crashed``."""
+        self._crashed(row, why, None)
+
+    def _crashed(self, row: StoredTask, why: str, run_at: float | None) -> bool:
+        """A running attempt that died with its supervisor (``why``): it ends as WorkerCrashed,
+        requeued (True) if its task may retry it, else failed for good (a dead letter)."""
+        spec = self._spec_of(row.name)
         if spec is not None and row.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed):
             error = ("WorkerCrashed", f"{why} while the task was running; re-running it", "")
-            self._store.requeue(row.id, row.session_id, None, error)
-            return
+            self._store.requeue(row.id, row.session_id, run_at, error)
+            return True
         error = ("WorkerCrashed", f"{why} while the task was running and no retry remained", "")
-        self._store.finish(row.id, row.session_id, FAILED, None, error, now)
+        self._store.finish(row.id, row.session_id, FAILED, None, error, time.time())
         self.dead_letter(row.id, row.name, error)
+        return False
+
+    def _spec_of(self, name: str) -> Task[Any, Any] | None:
+        """The task's declaration (a workflow record's too), or None: the app has no such task."""
+        return self._app.tasks.get(name) or (self._app.get_task(name) if name == FLOW_TASK else None)
 
     def _live(self, row: StoredTask, state: TaskState) -> LiveTask:
         """The in-memory task of a stored row (with the trace context it kept, if any)."""
@@ -622,8 +631,7 @@ class Intake:
 
     def _recovered(self, row: StoredTask, now: float, held: set[str]) -> LiveTask | None:
         """The task to hold in memory for ``row``, or None when it stays in the store or ended."""
-        spec = self._app.tasks.get(row.name) or (self._app.get_task(row.name) if row.name == FLOW_TASK else None)
-        if spec is None:
+        if self._spec_of(row.name) is None:
             error = ("UnknownTask", f"the app has no task {row.name!r} any more", "")
             self._store.finish(row.id, row.session_id, FAILED, None, error, now)
             self.dead_letter(row.id, row.name, error)
@@ -641,14 +649,9 @@ class Intake:
             held.add(task.lock_key)
         if task.state != RUNNING:
             return task
-        if not (task.attempts < 1 + spec.retries and spec.retryable(WorkerCrashed)):
-            error = ("WorkerCrashed", "the supervisor died while the task was running and no retry remained", "")
-            self._store.finish(task.id, task.session_id, FAILED, None, error, now)
-            self.dead_letter(task.id, task.name, error)
-            return None
-        task.state = QUEUED
-        error = ("WorkerCrashed", "the supervisor died while the task was running; re-running it", "")
         on_node = ":" in (row.slot or "")  # a worker node's actor: retry once its lease ran out
         task.run_at = now + NODE_LOSS if on_node else None
-        self._store.requeue(task.id, task.session_id, task.run_at, error)
+        if not self._crashed(row, "the supervisor died", task.run_at):
+            return None
+        task.state = QUEUED
         return task

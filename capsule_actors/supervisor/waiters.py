@@ -7,18 +7,17 @@ in the store only (delayed, or in the backlog), and answered when the task finis
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .. import messages
 from ..states import LIVE
+from ..store.base import PollKey, events_page
 
 if TYPE_CHECKING:
     from ..store import TaskStore
     from .outbox import Outbox
     from .tasks import TaskTable
-
-EVENT_PAGE = 500
-PollKey = tuple[str, str]  # ("t", task id) | ("s", session id) | ("a", "")
 
 
 class Waiters:
@@ -91,31 +90,23 @@ class Waiters:
         if not self._polls:
             return
         touched = {("t", t) for t in tasks} | {("s", s) for s in sessions} | ({("a", "")} if any_event else set())
-        for key in touched & self._polls.keys():
-            for ident, req, after in self._polls.pop(key):
-                self._index.pop((ident, req), None)
-                self.poll(ident, req, key, after)
+        self._repoll(touched & self._polls.keys())
 
     def recheck_polls(self) -> None:
         """Every held poll looks again (another cluster member wrote events)."""
-        polls, self._polls = self._polls, {}
-        for key, held in polls.items():
-            for ident, req, after in held:
+        self._repoll(list(self._polls))
+
+    def _repoll(self, keys: Iterable[PollKey]) -> None:
+        """The polls held on ``keys`` look again: answered, or held again."""
+        for key in keys:
+            for ident, req, after in self._polls.pop(key, []):
                 self._index.pop((ident, req), None)
                 self.poll(ident, req, key, after)
 
     def _send_events(self, ident: bytes, req: int, key: PollKey, after: int) -> bool:
         """Reply with events after ``after`` if there are any (or the task has ended)."""
-        store = self._store
-        if key[0] == "t":
-            events = store.events_after(after, EVENT_PAGE, task_id=key[1])
-            terminal = key[1] not in self._tasks and store.live_task(key[1]) is None
-        elif key[0] == "s":
-            events, terminal = store.events_after(after, EVENT_PAGE, session_id=key[1]), False
-        else:
-            events, terminal = store.events_after(after, EVENT_PAGE), False
-        if not events and not terminal:
+        body = events_page(self._store, key, after, held=key[0] == "t" and key[1] in self._tasks)
+        if body is None:
             return False
-        more = len(events) == EVENT_PAGE
-        self._outbox.reply(ident, req, True, {"events": events, "terminal": terminal, "more": more})
+        self._outbox.reply(ident, req, True, body)
         return True
