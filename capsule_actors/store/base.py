@@ -13,7 +13,7 @@ Guarantees every implementation gives (the supervisor's correctness rests on the
   strictly increasing ``seq`` in the order they are added, and readers see them in that order.
 - **Idempotent inserts.** Inserting a task id that exists changes nothing (resent submits and
   replayed journals rely on it).
-- **The hot path** (per task: ``insert_tasks``, ``mark_running`` or ``args``, ``finish``,
+- **The hot path** (per task: ``insert_tasks``, ``args`` and ``mark_running``, ``finish``,
   ``add_event``; per turn: ``begin``, ``commit``, ``dirty``, ``take_touched``) must not scan:
   each is a few indexed statements. Everything else runs off the per-task path (status, lists,
   retention, recovery at start).
@@ -211,7 +211,8 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def args(self, task_id: str) -> bytes:
-        """A task's pickled arguments (a process actor's held Run leaves before it starts)."""
+        """A task's pickled arguments, for its Run: those of a task recorded moments ago are kept
+        in memory (``KeptArgs``), so a Run usually goes out without a read."""
 
     @abc.abstractmethod
     def set_args(self, task_id: str, args: bytes) -> None:
@@ -233,8 +234,8 @@ class TaskStore(abc.ABC):
         ``run_at``, in submit order (recovery at start; off the hot path)."""
 
     @abc.abstractmethod
-    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
-        """Record an attempt's start; return the task's pickled arguments."""
+    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> None:
+        """Record an attempt's start (the supervisor writes it once its Run is sent)."""
 
     @abc.abstractmethod
     def finish(
@@ -400,6 +401,33 @@ def quoted(text: str) -> str:
             _QUOTED.update({state: json.dumps(state.value) for state in TaskState})
         found = _QUOTED[text] = json.dumps(text)
     return found
+
+
+class KeptArgs:
+    """New tasks' pickled arguments, kept a while (bounded) by the store that recorded them: a
+    task usually starts in the turn that recorded it, and its Run then goes out without reading
+    them back (a round trip on PostgreSQL, a statement before the send on SQLite)."""
+
+    LIMIT_BYTES = 8 << 20
+    LIMIT_TASKS = 4096
+
+    def __init__(self) -> None:
+        self._args: dict[str, bytes] = {}
+        self._bytes = 0
+
+    def keep(self, task_id: str, args: bytes) -> None:
+        self.take(task_id)
+        self._args[task_id] = args
+        self._bytes += len(args)
+        while self._bytes > self.LIMIT_BYTES or len(self._args) > self.LIMIT_TASKS:  # the oldest go first
+            self._bytes -= len(self._args.pop(next(iter(self._args))))
+
+    def take(self, task_id: str) -> bytes | None:
+        """The kept arguments (forgotten here), or None: read them from the store."""
+        args = self._args.pop(task_id, None)
+        if args is not None:
+            self._bytes -= len(args)
+        return args
 
 
 def check_schema(found: int, known: int, where: str) -> None:

@@ -44,6 +44,7 @@ from .base import (
     FLOW_EVENT,
     FLOW_RECORD,
     Error,
+    KeptArgs,
     NewTask,
     StatsRows,
     StoredTask,
@@ -63,8 +64,6 @@ log = logging.getLogger("capsule_actors.store")
 SCHEMA_VERSION = 4
 OUTAGE = 60.0  # seconds the supervisor waits for a lost server before it stops (StoreUnavailable)
 SIZE_EVERY = 10.0  # seconds between looks at the database's size (status)
-ARGS_CACHE = 8 << 20  # bytes of new tasks' arguments kept for their start (no round trip to read them)
-ARGS_CACHE_TASKS = 4096
 PIPELINED_INSERT = 64 << 10  # bytes of arguments an insert may carry inside the pipeline (more: plain mode)
 _LIVE_SQL = "('QUEUED','SCHEDULED','RUNNING')"
 _TERMINAL_SQL = "('SUCCEEDED','FAILED','CANCELLED')"
@@ -345,8 +344,7 @@ class PostgresStore(TaskStore):
         self.db.commit()
         self._bytes = 0
         self._next_size = 0.0
-        self._args: dict[str, bytes] = {}  # arguments of tasks just inserted: their start needs no round trip
-        self._args_bytes = 0
+        self._args = KeptArgs()
         # A cluster member (store/cluster.py): its id fences every write transaction, which
         # begins with fence(member) (``_w``); NOTIFY payloads go at commit; the tasks taken in by
         # another member are told when they end here.
@@ -659,7 +657,7 @@ class PostgresStore(TaskStore):
         by_id = {row.id: row for row in rows}
         for task_id, _, session_id in new.rows:
             self._noted(task_id, session_id)
-            self._keep_args(task_id, by_id[task_id].args)
+            self._args.keep(task_id, by_id[task_id].args)
         return [(task_id, int(seq)) for task_id, seq, _ in new.rows]
 
     def _placed(self) -> tuple[int, int | None] | None:
@@ -667,40 +665,24 @@ class PostgresStore(TaskStore):
         in by it; None without a cluster (``store/submitter.py`` puts its tasks in the pool)."""
         return None if self.member is None else (self.member, self.member)
 
-    def _keep_args(self, task_id: str, args: bytes) -> None:
-        """Keep a new task's arguments a while (bounded): its start, usually in the same turn,
-        then needs no round trip to read them back."""
-        self._args[task_id] = args
-        self._args_bytes += len(args)
-        while self._args_bytes > ARGS_CACHE or len(self._args) > ARGS_CACHE_TASKS:
-            self._args_bytes -= len(self._args.pop(next(iter(self._args))))
-
-    def _kept_args(self, task_id: str) -> bytes | None:
-        args = self._args.pop(task_id, None)
-        if args is not None:
-            self._args_bytes -= len(args)
-        return args
-
     def args(self, task_id: str) -> bytes:
-        kept = self._kept_args(task_id)
+        kept = self._args.take(task_id)
         if kept is not None:
             return kept
         row = self._q("SELECT args FROM {s}.tasks WHERE id=%s", (task_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else b""
 
     def set_args(self, task_id: str, args: bytes) -> None:
-        self._kept_args(task_id)
         self._w("UPDATE {s}.tasks SET args=%s WHERE id=%s", (args, task_id))
-        self._keep_args(task_id, args)
+        self._args.keep(task_id, args)
 
     def lock_step(self, task_id: str, key: str, args: bytes) -> None:
-        self._kept_args(task_id)
         self._w(
             "UPDATE {s}.tasks SET seq=nextval(pg_get_serial_sequence('{s}.tasks', 'seq')), lock_key=%s, args=%s, "
             "shard=%s WHERE id=%s",
             (key, args, None if self.member is None else shard_of(key), task_id),
         )
-        self._keep_args(task_id, args)
+        self._args.keep(task_id, args)
 
     def results(self, task_ids: list[str]) -> dict[str, bytes]:
         rows = self._q("SELECT id, result FROM {s}.tasks WHERE id = ANY(%s)", (task_ids,)).fetchall()
@@ -714,36 +696,23 @@ class PostgresStore(TaskStore):
         return [(task_id, sid, bytes(args or b"")) for task_id, sid, args in rows]
 
     def _with_event(
-        self,
-        sql: str,
-        params: tuple[Any, ...],
-        task_id: str,
-        session_id: str | None,
-        data: dict[str, Any] | str,
-        returning: bool = False,
-    ) -> Any:
+        self, sql: str, params: tuple[Any, ...], task_id: str, session_id: str | None, data: dict[str, Any] | str
+    ) -> None:
         """One statement: a change of the task's row (``sql``: an UPDATE) and its state event
         (``data``: a dict, or JSON text already: see ``quoted``)."""
         text = data if isinstance(data, str) else json.dumps(data)
         event = (task_id, session_id, "state", text, time.time())
-        tail = "SELECT * FROM u" if returning else "SELECT 1"
-        rows = self._w(f"WITH u AS ({sql}), ev AS ({_EVENT}) {tail}", (*params, *event), wait=returning)
+        self._w(f"WITH u AS ({sql}), ev AS ({_EVENT}) SELECT 1", (*params, *event))
         self._noted(task_id, session_id, "state")
-        return rows.fetchone() if rows is not None else None
 
-    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
-        kept = self._kept_args(task_id)
-        row = self._with_event(
-            "UPDATE {s}.tasks SET state='RUNNING', attempts=%s, slot=%s, started_at=%s WHERE id=%s RETURNING args",
+    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> None:
+        self._with_event(
+            "UPDATE {s}.tasks SET state='RUNNING', attempts=%s, slot=%s, started_at=%s WHERE id=%s",
             (attempt, slot, now, task_id),
             task_id,
             session_id,
             f'{{"state": "RUNNING", "attempt": {int(attempt)}, "slot": {quoted(slot)}}}',
-            returning=kept is None,
         )
-        if kept is not None:
-            return kept
-        return bytes(row[0]) if row and row[0] is not None else b""
 
     def finish(
         self,

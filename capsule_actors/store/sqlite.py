@@ -43,6 +43,7 @@ from .base import (
     FLOW_EVENT,
     FLOW_RECORD,
     Error,
+    KeptArgs,
     NewTask,
     StatsRows,
     StoredTask,
@@ -314,6 +315,7 @@ class SQLiteStore(TaskStore):
         self._checkpointer: _Checkpointer | None = None
         self._store_bytes = self._wal_bytes = 0
         self._next_stat = self._next_space = 0.0
+        self._args = KeptArgs()
 
     def _open(self) -> tuple[int, list[tuple[str, str]]]:
         """Connect, set up, and read what the store keeps in memory: (schema version, cards)."""
@@ -504,22 +506,28 @@ class SQLiteStore(TaskStore):
             )
             if cur.rowcount:
                 new.append((row.id, int(cur.lastrowid or 0)))
+                self._args.keep(row.id, row.args)
                 data = f'{{"state": {quoted(row.state)}, "attempt": 0, "name": {quoted(row.name)}}}'
                 self._add_event(row.id, row.session_id, "state", data)
         return new
 
     def args(self, task_id: str) -> bytes:
+        kept = self._args.take(task_id)
+        if kept is not None:
+            return kept
         row = self.db.execute("SELECT args FROM tasks WHERE id=?", (task_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else b""
 
     def set_args(self, task_id: str, args: bytes) -> None:
         self._w("UPDATE tasks SET args=? WHERE id=?", (args, task_id))
+        self._args.keep(task_id, args)
 
     def lock_step(self, task_id: str, key: str, args: bytes) -> None:
         self._w(
             "UPDATE tasks SET rowid=(SELECT max(rowid) + 1 FROM tasks), lock_key=?, args=? WHERE id=?",
             (key, args, task_id),
         )
+        self._args.keep(task_id, args)
 
     def results(self, task_ids: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -536,14 +544,13 @@ class SQLiteStore(TaskStore):
         ).fetchall()
         return [(task_id, sid, bytes(args or b"")) for task_id, sid, args in rows]
 
-    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> bytes:
-        row = self._w(
-            "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=? RETURNING args",
+    def mark_running(self, task_id: str, session_id: str | None, attempt: int, slot: str, now: float) -> None:
+        self._w(
+            "UPDATE tasks SET state='RUNNING', attempts=?, slot=?, started_at=? WHERE id=?",
             (attempt, slot, now, task_id),
-        ).fetchone()
+        )
         data = f'{{"state": "RUNNING", "attempt": {int(attempt)}, "slot": {quoted(slot)}}}'
         self._add_event(task_id, session_id, "state", data)
-        return bytes(row[0]) if row and row[0] is not None else b""
 
     def finish(
         self,

@@ -66,6 +66,7 @@ class Attempts:
         self._timed = tally.enabled  # /metrics is served: count events and time waits and runs
         self._gated = limits.gated  # the task names with a rate or concurrency limit
         self.started_attempts = 0
+        self._starting: list[tuple[LiveTask, str]] = []  # Runs queued, their starts not written yet
         self.finished: collections.Counter[str] = collections.Counter()  # tasks ended, by state
         self.crash_plan: dict[str, set[int]] = {}  # task name -> attempts to crash (tests: InjectCrash)
 
@@ -122,12 +123,12 @@ class Attempts:
         task.actor = proc
         held = proc.spec.role == ROLE_PROCESS and proc.load > 0  # it runs this after the one it has
         proc.running[task.id] = task.attempts
-        # Arguments live in the store only (RAM stays flat): the update that starts the attempt
-        # reads them. A held Run's attempt is recorded when it begins (``_begun``).
-        if held:
-            payload = self._store.args(task.id)
-        else:
-            payload = self._store.mark_running(task.id, task.session_id, task.attempts, proc.spec.slot, time.time())
+        # The attempt's start is written once its Run is sent (``record_starts``: the store's
+        # writes overlap the actor's work; they commit together anyway, see core._turn). A held
+        # Run's attempt is recorded when it begins (``_begun``).
+        payload = self._store.args(task.id)
+        if not held:
+            self._starting.append((task, proc.spec.slot))
             if self._timed:
                 self._began(task)
             if proc.spec.role == ROLE_PROCESS:
@@ -149,6 +150,16 @@ class Attempts:
         self._outbox.to_actor(proc, run.encode(), payload)
         if spec.timeout and proc.spec.role == ROLE_PROCESS and not held:
             self._timers.add(spec.timeout, self._process_timeout, task.id, task.attempts)
+
+    def record_starts(self) -> None:
+        """Write the starts of the attempts whose Runs went out (or are about to: a commit
+        records them first)."""
+        if not self._starting:
+            return
+        starting, self._starting = self._starting, []
+        now, mark_running = time.time(), self._store.mark_running
+        for task, slot in starting:
+            mark_running(task.id, task.session_id, task.attempts, slot, now)
 
     # ---- held Runs ---------------------------------------------------------------------------
     def _rebalance(self) -> int:

@@ -525,12 +525,14 @@ class Supervisor:
             if held_back:
                 self.commit()
             outbox.flush()
+            self.attempts.record_starts()  # while the actors work
             if self.lazy_commit_at is None and db.dirty():  # they ride the next commit
                 self.lazy_commit_at = time.monotonic() + LAZY_COMMIT
         elif self.lazy_commit_at is None:
             self.commit()
             outbox.flush()
             db.maintain()
+        self.intake.ack_journaled()  # within the turn: a pushed outcome's wait is in place before any end
 
     def _handle(self, ready: dict[Any, int]) -> None:
         """Everything that is waiting: signals, child exits, messages, due timers."""
@@ -564,6 +566,8 @@ class Supervisor:
         open transaction, so memory and store agree, and what this turn would send after a write
         (an ack, an outcome) waits with those acks for the commit that makes it true."""
         self.intake.flush()  # no commit leaves a batched submit out (a journal replay commits, then unlinks)
+        self.attempts.record_starts()  # nor the start of an attempt whose Run is queued
+        self.intake.ack_journaled()  # acks that this commit makes true
         self.lazy_commit_at = None
         wrote = self.store.dirty()
         began = time.perf_counter()

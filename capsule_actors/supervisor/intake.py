@@ -89,6 +89,7 @@ class Intake:
         # insert for all of them (on PostgreSQL one round trip, not one per message).
         self._batch: list[NewTask] = []
         self._batched: list[PendingSubmit] = []
+        self._acks_due: list[PendingSubmit] = []  # journaled submits recorded, their acks not built yet
         # The traceparent of submitted items until they are recorded, then kept by their LiveTask
         # or, for a task held in the store only (delayed, or in the backlog), in _stored_traces
         # until it is loaded. Memory only: a supervisor restart loses them.
@@ -153,6 +154,17 @@ class Intake:
         for pending in pendings:
             pending.remaining -= 1
             if not pending.remaining:
+                if pending.journaled:  # its ack waits for a commit anyway: built after the Runs go
+                    self._acks_due.append(pending)
+                else:
+                    self._complete(pending)
+
+    def ack_journaled(self) -> None:
+        """Acknowledge the journaled submits recorded this turn (the supervisor calls this once
+        the turn's Runs are sent, and before any commit)."""
+        if self._acks_due:
+            due, self._acks_due = self._acks_due, []
+            for pending in due:
                 self._complete(pending)
 
     def refuse_if_full(self) -> None:
