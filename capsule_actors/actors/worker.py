@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ FRAME_SLACK = 1 << 16
 MAX_ERROR_CHARS = 16_384  # copied into each of the task's state events, info and list rows, cards
 MAX_TRACEBACK_CHARS = 65_536  # stored once per task, sent with its outcome
 CUT_MARK = "\n[capsule_actors: {:,} characters cut]\n"  # ui/card.py recognizes it
+SERIAL_WAIT = 0.002  # seconds a process actor's loop waits in place for a plain function's body
 ID_BATCH = 100  # items per Promote/Admitted: 100 of two 64-character task ids fit any header limit
 
 
@@ -306,7 +307,7 @@ class WorkerActor:
                     value = await task.fn(*args, **kwargs)
                 else:
                     call = functools.partial(contextvars.copy_context().run, task.fn, *args, **kwargs)
-                    value = await asyncio.get_running_loop().run_in_executor(self.pool, call)
+                    value = await self._call(call, session is not None)
             return self._done(run, "ok"), self._dumps(value)
         except asyncio.CancelledError:
             if run.task_id not in self.cancelled:
@@ -326,6 +327,25 @@ class WorkerActor:
             return self._done(run, "cancelled", "TaskCancelled", str(exc)), b""
         except BaseException as exc:  # the task's own error, whatever it is, is its outcome
             return self._failure(run, task, exc)
+
+    async def _call(self, call: Callable[[], Any], session: bool) -> Any:
+        """A plain function's body, on the pool. A process actor runs one body at a time: it
+        waits up to SERIAL_WAIT for it right here, without a turn of the loop (a short body's
+        result then costs no wake-up of the loop), and on the loop for a longer one. With a
+        session, one turn of the loop follows, so the events the body emitted from its thread
+        go out before the attempt's Done."""
+        future = self.pool.submit(call)
+        if self.serial is not None:
+            try:
+                value = future.result(SERIAL_WAIT)
+            except TimeoutError:
+                if future.done():  # the body's own TimeoutError
+                    raise
+            else:
+                if session:
+                    await asyncio.sleep(0)
+                return value
+        return await asyncio.wrap_future(future)
 
     def _failure(
         self, run: messages.Run, task: app_module.Task[Any, Any], exc: BaseException
