@@ -69,6 +69,17 @@ def getpid() -> int:
     return os.getpid()
 
 
+@app.task(process=True)
+def raises_timeout(text: str) -> None:
+    raise TimeoutError(text)
+
+
+@app.task(process=True)
+def returns_after(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
 _hoard: list[bytearray] = []
 
 
@@ -203,3 +214,20 @@ def test_no_actor_outlives_a_sigkilled_supervisor(start):
     os.kill(rt.pid, signal.SIGKILL)
     wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in family),
                timeout=5)
+
+
+def test_short_and_long_bodies_and_a_body_s_own_timeout_error(start):
+    """A process actor waits in place for a short body (up to 2 ms) and on its loop for a longer
+    one; a TimeoutError the body raises itself is its outcome, not taken for that wait's end."""
+    start(app, process_workers=1)
+    # a body past the in-place wait, then short ones on the same actor, in order
+    handles = [returns_after.submit(s) for s in (0.05, 0.0, 0.0005, 0.0)]
+    assert [h.result(timeout=30) for h in handles] == [0.05, 0.0, 0.0005, 0.0]
+    failed = raises_timeout.submit("the body's own")
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="the body's own"):
+        failed.result(timeout=30)
+    assert time.monotonic() - began < 20  # its outcome, not the wait for it running out
+    info = failed.info()
+    assert info.state == "FAILED" and info.error is not None and info.error[0] == "TimeoutError", info
+

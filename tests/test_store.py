@@ -11,6 +11,7 @@ import pytest
 from capsule_actors import store as stores
 from capsule_actors.states import FAILED, QUEUED, SCHEDULED, SUCCEEDED, TaskState
 from capsule_actors.store import NewTask
+from capsule_actors.store.base import KeptArgs
 
 STORES = ("sqlite", "postgresql")
 
@@ -369,3 +370,20 @@ def test_short_ids_are_found_by_their_ending_and_an_ending_of_two_is_refused(tas
     # ... and where two shown tasks share their last 8 characters, both show more (as git does)
     assert ids.short_ids([a, b, c]) == {a: "00000001", b: "c9d000000002", c: "ffff00000002"}
     assert ids.short_id(a) == "00000001"
+
+
+def test_kept_arguments_are_bounded_oldest_first_and_taken_once():
+    """What a store keeps of new tasks' arguments (for their Runs) stays within its bounds."""
+    kept = KeptArgs()
+    kept.LIMIT_TASKS, kept.LIMIT_BYTES = 3, 10
+    for task_id in "abcd":
+        kept.keep(task_id, task_id.encode())
+    assert kept.take("a") is None  # the oldest went when a fourth came
+    assert kept.take("b") == b"b" and kept.take("b") is None  # taken once: then read from the store
+    kept.keep("x", b"123456")
+    kept.keep("y", b"123456")  # 12 bytes with x: x goes (and c, d before it, oldest first)
+    assert [kept.take(t) for t in "cdxy"] == [None, None, None, b"123456"]
+    kept.keep("z", b"1")
+    kept.keep("z", b"22")  # kept again (a released workflow step): the new bytes, counted once
+    assert kept.take("z") == b"22"
+
