@@ -506,13 +506,13 @@ class Intake:
             self._load(row, QUEUED)
             self._tasks.due(row.id)
 
-    def _unknown(self, row: StoredTask | NewTask) -> bool:
+    def _unknown(self, row: StoredTask | NewTask, since: str = "") -> bool:
         """A task from the store whose name this App does not have (put there by a client or a
-        member of another version): it fails at once with UnknownTask, as at recovery, instead of
-        reaching a dispatch that cannot run it. True when it did."""
+        member of another version, or before a deploy that removed it: ``since``): it fails at
+        once with UnknownTask instead of reaching a dispatch that cannot run it. True when it did."""
         if row.name in self._app.tasks or row.name == FLOW_TASK:
             return False
-        error = ("UnknownTask", f"the app has no task {row.name!r}", "")
+        error = ("UnknownTask", f"the app has no task {row.name!r}{since}", "")
         self._store.finish(row.id, row.session_id, FAILED, None, error, time.time())
         self.dead_letter(row.id, row.name, error)
         return True
@@ -643,10 +643,7 @@ class Intake:
 
     def _recovered(self, row: StoredTask, now: float, held: set[str]) -> LiveTask | None:
         """The task to hold in memory for ``row``, or None when it stays in the store or ended."""
-        if self._spec_of(row.name) is None:
-            error = ("UnknownTask", f"the app has no task {row.name!r} any more", "")
-            self._store.finish(row.id, row.session_id, FAILED, None, error, now)
-            self.dead_letter(row.id, row.name, error)
+        if self._unknown(row, " any more"):
             return None
         if row.lock_key is None:
             if row.state == SCHEDULED:
