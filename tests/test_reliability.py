@@ -98,6 +98,35 @@ def test_sigterm_with_a_thousand_tasks_in_flight_loses_nothing(state_dir):
         assert rt.status()["tasks"] == {"SUCCEEDED": 1000}
 
 
+before_deploy = cpsl.App("deploy")
+after_deploy = cpsl.App("deploy")  # the same app, a release later: ``retired`` was removed
+
+
+@before_deploy.task
+async def retired(x: int) -> int:
+    return x
+
+
+@after_deploy.task
+async def kept(x: int) -> int:
+    return x
+
+
+def test_a_waiting_task_the_app_no_longer_has_fails_at_the_next_start(state_dir):
+    from capsule_actors import testing
+
+    # Given a task waiting in the store (delayed) when the runtime stops
+    with testing.start_runtime(before_deploy, state_dir, workers=1) as rt:
+        waiting = retired.schedule(1, delay=3600)
+        assert rt.stop() == 0
+    # When the next release, without that task, starts on the same state directory
+    with testing.start_runtime(after_deploy, state_dir, workers=1):
+        # Then it failed at start with UnknownTask naming it, and the rest serves
+        info = cpsl.TaskHandle(after_deploy, waiting.id, "retired").info()
+        assert info.state == "FAILED" and info.error == ("UnknownTask", "the app has no task 'retired' any more"), info
+        assert kept.submit(7).result(timeout=30) == 7
+
+
 # ---- hostile input -----------------------------------------------------------------------------
 
 @settings(max_examples=300, deadline=None)
